@@ -1,0 +1,133 @@
+"""Configuration of every PINK process, read from one TOML file.
+
+Each process (pink-web, pink-worker, pink-leader, pink-runner, `pink admin`)
+is started with `--config PATH` (or `PINK_CONFIG`); the sections it does not
+use are simply ignored, so one file can describe a whole one-machine cluster.
+Defaults are in `pink.defaults`; nothing here has a default secret.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from pink import defaults
+from pink.errors import ConfigError
+
+CONFIG_ENV = "PINK_CONFIG"
+
+
+@dataclass
+class EtcdConfig:
+    endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:2379"])
+    prefix: str = defaults.ETCD_PREFIX
+
+
+@dataclass
+class DatabaseConfig:
+    host: str = "127.0.0.1"
+    port: int = 3306
+    user: str = "pink"
+    password: str = ""
+    database: str = "pink"
+    ca: str = ""  # CA that signed MariaDB's certificate; empty disables TLS
+
+
+@dataclass
+class WebConfig:
+    spool_dir: str = ""  # uploads land here before their transfer job
+    output_dir: str = ""  # finalized exports live here
+    secret_key: str = ""  # Flask session signing key
+    max_upload_bytes: int = defaults.MAX_UPLOAD_BYTES
+    url: str = ""  # this node's own base URL, for peers streaming outputs
+    certfile: str = ""
+    keyfile: str = ""
+    bind: str = "127.0.0.1:8443"
+    workers: int = 4
+    dashboard: bool = True  # mount rq-dashboard under /rq for admins
+
+
+@dataclass
+class SSHConfig:
+    """How queue workers and web nodes reach runners' transfer accounts."""
+
+    key: str = ""  # private key file (key auth only)
+    known_hosts: str = ""  # pinned host keys; unknown hosts are refused
+    cipher: str = defaults.SSH_CIPHER
+
+
+@dataclass
+class RunnerConfig:
+    name: str = ""
+    spool_dir: str = ""  # where images arrive over SFTP (local path)
+    outbox_dir: str = ""  # exports and logs, fetched over SFTP (local path)
+    ssh_host: str = "127.0.0.1"
+    ssh_port: int = 22
+    ssh_user: str = "pink-xfer"
+    ssh_spool: str = "/spool"  # the spool as the SFTP account sees it
+    ssh_outbox: str = "/outbox"
+    docker_url: str = ""  # empty: the environment's Docker (DOCKER_HOST or the socket)
+    gpus: list[str] = field(default_factory=list)  # declared GPU UUIDs
+    network: str = "none"
+    memory: str = "4g"
+    cpus: float = 2.0
+    pids: int = 1024
+    stop_grace: float = defaults.STOP_GRACE
+    max_containers: int = 4
+
+
+@dataclass
+class Config:
+    host: str = ""  # this web node's name: its transfer queue is named after it
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    node_ttl: int = defaults.NODE_TTL
+    leader_ttl: int = defaults.LEADER_TTL
+    reconcile_interval: float = defaults.RECONCILE_INTERVAL
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    db: DatabaseConfig = field(default_factory=DatabaseConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    ssh: SSHConfig = field(default_factory=SSHConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    path: str = ""
+
+
+_SECTIONS = {"etcd": EtcdConfig, "db": DatabaseConfig, "web": WebConfig,
+             "ssh": SSHConfig, "runner": RunnerConfig}
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+def from_mapping(data: dict, path: str = "") -> Config:
+    """Build a Config from parsed TOML, refusing settings we do not know."""
+    data = dict(data)
+    sections = {name: _build(cls, data.pop(name, {}), f"[{name}]")
+                for name, cls in _SECTIONS.items()}
+    config = _build(Config, data, "the top level")
+    for name, value in sections.items():
+        setattr(config, name, value)
+    config.path = path
+    return config
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Read the config file named by `path` or by $PINK_CONFIG."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError(f"no config file: pass --config or set {CONFIG_ENV}")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return from_mapping(data, str(Path(path).resolve()))

@@ -1,0 +1,26 @@
+"""Tunables shared by every PINK process: each with its unit and meaning.
+
+Everything that is named once and used by several parts (etcd prefix, queue
+names, TTLs) is defined here so that no two modules disagree.
+"""
+
+ETCD_PREFIX = "/pink"  # root of every key PINK writes to etcd
+
+NODE_TTL = 10  # seconds: a runner's lease; its record vanishes this long after it dies
+LEADER_TTL = 10  # seconds: the queue leader's lease on the leader key
+RECONCILE_INTERVAL = 2.0  # seconds between two passes of the leader over all tasks
+MAX_ATTEMPTS = 3  # a task lost this many times ends `failed`
+
+MAX_UPLOAD_BYTES = 64 * 2**30  # bytes: largest image archive accepted
+UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling
+
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL at a deadline or cancel
+DEFAULT_TIMEOUT = 24 * 3600  # seconds a task may run when it names no timeout
+
+SSH_CIPHER = "aes128-gcm@openssh.com"  # fastest cipher paramiko speaks here
+SFTP_CHUNK = 1 << 20  # bytes per SFTP read/write request when copying
+
+QUEUE_RUN = "pink-run"  # shared: any worker can hand a task to its runner
+QUEUE_FINALIZE = "pink-finalize"  # shared: finalize pulls the export over SFTP
+QUEUE_TRANSFER_PREFIX = "pink-transfer."  # + web host: the upload is on that host
+JOB_TIMEOUT = 6 * 3600  # seconds an RQ job may take (a large image transfer)
