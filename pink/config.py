@@ -44,6 +44,7 @@ class WebConfig:
     url: str = ""  # this node's own base URL, for peers streaming outputs
     certfile: str = ""
     keyfile: str = ""
+    ca: str = ""  # CA to verify peer web nodes when streaming an output they hold
     bind: str = "127.0.0.1:8443"
     workers: int = 4
     dashboard: bool = True  # mount rq-dashboard under /rq for admins

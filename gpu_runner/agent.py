@@ -1,0 +1,175 @@
+"""`pink-runner`: the agent on a processing server.
+
+It registers `/pink/nodes/<name>` under a lease it keeps alive; the key's
+create_revision is this incarnation's *epoch*. It acts only on assignments
+(`/pink/assign/<name>/<task>`) carrying that epoch, and every report it
+makes is fenced by it. If the lease is lost it stops its containers (their
+tasks have been or will be re-queued) and registers again with a new epoch.
+A new incarnation first removes containers any earlier one left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import click
+import docker
+from docker.errors import DockerException
+
+from gpu_runner import images
+from gpu_runner.execution import Execution
+from gpu_runner.gpus import GPUs
+from pink import config as pink_config
+from pink.errors import PinkError
+from pink.store import Store
+
+log = logging.getLogger("pink.runner")
+
+POLL = 1.0  # seconds between reads of the assignments, in case a watch event is lost
+
+
+class Agent:
+    def __init__(self, config: pink_config.Config):
+        self.config = config
+        self.store = Store.from_config(config)
+        self.docker = docker.DockerClient(base_url=config.runner.docker_url) if config.runner.docker_url \
+            else docker.from_env()
+        self.gpus = GPUs(config.runner.gpus)
+        self.lease = None
+        self.epoch: int | None = None
+        self.running: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._record: dict = {}
+
+    # -- registration ----------------------------------------------------------
+
+    def ssh_endpoint(self) -> dict:
+        r = self.config.runner
+        return {"name": r.name, "ssh_host": r.ssh_host, "ssh_port": r.ssh_port, "ssh_user": r.ssh_user}
+
+    def register(self) -> None:
+        r = self.config.runner
+        key = self.store.keys.node(r.name)
+        self._record = {**self.ssh_endpoint(), "ssh_spool": r.ssh_spool, "ssh_outbox": r.ssh_outbox,
+                        "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode,
+                        "gpu_inventory": self.gpus.inventory, "max_containers": r.max_containers,
+                        "images": images.cached(self.docker), "state": "ready",
+                        "started_at": time.time()}
+        self.lease = self.store.lease(self.config.node_ttl)
+        # A fresh key (not an overwrite) gives a new create_revision: a new epoch.
+        self.store.delete(key)
+        if not self.store.create(key, self._record, self.lease.id):
+            raise PinkError(f"another runner registered as {r.name} at the same moment")
+        self.epoch = self.store.get(key).create_revision
+        log.info("registered %s with epoch %d (%s GPUs: %s)", r.name, self.epoch, self.gpus.mode,
+                 ", ".join(self.gpus.uuids) or "none")
+
+    def images_changed(self) -> None:
+        self._record["images"] = images.cached(self.docker)
+        key = self.store.keys.node(self.config.runner.name)
+        rec = self.store.get(key)
+        if rec is not None and rec.create_revision == self.epoch:
+            self.store.txn().fence(key, self.epoch).put(key, self._record, self.lease.id).commit()
+
+    def lease_lost(self) -> bool:
+        return self.lease is None or self.lease.lost.is_set()
+
+    def give_to_account(self, path: str) -> None:
+        """Hand an outbox file to the SFTP account that owns the outbox."""
+        st = os.stat(self.config.runner.outbox_dir)
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, 0o600)
+
+    # -- containers from earlier incarnations ----------------------------------
+
+    def remove_leftovers(self) -> None:
+        leftovers = self.docker.containers.list(
+            all=True, filters={"label": f"pink.node={self.config.runner.name}"})
+        for container in leftovers:
+            if container.labels.get("pink.epoch") != str(self.epoch):
+                log.info("removing container %s left by an earlier incarnation", container.name)
+                try:
+                    container.remove(force=True)
+                except DockerException as exc:
+                    log.warning("could not remove %s: %s", container.name, exc)
+
+    # -- assignments -------------------------------------------------------------
+
+    def poll_assignments(self) -> None:
+        for rec in self.store.list(self.store.keys.assignments(self.config.runner.name)):
+            a = rec.value
+            if a.get("epoch") != self.epoch:
+                continue
+            with self._lock:
+                if a["task"] in self.running:
+                    continue
+                thread = threading.Thread(target=Execution(self, a["task"], a["attempt"]).run,
+                                          name=f"task-{a['task']}", daemon=True)
+                self.running[a["task"]] = thread
+            thread.start()
+
+    def finished(self, task_id: str) -> None:
+        with self._lock:
+            self.running.pop(task_id, None)
+
+    def serve(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.register()
+                self.remove_leftovers()
+                cancel = self.store.watch_prefix(self.store.keys.assignments(self.config.runner.name),
+                                                 self._wake.set)
+                try:
+                    while not stop.is_set() and not self.lease_lost():
+                        self._wake.clear()
+                        self.poll_assignments()
+                        self._wake.wait(POLL)
+                finally:
+                    cancel()
+            except PinkError as exc:
+                log.warning("runner: %s", exc.message)
+                stop.wait(1.0)
+            if self.lease_lost() and not stop.is_set():
+                log.warning("lease lost: stopping this epoch's containers and registering again")
+                self.stop_containers()
+        self.shutdown()
+
+    def stop_containers(self) -> None:
+        for container in self.docker.containers.list(
+                filters={"label": f"pink.node={self.config.runner.name}"}):
+            try:
+                container.kill()
+            except DockerException:
+                pass
+
+    def shutdown(self) -> None:
+        """A clean stop: revoke the lease so the leader re-queues our tasks at once."""
+        if self.lease is not None:
+            self.lease.revoke()
+        self.stop_containers()
+
+
+@click.command()
+@click.option("--config", "config_path", envvar="PINK_CONFIG", required=True,
+              type=click.Path(exists=True, dir_okay=False), help="PINK config file.")
+@click.option("--name", default=None, help="Node name (overrides [runner] name).")
+def main(config_path: str, name: str | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = pink_config.load(config_path)
+    if name:
+        config.runner.name = name
+    if not config.runner.name:
+        raise click.UsageError("the runner needs a name: set [runner] name or pass --name")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Agent(config).serve(stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""One task on this runner: from its assignment to its export.
+
+assigned -> running (CAS fenced by our epoch) -> docker load/run with the
+reserved GPUs -> wait for exit, deadline or cancel -> export -> exported
+(CAS fenced again, which also releases the reservation and the assignment).
+If the runner's lease is lost at any point the task is abandoned: the leader
+has re-queued it, and the fence would refuse our report anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import docker
+import requests
+from docker.errors import APIError, DockerException
+
+from gpu_runner import export, images
+from pink import lifecycle
+from pink.store import Record
+from pink.tasks import State, advance, exported
+
+log = logging.getLogger("pink.runner")
+
+POLL = 0.5  # seconds between checks of the container, the deadline and cancel
+
+
+class Abandoned(Exception):
+    """Our lease (epoch) is gone: stop without reporting."""
+
+
+class Execution:
+    def __init__(self, agent, task_id: str, attempt: int):
+        self.agent = agent
+        self.store = agent.store
+        self.config = agent.config.runner
+        self.task_id = task_id
+        self.attempt = attempt
+        self.base = f"{task_id}-{attempt}"
+        self.container = None
+
+    # paths on this host, and as the SFTP account sees them
+    def _local(self, suffix: str) -> str:
+        return os.path.join(self.config.outbox_dir, self.base + suffix)
+
+    def _remote(self, suffix: str) -> str:
+        return f"{self.config.ssh_outbox}/{self.base}{suffix}"
+
+    def _fence(self):
+        return (self.store.keys.node(self.config.name), self.agent.epoch)
+
+    def run(self) -> None:
+        try:
+            rec = self._start()
+            if rec is not None:
+                self._report(rec, *self._execute(rec.value))
+        except Abandoned:
+            log.warning("task %s abandoned: this runner's epoch ended", self.task_id)
+        except Exception:  # noqa: BLE001 - a thread must never die silently
+            log.exception("task %s: unexpected error", self.task_id)
+        finally:
+            self._remove_container()
+            self.agent.finished(self.task_id)
+
+    def _start(self) -> Record | None:
+        rec = self.store.get(self.store.keys.task(self.task_id))
+        if rec is None:
+            return None
+        task = rec.value
+        if (task["state"] != State.ASSIGNED or task["attempt"] != self.attempt
+                or task["node"] != self.config.name or task["epoch"] != self.agent.epoch):
+            return None
+        logfile = {"ssh": self.agent.ssh_endpoint(), "path": self._remote(".log")}
+        new = advance(task, State.RUNNING, f"started on {self.config.name}", logfile=logfile)
+        if not lifecycle.move(self.store, rec, new, fence=self._fence()):
+            return None
+        return self.store.get(rec.key)
+
+    def _execute(self, task: dict) -> tuple[State, dict]:
+        """Run the container; returns the result and the fields to record."""
+        client = self.agent.docker
+        logpath = self._local(".log")
+        with open(logpath, "wb"):
+            pass
+        self.agent.give_to_account(logpath)
+        try:
+            loaded = images.ensure_loaded(client, self.config.spool_dir, task["image"])
+            if loaded:
+                self.agent.images_changed()
+            self.container = client.containers.create(**self._container_args(task))
+        except (RuntimeError, DockerException) as exc:
+            return State.FAILED, {"error": _docker_message(exc)}
+        follower = threading.Thread(target=self._follow_logs, args=(logpath,), daemon=True)
+        try:
+            self.container.start()
+        except APIError as exc:
+            result, fields = State.FAILED, {"error": _docker_message(exc)}
+        else:
+            follower.start()
+            result, fields = self._wait(task)
+        follower.join(timeout=10)
+        fields.update(self._export(task))
+        return result, fields
+
+    def _container_args(self, task: dict) -> dict:
+        params = task["params"]
+        env = dict(params["env"])
+        args = {
+            "image": task["image"]["image_id"], "name": f"pink-{self.base}",
+            "labels": {"pink.task": self.task_id, "pink.attempt": str(self.attempt),
+                       "pink.node": self.config.name, "pink.epoch": str(self.agent.epoch)},
+            "detach": True, "network_mode": self.config.network,
+            "mem_limit": self.config.memory, "nano_cpus": int(self.config.cpus * 1e9),
+            "pids_limit": self.config.pids, "cap_drop": ["ALL"],
+            "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"],
+            "security_opt": ["no-new-privileges"], "privileged": False,
+        }
+        if params.get("cmd"):
+            args["command"] = params["cmd"]
+        if params.get("entrypoint"):
+            args["entrypoint"] = params["entrypoint"]
+        args.update(self.agent.gpus.container_args(task.get("gpus") or [], env))
+        args["environment"] = env
+        return args
+
+    def _follow_logs(self, logpath: str) -> None:
+        try:
+            with open(logpath, "ab", buffering=0) as fh:
+                for chunk in self.container.logs(stream=True, follow=True):
+                    fh.write(chunk)
+        except DockerException as exc:
+            log.warning("task %s: log stream ended: %s", self.task_id, exc)
+
+    def _wait(self, task: dict) -> tuple[State, dict]:
+        deadline = task["timings"]["running"] + task["params"]["timeout"]
+        while True:
+            status = self._exit_status()
+            if status is not None:
+                break
+            if self.agent.lease_lost():
+                self.container.kill()
+                raise Abandoned()
+            if time.time() >= deadline:
+                self.container.stop(timeout=int(self.config.stop_grace))
+                return State.TIMED_OUT, {"exit_code": self._exit_status(),
+                                         "error": f"timed out after {task['params']['timeout']}s"}
+            if self._cancel_requested():
+                self.container.stop(timeout=int(self.config.stop_grace))
+                return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
+        if status == 0:
+            return State.SUCCEEDED, {"exit_code": 0}
+        return State.FAILED, {"exit_code": status, "error": f"container exited with code {status}"}
+
+    def _exit_status(self) -> int | None:
+        try:
+            return self.container.wait(timeout=POLL)["StatusCode"]
+        except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
+            return None
+
+    def _cancel_requested(self) -> bool:
+        rec = self.store.get(self.store.keys.task(self.task_id))
+        return rec is None or bool(rec.value.get("cancel_requested"))
+
+    def _export(self, task: dict) -> dict:
+        ssh = self.agent.ssh_endpoint()
+        info = {"ssh": ssh, "path": None, "log": self._remote(".log"), "size": None}
+        if self.container is None:
+            return {"export": info}
+        suffix = ".tar.gz" if task["params"]["compression"] == "gzip" else ".tar.zst"
+        started = time.time()
+        try:
+            size = export.export(self.container, task["params"]["output"],
+                                 task["params"]["compression"], self._local(suffix))
+        except (ValueError, DockerException) as exc:
+            return {"export": info, "export_error": str(exc)}
+        self.agent.give_to_account(self._local(suffix))
+        info.update(path=self._remote(suffix), size=size)
+        return {"export": info, "export_seconds": round(time.time() - started, 3)}
+
+    def _report(self, rec: Record, result: State, fields: dict) -> None:
+        if self.agent.lease_lost():
+            raise Abandoned()
+        current = self.store.get(rec.key)
+        if current is None or current.value["state"] != State.RUNNING or current.value["attempt"] != self.attempt:
+            log.warning("task %s moved while it ran; discarding its result", self.task_id)
+            return
+        task = current.value
+        if "export_error" in fields:
+            message = fields.pop("export_error")
+            fields["error"] = fields.get("error") or message
+        detail = fields.get("error") or f"exit code {fields.get('exit_code')}"
+        new = exported(task, result, detail, **fields)
+        if not lifecycle.move(self.store, current, new, release=self.config.name,
+                              unassign=self.config.name, fence=self._fence()):
+            log.warning("task %s moved while it ran; discarding its result", self.task_id)
+
+    def _remove_container(self) -> None:
+        if self.container is not None:
+            try:
+                self.container.remove(force=True)
+            except DockerException:
+                pass
+
+
+def _docker_message(exc: Exception) -> str:
+    if isinstance(exc, APIError):
+        return f"docker: {exc.explanation or exc}"
+    return str(exc)

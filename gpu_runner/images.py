@@ -1,0 +1,50 @@
+"""The runner's image cache: archives arriving in the spool, loaded into Docker.
+
+A loaded archive is tagged `pink/cache:<archive sha256>`, so the cache
+survives runner restarts and the node record can tell transfer jobs which
+images need no copy. Called by the agent (inventory) and execution (load).
+"""
+
+from __future__ import annotations
+
+import os
+
+import docker
+from docker.errors import APIError, ImageNotFound
+
+CACHE_REPO = "pink/cache"
+
+
+def cached(client: docker.DockerClient) -> list[str]:
+    """Archive digests whose images are loaded here."""
+    tags = [t for image in client.images.list(name=CACHE_REPO) for t in image.tags]
+    return sorted(t.split(":", 1)[1] for t in tags if t.startswith(CACHE_REPO + ":"))
+
+
+def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> bool:
+    """Load the task's archive unless it is cached; True when it was loaded now.
+
+    The archive was validated on upload; Docker must still agree on the image
+    id, or the archive is not what the web node inspected.
+    """
+    sha = image["sha256"]
+    try:
+        client.images.get(f"{CACHE_REPO}:{sha}")
+        return False
+    except ImageNotFound:
+        pass
+    path = os.path.join(spool_dir, f"{sha}.tar")
+    try:
+        with open(path, "rb") as fh:
+            client.images.load(fh)
+    except FileNotFoundError:
+        raise RuntimeError(f"image archive {sha}.tar is not in the spool") from None
+    except APIError as exc:
+        raise RuntimeError(f"docker load failed: {exc.explanation or exc}") from None
+    try:
+        loaded = client.images.get(image["image_id"])
+    except ImageNotFound:
+        raise RuntimeError(f"docker load did not produce image {image['image_id']}") from None
+    loaded.tag(CACHE_REPO, sha)
+    os.remove(path)
+    return True

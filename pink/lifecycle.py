@@ -1,0 +1,84 @@
+"""Moving a task together with the records that hang off it, atomically.
+
+A transition often has to change three keys at once: the task record, the
+node's reservations (`/pink/alloc/<node>`) and the assignment key the runner
+watches. `move()` commits them in one etcd transaction that compares the
+task's mod_revision (and optionally a fence), retrying only when the
+reservation record changed under it. Used by jobs, the runner, the leader
+and the web API's cancel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pink.errors import Unavailable
+from pink.store import Record, Store
+
+
+@dataclass
+class Reserve:
+    """A reservation computed from `alloc`, the node's record as placement read it."""
+
+    node: str
+    entry: dict
+    alloc: Record | None
+
+
+def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
+         reserve: Reserve | None = None, fence: tuple[str, int] | None = None,
+         assign: dict | None = None, assign_lease: int = 0, unassign: str | None = None,
+         attempts: int = 50) -> bool:
+    """Commit `new` for the task read as `rec`; False if the task moved first.
+
+    release: node whose reservation for this task is dropped.
+    reserve: reservation added on a node; False if the node's reservations moved.
+    fence: (key, create_revision) that must still be the same incarnation.
+    assign / unassign: assignment key to write (for new["node"]) / node to delete it for.
+    """
+    keys = store.keys
+    task_id = new["id"]
+    for _ in range(attempts):
+        txn = store.txn().expect(rec).put(rec.key, new)
+        if fence:
+            txn.fence(*fence)
+        if release:
+            _release(store, txn, release, task_id)
+        if reserve:
+            _reserve(store, txn, reserve, task_id)
+        if assign is not None:
+            txn.put(keys.assignment(new["node"], task_id), assign, assign_lease)
+        if unassign:
+            txn.delete(keys.assignment(unassign, task_id))
+        if txn.commit():
+            return True
+        if reserve:
+            return False  # placement must look again at what changed
+        current = store.get(rec.key)
+        if current is None or current.mod_revision != rec.mod_revision:
+            return False
+        if fence:
+            holder = store.get(fence[0])
+            if holder is None or holder.create_revision != fence[1]:
+                return False
+    raise Unavailable(f"could not move task {task_id}: reservations kept changing")
+
+
+def _release(store: Store, txn, node: str, task_id: str) -> None:
+    key = store.keys.alloc(node)
+    alloc = store.get(key)
+    if alloc is None or task_id not in alloc.value:
+        return
+    remaining = {k: v for k, v in alloc.value.items() if k != task_id}
+    txn.expect(alloc)
+    if remaining:
+        txn.put(key, remaining)
+    else:
+        txn.delete(key)
+
+
+def _reserve(store: Store, txn, reserve: Reserve, task_id: str) -> None:
+    key = store.keys.alloc(reserve.node)
+    alloc = reserve.alloc
+    txn.expect(alloc) if alloc else txn.expect(key, 0)
+    txn.put(key, {**(alloc.value if alloc else {}), task_id: reserve.entry})

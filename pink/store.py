@@ -1,0 +1,281 @@
+"""All of PINK's etcd access: keys, JSON records, transactions, leases, watches.
+
+etcd is the authority for live state. Every key PINK writes is built here
+(`Keys`), and every change goes through `Txn`, a compare-and-swap on the
+mod_revision of the records it read, optionally fenced by the create_revision
+of a lease-bound key (a runner's node key or the leader key), so two actors
+can never both move a task. No other module imports the etcd client, so the
+client library can change in one place; its errors become `Unavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import grpc
+import pyetcd
+from pyetcd import exceptions as etcd_exc
+
+from pink.errors import Unavailable
+
+
+class Keys:
+    """Every etcd key PINK uses, under one configurable prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix.rstrip("/")
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}/tasks/{task_id}"
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.prefix}/tasks/"
+
+    def node(self, name: str) -> str:
+        return f"{self.prefix}/nodes/{name}"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}/nodes/"
+
+    def alloc(self, node: str) -> str:
+        """The node's reservations: {task_id: {"gpus": [...], "attempt": n}}."""
+        return f"{self.prefix}/alloc/{node}"
+
+    @property
+    def allocs(self) -> str:
+        return f"{self.prefix}/alloc/"
+
+    def assignment(self, node: str, task_id: str) -> str:
+        return f"{self.prefix}/assign/{node}/{task_id}"
+
+    def assignments(self, node: str) -> str:
+        return f"{self.prefix}/assign/{node}/"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}/leader"
+
+
+@dataclass
+class Record:
+    """A JSON value read from etcd with the revisions a CAS needs."""
+
+    key: str
+    value: Any
+    mod_revision: int
+    create_revision: int
+    lease: int = 0
+
+
+_ETCD_ERRORS = (etcd_exc.Etcd3Exception, grpc.RpcError)
+
+
+def _guard(fn):
+    """Translate the client's errors into PINK's `Unavailable` at one boundary."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd is unreachable: {exc}") from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class Txn:
+    """A compare-and-swap over several keys, committed at once or not at all."""
+
+    def __init__(self, store: "Store"):
+        self._store = store
+        self._compare = []
+        self._ops = []
+
+    def expect(self, record_or_key, mod_revision: int | None = None) -> "Txn":
+        """Succeed only if the key is unchanged since it was read (0: absent)."""
+        t = self._store._client.transactions
+        if isinstance(record_or_key, Record):
+            key, rev = record_or_key.key, record_or_key.mod_revision
+        else:
+            key, rev = record_or_key, mod_revision or 0
+        self._compare.append(t.mod(key) == rev)
+        return self
+
+    def fence(self, key: str, create_revision: int) -> "Txn":
+        """Succeed only while the lease-bound key is the incarnation we hold."""
+        self._compare.append(self._store._client.transactions.create(key) == create_revision)
+        return self
+
+    def put(self, key: str, value: Any, lease: int = 0) -> "Txn":
+        self._ops.append(self._store._client.transactions.put(
+            key, json.dumps(value, sort_keys=True), lease=lease or None))
+        return self
+
+    def delete(self, key: str) -> "Txn":
+        self._ops.append(self._store._client.transactions.delete(key))
+        return self
+
+    @_guard
+    def commit(self) -> bool:
+        ok, _ = self._store._client.transaction(compare=self._compare, success=self._ops, failure=[])
+        return ok
+
+
+class Lease:
+    """A lease kept alive by a thread; `lost` is set the moment a refresh fails.
+
+    Holders must stop acting on anything bound to the lease once `lost` is set:
+    etcd may already have expired it and handed the work to someone else.
+    """
+
+    def __init__(self, store: "Store", ttl: int):
+        self.ttl = ttl
+        self._lease = store._guarded(store._client.lease, ttl)
+        self.id = self._lease.id
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep_alive, daemon=True, name="lease")
+        self._thread.start()
+
+    def _keep_alive(self):
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                responses = self._lease.refresh()
+                if not responses or responses[0].TTL <= 0:
+                    raise RuntimeError("lease expired")
+            except Exception:  # noqa: BLE001 - any failure means we can no longer trust it
+                self.lost.set()
+                return
+
+    def revoke(self):
+        self._stop.set()
+        try:
+            self._lease.revoke()
+        except _ETCD_ERRORS:
+            pass
+
+    def stop(self):
+        """Stop refreshing without revoking (the lease then expires on its own)."""
+        self._stop.set()
+
+
+class Store:
+    def __init__(self, endpoints: list[str], prefix: str, timeout: float = 5.0):
+        self.keys = Keys(prefix)
+        self._timeout = timeout
+        self._endpoints = endpoints
+        self._client = self._connect()
+
+    def _connect(self):
+        if len(self._endpoints) == 1:
+            host, port = self._endpoints[0].rsplit(":", 1)
+            return pyetcd.client(host=host, port=int(port), timeout=self._timeout)
+        eps = []
+        for ep in self._endpoints:
+            host, port = ep.rsplit(":", 1)
+            eps.append(pyetcd.Endpoint(host, int(port), secure=False))
+        return pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout, failover=True)
+
+    @classmethod
+    def from_config(cls, config) -> "Store":
+        return cls(config.etcd.endpoints, config.etcd.prefix)
+
+    def close(self):
+        self._client.close()
+
+    @staticmethod
+    def _guarded(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd is unreachable: {exc}") from exc
+
+    # -- reading ---------------------------------------------------------
+
+    @staticmethod
+    def _record(value: bytes, meta) -> Record:
+        return Record(key=meta.key.decode(), value=json.loads(value),
+                      mod_revision=meta.mod_revision, create_revision=meta.create_revision,
+                      lease=meta.lease_id)
+
+    @_guard
+    def get(self, key: str) -> Record | None:
+        value, meta = self._client.get(key)
+        return None if meta is None else self._record(value, meta)
+
+    @_guard
+    def list(self, prefix: str) -> list[Record]:
+        return [self._record(v, m) for v, m in self._client.get_prefix(prefix)]
+
+    @_guard
+    def ping(self) -> None:
+        self._client.status()
+
+    # -- writing ---------------------------------------------------------
+
+    def txn(self) -> Txn:
+        return Txn(self)
+
+    def create(self, key: str, value: Any, lease: int = 0) -> bool:
+        """Put a record only if the key does not exist yet."""
+        return self.txn().expect(key, 0).put(key, value, lease).commit()
+
+    def update(self, key: str, change: Callable[[Any], Any], attempts: int = 50) -> Record | None:
+        """Apply `change` to the record with a CAS loop; None if the key is gone.
+
+        `change` gets a copy of the value and returns the new value, or None to
+        leave the record as it is.
+        """
+        for _ in range(attempts):
+            record = self.get(key)
+            if record is None:
+                return None
+            new = change(json.loads(json.dumps(record.value)))
+            if new is None:
+                return record
+            if self.txn().expect(record).put(key, new, record.lease).commit():
+                return self.get(key)
+        raise Unavailable(f"could not update {key}: too much contention")
+
+    @_guard
+    def delete(self, key: str) -> None:
+        self._client.delete(key)
+
+    def lease(self, ttl: int) -> Lease:
+        return Lease(self, ttl)
+
+    # -- watching --------------------------------------------------------
+
+    def watch_prefix(self, prefix: str, on_change: Callable[[], None]) -> Callable[[], None]:
+        """Call `on_change` (no arguments) whenever a key under `prefix` changes.
+
+        Callers treat a call as a hint to re-read, never as the data itself,
+        and also poll: a watch can silently drop, a periodic read cannot.
+        Returns a function that cancels the watch.
+        """
+
+        def callback(_response):
+            on_change()
+
+        try:
+            watch_id = self._client.add_watch_prefix_callback(prefix, callback)
+        except _ETCD_ERRORS:
+            return lambda: None
+
+        def cancel():
+            try:
+                self._client.cancel_watch(watch_id)
+            except Exception:  # noqa: BLE001 - the watch may already be gone
+                pass
+
+        return cancel
+
+    def iter_values(self, prefix: str) -> Iterator[Any]:
+        for record in self.list(prefix):
+            yield record.value

@@ -1,0 +1,40 @@
+"""Process-wide handles the jobs use: config, etcd store, Redis.
+
+RQ calls job functions with only their arguments; the worker process sets
+the config once (`configure`) and jobs fetch the handles here, created on
+first use so that nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from redis import Redis
+
+from pink import config as pink_config
+from pink.store import Store
+
+_config_path: str | None = None
+
+
+def configure(path: str) -> None:
+    global _config_path
+    _config_path = path
+    config.cache_clear()
+    store.cache_clear()
+    redis.cache_clear()
+
+
+@functools.cache
+def config() -> pink_config.Config:
+    return pink_config.load(_config_path)
+
+
+@functools.cache
+def store() -> Store:
+    return Store.from_config(config())
+
+
+@functools.cache
+def redis() -> Redis:
+    return Redis.from_url(config().redis_url)

@@ -1,0 +1,145 @@
+"""`pink-leader`: the queue leader, elected through etcd, keeps RQ in step with it.
+
+Every web node runs one; the one holding `/pink/leader` (under a lease it
+keeps alive) leads. Leading means, on every change in etcd and at least every
+`reconcile_interval`: enqueue the job a task's state calls for when Redis has
+none (after Redis lost its data, or a worker died mid-job), and send tasks
+whose runner's lease expired back to the queue (attempt + 1) or, past
+`max_attempts`, to failed. Leadership is revoked the moment the lease cannot
+be refreshed, and every write is fenced by the leader key's create_revision,
+so a deposed leader that has not noticed yet cannot change anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import click
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
+from pink import config as pink_config
+from pink import lifecycle
+from pink.errors import PinkError
+from pink.store import Record, Store
+from pink.tasks import ON_RUNNER, State, exported, requeue
+from queue_workers.queues import enqueue, queues_for
+
+log = logging.getLogger("pink.leader")
+
+# The job each state needs; states absent here wait on a runner or are final.
+STAGE_FOR = {State.QUEUED: "transfer", State.PLACED: "transfer",
+             State.TRANSFERRED: "run", State.EXPORTED: "finalize"}
+
+
+class Leader:
+    def __init__(self, config: pink_config.Config):
+        self.config = config
+        self.store = Store.from_config(config)
+        self.redis = Redis.from_url(config.redis_url)
+        self.identity = f"{config.host}/{socket.gethostname()}"
+        self.changed = threading.Event()
+        self.fence: tuple[str, int] | None = None
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                lease = self._campaign()
+                if lease is None:
+                    stop.wait(1.0)
+                    continue
+                self._lead(lease, stop)
+            except PinkError as exc:
+                log.warning("leader: %s", exc.message)
+                stop.wait(1.0)
+
+    def _campaign(self):
+        lease = self.store.lease(self.config.leader_ttl)
+        if not self.store.create(self.store.keys.leader, {"holder": self.identity, "since": time.time()},
+                                 lease.id):
+            lease.revoke()
+            return None
+        self.fence = (self.store.keys.leader, self.store.get(self.store.keys.leader).create_revision)
+        log.info("leading as %s (fence %d)", self.identity, self.fence[1])
+        return lease
+
+    def _lead(self, lease, stop: threading.Event) -> None:
+        cancels = [self.store.watch_prefix(self.store.keys.tasks, self.changed.set),
+                   self.store.watch_prefix(self.store.keys.nodes, self.changed.set)]
+        try:
+            while not stop.is_set() and not lease.lost.is_set():
+                self.changed.clear()
+                self.reconcile(lease)
+                self.changed.wait(self.config.reconcile_interval)
+        finally:
+            for cancel in cancels:
+                cancel()
+            if stop.is_set():
+                lease.revoke()
+            else:
+                lease.stop()
+            log.info("no longer leading")
+
+    def reconcile(self, lease) -> None:
+        """One pass over every task: repair missing jobs, re-queue lost tasks."""
+        self._clean_started_registries()
+        nodes = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.nodes)}
+        for rec in self.store.list(self.store.keys.tasks):
+            if lease.lost.is_set():
+                return
+            try:
+                self._reconcile_task(rec, nodes)
+            except (PinkError, RedisError) as exc:
+                log.warning("task %s: %s", rec.value.get("id"), exc)
+
+    def _reconcile_task(self, rec: Record, nodes: dict[str, Record]) -> None:
+        task = rec.value
+        state = State(task["state"])
+        if state in ON_RUNNER:
+            node = nodes.get(task["node"])
+            if node is None or node.create_revision != task["epoch"]:
+                self._lost(rec)
+                return
+        stage = STAGE_FOR.get(state)
+        if stage and enqueue(self.redis, task, stage):
+            log.info("enqueued %s for task %s (attempt %d)", stage, task["id"], task["attempt"])
+
+    def _lost(self, rec: Record) -> None:
+        task = rec.value
+        why = f"runner {task['node']} lost (lease expired or restarted)"
+        if task["attempt"] < self.config.max_attempts:
+            new = requeue(task, why)
+        else:
+            new = exported(task, State.FAILED, why, error=f"{why}; gave up after {task['attempt']} attempts")
+        if lifecycle.move(self.store, rec, new, release=task["node"], unassign=task["node"],
+                          fence=self.fence):
+            log.info("task %s: %s -> %s (attempt %d)", task["id"], why, new["state"], new["attempt"])
+
+    def _clean_started_registries(self) -> None:
+        """Move jobs of dead workers to the failed registry so they can be re-enqueued."""
+        names = set(queues_for(self.config.host))
+        names.update(q.name for q in Queue.all(connection=self.redis))
+        for name in names:
+            StartedJobRegistry(name, connection=self.redis).cleanup()
+
+
+@click.command()
+@click.option("--config", "config_path", envvar="PINK_CONFIG", required=True,
+              type=click.Path(exists=True, dir_okay=False), help="PINK config file.")
+def main(config_path: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Leader(pink_config.load(config_path)).run_forever(stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Losing a runner mid-task, or Redis' data, loses no task and duplicates none."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis import Redis
+
+from pink import archive, db
+from pink.store import Store
+from tests import images
+from tests.helpers import Api, make_user
+
+
+@pytest.fixture(scope="module")
+def slow_archive(docker_client, tmp_path_factory):
+    """An image whose task takes a few seconds and counts its own runs."""
+    base = images.ensure_busybox_image(docker_client)
+    tag = images.build_image(docker_client, "pink/test-slow:1",
+                             f'FROM {base}\nCMD ["sh", "-c", "echo start; sleep 4; echo finished > /done.txt"]\n')
+    path = tmp_path_factory.mktemp("slow") / "slow.tar"
+    images.save_image(docker_client, tag, path)
+    return path
+
+
+@pytest.fixture
+def api(pink_processes, pink_config):
+    pink_processes.web()
+    pink_processes.worker()
+    pink_processes.leader()
+    return Api(pink_config, make_user(pink_config, "alice"))
+
+
+def test_runner_killed_mid_task_is_retried(api, pink_processes, slow_archive, docker_client):
+    runner = pink_processes.runner()
+    task_id = api.submit(slow_archive).json()["task"]["id"]
+    api.wait(task_id, states={"running"})
+    pink_processes.kill(runner)
+    store = Store.from_config(api.config)
+    # The lease expires (node_ttl=3 s) and the leader sends the task back.
+    deadline = time.monotonic() + 30
+    while store.get(store.keys.task(task_id)).value["attempt"] == 1:
+        assert time.monotonic() < deadline, "the task was never re-queued"
+        time.sleep(0.2)
+    pink_processes.runner()  # the same runner, back with a new epoch
+    task = api.wait(task_id, timeout=120)
+    assert task["state"] == "succeeded" and task["attempt"] == 2
+    conn = db.connect(api.config.db)
+    try:
+        row = archive.get_record(conn, task_id)
+    finally:
+        conn.close()
+    states = [h[1] for h in row["history"]]
+    assert states.count("running") == 2 and states.count("succeeded") == 1
+    assert "lost" in " ".join(h[2] for h in row["history"])
+    # The first attempt's container was removed by the new incarnation.
+    assert docker_client.containers.list(all=True, filters={"label": f"pink.task={task_id}"}) == []
+
+
+def test_redis_flushed_while_tasks_wait(api, pink_processes, slow_archive):
+    ids = [api.submit(slow_archive, cmd="echo quick").json()["task"]["id"] for _ in range(3)]
+    redis = Redis.from_url(api.config.redis_url)
+    assert redis.keys("rq:job:*")
+    redis.flushdb()
+    assert not redis.keys("rq:job:*")
+    pink_processes.runner()
+    for task_id in ids:
+        assert api.wait(task_id, timeout=120)["state"] == "succeeded"

@@ -1,0 +1,165 @@
+"""End to end on real services: upload -> transfer -> run -> export -> archive -> download."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pink import archive, db
+from tests import images
+from tests.helpers import Api, files_in_output, make_user
+
+WRITER = 'FROM {base}\nCMD ["sh", "-c", "echo hello from pink > /result.txt; echo done"]\n'
+
+
+@pytest.fixture
+def api(pink_processes, pink_config):
+    """A running one-machine PINK (web, worker, leader, runner) and a user on it."""
+    pink_processes.web()
+    pink_processes.worker()
+    pink_processes.leader()
+    pink_processes.runner()
+    return Api(pink_config, make_user(pink_config, "alice"))
+
+
+@pytest.fixture(scope="module")
+def writer_archive(docker_client, tmp_path_factory):
+    base = images.ensure_busybox_image(docker_client)
+    tag = images.build_image(docker_client, "pink/test-writer:1", WRITER.format(base=base))
+    path = tmp_path_factory.mktemp("img") / "writer.tar"
+    images.save_image(docker_client, tag, path)
+    return path
+
+
+def _archived(config, task_id):
+    conn = db.connect(config.db)
+    try:
+        return archive.get_record(conn, task_id), archive.get_logs(conn, task_id)
+    finally:
+        conn.close()
+
+
+def test_cli_submit_wait_download(api, writer_archive, tmp_path):
+    proc = api.cli("submit", str(writer_archive), "--name", "first", "--wait",
+                   "--download", str(tmp_path / "out"), "--json")
+    task = json.loads(proc.stdout)
+    assert task["state"] == "succeeded"
+    downloaded = list((tmp_path / "out").iterdir())
+    assert [p.name for p in downloaded] == [f"{task['id']}.tar.zst"]
+    files = files_in_output(downloaded[0].read_bytes())
+    assert files["result.txt"] == b"hello from pink\n"
+    row, logs = _archived(api.config, task["id"])
+    assert row["state"] == "succeeded" and row["exit_code"] == 0
+    assert b"done" in logs
+    assert [h[1] for h in row["history"]] == ["queued", "placed", "transferred", "assigned",
+                                             "running", "exported", "succeeded"]
+
+
+def test_cli_submits_a_local_image_by_name(api, writer_archive, tmp_path):
+    proc = api.cli("submit", "pink/test-writer:1", "--wait", "--json")
+    assert json.loads(proc.stdout)["state"] == "succeeded"
+
+
+def test_docker25_oci_layout_runs(api, writer_archive, tmp_path):
+    oci = images.to_oci_archive(writer_archive, tmp_path / "oci.tar")
+    r = api.submit(oci, output="/result.txt", compression="gzip")
+    assert r.status_code == 201, r.text
+    assert r.json()["task"]["image"]["layout"] == "oci"
+    task = api.wait(r.json()["task"]["id"])
+    assert task["state"] == "succeeded", task
+    data = api("GET", f"/tasks/{task['id']}/output").content
+    assert files_in_output(data, "gzip") == {"result.txt": b"hello from pink\n"}
+
+
+def test_second_task_with_same_image_skips_the_copy(api, writer_archive):
+    first = api.wait(api.submit(writer_archive).json()["task"]["id"])
+    second = api.wait(api.submit(writer_archive).json()["task"]["id"])
+    assert first["timings"]["transfer_bytes"] > 0
+    assert second["timings"]["transfer_bytes"] == 0
+    assert second["state"] == "succeeded"
+
+
+def test_nonzero_exit_fails_keeping_logs_and_output(api, writer_archive):
+    r = api.submit(writer_archive, cmd="sh -c 'echo oops; echo partial > /partial.txt; exit 3'")
+    task = api.wait(r.json()["task"]["id"])
+    assert task["state"] == "failed" and task["exit_code"] == 3
+    assert "oops" in api("GET", f"/tasks/{task['id']}/logs").text
+    assert files_in_output(api("GET", f"/tasks/{task['id']}/output").content)["partial.txt"] == b"partial\n"
+
+
+def test_missing_command_fails_with_dockers_message(api, writer_archive):
+    task = api.wait(api.submit(writer_archive, cmd="/no/such/program").json()["task"]["id"])
+    assert task["state"] == "failed"
+    assert "no such file" in task["error"].lower() or "not found" in task["error"].lower(), task["error"]
+
+
+def test_env_and_output_path(api, writer_archive):
+    r = api.submit(writer_archive, cmd="sh -c 'mkdir /o; echo $GREETING > /o/g.txt'",
+                   env=["GREETING=hi there", "OTHER=1"], output="/o")
+    task = api.wait(r.json()["task"]["id"])
+    assert task["state"] == "succeeded", task
+    assert files_in_output(api("GET", f"/tasks/{task['id']}/output").content) == {"o/g.txt": b"hi there\n"}
+
+
+def test_download_supports_range(api, writer_archive):
+    task = api.wait(api.submit(writer_archive).json()["task"]["id"])
+    whole = api("GET", f"/tasks/{task['id']}/output")
+    part = api("GET", f"/tasks/{task['id']}/output", headers={"Range": "bytes=100-"})
+    assert part.status_code == 206
+    assert part.content == whole.content[100:]
+
+
+def test_follow_logs_streams_until_the_end(api, writer_archive):
+    cmd = "sh -c 'for i in 1 2 3 4 5; do echo line $i; sleep 0.4; done'"
+    task_id = api.submit(writer_archive, cmd=cmd).json()["task"]["id"]
+    api.wait(task_id, states={"running", "exported", "succeeded"})
+    proc = api.cli("logs", task_id, "-f")
+    assert [l for l in proc.stdout.splitlines() if l.startswith("line")] == [f"line {i}" for i in range(1, 6)]
+    assert api.task(task_id)["state"] in {"exported", "succeeded"}
+
+
+def test_cancel_a_running_task(api, writer_archive):
+    task_id = api.submit(writer_archive, cmd="sh -c 'echo started; sleep 300'").json()["task"]["id"]
+    api.wait(task_id, states={"running"})
+    api.cli("cancel", task_id, "--yes")
+    task = api.wait(task_id)
+    assert task["state"] == "cancelled"
+    assert task["output"] is not None
+
+
+def test_timeout_stops_the_container(api, writer_archive):
+    task_id = api.submit(writer_archive, cmd="sleep 300", timeout=2).json()["task"]["id"]
+    task = api.wait(task_id)
+    assert task["state"] == "timed_out"
+
+
+def test_users_see_only_their_own_tasks(api, writer_archive):
+    task_id = api.submit(writer_archive).json()["task"]["id"]
+    bob = Api(api.config, make_user(api.config, "bob"))
+    assert bob("GET", f"/tasks/{task_id}").status_code == 404
+    assert bob("GET", f"/tasks/{task_id}/logs").status_code == 404
+    assert bob("DELETE", f"/tasks/{task_id}").status_code == 404
+    assert task_id not in [t["id"] for t in bob("GET", "/tasks").json()["tasks"]]
+    admin = Api(api.config, make_user(api.config, "root", admin=True))
+    assert admin("GET", f"/tasks/{task_id}").status_code == 200
+    api.wait(task_id)
+
+
+def test_delete_a_finished_task(api, writer_archive):
+    task_id = api.wait(api.submit(writer_archive).json()["task"]["id"])["id"]
+    assert api("DELETE", f"/tasks/{task_id}").json() == {"deleted": task_id}
+    assert api("GET", f"/tasks/{task_id}").status_code == 404
+    assert api("GET", f"/tasks/{task_id}/output").status_code == 404
+
+
+def test_nodes_and_health(api):
+    deadline = time.monotonic() + 10
+    while not api("GET", "/nodes").json()["nodes"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    node = api("GET", "/nodes").json()["nodes"][0]
+    assert node["name"] == "run1" and node["state"] == "ready"
+    health = api("GET", "/health").json()
+    assert health["status"] == "ok" and health["etcd"] == health["redis"] == health["db"] == "ok"

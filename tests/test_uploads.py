@@ -1,0 +1,163 @@
+"""Bad uploads get a clear 4xx JSON error and leave no spool file, etcd record or RQ job."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import tarfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from redis import Redis
+
+from pink import config as pink_config_module
+from pink.store import Store
+from tests import images
+from tests.helpers import Api, make_user
+
+LIMIT = 8 * 2**20  # bytes: this module's upload limit
+
+
+@pytest.fixture
+def api(pink_processes, pink_config, cluster, tmp_path):
+    """pink-web alone (nothing else may pick up a task), with a small upload limit."""
+    path = cluster.write_config(
+        path=tmp_path / "small.toml", web_port=int(urlparse(pink_config.web.url).port),
+        redis_url=pink_config.redis_url, etcd={"prefix": pink_config.etcd.prefix},
+        db={"database": pink_config.db.database},
+        web={"spool_dir": pink_config.web.spool_dir, "output_dir": pink_config.web.output_dir,
+             "max_upload_bytes": LIMIT})
+    pink_processes.web(str(path))
+    config = pink_config_module.load(path)
+    return Api(config, make_user(config, "alice"))
+
+
+def assert_nothing_left(api):
+    spool = Path(api.config.web.spool_dir)
+    assert not spool.exists() or list(spool.iterdir()) == []
+    store = Store.from_config(api.config)
+    assert store.list(store.keys.tasks) == []
+    assert Redis.from_url(api.config.redis_url).keys("rq:job:*") == []
+
+
+def assert_refused(api, archive, status, code, words):
+    r = api.submit(archive)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == code, body
+    assert words in body["message"], body
+    assert_nothing_left(api)
+
+
+@pytest.fixture(scope="module")
+def good_archive(docker_client, tmp_path_factory):
+    tag = images.ensure_busybox_image(docker_client)
+    path = tmp_path_factory.mktemp("good") / "busybox.tar"
+    images.save_image(docker_client, tag, path)
+    return path
+
+
+def test_not_a_tar(api, tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"this is not a tar archive\n" * 100)
+    assert_refused(api, junk, 400, "not_tar", "not a tar")
+
+
+def test_tar_without_manifest(api, tmp_path):
+    path = images.write_tar(tmp_path / "plain.tar", [("hello.txt", b"hi")])
+    assert_refused(api, path, 400, "no_manifest", "docker save")
+
+
+def test_manifest_naming_a_missing_layer(api, good_archive, tmp_path):
+    with tarfile.open(good_archive) as tar:
+        layer = next(n for n in tar.getnames() if n.endswith("layer.tar"))
+    path = images.copy_tar(good_archive, tmp_path / "missing.tar", drop=[layer])
+    assert_refused(api, path, 400, "missing_layer", layer)
+
+
+@pytest.mark.parametrize("member", [
+    ("../escape.txt", b"x"),
+    ("/etc/evil", b"x"),
+    images.symlink("link", "../../etc/passwd"),
+    images.hardlink("hard", "/etc/shadow"),
+])
+def test_members_that_escape(api, good_archive, tmp_path, member):
+    path = images.copy_tar(good_archive, tmp_path / "hostile.tar", add=[member])
+    assert_refused(api, path, 400, "unsafe_member", "")
+
+
+def test_upload_over_the_limit(api, tmp_path):
+    big = tmp_path / "big.tar"
+    with open(big, "wb") as fh:
+        fh.truncate(LIMIT + 1)
+    assert_refused(api, big, 413, "too_large", str(LIMIT))
+
+
+def test_chunked_upload_over_the_limit(api, tmp_path):
+    def body():
+        chunk = b"\0" * 2**20
+        for _ in range(LIMIT // len(chunk) + 2):
+            yield chunk
+    r = api("POST", "/tasks", data=body(), headers={"Content-Type": "application/x-tar"})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+    assert_nothing_left(api)
+
+
+def test_upload_cut_off_half_way(api, good_archive):
+    size = os.path.getsize(good_archive)
+    url = urlparse(api.url)
+    context = ssl.create_default_context(cafile=api.ca)
+    with socket.create_connection((url.hostname, url.port)) as raw:
+        with context.wrap_socket(raw, server_hostname=url.hostname) as sock:
+            sock.sendall((f"POST /api/v1/tasks HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                          f"Authorization: Bearer {api.token}\r\nContent-Type: application/x-tar\r\n"
+                          f"Content-Length: {size}\r\n\r\n").encode())
+            with open(good_archive, "rb") as fh:
+                sock.sendall(fh.read(size // 2))
+    # The server notices the disconnect and must clean up; give it a moment.
+    import time
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert_nothing_left(api)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_missing_and_wrong_tokens(api, good_archive):
+    anonymous = Api(api.config, "")
+    del anonymous.http.headers["Authorization"]
+    r = anonymous.submit(good_archive)
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    wrong = Api(api.config, "pink_not-a-token")
+    r = wrong("GET", "/tasks")
+    assert r.status_code == 401 and "pink login" in r.json()["message"]
+    assert_nothing_left(api)
+
+
+def test_unknown_task(api):
+    for method, path in (("GET", "/tasks/nope"), ("GET", "/tasks/nope/logs"),
+                         ("GET", "/tasks/nope/output"), ("DELETE", "/tasks/nope")):
+        r = api(method, path)
+        assert r.status_code == 404 and r.json()["error"] == "unknown_task", (method, path, r.text)
+
+
+def test_bad_parameters(api, good_archive):
+    for params, words in (({"gpus": "many"}, "gpus"), ({"env": "NOEQUALS"}, "KEY=VALUE"),
+                          ({"output": "relative/path"}, "absolute"), ({"compression": "lz4"}, "compression")):
+        r = api.submit(good_archive, **params)
+        assert r.status_code == 400 and words in r.json()["message"], r.text
+    assert_nothing_left(api)
+
+
+def test_a_good_upload_is_recorded(api, good_archive):
+    r = api.submit(good_archive, name="ok")
+    assert r.status_code == 201, r.text
+    task = r.json()["task"]
+    assert task["state"] == "queued" and task["image"]["size"] == os.path.getsize(good_archive)
+    assert list(Path(api.config.web.spool_dir).iterdir()) == [Path(api.config.web.spool_dir) / f"{task['id']}.tar"]

@@ -1,0 +1,60 @@
+"""pink-web: the Flask app (REST API under /api/v1, web pages, rq-dashboard).
+
+`create_app(config)` builds a fresh app from a `pink.config.Config` (or a
+config file path): no connection is opened at import or creation time, so
+every gunicorn worker and every test gets its own.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from pink import config as pink_config
+from pink.errors import PinkError
+from web import api, auth, pages
+from web.resources import Resources
+
+
+def create_app(config: pink_config.Config | str | None = None) -> Flask:
+    if not isinstance(config, pink_config.Config):
+        config = pink_config.load(config)
+    app = Flask(__name__)
+    if not config.web.secret_key:
+        raise pink_config.ConfigError("[web] secret_key is required (sessions are signed with it)")
+    app.config.update(SECRET_KEY=config.web.secret_key, SESSION_COOKIE_SECURE=True,
+                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+                      MAX_CONTENT_LENGTH=None)
+    app.extensions["pink"] = Resources(config)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+    if config.web.dashboard:
+        _mount_dashboard(app, config)
+    _error_handlers(app)
+    app.teardown_appcontext(lambda _exc: app.extensions["pink"].close_request())
+    return app
+
+
+def _mount_dashboard(app: Flask, config: pink_config.Config) -> None:
+    """rq-dashboard for operators under /rq, admins only."""
+    import rq_dashboard
+
+    app.config.from_object(rq_dashboard.default_settings)
+    app.config["RQ_DASHBOARD_REDIS_URL"] = config.redis_url
+    rq_dashboard.web.setup_rq_connection(app)
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
+    app.before_request(auth.require_admin_for_dashboard)
+
+
+def _error_handlers(app: Flask) -> None:
+    @app.errorhandler(PinkError)
+    def pink_error(exc: PinkError):
+        return jsonify(error=exc.code, message=exc.message), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if request.path.startswith("/api/"):
+            code = (exc.name or "error").lower().replace(" ", "_")
+            return jsonify(error=code, message=exc.description), exc.code
+        return exc
