@@ -1,0 +1,77 @@
+# PINK's entry points for people and CI: install what a fresh Debian 12 machine
+# lacks, build the venv, make dev certificates, run the demo, tests and bench.
+# The one-machine cluster itself is managed by pink/localcluster.py.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_BASE ?= /var/lib/pink-demo
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+CERT_SANS ?=
+INVENTORY ?= ansible/inventory.ini
+ANSIBLE_ARGS ?=
+
+# Debian packages of the services PINK runs, and a binary that proves each.
+DEB_PACKAGES := docker.io etcd-server etcd-client redis-server mariadb-server \
+	openssh-server nginx busybox-static zstd openssl iproute2 iptables python3-venv
+DEB_BINARIES := docker dockerd etcd etcdctl redis-server mariadbd mariadb-install-db sshd \
+	ssh-keygen nginx busybox zstd openssl ip iptables useradd
+
+.PHONY: all deps venv certs up demo down status test bench deploy clean
+
+all: test
+
+deps:
+	@missing=""; \
+	for bin in $(DEB_BINARIES); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$bin >/dev/null || missing="$$missing $$bin"; \
+	done; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "deps: missing$$missing; installing Debian packages"; \
+		apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEB_PACKAGES); \
+	fi
+
+# Rebuilt only when the package metadata changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+certs:
+	ssl/make-certs.sh $(CERT_SANS)
+
+# Services and PINK's processes, left running (stop with `make down`).
+up: deps venv certs
+	$(PY) -m pink.localcluster up --base $(DEMO_BASE) --with-pink
+
+demo: deps venv certs
+	$(PY) -m pink.localcluster demo --base $(DEMO_BASE)
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m pink.localcluster down --base $(DEMO_BASE); fi
+
+status:
+	$(PY) -m pink.localcluster status --base $(DEMO_BASE)
+
+test: deps venv
+	$(PY) -m pink.localcluster dockerd
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: deps venv
+	$(PY) -m pink.localcluster dockerd
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Placeholder until ansible/ exists: INVENTORY=path/to/hosts make deploy
+deploy: venv certs
+	$(VENV)/bin/pip install -q -e '.[deploy]'
+	$(VENV)/bin/ansible-playbook -i $(INVENTORY) ansible/site.yml $(ANSIBLE_ARGS)
+
+# Build outputs only: certificates and $(DEMO_BASE) stay (`make down` first).
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache bench/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

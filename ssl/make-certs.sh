@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Development certificates for a PINK cluster: a dev CA and the web servers'
+# certificate (ssl/), and MariaDB's own CA and server certificate (ssl_db/).
+# Called by `make certs` and by pink.localcluster (tests point it at private
+# directories). Idempotent: a file that exists is kept; delete it to renew.
+#
+# usage: ssl/make-certs.sh [--web-dir DIR] [--db-dir DIR] [--days N] [SAN ...]
+#   SAN: extra subjectAltName entries such as DNS:web1 or IP:10.77.0.11
+#   env: PINK_WEB_CERT_DIR, PINK_DB_CERT_DIR, PINK_CERT_SANS (comma-separated)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+web_dir=${PINK_WEB_CERT_DIR:-$here}
+db_dir=${PINK_DB_CERT_DIR:-$here/../ssl_db}
+days=${PINK_CERT_DAYS:-825}
+sans="DNS:localhost,IP:127.0.0.1"
+if [[ -n "${PINK_CERT_SANS:-}" ]]; then sans="$sans,$PINK_CERT_SANS"; fi
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --web-dir) web_dir=$2; shift 2 ;;
+        --db-dir) db_dir=$2; shift 2 ;;
+        --days) days=$2; shift 2 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -*) echo "make-certs.sh: unknown option $1" >&2; exit 2 ;;
+        *) sans="$sans,$1"; shift ;;
+    esac
+done
+
+mkdir -p "$web_dir" "$db_dir"
+umask 077  # keys are born private
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# make_ca DIR NAME: a self-signed CA whose extensions satisfy strict X.509
+# verification (Python 3.13+ turns VERIFY_X509_STRICT on by default).
+make_ca() {
+    local dir=$1 name=$2
+    [[ -f "$dir/ca.pem" && -f "$dir/ca.key" ]] && return 0
+    openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days "$days" \
+        -keyout "$dir/ca.key" -out "$dir/ca.pem" -subj "/O=PINK dev/CN=$name" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -addext "subjectKeyIdentifier=hash" 2>/dev/null
+    echo "made $dir/ca.pem" >&2
+}
+
+# make_leaf DIR CERT KEY CN: a server certificate signed by DIR's CA.
+make_leaf() {
+    local dir=$1 cert=$2 key=$3 cn=$4
+    [[ -f "$dir/$cert" && -f "$dir/$key" ]] && return 0
+    cat >"$tmp/ext.cnf" <<EXT
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth,clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = $sans
+EXT
+    openssl req -new -newkey rsa:2048 -nodes -sha256 -keyout "$dir/$key" \
+        -out "$tmp/req.csr" -subj "/O=PINK dev/CN=$cn" 2>/dev/null
+    openssl x509 -req -in "$tmp/req.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+        -CAcreateserial -CAserial "$tmp/ca.srl" -days "$days" -sha256 \
+        -extfile "$tmp/ext.cnf" -out "$dir/$cert" 2>/dev/null
+    chmod 644 "$dir/$cert"
+    echo "made $dir/$cert ($sans)" >&2
+}
+
+make_ca "$web_dir" "PINK dev CA"
+make_leaf "$web_dir" web.pem web.key "pink-web"
+make_ca "$db_dir" "PINK dev MariaDB CA"
+make_leaf "$db_dir" server.pem server.key "pink-db"
+chmod 644 "$web_dir/ca.pem" "$db_dir/ca.pem"
+chmod 600 "$web_dir"/*.key "$db_dir"/*.key

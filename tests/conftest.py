@@ -1,0 +1,169 @@
+"""Session fixtures: one real local cluster (etcd, Redis, MariaDB, sshd) per run.
+
+`cluster` starts the services once, through pink.localcluster, under
+/var/lib/pink-test/<random> (not /tmp: sshd's chroot needs root-owned parents).
+`pink_config` gives every test its own namespace in them (etcd prefix, Redis
+database, MariaDB schema, spool dirs) and a config file; `pink_processes`
+starts PINK's own processes for that config and stops them after the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from pink import config as pink_config_module
+from pink.localcluster import TEST_BASE, Cluster, free_port
+
+REDIS_DBS = 127  # databases 1..127 of the cluster's Redis (started with 128)
+_namespaces = itertools.count(1)
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        pytest.exit("PINK's tests need root: they start dockerd, sshd with a chroot, "
+                    "MariaDB and a system user. Run them as root (or `sudo make test`).",
+                    returncode=2)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The session's services, started once on free ports; removed at the end."""
+    TEST_BASE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(TEST_BASE, 0o755)
+    base = TEST_BASE / uuid.uuid4().hex[:10]
+    cl = Cluster(base, ssl_dir=base / "ssl", ssl_db_dir=base / "ssl_db")
+    try:
+        cl.ensure_dockerd()
+        cl.make_certs()
+        cl.start_etcd()
+        cl.start_redis()
+        cl.start_mariadb()
+        cl.start_sshd("run1")
+        yield cl
+    finally:
+        cl.down()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _empty_dir(path: Path) -> None:
+    """Remove what a previous test left, keeping the dir (and its owner/mode)."""
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+@pytest.fixture
+def pink_config(cluster, tmp_path):
+    """A `pink.config.Config` for this test alone, loaded from `config.path`.
+
+    Its etcd prefix, Redis database and MariaDB schema are fresh and removed
+    afterwards; the web spool/output dirs are new and the runner's spool and
+    outbox are emptied. TTLs are short so fault tests finish quickly.
+    """
+    n = next(_namespaces)
+    prefix = f"/pink-test/{n}"
+    db_number = 1 + (n - 1) % REDIS_DBS
+    database = f"pink_t{n}"
+    rds = redis.Redis.from_url(cluster.redis_url(db_number))
+    if rds.dbsize():
+        raise RuntimeError(f"Redis database {db_number} holds data: refusing to use it")
+    cluster.create_database(database)
+    for path in (cluster.spool_dir("run1"), cluster.outbox_dir("run1")):
+        _empty_dir(path)
+    web = tmp_path / "web"
+    path = cluster.write_config(
+        path=tmp_path / "pink.toml", host="web1", runner_name="run1", web_port=free_port(),
+        redis_url=cluster.redis_url(db_number),
+        node_ttl=3, leader_ttl=3, reconcile_interval=0.5,
+        etcd={"prefix": prefix},
+        db={"database": database},
+        web={"spool_dir": str(web / "spool"), "output_dir": str(web / "outputs")},
+    )
+    config = pink_config_module.load(path)
+    config.namespace = n  # lets pink_processes name its processes after the test
+    try:
+        yield config
+    finally:
+        rds.flushdb()
+        rds.close()
+        cluster.drop_database(database)
+        cluster.etcd_delete_prefix(prefix + "/")
+
+
+@pytest.fixture(scope="session")
+def docker_client(cluster):
+    import docker
+
+    client = docker.from_env()
+    yield client
+    client.close()
+
+
+class PinkProcesses:
+    """PINK's processes for one test's config, named `t<n>-<role>` in the
+    cluster's process table so that tests never touch each other's."""
+
+    def __init__(self, cluster: Cluster, config):
+        self.cluster = cluster
+        self.config = config
+        self.tag = f"t{config.namespace}"
+        self.started: list[str] = []
+
+    def _name(self, role: str) -> str:
+        name = f"{self.tag}-{role}"
+        self.started.append(name)
+        return name
+
+    def web(self, config_path: str | None = None, role: str = "web") -> str:
+        name = self._name(role)
+        self.cluster.start_web(config_path or self.config.path, name=name)
+        return name
+
+    def worker(self, n: int = 1, config_path: str | None = None) -> str:
+        name = self._name(f"worker-{n}")
+        self.cluster.start_worker(n, config_path or self.config.path, name=name)
+        return name
+
+    def leader(self, config_path: str | None = None, role: str = "leader") -> str:
+        name = self._name(role)
+        self.cluster.start_leader(config_path or self.config.path, name=name)
+        return name
+
+    def runner(self, runner: str = "run1", config_path: str | None = None) -> str:
+        name = self._name(f"runner-{runner}")
+        self.cluster.start_runner(runner, config_path or self.config.path, name=name)
+        return name
+
+    def alive(self, name: str) -> bool:
+        return self.cluster.alive(name)
+
+    def stop(self, name: str) -> None:
+        self.cluster.stop(name)
+
+    def kill(self, name: str) -> None:
+        self.cluster.kill(name)
+
+    def log(self, name: str) -> str:
+        return self.cluster.log_path(name).read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for name in reversed(self.started):
+            self.cluster.stop(name)
+
+
+@pytest.fixture
+def pink_processes(cluster, pink_config):
+    procs = PinkProcesses(cluster, pink_config)
+    yield procs
+    procs.stop_all()

@@ -1,0 +1,329 @@
+"""Test images: build small real images offline and write archives from them.
+
+No registry is reachable, so every image starts from a busybox rootfs
+imported into the local Docker daemon. Tests and the benchmark call these
+helpers; the tar writers make the Docker 25+ OCI layout and hostile archives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import subprocess
+import tarfile
+import tempfile
+
+import docker.errors
+
+BUSYBOX = "/bin/busybox"  # from Debian's busybox-static: no shared libraries needed
+BUSYBOX_TAG = "pink/busybox:test"
+LOCK_PATH = os.path.join(tempfile.gettempdir(), "pink-test-images.lock")
+COPY_CHUNK = 1 << 20  # bytes per read when streaming layers and saves
+
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+GROUP = "root:x:0:\nnogroup:x:65534:\n"
+
+
+# ---------------------------------------------------------------- images in Docker
+
+
+def busybox_rootfs(root) -> str:
+    """A minimal rootfs in `root`: static busybox, its applets as symlinks, /tmp, /etc."""
+    root = os.fspath(root)
+    for d in ("bin", "etc", "tmp", "root", "proc", "sys", "dev"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    os.chmod(os.path.join(root, "tmp"), 0o1777)
+    shutil.copy2(BUSYBOX, os.path.join(root, "bin", "busybox"))
+    for applet in _applets():
+        link = os.path.join(root, "bin", applet)
+        if applet != "busybox" and not os.path.lexists(link):
+            os.symlink("busybox", link)
+    _write(os.path.join(root, "etc", "passwd"), PASSWD)
+    _write(os.path.join(root, "etc", "group"), GROUP)
+    return root
+
+
+def _applets() -> list[str]:
+    out = subprocess.run([BUSYBOX, "--list"], check=True, capture_output=True, text=True)
+    return [a for a in out.stdout.split() if "/" not in a]
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def _images_lock():
+    """Tests in parallel processes must not import or tag the same image twice."""
+    with open(LOCK_PATH, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_busybox_image(client, tag: str = BUSYBOX_TAG) -> str:
+    """Import the busybox rootfs as `tag` unless Docker already has it; returns `tag`."""
+    with _images_lock():
+        if _has_image(client, tag):
+            return tag
+        repository, _, version = tag.rpartition(":")
+        with tempfile.TemporaryDirectory(prefix="pink-rootfs-") as tmp:
+            rootfs = busybox_rootfs(os.path.join(tmp, "rootfs"))
+            archive = os.path.join(tmp, "rootfs.tar")
+            with tarfile.open(archive, "w") as tar:
+                tar.add(rootfs, arcname=".")
+            client.api.import_image_from_file(
+                archive, repository=repository, tag=version,
+                changes=['CMD ["sh"]', "ENV PATH=/bin"])
+        client.images.get(tag)  # fail here, not later, if the import did not tag it
+        return tag
+
+
+def _has_image(client, ref: str) -> bool:
+    try:
+        client.images.get(ref)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def build_image(client, tag: str, dockerfile_text: str, base: str = BUSYBOX_TAG,
+                files: dict[str, bytes] | None = None) -> str:
+    """`docker build` a Dockerfile string as `tag`; returns `tag`, as ensure_busybox_image does.
+
+    A Dockerfile without FROM gets `FROM base`. `files` go into the build
+    context for COPY. The busybox base is imported first if it is missing.
+    """
+    if base == BUSYBOX_TAG:
+        ensure_busybox_image(client, base)
+    if not any(line.strip().upper().startswith("FROM ") for line in dockerfile_text.splitlines()):
+        dockerfile_text = f"FROM {base}\n{dockerfile_text}"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        _add_bytes(tar, "Dockerfile", dockerfile_text.encode())
+        for name, data in (files or {}).items():
+            _add_bytes(tar, name, data)
+    context.seek(0)
+    try:
+        client.images.build(fileobj=context, custom_context=True, tag=tag,
+                                       rm=True, forcerm=True, pull=False)
+    except docker.errors.BuildError as e:
+        log = "".join(str(chunk.get("stream", chunk)) for chunk in e.build_log)
+        raise RuntimeError(f"docker build of {tag} failed: {e}\n{log}") from None
+    return tag
+
+
+def save_image(client, tag: str, path) -> str:
+    """Stream `docker save tag` to `path` (classic layout on Docker 20.10)."""
+    path = os.fspath(path)
+    partial = path + ".part"
+    with open(partial, "wb") as out:
+        for chunk in client.api.get_image(tag, chunk_size=COPY_CHUNK):
+            out.write(chunk)
+    os.replace(partial, path)
+    return path
+
+
+# ---------------------------------------------------------------- OCI layout
+
+
+def to_oci_archive(classic_path, out_path) -> str:
+    """Rewrite a classic `docker save` archive the way Docker 25+ writes it.
+
+    `oci-layout`, `index.json` and `blobs/sha256/` (config, uncompressed
+    layers, OCI manifest), plus a `manifest.json` pointing at the blobs.
+    """
+    return _write_oci(classic_path, out_path, with_manifest_json=True)
+
+
+def to_pure_oci_archive(classic_path, out_path) -> str:
+    """The same OCI layout without `manifest.json`: only index.json leads to the image."""
+    return _write_oci(classic_path, out_path, with_manifest_json=False)
+
+
+def _write_oci(classic_path, out_path, with_manifest_json: bool) -> str:
+    with tarfile.open(classic_path, "r:") as src:
+        entry = json.load(src.extractfile(_member(src, "manifest.json")))[0]
+        config = src.extractfile(_member(src, entry["Config"])).read()
+        layers = [_digest_member(src, name) for name in entry["Layers"]]
+        tags = entry.get("RepoTags") or []
+        config_d = _descriptor(MEDIA_CONFIG, config)
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "config": config_d,
+            "layers": [{"mediaType": MEDIA_LAYER, "digest": f"sha256:{h}", "size": n}
+                       for h, n, _ in layers],
+        }, separators=(",", ":")).encode()
+        index = _oci_index(_descriptor(MEDIA_MANIFEST, manifest), tags)
+        blobs = {config_d["digest"][7:]: config, _sha(manifest): manifest}
+        with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT) as out:
+            _add_dir(out, "blobs")
+            _add_dir(out, "blobs/sha256")
+            layer_infos = {h: info for h, _, info in layers}
+            for hexdigest in sorted(set(blobs) | set(layer_infos)):
+                if hexdigest in blobs:
+                    _add_bytes(out, f"blobs/sha256/{hexdigest}", blobs[hexdigest])
+                else:
+                    info = layer_infos[hexdigest]
+                    meta = tarfile.TarInfo(f"blobs/sha256/{hexdigest}")
+                    meta.size, meta.mode, meta.mtime = info.size, 0o644, 0
+                    out.addfile(meta, src.extractfile(info))
+            _add_bytes(out, "index.json", index)
+            if with_manifest_json:
+                _add_bytes(out, "manifest.json", json.dumps([{
+                    "Config": f"blobs/sha256/{config_d['digest'][7:]}",
+                    "RepoTags": tags,
+                    "Layers": [f"blobs/sha256/{h}" for h, _, _ in layers],
+                }], separators=(",", ":")).encode())
+            _add_bytes(out, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+    return os.fspath(out_path)
+
+
+def _member(tar: tarfile.TarFile, name: str) -> tarfile.TarInfo:
+    """The regular member behind `name`; `docker save` links repeated layers."""
+    info = tar.getmember(name)
+    for _ in range(40):
+        if info.issym():
+            name = posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
+        elif info.islnk():
+            name = info.linkname
+        else:
+            return info
+        info = tar.getmember(name)
+    raise ValueError(f"{name}: too many levels of links")
+
+
+def _digest_member(tar: tarfile.TarFile, name: str):
+    info = _member(tar, name)
+    digest = hashlib.sha256()
+    with tar.extractfile(info) as f:
+        for chunk in iter(lambda: f.read(COPY_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest(), info.size, info
+
+
+def _descriptor(media_type: str, data: bytes) -> dict:
+    return {"mediaType": media_type, "digest": f"sha256:{_sha(data)}", "size": len(data)}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _oci_index(manifest: dict, tags: list[str]) -> bytes:
+    """Docker 25+ lists the manifest once per tag, named as containerd names it."""
+    entries = [dict(manifest, annotations={
+        "io.containerd.image.name": _full_name(tag),
+        "org.opencontainers.image.ref.name": tag.rpartition(":")[2],
+    }) for tag in tags] or [manifest]
+    return json.dumps({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": entries},
+                      separators=(",", ":")).encode()
+
+
+def _full_name(tag: str) -> str:
+    """`busybox:1` -> `docker.io/library/busybox:1`, the name containerd stores."""
+    first = tag.split("/", 1)[0]
+    if "/" in tag and ("." in first or ":" in first or first == "localhost"):
+        return tag
+    return f"docker.io/{tag}" if "/" in tag else f"docker.io/library/{tag}"
+
+
+# ---------------------------------------------------------------- hand-made tars
+
+
+def symlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
+def hardlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.LNKTYPE, target
+    return info
+
+
+def directory(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
+def fifo(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.FIFOTYPE
+    return info
+
+
+def char_device(name: str, major: int = 1, minor: int = 3) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, major, minor
+    return info
+
+
+def write_tar(path, members) -> str:
+    """Write a tar of `members`: (name, bytes) pairs for files, or TarInfo entries.
+
+    Names are written exactly as given (`../x`, `/etc/x` included), which is
+    the point: tests use this to make archives `docker save` never would.
+    """
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+            else:
+                name, data = member
+                _add_bytes(tar, name, data if isinstance(data, bytes) else data.encode())
+    return os.fspath(path)
+
+
+def copy_tar(src, dst, drop=(), replace: dict[str, bytes] | None = None, add=()) -> str:
+    """Copy an archive, leaving out `drop`, swapping contents in `replace`, appending `add`."""
+    replace = replace or {}
+    with tarfile.open(src, "r:") as old, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as new:
+        for info in old:
+            if info.name in drop:
+                continue
+            if info.name in replace:
+                _add_bytes(new, info.name, replace[info.name])
+            elif info.isreg():
+                new.addfile(info, old.extractfile(info))
+            else:
+                new.addfile(info)
+        for member in add:
+            if isinstance(member, tarfile.TarInfo):
+                new.addfile(member)
+            else:
+                _add_bytes(new, *member)
+    return os.fspath(dst)
+
+
+def read_member(archive, name: str) -> bytes:
+    """One member's bytes, for tests that edit a manifest."""
+    with tarfile.open(archive, "r:") as tar:
+        return tar.extractfile(_member(tar, name)).read()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str) -> None:
+    info = directory(name)
+    info.mtime = 0
+    tar.addfile(info)
