@@ -1,0 +1,42 @@
+"""The `pink` command line (entry point `pink = pink.cli:main`).
+
+`main` is the click group: it takes the connection options once and hands
+subcommands a `CliContext`. The commands live in `pink.cli.commands` (the
+REST API, through `pink.cli.client.Client`) and `pink.cli.admin` (server-side
+accounts); settings in `pink.cli.settings`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import click
+
+from pink.cli.admin import admin
+from pink.cli.commands import COMMANDS
+from pink.cli.context import CliContext, PinkGroup, connection_options
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pink")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
+        return "0+unknown"
+
+
+@click.group(cls=PinkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@connection_options(envvars=True)
+@click.version_option(_version(), message="pink %(version)s")
+@click.pass_context
+def main(ctx: click.Context, url, token, ca):
+    """PINK is not Kubernetes: run your Docker images on the lab's GPU servers.
+
+    Log in once with `pink login --url URL`; settings are saved in
+    ~/.config/pink/config.toml (or $PINK_CLI_CONFIG).
+    """
+    ctx.obj = CliContext(url=url, token=token, ca=ca)
+
+
+for _command in COMMANDS:
+    main.add_command(_command)
+main.add_command(admin)

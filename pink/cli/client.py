@@ -1,0 +1,348 @@
+"""The PINK REST API (`/api/v1`) as a Python class, usable without click.
+
+`Client(url, token, ca)` wraps one `requests.Session`; every transport and
+HTTP error is translated to a `pink.errors.PinkError` at this one boundary,
+carrying the server's `{"error", "message"}`. Uploads and downloads stream
+from and to disk in chunks (constant memory) and report progress through a
+plain callback `progress(done, total)`. Called by the `pink` commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import unquote
+
+import requests
+
+from pink import errors
+from pink.errors import PinkError
+
+API = "/api/v1"
+CHUNK = 1 << 20  # bytes read from disk / network per step of a transfer
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the server
+READ_TIMEOUT = 120.0  # seconds the server may stay silent on an ordinary request
+UPLOAD_READ_TIMEOUT = 1800.0  # seconds for the server to validate an archive after its last byte
+FINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+NOT_LOGGED_IN = "not logged in or token rejected: run `pink login`"
+
+Progress = Callable[[int, "int | None"], None]
+
+_BY_STATUS = {400: errors.BadRequest, 401: errors.Unauthorized, 403: errors.Forbidden,
+              404: errors.NotFound, 409: errors.Conflict, 413: errors.TooLarge,
+              502: errors.Unavailable, 503: errors.Unavailable, 504: errors.Unavailable}
+
+
+def normalize_url(url: str) -> str:
+    """`host:8443/` -> `https://host:8443`: TLS unless the user says otherwise."""
+    url = url.strip().rstrip("/")
+    if url and "://" not in url:
+        url = "https://" + url
+    return url
+
+
+def is_final(task: dict) -> bool:
+    return task.get("state") in FINAL_STATES
+
+
+def error_from_response(resp: requests.Response, auth_hint: bool = True) -> PinkError:
+    """The PinkError the server meant: its JSON `{"error", "message"}` when it sent one."""
+    code, message = None, None
+    try:
+        body = resp.json()
+        if isinstance(body, dict):
+            code, message = body.get("error"), body.get("message")
+    except ValueError:
+        pass
+    if resp.status_code == 401 and auth_hint:
+        message = NOT_LOGGED_IN
+    if not message:
+        message = f"server answered {resp.status_code} {resp.reason or ''}".strip()
+    cls = _BY_STATUS.get(resp.status_code, PinkError)
+    return cls(message, code=code, status=resp.status_code)
+
+
+def filename_from_disposition(header: str | None) -> str | None:
+    """The bare file name in a Content-Disposition header, never a path."""
+    if not header:
+        return None
+    match = re.search(r"filename\*\s*=\s*[^']*'[^']*'([^;]+)", header)
+    if match:
+        name = unquote(match.group(1).strip().strip('"'))
+    else:
+        match = re.search(r'filename\s*=\s*"([^"]*)"|filename\s*=\s*([^;]+)', header)
+        if not match:
+            return None
+        name = (match.group(1) or match.group(2) or "").strip()
+    name = os.path.basename(name.replace("\\", "/"))
+    return name if name not in ("", ".", "..") else None
+
+
+class ProgressFile:
+    """A file opened for upload that reports each read: requests sends it as a
+    body with Content-Length (from `__len__`) instead of chunked encoding."""
+
+    def __init__(self, path: str | os.PathLike, progress: Progress | None = None):
+        self._fh = open(path, "rb")
+        self._size = os.fstat(self._fh.fileno()).st_size
+        self._done = 0
+        self._progress = progress
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(CHUNK if size is None or size < 0 else size)
+        self._done += len(data)
+        if self._progress and data:
+            self._progress(self._done, self._size)
+        return data
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "ProgressFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Client:
+    """One PINK server, one user's token. Methods return the API's JSON (dicts)."""
+
+    def __init__(self, url: str, token: str | None = None, ca: str | None = None,
+                 session: requests.Session | None = None):
+        self.url = normalize_url(url or "")
+        if not self.url:
+            raise errors.ConfigError("no server URL: run `pink login --url URL` or set PINK_URL")
+        if ca and not os.path.isfile(ca):
+            raise errors.ConfigError(f"CA file {ca} does not exist (check --ca / PINK_CA)")
+        self.token = token or ""
+        self.ca = ca or ""
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = "pink-cli"
+        if self.token:
+            self.session.headers["Authorization"] = f"Bearer {self.token}"
+
+    # -- transport ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transport(self):
+        """Turn every requests failure into a PinkError that says what to check."""
+        try:
+            yield
+        except requests.exceptions.SSLError as exc:
+            trust = f"the CA file {self.ca}" if self.ca else "the system's CAs"
+            raise errors.Unavailable(
+                f"TLS verification of {self.url} failed against {trust}: check --ca / PINK_CA "
+                f"names the CA that signed the server's certificate ({_reason(exc)})",
+                code="tls_failed") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise errors.Unavailable(
+                f"cannot reach the PINK server at {self.url}: check the URL and that pink-web "
+                f"is running and reachable ({_reason(exc)})", code="unreachable") from None
+        except requests.exceptions.Timeout:
+            raise errors.Unavailable(f"the PINK server at {self.url} did not answer in time",
+                                     code="timeout") from None
+        except requests.exceptions.RequestException as exc:
+            raise errors.Unavailable(f"request to {self.url} failed: {_reason(exc)}",
+                                     code="transport") from None
+
+    def _request(self, method: str, path: str, *, expect=(200,), auth_hint: bool = True,
+                 timeout=None, stream: bool = False, **kwargs) -> requests.Response:
+        with self._transport():
+            # verify per request: requests lets $REQUESTS_CA_BUNDLE override session.verify
+            resp = self.session.request(method, self.url + API + path, stream=stream,
+                                        verify=self.ca or True,
+                                        timeout=timeout or (CONNECT_TIMEOUT, READ_TIMEOUT), **kwargs)
+        if resp.status_code not in expect:
+            try:
+                raise error_from_response(resp, auth_hint)
+            finally:
+                resp.close()
+        return resp
+
+    def _json(self, method: str, path: str, key: str | None = None, **kwargs):
+        resp = self._request(method, path, **kwargs)
+        try:
+            body = resp.json()
+        except ValueError:
+            raise PinkError(f"{self.url}{API}{path} did not answer JSON: is the URL a PINK server?",
+                            code="bad_response") from None
+        if key is None:
+            return body
+        if not isinstance(body, dict) or key not in body:
+            raise PinkError(f"{self.url}{API}{path} answered without '{key}'", code="bad_response")
+        return body[key]
+
+    # -- account -------------------------------------------------------------
+
+    def health(self) -> dict:
+        return self._json("GET", "/health")
+
+    def login(self, username: str, password: str) -> dict:
+        """Exchange a password for a token: returns `{"token", "user": {"name", "admin"}}`.
+        The token is also adopted by this client."""
+        body = self._json("POST", "/login", json={"username": username, "password": password},
+                          auth_hint=False)
+        if not isinstance(body, dict) or not body.get("token"):
+            raise PinkError("the server's login answer carries no token", code="bad_response")
+        self.token = body["token"]
+        self.session.headers["Authorization"] = f"Bearer {self.token}"
+        return body
+
+    def check_token(self) -> None:
+        """Raise Unauthorized unless the server accepts this client's token."""
+        if not self.token:
+            raise errors.Unauthorized(NOT_LOGGED_IN)
+        self._request("GET", "/tasks").close()
+
+    # -- tasks ---------------------------------------------------------------
+
+    def submit(self, archive: str | os.PathLike, *, name: str | None = None,
+               cmd: str | None = None, entrypoint: str | None = None,
+               env: dict[str, str] | list[str] | None = None, gpus: int | None = None,
+               timeout: int | None = None, output: str | None = None,
+               compression: str | None = None, progress: Progress | None = None) -> dict:
+        """Upload a `docker save` archive from disk and create a task; returns the task.
+
+        `cmd` and `entrypoint` are shell words (the server splits them).
+        """
+        params = submit_params(name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,
+                               timeout=timeout, output=output, compression=compression)
+        with ProgressFile(archive, progress) as body:
+            return self._json("POST", "/tasks", "task", params=params, data=body,
+                              headers={"Content-Type": "application/x-tar"}, expect=(200, 201),
+                              timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT))
+
+    def list(self) -> list[dict]:
+        return self._json("GET", "/tasks", "tasks")
+
+    def get(self, task_id: str) -> dict:
+        return self._json("GET", f"/tasks/{_id(task_id)}", "task")
+
+    def cancel(self, task_id: str) -> dict:
+        """Cancel a live task (`{"task": ...}`, 202) or delete a finished one (`{"deleted": id}`)."""
+        return self._json("DELETE", f"/tasks/{_id(task_id)}", expect=(200, 202))
+
+    def logs(self, task_id: str, follow: bool = False) -> Iterator[bytes]:
+        """The task's log as byte chunks; with `follow` the stream ends when the task is final."""
+        resp = self._request("GET", f"/tasks/{_id(task_id)}/logs", stream=True,
+                             params={"follow": "1"} if follow else None,
+                             timeout=(CONNECT_TIMEOUT, None if follow else READ_TIMEOUT))
+        with resp, self._transport():
+            for chunk in resp.iter_content(chunk_size=None):
+                if chunk:
+                    yield chunk
+
+    def wait(self, task_id: str, interval: float = 0.5, max_interval: float = 1.0,
+             on_change: Callable[[dict], None] | None = None, patience: float = 60.0) -> dict:
+        """Poll until the task is final and return it, calling `on_change` on each new state.
+
+        The server being briefly unreachable (a web node failing over) is
+        tolerated for `patience` seconds: the task lives on in the cluster.
+        """
+        seen, delay, down_since = None, interval, None
+        while True:
+            try:
+                task = self.get(task_id)
+                down_since = None
+            except errors.Unavailable:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > patience:
+                    raise
+                time.sleep(max_interval)
+                continue
+            if on_change and (task.get("state"), task.get("attempt")) != seen:
+                on_change(task)
+            seen = (task.get("state"), task.get("attempt"))
+            if is_final(task):
+                return task
+            time.sleep(delay)
+            delay = min(max_interval, delay * 1.5)
+
+    def download(self, task_id: str, dest: str | os.PathLike | None = None,
+                 directory: str | os.PathLike = ".", progress: Progress | None = None) -> Path:
+        """Save the task's output to `dest` (default: the server's file name in
+        `directory`), resuming from `dest.part` when an earlier try left one."""
+        path = f"/tasks/{_id(task_id)}/output"
+        resp = self._request("GET", path, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        target = Path(dest) if dest else Path(directory) / (
+            filename_from_disposition(resp.headers.get("Content-Disposition")) or f"{task_id}.tar")
+        part = target.with_name(target.name + ".part")
+        offset = part.stat().st_size if part.exists() else 0
+        if offset:
+            resp.close()
+            resp = self._request("GET", path, stream=True, expect=(200, 206, 416),
+                                 headers={"Range": f"bytes={offset}-"},
+                                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            if resp.status_code == 416:
+                resp.close()
+                if resp.headers.get("Content-Range") == f"bytes */{offset}":
+                    os.replace(part, target)  # complete already; only the rename was missed
+                    return target
+                offset = 0  # the part is not a prefix of this output: start over
+                resp = self._request("GET", path, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            elif resp.status_code == 200:  # the server ignored the range
+                offset = 0
+        with resp:
+            _save_stream(resp, part, offset, progress, self._transport)
+        os.replace(part, target)
+        return target
+
+    # -- nodes ---------------------------------------------------------------
+
+    def nodes(self) -> list[dict]:
+        return self._json("GET", "/nodes", "nodes")
+
+
+def submit_params(*, name=None, cmd=None, entrypoint=None, env=None, gpus=None, timeout=None,
+                  output=None, compression=None) -> list[tuple[str, str]]:
+    """The query string of `POST /tasks`: only what the user set, `env` repeated."""
+    params = [(key, str(value)) for key, value in
+              (("name", name), ("cmd", cmd), ("entrypoint", entrypoint), ("gpus", gpus),
+               ("timeout", timeout), ("output", output), ("compression", compression))
+              if value not in (None, "")]
+    items = env.items() if isinstance(env, dict) else (item.partition("=")[::2] for item in env or ())
+    params += [("env", f"{key}={value}") for key, value in items]
+    return params
+
+
+def _save_stream(resp: requests.Response, part: Path, offset: int, progress: Progress | None,
+                 transport) -> None:
+    length = resp.headers.get("Content-Length")
+    total = offset + int(length) if length and length.isdigit() else None
+    done = offset
+    if progress:
+        progress(done, total)
+    with open(part, "ab" if offset else "wb") as fh, transport():
+        for chunk in resp.iter_content(chunk_size=CHUNK):
+            fh.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    if total is not None and done != total:
+        raise errors.Unavailable(f"download stopped at {done} of {total} bytes; run the same "
+                                 f"command again to resume from {part}", code="incomplete")
+
+
+def _id(task_id: str) -> str:
+    """Task ids are path segments: refuse anything that would change the path."""
+    if not task_id or not re.fullmatch(r"[A-Za-z0-9_.-]+", task_id) or task_id in (".", ".."):
+        raise errors.BadRequest(f"not a task id: {task_id!r}", code="bad_id")
+    return task_id
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost, most specific words of a requests/urllib3 error chain."""
+    text = re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(exc))
+    for pattern in (r"\[SSL[^\]]*\][^')\"]*", r"\[Errno -?\d+\][^')\"]*"):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(0).strip()
+    return text[:200]

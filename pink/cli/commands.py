@@ -1,0 +1,258 @@
+"""The user's `pink` commands: login, submit, status, logs, download, cancel, nodes.
+
+Each is a thin wrapper: arguments are validated here (usage errors exit 2),
+the work is done by `pink.cli.client.Client` and `pink.cli.images`, and the
+text comes from `pink.cli.output`. Data goes to stdout, messages and
+progress bars to stderr. Registered on the group by `pink.cli`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import click
+
+from pink.cli import images, output
+from pink.cli import settings as settings_mod
+from pink.cli.client import Client, normalize_url
+from pink.cli.context import CliContext, connection_options, pass_cli
+from pink.errors import PinkError
+
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DURATION = re.compile(r"(\d+)\s*([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+# -- argument parsing ----------------------------------------------------------
+
+def parse_env(ctx, param, values) -> dict[str, str]:
+    """`--env K=V` (repeatable) -> {K: V}; the value may be empty or contain `=`."""
+    env = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx, param)
+        if not ENV_KEY.fullmatch(key):
+            raise click.BadParameter(f"{key!r} is not a valid variable name "
+                                     f"(letters, digits, _; not starting with a digit)", ctx, param)
+        env[key] = value
+    return env
+
+
+def parse_duration(text: str) -> int:
+    """`90`, `90s`, `30m`, `2h`, `1d` or `1h30m` -> seconds."""
+    compact = text.strip().lower().replace(" ", "")
+    pos, total = 0, 0
+    for match in _DURATION.finditer(compact):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if not compact or pos != len(compact) or total <= 0:
+        raise ValueError(f"{text!r} is not a duration like 600, 90s, 30m, 2h or 1h30m")
+    return total
+
+
+class Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def check_output_path(ctx, param, value):
+    if value and value != "full" and not value.startswith("/"):
+        raise click.BadParameter("must be an absolute path inside the container, or 'full'", ctx, param)
+    return value
+
+
+# -- login -------------------------------------------------------------------------
+
+@click.command()
+@connection_options(envvars=False)
+@click.option("--username", "-u", help="Log in with this user's password (prompted) to get a token.")
+@click.option("--password", envvar="PINK_PASSWORD", hidden=True,
+              help="The password, for scripts (prefer the hidden prompt).")
+@pass_cli
+def login(cli: CliContext, url, token, ca, username, password):
+    """Check credentials against a server and save them for the next commands."""
+    if token and username:
+        raise click.UsageError("give either --token or --username, not both")
+    s = cli.saved.merged(**cli.overrides).merged(url=url, token=token, ca=ca)
+    if not s.url:
+        raise click.UsageError("which server? pass --url URL (or set PINK_URL)")
+    ca_path = os.path.abspath(os.path.expanduser(s.ca)) if s.ca else ""
+    token = token or cli.overrides.get("token")
+    if not token and not username:
+        username = click.prompt("Username", err=True)
+    client = Client(s.url, None if username else token, ca_path)
+    if username:
+        if password is None:
+            password = click.prompt("Password", hide_input=True, err=True)
+        user = client.login(username, password).get("user") or {}
+        who = f"{user.get('name', username)}{' (admin)' if user.get('admin') else ''}"
+    else:
+        client.check_token()
+        who = "token accepted"
+    path = settings_mod.save(settings_mod.Settings(url=normalize_url(s.url), token=client.token,
+                                                   ca=ca_path), cli.settings_path)
+    _err(f"logged in to {client.url}: {who}; saved to {path}")
+
+
+# -- submit ------------------------------------------------------------------------
+
+@click.command()
+@click.argument("source", metavar="FILE.tar|IMAGE[:TAG]")
+@click.option("--name", help="A name to recognise the task by (default: its id).")
+@click.option("--gpus", type=click.IntRange(min=0), help="Number of GPUs to reserve.  [default: 0]")
+@click.option("--timeout", type=Duration(), help="Longest run time, e.g. 600, 30m, 2h.  [default: 24h]")
+@click.option("--env", "-e", "env", multiple=True, callback=parse_env, metavar="KEY=VALUE",
+              help="Environment variable for the container (repeatable).")
+@click.option("--cmd", help="Command, as shell words (replaces the image's CMD).")
+@click.option("--entrypoint", help="Entrypoint, as shell words (replaces the image's ENTRYPOINT).")
+@click.option("--output-path", callback=check_output_path, metavar="PATH",
+              help="Return only this path of the container.  [default: full filesystem]")
+@click.option("--gzip", is_flag=True, help="Compress the output with gzip instead of zstd.")
+@click.option("--wait", is_flag=True, help="Wait for the task to finish; exit 1 unless it succeeded.")
+@click.option("--download", type=click.Path(file_okay=False), metavar="DIR",
+              help="Wait, then download the output into DIR (implies --wait).")
+@click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
+@pass_cli
+def submit(cli: CliContext, source, name, gpus, timeout, env, cmd, entrypoint, output_path,
+           gzip, wait, download, as_json):
+    """Run a `docker save` archive, or a local Docker image, on the GPU servers.
+
+    Prints the task id (or the task as JSON with --json) on stdout.
+    """
+    client = cli.client()
+
+    def saving(image, size):
+        _err(f"no file {source}: saving local Docker image {image} ({output.size(size)}) "
+             f"to a temporary file")
+
+    with images.archive_for(source, on_saving=saving, progress=output.ProgressBar("saving")) as path:
+        with output.ProgressBar("uploading") as bar:
+            task = client.submit(path, name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,
+                                 timeout=timeout, output=output_path,
+                                 compression="gzip" if gzip else None, progress=bar)
+    if not as_json:
+        click.echo(task["id"])
+    if not (wait or download):
+        if as_json:
+            click.echo(output.to_json(task))
+        return
+    task = client.wait(task["id"], on_change=lambda t: _err(output.state_line(t)))
+    if download:
+        fetch_output(client, task, directory=download)
+    if as_json:
+        click.echo(output.to_json(task))
+    finish(task)
+
+
+def fetch_output(client: Client, task: dict, directory: str | None = None, dest: str | None = None):
+    if not task.get("output"):
+        _err(f"task {task['id']} has no output to download")
+        return None
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with output.ProgressBar("downloading") as bar:
+        path = client.download(task["id"], dest=dest, directory=directory or ".", progress=bar)
+    _err(f"saved output of task {task['id']} to {path}")
+    return path
+
+
+def finish(task: dict) -> None:
+    """Exit 1, with the reason, when a waited-for task did not succeed."""
+    if task.get("state") != "succeeded":
+        reason = f"task {task['id']} ended {task.get('state')}"
+        if task.get("exit_code") is not None:
+            reason += f" (exit code {task['exit_code']})"
+        if task.get("error"):
+            reason += f": {task['error']}"
+        raise PinkError(reason)
+
+
+# -- looking at tasks --------------------------------------------------------------------
+
+@click.command()
+@click.argument("task_id", metavar="[ID]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of tasks, or one task).")
+@pass_cli
+def status(cli: CliContext, task_id, as_json):
+    """List your tasks, or show one task in detail."""
+    client = cli.client()
+    if task_id:
+        task = client.get(task_id)
+        click.echo(output.to_json(task) if as_json else output.task_details(task))
+        return
+    tasks = client.list()
+    click.echo(output.to_json(tasks) if as_json else output.tasks_table(tasks))
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the task ends.")
+@pass_cli
+def logs(cli: CliContext, task_id, follow):
+    """Print a task's output log (stdout and stderr of its container)."""
+    out = click.get_binary_stream("stdout")
+    for chunk in cli.client().logs(task_id, follow=follow):
+        out.write(chunk)
+        out.flush()
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@click.option("--output", "-o", "dest", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where to save it.  [default: ./ID.tar.zst, the server's file name]")
+@pass_cli
+def download(cli: CliContext, task_id, dest):
+    """Download a task's output filesystem, resuming an interrupted download.
+
+    Prints the saved file's path on stdout.
+    """
+    with output.ProgressBar("downloading") as bar:
+        path = cli.client().download(task_id, dest=dest, progress=bar)
+    click.echo(str(path))
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@pass_cli
+def cancel(cli: CliContext, task_id, yes, as_json):
+    """Cancel a live task, or delete a finished one and its output."""
+    if not yes:
+        click.confirm(f"Cancel task {task_id} (or delete it and its output if it has finished)?",
+                      abort=True, err=True)
+    answer = cli.client().cancel(task_id)
+    if as_json:
+        click.echo(output.to_json(answer))
+    elif "deleted" in answer:
+        _err(f"task {task_id} deleted")
+    else:
+        state = (answer.get("task") or {}).get("state")
+        _err(f"cancel requested for task {task_id}" + (f" (now {state})" if state else ""))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the nodes as JSON.")
+@pass_cli
+def nodes(cli: CliContext, as_json):
+    """List the GPU servers (runners) and what they are running."""
+    found = cli.client().nodes()
+    click.echo(output.to_json(found) if as_json else output.nodes_table(found))
+
+
+COMMANDS = [login, submit, status, logs, download, cancel, nodes]

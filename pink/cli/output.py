@@ -1,0 +1,157 @@
+"""How the CLI shows things: task and node tables, task details, progress.
+
+Pure functions from the API's JSON to text, so tests check them without a
+server; the commands in `pink.cli.commands` write their result to stdout
+(data) and everything else to stderr. Progress bars go to stderr only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+
+import click
+
+PROGRESS_EVERY = 0.1  # seconds between two redraws of a progress bar
+
+
+def to_json(data) -> str:
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def age(text: str | None, now: datetime | None = None) -> str:
+    """`2024-05-01T10:00:00Z` -> `3m`: the one unit a person needs at a glance."""
+    t = parse_time(text)
+    if t is None:
+        return "-"
+    seconds = max(0, int(((now or datetime.now(timezone.utc)) - t).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _cell(value) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """Left-aligned columns two spaces apart, like `docker ps`."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    lines = [headers] + cells
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def tasks_table(tasks: list[dict], now: datetime | None = None) -> str:
+    rows = [[t.get("id"), t.get("name"), t.get("state"), t.get("node"), t.get("attempt"),
+             age(t.get("created_at"), now), t.get("exit_code")] for t in tasks]
+    return table(["ID", "NAME", "STATE", "NODE", "ATTEMPT", "AGE", "EXIT"], rows)
+
+
+def nodes_table(nodes: list[dict]) -> str:
+    rows = [[n.get("name"), n.get("host"), n.get("state"), len(n.get("gpus") or []),
+             len(n.get("tasks") or []), n.get("epoch")] for n in nodes]
+    return table(["NAME", "HOST", "STATE", "GPUS", "TASKS", "EPOCH"], rows)
+
+
+def _words(value) -> str:
+    if isinstance(value, list):
+        return " ".join(value)
+    return _cell(value)
+
+
+def task_details(task: dict) -> str:
+    """One task as `key: value` lines: what `pink status ID` prints."""
+    params = task.get("params") or {}
+    image = task.get("image") or {}
+    output = task.get("output")
+    lines = [
+        ("id", task.get("id")), ("name", task.get("name")), ("user", task.get("user")),
+        ("state", task.get("state")), ("attempt", task.get("attempt")), ("node", task.get("node")),
+        ("exit code", task.get("exit_code")), ("error", task.get("error")),
+        ("created", task.get("created_at")), ("updated", task.get("updated_at")),
+        ("image", ", ".join(image.get("repo_tags") or []) or image.get("image_id")),
+        ("image size", size(image.get("size"))), ("image sha256", image.get("sha256")),
+        ("cmd", _words(params.get("cmd"))), ("entrypoint", _words(params.get("entrypoint"))),
+        ("env", " ".join(f"{k}={v}" for k, v in sorted((params.get("env") or {}).items()))),
+        ("gpus", params.get("gpus")), ("timeout", f"{params['timeout']}s" if params.get("timeout") else None),
+        ("output path", params.get("output")), ("compression", params.get("compression")),
+        ("output", f"{output.get('filename')} ({size(output.get('size'))})" if output else None),
+    ]
+    text = "\n".join(f"{k + ':':14}{_cell(v)}" for k, v in lines)
+    timings = task.get("timings") or {}
+    if timings:
+        text += "\ntimings:\n" + "\n".join(f"  {k + ':':14}{_cell(v)}" for k, v in timings.items())
+    return text
+
+
+def state_line(task: dict) -> str:
+    """A state change while waiting: `task 3f2a… running on gpu1 (attempt 2)`."""
+    text = f"task {task.get('id')}: {task.get('state')}"
+    if task.get("node"):
+        text += f" on {task['node']}"
+    if (task.get("attempt") or 1) > 1:
+        text += f" (attempt {task['attempt']})"
+    if task.get("state") in ("failed", "timed_out", "succeeded") and task.get("exit_code") is not None:
+        text += f", exit code {task['exit_code']}"
+    if task.get("error"):
+        text += f": {task['error']}"
+    return text
+
+
+class ProgressBar:
+    """A click progress bar on stderr behind the client's `progress(done, total)`
+    callback; the bar is created at the first call, when the total is known."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label = label
+        self.enabled = enabled
+        self._bar = None
+        self._shown = 0
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total or 0, label=self.label, file=sys.stderr,
+                                          show_eta=True, show_percent=bool(total))
+            self._bar.__enter__()
+        now = time.monotonic()
+        if done == total or now - self._last >= PROGRESS_EVERY:
+            self._bar.update(done - self._shown)
+            self._shown, self._last = done, now
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+            self._bar = None
