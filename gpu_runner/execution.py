@@ -53,14 +53,18 @@ class Execution:
         return (self.store.keys.node(self.config.name), self.agent.epoch)
 
     def run(self) -> None:
+        rec = None
         try:
             rec = self._start()
             if rec is not None:
                 self._report(rec, *self._execute(rec.value))
         except Abandoned:
             log.warning("task %s abandoned: this runner's epoch ended", self.task_id)
-        except Exception:  # noqa: BLE001 - a thread must never die silently
+        except Exception as exc:  # noqa: BLE001 - a task must never be left running silently
             log.exception("task %s: unexpected error", self.task_id)
+            if rec is not None:
+                self._report_quietly(rec, State.FAILED, {"error": f"runner error: {exc}",
+                                                         **self._export_info()})
         finally:
             self._remove_container()
             self.agent.finished(self.task_id)
@@ -101,7 +105,7 @@ class Execution:
         else:
             follower.start()
             result, fields = self._wait(task)
-        follower.join(timeout=10)
+            follower.join(timeout=10)
         fields.update(self._export(task))
         return result, fields
 
@@ -164,21 +168,25 @@ class Execution:
         rec = self.store.get(self.store.keys.task(self.task_id))
         return rec is None or bool(rec.value.get("cancel_requested"))
 
+    def _export_info(self) -> dict:
+        return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),
+                           "size": None}}
+
     def _export(self, task: dict) -> dict:
-        ssh = self.agent.ssh_endpoint()
-        info = {"ssh": ssh, "path": None, "log": self._remote(".log"), "size": None}
+        fields = self._export_info()
+        info = fields["export"]
         if self.container is None:
-            return {"export": info}
+            return fields
         suffix = ".tar.gz" if task["params"]["compression"] == "gzip" else ".tar.zst"
         started = time.time()
         try:
             size = export.export(self.container, task["params"]["output"],
                                  task["params"]["compression"], self._local(suffix))
         except (ValueError, DockerException) as exc:
-            return {"export": info, "export_error": str(exc)}
+            return {**fields, "export_error": str(exc)}
         self.agent.give_to_account(self._local(suffix))
         info.update(path=self._remote(suffix), size=size)
-        return {"export": info, "export_seconds": round(time.time() - started, 3)}
+        return {**fields, "export_seconds": round(time.time() - started, 3)}
 
     def _report(self, rec: Record, result: State, fields: dict) -> None:
         if self.agent.lease_lost():
@@ -196,6 +204,12 @@ class Execution:
         if not lifecycle.move(self.store, current, new, release=self.config.name,
                               unassign=self.config.name, fence=self._fence()):
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
+
+    def _report_quietly(self, rec: Record, result: State, fields: dict) -> None:
+        try:
+            self._report(rec, result, fields)
+        except Exception:  # noqa: BLE001 - the leader re-queues it if this fails too
+            log.exception("task %s: could not report the failure", self.task_id)
 
     def _remove_container(self) -> None:
         if self.container is not None:
