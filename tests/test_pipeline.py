@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 
@@ -73,9 +74,12 @@ def test_docker25_oci_layout_runs(api, writer_archive, tmp_path):
     assert files_in_output(data, "gzip") == {"result.txt": b"hello from pink\n"}
 
 
-def test_second_task_with_same_image_skips_the_copy(api, writer_archive):
-    first = api.wait(api.submit(writer_archive).json()["task"]["id"])
-    second = api.wait(api.submit(writer_archive).json()["task"]["id"])
+def test_second_task_with_same_image_skips_the_copy(api, docker_client, tmp_path):
+    fresh = f"pink/test-fresh:{uuid.uuid4().hex[:8]}"
+    images.build_image(docker_client, fresh, WRITER.format(base=images.BUSYBOX_TAG) + f"LABEL n={fresh}\n")
+    archive_path = images.save_image(docker_client, fresh, tmp_path / "fresh.tar")
+    first = api.wait(api.submit(archive_path).json()["task"]["id"])
+    second = api.wait(api.submit(archive_path).json()["task"]["id"])
     assert first["timings"]["transfer_bytes"] > 0
     assert second["timings"]["transfer_bytes"] == 0
     assert second["state"] == "succeeded"

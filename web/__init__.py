@@ -47,10 +47,32 @@ def _mount_dashboard(app: Flask, config: pink_config.Config) -> None:
     app.before_request(auth.require_admin_for_dashboard)
 
 
+DRAIN_LIMIT = 64 * 2**20  # bytes of an unread request body we read to deliver an error
+
+
+def _drain_body():
+    """Read what is left of the request body so the client sees our error.
+
+    A client still sending when the server answers and closes gets a broken
+    connection instead of the error. Past DRAIN_LIMIT we close instead.
+    """
+    try:
+        stream = request.stream
+        for _ in range(DRAIN_LIMIT // (1 << 20)):
+            if not stream.read(1 << 20):
+                return True
+    except Exception:  # noqa: BLE001 - a client that went away needs no answer
+        return False
+    return False
+
+
 def _error_handlers(app: Flask) -> None:
     @app.errorhandler(PinkError)
     def pink_error(exc: PinkError):
-        return jsonify(error=exc.code, message=exc.message), exc.status
+        response = jsonify(error=exc.code, message=exc.message)
+        if request.method in ("POST", "PUT") and not _drain_body():
+            response.headers["Connection"] = "close"
+        return response, exc.status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

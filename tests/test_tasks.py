@@ -1,0 +1,83 @@
+"""The task state machine and parameter parsing (pure logic, no services)."""
+
+from __future__ import annotations
+
+import pytest
+from werkzeug.datastructures import MultiDict
+
+from pink.errors import BadRequest, Conflict
+from pink.tasks import (FINAL, State, Params, TRANSITIONS, advance, exported, job_id, new_record,
+                        public_view, requeue)
+
+
+def record(**params):
+    return new_record("abc123", "alice", Params(**params), {"sha256": "0" * 64, "size": 10,
+                                                           "image_id": "sha256:" + "1" * 64,
+                                                           "repo_tags": [], "layout": "docker"},
+                      "web1", "/spool/abc123.tar")
+
+
+def test_final_states_have_no_way_out():
+    assert all(state not in TRANSITIONS for state in FINAL)
+
+
+def test_a_task_cannot_skip_states():
+    with pytest.raises(Conflict):
+        advance(record(), State.RUNNING)
+    with pytest.raises(Conflict):
+        advance(record(), State.SUCCEEDED)
+
+
+def test_advance_records_history_and_timing_without_touching_the_original():
+    task = record()
+    placed = advance(task, State.PLACED, "placed on run1", node="run1")
+    assert task["state"] == "queued" and task["node"] is None
+    assert placed["state"] == "placed" and placed["node"] == "run1"
+    assert placed["history"][-1][1:] == ["placed", "placed on run1"]
+    assert "placed" in placed["timings"]
+
+
+def test_requeue_starts_a_new_attempt_on_no_runner():
+    task = advance(advance(record(), State.PLACED, node="run1", epoch=5, gpus=["g0"]),
+                   State.TRANSFERRED)
+    again = requeue(task, "runner lost")
+    assert again["state"] == "queued" and again["attempt"] == 2
+    assert again["node"] is None and again["epoch"] is None and again["gpus"] == []
+
+
+def test_exported_carries_the_result_for_the_finalizer():
+    task = advance(record(), State.PLACED)
+    done = exported(task, State.CANCELLED, "cancelled before it started")
+    assert done["state"] == "exported" and done["result"] == "cancelled"
+    advance(done, State(done["result"]))
+
+
+def test_job_ids_are_deterministic_and_valid_for_rq():
+    from rq.job import validate_job_id
+
+    assert job_id("abc", "transfer", 2) == job_id("abc", "transfer", 2)
+    validate_job_id(job_id("abc123", "finalize", 3))
+
+
+def test_params_from_a_query_string():
+    p = Params.parse(MultiDict([("cmd", "sh -c 'echo hi'"), ("env", "A=1"), ("env", "B=x=y"),
+                                ("gpus", "2"), ("timeout", "60"), ("output", "/out")]))
+    assert p.cmd == ["sh", "-c", "echo hi"] and p.env == {"A": "1", "B": "x=y"}
+    assert (p.gpus, p.timeout, p.output, p.compression) == (2, 60, "/out", "zstd")
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"gpus": "-1"}, "gpus"), ({"timeout": "soon"}, "timeout"), ({"env": "NOVALUE"}, "KEY=VALUE"),
+    ({"cmd": "sh -c 'unterminated"}, "cmd"), ({"output": "rel"}, "absolute"),
+    ({"compression": "lz4"}, "compression"),
+])
+def test_bad_params_say_what_is_wrong(args, words):
+    with pytest.raises(BadRequest) as err:
+        Params.parse(MultiDict(args))
+    assert words in err.value.message
+
+
+def test_public_view_hides_host_paths():
+    view = public_view(record())
+    assert "spool_path" not in view and "web_host" not in view
+    assert view["created_at"].endswith("Z")
