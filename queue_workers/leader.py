@@ -13,6 +13,7 @@ so a deposed leader that has not noticed yet cannot change anything.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -42,7 +43,7 @@ class Leader:
         self.config = config
         self.store = Store.from_config(config)
         self.redis = Redis.from_url(config.redis_url)
-        self.identity = f"{config.host}/{socket.gethostname()}"
+        self.identity = f"{config.host}/{socket.gethostname()}/{os.getpid()}"
         self.changed = threading.Event()
         self.fence: tuple[str, int] | None = None
 

@@ -67,3 +67,49 @@ def test_redis_flushed_while_tasks_wait(api, pink_processes, slow_archive):
     pink_processes.runner()
     for task_id in ids:
         assert api.wait(task_id, timeout=120)["state"] == "succeeded"
+
+
+def test_database_outage_delays_the_archive_but_loses_nothing(api, pink_processes, slow_archive, cluster):
+    pink_processes.runner()
+    task_id = api.submit(slow_archive, cmd="echo during the outage").json()["task"]["id"]
+    store = Store.from_config(api.config)
+    state = lambda: store.get(store.keys.task(task_id)).value["state"]  # noqa: E731
+    cluster.stop("mariadb")
+    try:
+        deadline = time.monotonic() + 60
+        while state() not in {"exported", "succeeded"}:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(3)
+        assert state() == "exported"  # finished running, but not acknowledged as archived
+    finally:
+        cluster.start_mariadb()
+    task = api.wait(task_id, timeout=120)
+    assert task["state"] == "succeeded"
+    conn = db.connect(api.config.db)
+    try:
+        assert archive.get_record(conn, task_id)["state"] == "succeeded"
+        assert b"during the outage" in archive.get_logs(conn, task_id)
+    finally:
+        conn.close()
+
+
+def test_leader_killed_another_takes_over(api, pink_processes, slow_archive):
+    pink_processes.leader(role="leader2")
+    store = Store.from_config(api.config)
+    deadline = time.monotonic() + 20
+    while store.get(store.keys.leader) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    first = store.get(store.keys.leader)
+    holder_pid = int(first.value["holder"].rsplit("/", 1)[1])
+    name = next(n for n in pink_processes.started
+                if "leader" in n and pink_processes.cluster.pid(n) == holder_pid)
+    pink_processes.kill(name)
+    ids = [api.submit(slow_archive, cmd="echo quick").json()["task"]["id"] for _ in range(2)]
+    Redis.from_url(api.config.redis_url).flushdb()  # only a leader can bring these jobs back
+    pink_processes.runner()
+    for task_id in ids:
+        assert api.wait(task_id, timeout=120)["state"] == "succeeded"
+    second = store.get(store.keys.leader)
+    assert second.create_revision != first.create_revision
