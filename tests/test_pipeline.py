@@ -9,6 +9,8 @@ import uuid
 import pytest
 
 from pink import archive, db
+from pink import config as pink_config_module
+from pink.localcluster import free_port
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 
@@ -167,3 +169,18 @@ def test_nodes_and_health(api):
     assert node["name"] == "run1" and node["state"] == "ready"
     health = api("GET", "/health").json()
     assert health["status"] == "ok" and health["etcd"] == health["redis"] == health["db"] == "ok"
+
+
+def test_any_web_node_serves_an_output(api, pink_processes, cluster, writer_archive, tmp_path):
+    task = api.wait(api.submit(writer_archive).json()["task"]["id"])
+    c = api.config
+    path = cluster.write_config(
+        path=tmp_path / "web2.toml", host="web2", web_port=free_port(), redis_url=c.redis_url,
+        etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
+        web={"spool_dir": str(tmp_path / "spool2"), "output_dir": str(tmp_path / "out2")})
+    pink_processes.web(str(path), role="web2")
+    web2 = Api(pink_config_module.load(path), api.token)
+    whole = api("GET", f"/tasks/{task['id']}/output").content
+    assert web2("GET", f"/tasks/{task['id']}/output").content == whole
+    part = web2("GET", f"/tasks/{task['id']}/output", headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == whole[10:20]
