@@ -27,6 +27,8 @@ from web.resources import res
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 FOLLOW_POLL = 0.5  # seconds between reads of a followed log
+WAIT_POLL = 0.05  # seconds between reads of a task someone long-polls
+MAX_WAIT = 30.0  # seconds a long poll of a task may last
 
 
 @bp.post("/tasks")
@@ -80,7 +82,21 @@ def list_tasks():
 
 @bp.get("/tasks/<task_id>")
 def get_task(task_id: str):
+    """The task; with `wait=SECONDS&seen=STATE:ATTEMPT`, once it differs from what the caller saw.
+
+    The long poll lets `pink submit --wait` see each state change the moment
+    it happens instead of up to a polling interval later.
+    """
     task, _ = _task(task_id)
+    seen = request.args.get("seen")
+    wait = min(request.args.get("wait", 0, type=float), MAX_WAIT)
+    deadline = time.monotonic() + wait
+    while seen == f"{task['state']}:{task['attempt']}" and not is_final(task) and time.monotonic() < deadline:
+        time.sleep(WAIT_POLL)
+        rec = _live(task_id)
+        if rec is None:
+            break
+        task = rec.value
     return jsonify(task=public_view(task))
 
 

@@ -20,7 +20,8 @@ class _Gunicorn(BaseApplication):
 
     def load_config(self):
         web = self.pink_config.web
-        settings = {"bind": web.bind, "workers": web.workers, "worker_class": "gthread", "threads": 4,
+        settings = {"bind": web.bind, "workers": web.workers, "worker_class": "gthread",
+                    "threads": 16,  # long polls and followed logs each hold a thread
                     "timeout": 3600, "graceful_timeout": 10, "accesslog": "-",
                     "certfile": web.certfile or None, "keyfile": web.keyfile or None,
                     # one shared default control socket would make web nodes on one host collide

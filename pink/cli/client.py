@@ -25,6 +25,7 @@ from pink.errors import PinkError
 API = "/api/v1"
 CHUNK = 1 << 20  # bytes read from disk / network per step of a transfer
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the server
+LONG_POLL = 20.0  # seconds the server may hold a task request until its state changes
 READ_TIMEOUT = 120.0  # seconds the server may stay silent on an ordinary request
 UPLOAD_READ_TIMEOUT = 1800.0  # seconds for the server to validate an archive after its last byte
 FINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
@@ -223,8 +224,11 @@ class Client:
     def list(self) -> list[dict]:
         return self._json("GET", "/tasks", "tasks")
 
-    def get(self, task_id: str) -> dict:
-        return self._json("GET", f"/tasks/{_id(task_id)}", "task")
+    def get(self, task_id: str, seen: str | None = None, wait: float = 0) -> dict:
+        """The task; with `seen` ("state:attempt"), the server answers when it differs or after `wait` s."""
+        params = {"seen": seen, "wait": wait} if seen else None
+        timeout = (CONNECT_TIMEOUT, READ_TIMEOUT + wait)
+        return self._json("GET", f"/tasks/{_id(task_id)}", "task", params=params, timeout=timeout)
 
     def cancel(self, task_id: str) -> dict:
         """Cancel a live task (`{"task": ...}`, 202) or delete a finished one (`{"deleted": id}`)."""
@@ -242,7 +246,7 @@ class Client:
 
     def wait(self, task_id: str, interval: float = 0.5, max_interval: float = 1.0,
              on_change: Callable[[dict], None] | None = None, patience: float = 60.0) -> dict:
-        """Poll until the task is final and return it, calling `on_change` on each new state.
+        """Long-poll until the task is final and return it, calling `on_change` on each new state.
 
         The server being briefly unreachable (a web node failing over) is
         tolerated for `patience` seconds: the task lives on in the cluster.
@@ -250,7 +254,7 @@ class Client:
         seen, delay, down_since = None, interval, None
         while True:
             try:
-                task = self.get(task_id)
+                task = self.get(task_id, seen=seen and f"{seen[0]}:{seen[1]}", wait=LONG_POLL)
                 down_since = None
             except errors.Unavailable:
                 down_since = down_since or time.monotonic()
@@ -258,13 +262,15 @@ class Client:
                     raise
                 time.sleep(max_interval)
                 continue
-            if on_change and (task.get("state"), task.get("attempt")) != seen:
+            now = (task.get("state"), task.get("attempt"))
+            if on_change and now != seen:
                 on_change(task)
-            seen = (task.get("state"), task.get("attempt"))
             if is_final(task):
                 return task
-            time.sleep(delay)
-            delay = min(max_interval, delay * 1.5)
+            if now == seen:  # the long poll ran out (or an old server ignored it): back off
+                time.sleep(delay)
+                delay = min(max_interval, delay * 1.5)
+            seen = now
 
     def download(self, task_id: str, dest: str | os.PathLike | None = None,
                  directory: str | os.PathLike = ".", progress: Progress | None = None) -> Path:
