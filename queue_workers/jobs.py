@@ -94,9 +94,10 @@ def _copy_image(rec) -> str:
     sent = 0
     if sha not in node.get("images", []):
         remote = f"{node['ssh_spool']}/{sha}.tar"
-        with sftp.session(context.config().ssh, node) as conn:
+        ssh = context.config().ssh
+        with sftp.session(ssh, node) as conn:
             if sftp.remote_size(conn, remote) != task["image"]["size"]:
-                sent = sftp.put(conn, task["spool_path"], remote)
+                sent = sftp.put_parallel(conn, ssh, node, task["spool_path"], remote)
     elapsed = time.time() - started
     detail = f"copied {sent} bytes in {elapsed:.2f}s" if sent else "runner already holds the image"
     new = advance(task, State.TRANSFERRED, detail)

@@ -132,7 +132,7 @@ def test_cancel_a_running_task(api, writer_archive):
     api.cli("cancel", task_id, "--yes")
     task = api.wait(task_id)
     assert task["state"] == "cancelled"
-    assert task["output"] is not None
+    assert task["output"] is not None, json.dumps(task)
 
 
 def test_timeout_stops_the_container(api, writer_archive):
