@@ -87,9 +87,17 @@ class Agent:
 
     # -- containers from earlier incarnations ----------------------------------
 
+    def labels(self) -> dict:
+        """Labels naming this runner's containers. The cluster (its etcd prefix)
+        is part of the name: clusters may share a Docker engine."""
+        return {"pink.cluster": self.config.etcd.prefix, "pink.node": self.config.runner.name}
+
+    def _containers(self, **kwargs) -> list:
+        return self.docker.containers.list(
+            filters={"label": [f"{k}={v}" for k, v in self.labels().items()]}, **kwargs)
+
     def remove_leftovers(self) -> None:
-        leftovers = self.docker.containers.list(
-            all=True, filters={"label": f"pink.node={self.config.runner.name}"})
+        leftovers = self._containers(all=True)
         for container in leftovers:
             if container.labels.get("pink.epoch") != str(self.epoch):
                 log.info("removing container %s left by an earlier incarnation", container.name)
@@ -134,14 +142,16 @@ class Agent:
             except PinkError as exc:
                 log.warning("runner: %s", exc.message)
                 stop.wait(1.0)
+            except Exception:  # noqa: BLE001 - the agent must outlive any one failure
+                log.exception("runner: unexpected error; registering again")
+                stop.wait(1.0)
             if self.lease_lost() and not stop.is_set():
                 log.warning("lease lost: stopping this epoch's containers and registering again")
                 self.stop_containers()
         self.shutdown()
 
     def stop_containers(self) -> None:
-        for container in self.docker.containers.list(
-                filters={"label": f"pink.node={self.config.runner.name}"}):
+        for container in self._containers():
             try:
                 container.kill()
             except DockerException:

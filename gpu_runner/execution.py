@@ -20,6 +20,7 @@ from docker.errors import APIError, DockerException
 
 from gpu_runner import export, images
 from pink import lifecycle
+from pink.errors import Unavailable
 from pink.store import Record
 from pink.tasks import State, advance, exported
 
@@ -114,8 +115,8 @@ class Execution:
         env = dict(params["env"])
         args = {
             "image": task["image"]["image_id"], "name": f"pink-{self.base}",
-            "labels": {"pink.task": self.task_id, "pink.attempt": str(self.attempt),
-                       "pink.node": self.config.name, "pink.epoch": str(self.agent.epoch)},
+            "labels": {**self.agent.labels(), "pink.task": self.task_id, "pink.attempt": str(self.attempt),
+                       "pink.epoch": str(self.agent.epoch)},
             "detach": True, "network_mode": self.config.network,
             "mem_limit": self.config.memory, "nano_cpus": int(self.config.cpus * 1e9),
             "pids_limit": self.config.pids, "cap_drop": ["ALL"],
@@ -165,7 +166,10 @@ class Execution:
             return None
 
     def _cancel_requested(self) -> bool:
-        rec = self.store.get(self.store.keys.task(self.task_id))
+        try:
+            rec = self.store.get(self.store.keys.task(self.task_id))
+        except Unavailable:
+            return False  # cut off from etcd: the lease check decides whether we go on
         return rec is None or bool(rec.value.get("cancel_requested"))
 
     def _export_info(self) -> dict:

@@ -73,6 +73,7 @@ class Record:
 
 
 _ETCD_ERRORS = (etcd_exc.Etcd3Exception, grpc.RpcError)
+ENDPOINT_RETRY = 1.0  # seconds before an endpoint that failed is tried again
 
 
 def _guard(fn):
@@ -173,14 +174,14 @@ class Store:
         self._client = self._connect()
 
     def _connect(self):
-        if len(self._endpoints) == 1:
-            host, port = self._endpoints[0].rsplit(":", 1)
-            return pyetcd.client(host=host, port=int(port), timeout=self._timeout)
-        eps = []
+        # pyetcd marks an endpoint failed on the first timeout and, by default,
+        # refuses to use it again for 300 s; a partitioned runner or leader must
+        # instead try again as soon as the network may be back.
+        endpoints = []
         for ep in self._endpoints:
             host, port = ep.rsplit(":", 1)
-            eps.append(pyetcd.Endpoint(host, int(port), secure=False))
-        return pyetcd.MultiEndpointEtcd3Client(endpoints=eps, timeout=self._timeout, failover=True)
+            endpoints.append(pyetcd.Endpoint(host, int(port), secure=False, time_retry=ENDPOINT_RETRY))
+        return pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=self._timeout, failover=True)
 
     @classmethod
     def from_config(cls, config) -> "Store":

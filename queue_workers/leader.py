@@ -58,6 +58,9 @@ class Leader:
             except PinkError as exc:
                 log.warning("leader: %s", exc.message)
                 stop.wait(1.0)
+            except Exception:  # noqa: BLE001 - a leader must outlive any one failure
+                log.exception("leader: unexpected error; campaigning again")
+                stop.wait(1.0)
 
     def _campaign(self):
         lease = self.store.lease(self.config.leader_ttl)
