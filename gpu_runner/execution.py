@@ -200,9 +200,8 @@ class Execution:
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
             return
         task = current.value
-        if "export_error" in fields:
-            message = fields.pop("export_error")
-            fields["error"] = fields.get("error") or message
+        if fields.get("export_error"):
+            fields["error"] = fields.get("error") or fields["export_error"]
         detail = fields.get("error") or f"exit code {fields.get('exit_code')}"
         new = exported(task, result, detail, **fields)
         if not lifecycle.move(self.store, current, new, release=self.config.name,

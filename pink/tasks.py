@@ -185,7 +185,8 @@ def output_filename(record: dict) -> str:
 def public_view(record: dict) -> dict:
     """The task as the API shows it: no host paths, times in ISO 8601."""
     out = {k: record.get(k) for k in ("id", "name", "user", "state", "attempt", "node", "exit_code",
-                                      "error", "waiting", "result", "cancel_requested", "gpus")}
+                                      "error", "export_error", "waiting", "result", "cancel_requested",
+                                      "gpus")}
     out["created_at"] = _iso(record["created_at"])
     out["updated_at"] = _iso(record["updated_at"])
     out["image"] = {k: record["image"].get(k) for k in ("sha256", "size", "image_id", "repo_tags", "layout")}
