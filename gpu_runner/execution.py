@@ -14,7 +14,6 @@ import os
 import threading
 import time
 
-import docker
 import requests
 from docker.errors import APIError, DockerException
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grpc
 import pyetcd
@@ -276,7 +276,3 @@ class Store:
                 pass
 
         return cancel
-
-    def iter_values(self, prefix: str) -> Iterator[Any]:
-        for record in self.list(prefix):
-            yield record.value
