@@ -14,6 +14,7 @@ import hashlib
 import multiprocessing
 import os
 import socket
+import threading
 from typing import Callable, Iterator
 
 import paramiko
@@ -57,16 +58,68 @@ def _prefer_cipher(cipher: str) -> dict:
 
 
 @contextlib.contextmanager
-def session(ssh_config, node: dict) -> Iterator[paramiko.SFTPClient]:
-    client = connect(ssh_config, node)
+def _translated(node: dict) -> Iterator[None]:
+    """Transport failures become Unavailable; a missing file stays FileNotFoundError."""
     try:
-        yield client.open_sftp()
+        yield
     except (paramiko.SSHException, EOFError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         raise Unavailable(f"SFTP to runner {node['name']} failed: {exc}") from exc
+
+
+@contextlib.contextmanager
+def session(ssh_config, node: dict) -> Iterator[paramiko.SFTPClient]:
+    """A new connection for one use, closed afterwards."""
+    client = connect(ssh_config, node)
+    try:
+        with _translated(node):
+            yield client.open_sftp()
     finally:
         client.close()
+
+
+class Pool:
+    """SSH connections to runners kept open between uses by one process.
+
+    A login costs about 0.1 s here (key exchange), and a trivial task needs
+    two or three of them; queue workers reuse connections instead. Each
+    connection is lent to one user at a time; one that fails is closed and the
+    next use logs in again.
+    """
+
+    def __init__(self, ssh_config):
+        self._ssh = ssh_config
+        self._idle: dict[tuple, tuple[paramiko.SSHClient, paramiko.SFTPClient]] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def session(self, node: dict) -> Iterator[paramiko.SFTPClient]:
+        key = (node["ssh_host"], node["ssh_port"], node["ssh_user"])
+        with self._lock:
+            entry = self._idle.pop(key, None)
+        if entry is not None and not entry[0].get_transport().is_active():
+            entry[0].close()
+            entry = None
+        if entry is None:
+            client = connect(self._ssh, node)
+            with _translated(node):
+                entry = (client, client.open_sftp())
+        try:
+            with _translated(node):
+                yield entry[1]
+        except BaseException:
+            entry[0].close()
+            raise
+        with self._lock:
+            if self._idle.setdefault(key, entry) is not entry:
+                entry[0].close()
+
+    def close(self) -> None:
+        with self._lock:
+            for client, _ in self._idle.values():
+                client.close()
+            self._idle.clear()
 
 
 def remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:

@@ -1,4 +1,4 @@
-"""Process-wide handles the jobs use: config, etcd store, Redis.
+"""Process-wide handles the jobs use: config, etcd store, Redis, SSH connections.
 
 RQ calls job functions with only their arguments; the worker process sets
 the config once (`configure`) and jobs fetch the handles here, created on
@@ -12,6 +12,7 @@ import functools
 from redis import Redis
 
 from pink import config as pink_config
+from pink import sftp as pink_sftp
 from pink.store import Store
 
 _config_path: str | None = None
@@ -23,6 +24,7 @@ def configure(path: str) -> None:
     config.cache_clear()
     store.cache_clear()
     redis.cache_clear()
+    sftp.cache_clear()
 
 
 @functools.cache
@@ -38,3 +40,8 @@ def store() -> Store:
 @functools.cache
 def redis() -> Redis:
     return Redis.from_url(config().redis_url)
+
+
+@functools.cache
+def sftp() -> pink_sftp.Pool:
+    return pink_sftp.Pool(config().ssh)

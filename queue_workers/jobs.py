@@ -95,7 +95,7 @@ def _copy_image(rec) -> str:
     if sha not in node.get("images", []):
         remote = f"{node['ssh_spool']}/{sha}.tar"
         ssh = context.config().ssh
-        with sftp.session(ssh, node) as conn:
+        with context.sftp().session(node) as conn:
             if sftp.remote_size(conn, remote) != task["image"]["size"]:
                 sent = sftp.put_parallel(conn, ssh, node, task["spool_path"], remote)
     elapsed = time.time() - started
@@ -160,7 +160,7 @@ def _fetch(task: dict) -> tuple[dict | None, bytes]:
     os.makedirs(config.web.output_dir, exist_ok=True)
     local = os.path.join(config.web.output_dir, output_filename(task))
     output = None
-    with sftp.session(config.ssh, remote["ssh"]) as conn:
+    with context.sftp().session(remote["ssh"]) as conn:
         if remote.get("path"):
             size, digest = sftp.get(conn, remote["path"], local)
             output = {"stored": True, "host": config.host, "url": config.web.url,
@@ -194,7 +194,7 @@ def _forget_on_runner(task: dict) -> None:
     if not remote:
         return
     try:
-        with sftp.session(context.config().ssh, remote["ssh"]) as conn:
+        with context.sftp().session(remote["ssh"]) as conn:
             sftp.remove(conn, *[p for p in (remote.get("path"), remote.get("log")) if p])
     except Unavailable as exc:
         log.warning("could not clean runner outbox for %s: %s", task["id"], exc)

@@ -33,6 +33,8 @@ from queue_workers.queues import enqueue, queues_for
 
 log = logging.getLogger("pink.leader")
 
+REGISTRY_CLEANUP_INTERVAL = 10.0  # seconds between sweeps of RQ's started-job registries
+
 # The job each state needs; states absent here wait on a runner or are final.
 STAGE_FOR = {State.QUEUED: "transfer", State.PLACED: "transfer",
              State.TRANSFERRED: "run", State.EXPORTED: "finalize"}
@@ -46,6 +48,7 @@ class Leader:
         self.identity = f"{config.host}/{socket.gethostname()}/{os.getpid()}"
         self.changed = threading.Event()
         self.fence: tuple[str, int] | None = None
+        self._cleaned = 0.0
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -91,7 +94,9 @@ class Leader:
 
     def reconcile(self, lease) -> None:
         """One pass over every task: repair missing jobs, re-queue lost tasks."""
-        self._clean_started_registries()
+        if time.monotonic() - self._cleaned > REGISTRY_CLEANUP_INTERVAL:
+            self._clean_started_registries()
+            self._cleaned = time.monotonic()
         nodes = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.nodes)}
         for rec in self.store.list(self.store.keys.tasks):
             if lease.lost.is_set():
