@@ -66,7 +66,7 @@ bench: deps venv
 	$(PY) -m pink.localcluster dockerd
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-# Placeholder until ansible/ exists: INVENTORY=path/to/hosts make deploy
+# Ansible deployment (see ansible/README.md): INVENTORY=path/to/hosts make deploy
 deploy: venv certs
 	$(VENV)/bin/pip install -q -e '.[deploy]'
 	$(VENV)/bin/ansible-playbook -i $(INVENTORY) ansible/site.yml $(ANSIBLE_ARGS)
