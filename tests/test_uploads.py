@@ -161,3 +161,17 @@ def test_a_good_upload_is_recorded(api, good_archive):
     task = r.json()["task"]
     assert task["state"] == "queued" and task["image"]["size"] == os.path.getsize(good_archive)
     assert list(Path(api.config.web.spool_dir).iterdir()) == [Path(api.config.web.spool_dir) / f"{task['id']}.tar"]
+
+
+def test_multipart_upload_from_a_form(api, good_archive):
+    with open(good_archive, "rb") as fh:
+        r = api("POST", "/tasks", params={"name": "form"}, files={"image": ("image.tar", fh)})
+    assert r.status_code == 201, r.text
+    task = r.json()["task"]
+    assert task["name"] == "form" and task["image"]["size"] == os.path.getsize(good_archive)
+
+
+def test_multipart_without_the_file_field(api):
+    r = api("POST", "/tasks", files={"other": ("x.tar", b"junk")})
+    assert r.status_code == 400 and r.json()["error"] == "no_file"
+    assert_nothing_left(api)
