@@ -48,8 +48,9 @@ def receive(spool_dir: str, task_id: str, max_bytes: int) -> Upload:
     part = os.path.join(spool_dir, f".{task_id}.part")
     final = os.path.join(spool_dir, f"{task_id}.tar")
     try:
+        raw = request.mimetype != "multipart/form-data"
         sha, size = _spool(_source(), part, max_bytes)
-        if declared is not None and size != declared:
+        if raw and declared is not None and size != declared:
             raise BadRequest(f"the upload was cut off after {size} of {declared} bytes; send it again",
                              code="truncated")
         if size == 0:
