@@ -24,6 +24,7 @@ from gpu_runner import images
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
+from pink import nodes
 from pink.errors import PinkError
 from pink.store import Store
 
@@ -45,6 +46,7 @@ class Agent:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._record: dict = {}
+        self.stopping = False  # an operator stopped this node: running tasks go elsewhere
 
     # -- registration ----------------------------------------------------------
 
@@ -109,6 +111,10 @@ class Agent:
     # -- assignments -------------------------------------------------------------
 
     def poll_assignments(self) -> None:
+        self.stopping = nodes.control_state(self.store, self.config.runner.name) == nodes.STOPPED
+        if self.stopping:
+            nodes.move_waiting_off(self.store, self.config.runner.name)
+            return
         for rec in self.store.list(self.store.keys.assignments(self.config.runner.name)):
             a = rec.value
             if a.get("epoch") != self.epoch:

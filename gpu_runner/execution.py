@@ -21,7 +21,7 @@ from gpu_runner import export, images
 from pink import lifecycle
 from pink.errors import Unavailable
 from pink.store import Record
-from pink.tasks import State, advance, exported
+from pink.tasks import State, advance, exported, requeue
 
 log = logging.getLogger("pink.runner")
 
@@ -106,7 +106,8 @@ class Execution:
             follower.start()
             result, fields = self._wait(task)
             follower.join(timeout=10)
-        fields.update(self._export(task))
+        if result != State.QUEUED:
+            fields.update(self._export(task))
         return result, fields
 
     def _container_args(self, task: dict) -> dict:
@@ -154,6 +155,9 @@ class Execution:
             if self._cancel_requested():
                 self.container.stop(timeout=int(self.config.stop_grace))
                 return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
+            if self.agent.stopping:
+                self.container.stop(timeout=int(self.config.stop_grace))
+                return State.QUEUED, {}  # an operator stopped this node: run it elsewhere
         if status == 0:
             return State.SUCCEEDED, {"exit_code": 0}
         return State.FAILED, {"exit_code": status, "error": f"container exited with code {status}"}
@@ -199,6 +203,11 @@ class Execution:
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
             return
         task = current.value
+        if result == State.QUEUED:
+            new = requeue(task, f"node {self.config.name} stopped by an operator", lost=False)
+            lifecycle.move(self.store, current, new, release=self.config.name,
+                           unassign=self.config.name, fence=self._fence())
+            return
         if fields.get("export_error"):
             fields["error"] = fields.get("error") or fields["export_error"]
         detail = fields.get("error") or f"exit code {fields.get('exit_code')}"

@@ -50,6 +50,14 @@ class Keys:
     def allocs(self) -> str:
         return f"{self.prefix}/alloc/"
 
+    def control(self, node: str) -> str:
+        """An operator's wish for a node (drain, stop); outlives the runner's lease."""
+        return f"{self.prefix}/control/{node}"
+
+    @property
+    def controls(self) -> str:
+        return f"{self.prefix}/control/"
+
     def assignment(self, node: str, task_id: str) -> str:
         return f"{self.prefix}/assign/{node}/{task_id}"
 

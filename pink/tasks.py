@@ -159,10 +159,20 @@ def advance(record: dict, to: State, detail: str = "", **changes) -> dict:
     return new
 
 
-def requeue(record: dict, why: str) -> dict:
-    """The record for another attempt after its runner was lost."""
+def requeue(record: dict, why: str, lost: bool = True) -> dict:
+    """The record for another attempt elsewhere.
+
+    `lost` counts towards the retry limit (the runner died or was cut off);
+    an operator moving work off a node (drain --now, stop) does not.
+    """
     return advance(record, State.QUEUED, why, attempt=record["attempt"] + 1, node=None,
-                   epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None)
+                   epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
+                   losses=record.get("losses", 0) + (1 if lost else 0))
+
+
+def retries_left(record: dict, max_attempts: int) -> bool:
+    """May a task that lost its runner once more be tried again?"""
+    return record.get("losses", 0) + 1 < max_attempts
 
 
 def exported(record: dict, result: State, detail: str, **changes) -> dict:

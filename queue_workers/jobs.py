@@ -13,8 +13,9 @@ import os
 import time
 
 from pink import archive, lifecycle, placement, sftp
+from pink.nodes import view as node_view
 from pink.errors import Unavailable
-from pink.tasks import State, advance, is_final, output_filename, requeue
+from pink.tasks import State, advance, is_final, output_filename, requeue, retries_left
 from queue_workers import context
 from queue_workers.queues import enqueue
 
@@ -37,9 +38,6 @@ def _node(name: str, epoch: int | None = None) -> dict | None:
     return {**rec.value, "epoch": rec.create_revision, "lease": rec.lease}
 
 
-def _nodes() -> list[dict]:
-    store = context.store()
-    return [{**r.value, "epoch": r.create_revision} for r in store.list(store.keys.nodes)]
 
 
 # -- transfer ----------------------------------------------------------------
@@ -58,7 +56,7 @@ def _place(rec):
     store = context.store()
     for _ in range(20):
         task = rec.value
-        nodes = _nodes()
+        nodes = node_view(store)
         allocs = {r.key.rsplit("/", 1)[1]: r for r in store.list(store.keys.allocs)}
         choice = placement.choose(task, nodes, {n: r.value for n, r in allocs.items()})
         if choice is None:
@@ -178,7 +176,7 @@ def _final_detail(task: dict) -> str:
 def _output_lost(rec) -> str:
     """The runner died holding the export: try again, or fail past the limit."""
     task = rec.value
-    if task["attempt"] < context.config().max_attempts:
+    if retries_left(task, context.config().max_attempts):
         new = requeue(task, f"export lost with runner {task['node']}")
         if lifecycle.move(context.store(), rec, new):
             enqueue(context.redis(), new, "transfer")

@@ -28,7 +28,7 @@ from pink import config as pink_config
 from pink import lifecycle
 from pink.errors import PinkError
 from pink.store import Record, Store
-from pink.tasks import ON_RUNNER, State, exported, requeue
+from pink.tasks import ON_RUNNER, State, exported, requeue, retries_left
 from queue_workers.queues import enqueue, queues_for
 
 log = logging.getLogger("pink.leader")
@@ -121,7 +121,7 @@ class Leader:
     def _lost(self, rec: Record) -> None:
         task = rec.value
         why = f"runner {task['node']} lost (lease expired or restarted)"
-        if task["attempt"] < self.config.max_attempts:
+        if retries_left(task, self.config.max_attempts):
             new = requeue(task, why)
         else:
             new = exported(task, State.FAILED, why, error=f"{why}; gave up after {task['attempt']} attempts")

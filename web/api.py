@@ -15,13 +15,13 @@ import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 from redis.exceptions import RedisError
 
-from pink import archive, lifecycle, sftp
+from pink import archive, lifecycle, nodes, sftp
 from pink.errors import Conflict, NotFound, PinkError, Unavailable
 from pink.store import Record
 from pink.tasks import NOT_STARTED, State, Params, exported, is_final, new_id, new_record, public_view
 from queue_workers.queues import enqueue
 from web import uploads
-from web.auth import can_see, require_user
+from web.auth import can_see, require_admin, require_user
 from web.resources import res
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -231,21 +231,38 @@ def _follow(task_id: str):
             client.close()
 
 
+NODE_FIELDS = ("name", "state", "epoch", "gpus", "gpu_mode", "gpu_inventory", "max_containers", "tasks",
+               "started_at")
+
+
+def _node_public(node: dict) -> dict:
+    return {**{k: node.get(k) for k in NODE_FIELDS}, "host": node["ssh_host"],
+            "images": len(node.get("images", []))}
+
+
 @bp.get("/nodes")
-def nodes():
+def list_nodes():
     require_user()
+    return jsonify(nodes=[_node_public(n) for n in nodes.view(res().store)])
+
+
+@bp.post("/nodes/<name>/<action>")
+def control_node(name: str, action: str):
+    """drain (no new tasks; `?now=1` also moves tasks waiting there), stop
+    (running tasks are stopped and re-queued elsewhere), resume. Admins only."""
+    user = require_admin()
+    states = {"drain": nodes.DRAINING, "stop": nodes.STOPPED, "resume": nodes.READY}
+    if action not in states:
+        raise NotFound(f"no node action {action}: use drain, stop or resume")
     store = res().store
-    allocs = {r.key.rsplit("/", 1)[1]: r.value for r in store.list(store.keys.allocs)}
-    out = []
-    for rec in store.list(store.keys.nodes):
-        node = rec.value
-        out.append({"name": node["name"], "host": node["ssh_host"], "state": node.get("state", "ready"),
-                    "epoch": rec.create_revision, "gpus": node.get("gpus", []),
-                    "gpu_mode": node.get("gpu_mode"), "gpu_inventory": node.get("gpu_inventory", []),
-                    "max_containers": node.get("max_containers"),
-                    "tasks": sorted(allocs.get(node["name"], {})), "images": len(node.get("images", [])),
-                    "started_at": node.get("started_at")})
-    return jsonify(nodes=out)
+    live = {n["name"]: n for n in nodes.view(store)}
+    if name not in live and store.get(store.keys.control(name)) is None:
+        raise NotFound(f"no node {name}", code="unknown_node")
+    now = request.args.get("now") in ("1", "true", "yes")
+    moved = nodes.set_state(store, name, states[action], by=user.name, now=now)
+    node = {n["name"]: n for n in nodes.view(store)}.get(name)
+    return jsonify(node=_node_public(node) if node else {"name": name, "state": states[action]},
+                   moved=moved)
 
 
 @bp.get("/health")

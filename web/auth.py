@@ -66,6 +66,13 @@ def require_user() -> users.User:
     return user
 
 
+def require_admin() -> users.User:
+    user = require_user()
+    if not user.admin:
+        raise Forbidden("only an admin may do this")
+    return user
+
+
 def can_see(user: users.User, task: dict) -> bool:
     return user.admin or task.get("user") == user.name
 

@@ -306,6 +306,11 @@ class Client:
     def nodes(self) -> list[dict]:
         return self._json("GET", "/nodes", "nodes")
 
+    def node_action(self, name: str, action: str, now: bool = False) -> dict:
+        """drain / stop / resume a runner (admins); returns {"node", "moved"}."""
+        params = {"now": "1"} if now else None
+        return self._json("POST", f"/nodes/{_id(name, 'node name')}/{action}", params=params)
+
 
 def submit_params(*, name=None, cmd=None, entrypoint=None, env=None, gpus=None, timeout=None,
                   output=None, compression=None) -> list[tuple[str, str]]:
@@ -337,10 +342,10 @@ def _save_stream(resp: requests.Response, part: Path, offset: int, progress: Pro
                                  f"command again to resume from {part}", code="incomplete")
 
 
-def _id(task_id: str) -> str:
-    """Task ids are path segments: refuse anything that would change the path."""
+def _id(task_id: str, what: str = "task id") -> str:
+    """Ids and names are path segments: refuse anything that would change the path."""
     if not task_id or not re.fullmatch(r"[A-Za-z0-9_.-]+", task_id) or task_id in (".", ".."):
-        raise errors.BadRequest(f"not a task id: {task_id!r}", code="bad_id")
+        raise errors.BadRequest(f"not a {what}: {task_id!r}", code="bad_id")
     return task_id
 
 

@@ -255,4 +255,49 @@ def nodes(cli: CliContext, as_json):
     click.echo(output.to_json(found) if as_json else output.nodes_table(found))
 
 
-COMMANDS = [login, submit, status, logs, download, cancel, nodes]
+@click.group()
+def node():
+    """Take a runner out of service and back (admins)."""
+
+
+def _node_action(cli: CliContext, name: str, action: str, now: bool, as_json: bool) -> None:
+    result = cli.client().node_action(name, action, now=now)
+    if as_json:
+        click.echo(output.to_json(result))
+        return
+    moved = f"; {result['moved']} waiting task(s) moved elsewhere" if result.get("moved") else ""
+    click.echo(f"node {name}: {result['node']['state']}{moved}", err=True)
+
+
+@node.command()
+@click.argument("name")
+@click.option("--now", is_flag=True, help="Also move tasks waiting there to other runners.")
+@click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
+@pass_cli
+def drain(cli: CliContext, name, now, as_json):
+    """No new tasks on NAME; tasks placed there finish (with --now only running ones)."""
+    _node_action(cli, name, "drain", now, as_json)
+
+
+@node.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
+@pass_cli
+def stop(cli: CliContext, name, yes, as_json):
+    """Stop the tasks running on NAME (SIGTERM, grace, SIGKILL) and run them elsewhere."""
+    if not yes:
+        click.confirm(f"Stop every task running on {name} and re-queue them?", abort=True, err=True)
+    _node_action(cli, name, "stop", False, as_json)
+
+
+@node.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
+@pass_cli
+def resume(cli: CliContext, name, as_json):
+    """Let NAME take tasks again."""
+    _node_action(cli, name, "resume", False, as_json)
+
+
+COMMANDS = [login, submit, status, logs, download, cancel, nodes, node]

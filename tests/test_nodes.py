@@ -1,0 +1,93 @@
+"""Node control with tasks in flight: drain, stop, resume (two runners, real services)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pink import nodes
+from pink.store import Store
+from tests import images
+from tests.helpers import Api, make_user
+
+
+@pytest.fixture(scope="module")
+def sleeper(docker_client, tmp_path_factory):
+    base = images.ensure_busybox_image(docker_client)
+    tag = images.build_image(docker_client, "pink/test-sleeper:1",
+                             f'FROM {base}\nCMD ["sh", "-c", "echo start; sleep 3; echo done > /done.txt"]\n')
+    path = tmp_path_factory.mktemp("sleeper") / "sleeper.tar"
+    images.save_image(docker_client, tag, path)
+    return path
+
+
+@pytest.fixture
+def cluster_api(pink_processes, pink_config, cluster, tmp_path):
+    """Web, worker, leader and runner run1; `start_run2()` adds a second runner."""
+    pink_processes.web()
+    pink_processes.worker()
+    pink_processes.leader()
+    pink_processes.runner()
+    admin = Api(pink_config, make_user(pink_config, "admin", admin=True))
+
+    def start_run2():
+        cluster.start_sshd("run2")
+        c = pink_config
+        path = cluster.write_config(
+            path=tmp_path / "run2.toml", runner_name="run2", web_port=int(c.web.url.rsplit(":", 1)[1]),
+            redis_url=c.redis_url, node_ttl=3, etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
+            runner={"stop_grace": 1})
+        pink_processes.runner("run2", str(path))
+        wait_for(lambda: len(admin("GET", "/nodes").json()["nodes"]) == 2)
+
+    admin.start_run2 = start_run2
+    wait_for(lambda: len(admin("GET", "/nodes").json()["nodes"]) == 1)
+    return admin
+
+
+def wait_for(check, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.2)
+
+
+def test_drain_lets_running_work_finish_and_takes_no_more(cluster_api, sleeper):
+    api = cluster_api
+    first = api.submit(sleeper).json()["task"]["id"]
+    api.wait(first, states={"running"})
+    out = api.cli("node", "drain", "run1", "--json")
+    assert json.loads(out.stdout)["node"]["state"] == "draining"
+    second = api.submit(sleeper).json()["task"]["id"]
+    assert api.wait(first)["state"] == "succeeded"
+    time.sleep(1.5)
+    waiting = api.task(second)
+    assert waiting["state"] == "queued" and waiting["waiting"] == "no runner is accepting tasks"
+    assert "draining" in api.cli("nodes").stdout
+    api.cli("node", "resume", "run1")
+    assert api.wait(second)["state"] == "succeeded"
+
+
+def test_stop_moves_running_tasks_to_another_runner(cluster_api, sleeper):
+    api = cluster_api
+    task_id = api.submit(sleeper).json()["task"]["id"]
+    api.wait(task_id, states={"running"})
+    api.start_run2()
+    api.cli("node", "stop", "run1", "--yes")
+    task = api.wait(task_id)
+    assert task["state"] == "succeeded" and task["node"] == "run2" and task["attempt"] == 2
+    store = Store.from_config(api.config)
+    history = store.get(store.keys.task(task_id)).value["history"]
+    assert any("stopped by an operator" in h[2] for h in history)
+    assert store.get(store.keys.task(task_id)).value.get("losses", 0) == 0
+    assert nodes.control_state(store, "run1") == nodes.STOPPED
+
+
+def test_node_control_is_for_admins(cluster_api):
+    alice = Api(cluster_api.config, make_user(cluster_api.config, "alice"))
+    r = alice("POST", "/nodes/run1/drain")
+    assert r.status_code == 403
+    assert cluster_api("POST", "/nodes/nope/drain").status_code == 404
+    assert cluster_api("POST", "/nodes/run1/explode").status_code == 404
