@@ -139,8 +139,16 @@ class Execution:
         except DockerException as exc:
             log.warning("task %s: log stream ended: %s", self.task_id, exc)
 
+    def _limits(self, task: dict) -> tuple[float, float, float]:
+        """(allowed seconds, grace, deadline). The task's timeout is capped by
+        the runner's maximum; the grace never exceeds half the allowed time."""
+        allowed = min(task["params"]["timeout"], self.config.max_run_seconds)
+        grace = min(self.config.stop_grace, allowed / 2)
+        return allowed, grace, task["timings"]["running"] + allowed
+
     def _wait(self, task: dict) -> tuple[State, dict]:
-        deadline = task["timings"]["running"] + task["params"]["timeout"]
+        """Wait for the exit; SIGTERM at deadline - grace, SIGKILL at the deadline."""
+        allowed, grace, deadline = self._limits(task)
         while True:
             status = self._exit_status()
             if status is not None:
@@ -148,19 +156,23 @@ class Execution:
             if self.agent.lease_lost():
                 self.container.kill()
                 raise Abandoned()
-            if time.time() >= deadline:
-                self.container.stop(timeout=int(self.config.stop_grace))
+            if time.time() >= deadline - grace:
+                self._stop(max(0.0, deadline - time.time()))
                 return State.TIMED_OUT, {"exit_code": self._exit_status(),
-                                         "error": f"timed out after {task['params']['timeout']}s"}
+                                         "error": f"timed out after {allowed:g}s"}
             if self._cancel_requested():
-                self.container.stop(timeout=int(self.config.stop_grace))
+                self._stop(grace)
                 return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
             if self.agent.stopping:
-                self.container.stop(timeout=int(self.config.stop_grace))
+                self._stop(grace)
                 return State.QUEUED, {}  # an operator stopped this node: run it elsewhere
         if status == 0:
             return State.SUCCEEDED, {"exit_code": 0}
         return State.FAILED, {"exit_code": status, "error": f"container exited with code {status}"}
+
+    def _stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds (Docker's stop does both)."""
+        self.container.stop(timeout=max(0, round(grace)))
 
     def _exit_status(self) -> int | None:
         try:

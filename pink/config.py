@@ -76,6 +76,7 @@ class RunnerConfig:
     cpus: float = 2.0
     pids: int = 1024
     stop_grace: float = defaults.STOP_GRACE
+    max_run_seconds: int = defaults.MAX_RUN_SECONDS  # caps every task's timeout here
     max_containers: int = 4
 
 

@@ -184,3 +184,24 @@ def test_any_web_node_serves_an_output(api, pink_processes, cluster, writer_arch
     assert web2("GET", f"/tasks/{task['id']}/output").content == whole
     part = web2("GET", f"/tasks/{task['id']}/output", headers={"Range": "bytes=10-19"})
     assert part.status_code == 206 and part.content == whole[10:20]
+
+
+TRAPPER = ("sh -c \"trap 'echo saved by $0 > /saved.txt; exit 0' TERM; echo ready; "
+           "while true; do sleep 0.2; done\"")
+
+
+def test_timeout_sends_sigterm_first_and_keeps_the_output(api, writer_archive):
+    task_id = api.submit(writer_archive, cmd=TRAPPER, timeout=4).json()["task"]["id"]
+    task = api.wait(task_id)
+    assert task["state"] == "timed_out" and task["output"] is not None, json.dumps(task)
+    assert files_in_output(api("GET", f"/tasks/{task_id}/output").content)["saved.txt"] == b"saved by sh\n"
+
+
+def test_cancel_sends_sigterm_and_keeps_the_output(api, writer_archive):
+    task_id = api.submit(writer_archive, cmd=TRAPPER).json()["task"]["id"]
+    api.wait(task_id, states={"running"})
+    time.sleep(1)  # the trap is set once the shell has started
+    assert api("DELETE", f"/tasks/{task_id}").status_code == 202
+    task = api.wait(task_id)
+    assert task["state"] == "cancelled", json.dumps(task)
+    assert files_in_output(api("GET", f"/tasks/{task_id}/output").content)["saved.txt"] == b"saved by sh\n"
