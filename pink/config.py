@@ -81,6 +81,15 @@ class RunnerConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Per-user limits; 0 means no limit."""
+
+    gpus_per_user: int = 0  # GPUs one user's tasks may hold at once (others wait)
+    queued_per_user: int = 0  # tasks one user may have waiting (more are refused)
+    upload_bytes_per_user: int = 0  # bytes of images one user's live tasks may hold
+
+
+@dataclass
 class Config:
     host: str = ""  # this web node's name: its transfer queue is named after it
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -93,11 +102,12 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     ssh: SSHConfig = field(default_factory=SSHConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     path: str = ""
 
 
 _SECTIONS = {"etcd": EtcdConfig, "db": DatabaseConfig, "web": WebConfig,
-             "ssh": SSHConfig, "runner": RunnerConfig}
+             "ssh": SSHConfig, "runner": RunnerConfig, "limits": LimitsConfig}
 
 
 def _build(cls, data: dict, where: str):

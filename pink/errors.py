@@ -60,6 +60,13 @@ class Conflict(PinkError):
     status = 409
 
 
+class TooManyRequests(PinkError):
+    """A per-user limit refuses this request now; it may succeed later."""
+
+    code = "user_limit"
+    status = 429
+
+
 class Unavailable(PinkError):
     """A service PINK depends on (etcd, MariaDB, a runner) cannot be reached."""
 

@@ -69,6 +69,7 @@ class Params:
     timeout: int = defaults.DEFAULT_TIMEOUT
     output: str = "full"
     compression: str = "zstd"
+    priority: int = 0  # higher goes first; only admins may go above 0
 
     @classmethod
     def parse(cls, args) -> "Params":
@@ -84,7 +85,8 @@ class Params:
                      cmd=_words(get("cmd"), "cmd"), entrypoint=_words(get("entrypoint"), "entrypoint"),
                      gpus=_int(get("gpus"), "gpus", 0, 0, 64),
                      timeout=_int(get("timeout"), "timeout", defaults.DEFAULT_TIMEOUT, 1, 30 * 86400),
-                     output=get("output") or "full", compression=get("compression") or "zstd")
+                     output=get("output") or "full", compression=get("compression") or "zstd",
+                     priority=_int(get("priority"), "priority", 0, -10, 10))
         if params.output != "full" and not params.output.startswith("/"):
             raise BadRequest("output must be 'full' or an absolute path inside the container",
                              code="bad_param")

@@ -12,8 +12,7 @@ import logging
 import os
 import time
 
-from pink import archive, lifecycle, placement, sftp
-from pink.nodes import view as node_view
+from pink import archive, lifecycle, scheduler, sftp
 from pink.errors import Unavailable
 from pink.tasks import State, advance, is_final, output_filename, requeue, retries_left
 from queue_workers import context
@@ -56,13 +55,13 @@ def _place(rec):
     store = context.store()
     for _ in range(20):
         task = rec.value
-        nodes = node_view(store)
-        allocs = {r.key.rsplit("/", 1)[1]: r for r in store.list(store.keys.allocs)}
-        choice = placement.choose(task, nodes, {n: r.value for n, r in allocs.items()})
+        tasks, live, allocs = scheduler.snapshot(store)
+        plan = scheduler.plan(context.config(), tasks, live, allocs)
+        choice = plan.choices.get(task["id"])
         if choice is None:
-            _set_waiting(rec, placement.why_waiting(task, nodes))
+            _set_waiting(rec, plan.waiting.get(task["id"], "waiting for its turn"))
             return None
-        node = next(n for n in nodes if n["name"] == choice.node)
+        node = next(n for n in live if n["name"] == choice.node)
         new = advance(task, State.PLACED, f"placed on {choice.node}", node=choice.node,
                       epoch=node["epoch"], gpus=choice.gpus, waiting=None)
         reserve = lifecycle.Reserve(choice.node, {"gpus": choice.gpus, "attempt": task["attempt"]},

@@ -15,8 +15,8 @@ import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 from redis.exceptions import RedisError
 
-from pink import archive, lifecycle, nodes, sftp
-from pink.errors import Conflict, NotFound, PinkError, Unavailable
+from pink import archive, lifecycle, nodes, scheduler, sftp
+from pink.errors import Conflict, Forbidden, NotFound, PinkError, TooManyRequests, Unavailable
 from pink.store import Record
 from pink.tasks import NOT_STARTED, State, Params, exported, is_final, new_id, new_record, public_view
 from queue_workers.queues import enqueue
@@ -35,12 +35,16 @@ MAX_WAIT = 30.0  # seconds a long poll of a task may last
 def submit():
     user = require_user()
     params = Params.parse(request.args)
+    if params.priority > 0 and not user.admin:
+        raise Forbidden("only admins may submit with a priority above 0", code="priority")
     config = res().config
+    store = res().store
+    _check_user_limits(user.name, request.content_length or 0)
     task_id = new_id()
     upload = uploads.receive(config.web.spool_dir, task_id, config.web.max_upload_bytes)
     record = new_record(task_id, user.name, params, upload.image(), config.host, upload.path)
-    store = res().store
     try:
+        _check_user_limits(user.name, upload.size)
         store.create(store.keys.task(task_id), record)
     except PinkError:
         os.remove(upload.path)
@@ -50,6 +54,39 @@ def submit():
     except RedisError:
         pass  # recorded in etcd: the leader enqueues it once Redis answers
     return jsonify(task=public_view(record)), 201
+
+
+def _check_user_limits(user: str, size: int) -> None:
+    """Refuse a submission over the user's queued-task or image-bytes limit."""
+    limits = res().config.limits
+    if not (limits.queued_per_user or limits.upload_bytes_per_user):
+        return
+    store = res().store
+    live = [r.value for r in store.list(store.keys.tasks)
+            if r.value["user"] == user and not is_final(r.value)]
+    queued = sum(1 for t in live if t["state"] == State.QUEUED)
+    if limits.queued_per_user and queued >= limits.queued_per_user:
+        raise TooManyRequests(f"user limit: {queued} tasks queued (limit {limits.queued_per_user}); "
+                              "wait for some to start")
+    held = sum(t["image"]["size"] for t in live)
+    if limits.upload_bytes_per_user and held + size > limits.upload_bytes_per_user:
+        raise TooManyRequests(f"user limit: your live tasks hold {held} bytes of images and this one "
+                              f"adds {size} (limit {limits.upload_bytes_per_user})")
+
+
+def _with_positions(tasks: list[dict]) -> list[dict]:
+    """Public views, with each waiting task's place in the queue."""
+    store = res().store
+    every, live, allocs = scheduler.snapshot(store)
+    plan = scheduler.plan(res().config, every, live, allocs)
+    views = []
+    for task in tasks:
+        view = public_view(task)
+        if task["state"] == State.QUEUED:
+            view["position"] = plan.position(task["id"])
+            view["waiting"] = plan.waiting.get(task["id"], task.get("waiting"))
+        views.append(view)
+    return views
 
 
 def _live(task_id: str) -> Record | None:
@@ -77,7 +114,7 @@ def list_tasks():
     store = res().store
     tasks = [r.value for r in store.list(store.keys.tasks) if can_see(user, r.value)]
     tasks.sort(key=lambda t: t["created_at"], reverse=True)
-    return jsonify(tasks=[public_view(t) for t in tasks])
+    return jsonify(tasks=_with_positions(tasks))
 
 
 @bp.get("/tasks/<task_id>")
@@ -97,7 +134,7 @@ def get_task(task_id: str):
         if rec is None:
             break
         task = rec.value
-    return jsonify(task=public_view(task))
+    return jsonify(task=_with_positions([task])[0])
 
 
 @bp.delete("/tasks/<task_id>")

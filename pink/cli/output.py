@@ -94,6 +94,7 @@ def task_details(task: dict) -> str:
     lines = [
         ("id", task.get("id")), ("name", task.get("name")), ("user", task.get("user")),
         ("state", task.get("state")), ("attempt", task.get("attempt")), ("node", task.get("node")),
+        ("queue position", task.get("position")), ("waiting for", task.get("waiting")),
         ("exit code", task.get("exit_code")), ("error", task.get("error")),
         ("created", task.get("created_at")), ("updated", task.get("updated_at")),
         ("image", ", ".join(image.get("repo_tags") or []) or image.get("image_id")),
@@ -122,6 +123,8 @@ def state_line(task: dict) -> str:
         text += f", exit code {task['exit_code']}"
     if task.get("error"):
         text += f": {task['error']}"
+    elif task.get("state") == "queued" and task.get("waiting"):
+        text += f" (#{task.get('position')}: {task['waiting']})"
     return text
 
 
