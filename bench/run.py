@@ -27,14 +27,14 @@ sys.path.insert(0, str(REPO))
 
 import docker  # noqa: E402
 
-from bench import measure  # noqa: E402
+from bench import measure, placement  # noqa: E402
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
 from pink.localcluster import Cluster  # noqa: E402
 from tests.helpers import Api  # noqa: E402
 
 BASE = Path("/var/lib/pink-bench")  # not /tmp: sshd's chroot needs root-owned parents
-NAMES = ["latency", "transfer", "memory"]
+NAMES = ["latency", "transfer", "memory", "placement"]
 TARGETS = {"latency": 1.3, "transfer": 1.0, "memory": 100}  # x docker run; x scp; MiB
 
 
@@ -102,6 +102,9 @@ def main(argv=None) -> int:
         if "memory" in only:
             log("3. memory")
             results["memory"] = measure.memory(api, cluster.pid("web"), big, log)
+        if "placement" in only:
+            log("4. placement")
+            results["placement"] = placement.measure()
     finally:
         host.down()
         if not args.keep:
@@ -162,6 +165,8 @@ def report(r: dict) -> str:
                 f"{mem['peak_total'] / 1024:.1f} | {(mem['peak_total'] - mem['idle_total']) / 1024:.1f} |",
                 "", f"Target: the worker under {TARGETS['memory']} MiB and flat "
                 f"(its VmHWM afterwards: {mem['hwm_handler'] / 1024:.1f} MiB).", ""]
+    if "placement" in r:
+        out += placement.report(r["placement"])
     return "\n".join(out)
 
 

@@ -24,29 +24,49 @@ def free_gpus(node: dict, alloc: dict) -> list[str]:
     return [gpu for gpu in node.get("gpus", []) if gpu not in used]
 
 
-def fits(node: dict, alloc: dict, gpus: int) -> bool:
-    if node.get("state", "ready") != "ready":
-        return False
-    if len(alloc) >= node.get("max_containers", 1):
-        return False
-    return len(free_gpus(node, alloc)) >= gpus
+class Capacity:
+    """What is free on each ready runner, updated as a plan hands it out.
+
+    Within one plan capacity only shrinks, so once no runner fits N GPUs no
+    later task wanting N or more can fit either: `_fails_from` short-cuts
+    those (the common case of a full cluster with a long queue).
+    """
+
+    def __init__(self, nodes: list[dict], allocs: dict[str, dict]):
+        self.ready = [n for n in nodes if n.get("state", "ready") == "ready"]
+        self.free = {n["name"]: free_gpus(n, allocs.get(n["name"], {})) for n in self.ready}
+        self.used = {n["name"]: len(allocs.get(n["name"], {})) for n in self.ready}
+        self.slots = {n["name"]: max(n.get("max_containers", 1), 1) for n in self.ready}
+        self.images = {n["name"]: set(n.get("images", [])) for n in self.ready}
+        self._fails_from: int | None = None
+
+    def choose(self, task: dict) -> Choice | None:
+        """The best runner for `task`: holding its image, then least loaded."""
+        want = task["params"]["gpus"]
+        if self._fails_from is not None and want >= self._fails_from:
+            return None
+        sha = task["image"]["sha256"]
+        best, best_rank = None, None
+        for name, free in self.free.items():
+            if self.used[name] >= self.slots[name] or len(free) < want:
+                continue
+            rank = (sha not in self.images[name], self.used[name] / self.slots[name], name)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = name, rank
+        if best is None:
+            self._fails_from = want if self._fails_from is None else min(self._fails_from, want)
+            return None
+        return Choice(node=best, gpus=self.free[best][:want])
+
+    def take(self, choice: Choice) -> None:
+        taken = set(choice.gpus)
+        self.free[choice.node] = [g for g in self.free[choice.node] if g not in taken]
+        self.used[choice.node] += 1
 
 
 def choose(task: dict, nodes: list[dict], allocs: dict[str, dict]) -> Choice | None:
-    """The best runner for `task`, or None when none fits now."""
-    want = task["params"]["gpus"]
-    sha = task["image"]["sha256"]
-    candidates = [n for n in nodes if fits(n, allocs.get(n["name"], {}), want)]
-    if not candidates:
-        return None
-
-    def rank(node):
-        alloc = allocs.get(node["name"], {})
-        has_image = sha in node.get("images", [])
-        return (not has_image, len(alloc) / max(node.get("max_containers", 1), 1), node["name"])
-
-    best = min(candidates, key=rank)
-    return Choice(node=best["name"], gpus=free_gpus(best, allocs.get(best["name"], {}))[:want])
+    """The best runner for `task` given the current reservations, or None."""
+    return Capacity(nodes, allocs).choose(task)
 
 
 def why_waiting(task: dict, nodes: list[dict]) -> str:
@@ -98,7 +118,7 @@ def plan(queued: list[dict], nodes: list[dict], allocs: dict[str, dict], in_use:
     (others may backfill) with the reason recorded. Every transfer job runs
     the same plan and commits only its own task's line of it.
     """
-    allocs = {name: dict(entries) for name, entries in allocs.items()}
+    capacity = Capacity(nodes, allocs)
     in_use = dict(in_use)
     queues: dict[str, list[dict]] = defaultdict(list)
     for task in sorted(queued, key=queue_key, reverse=True):
@@ -116,11 +136,11 @@ def plan(queued: list[dict], nodes: list[dict], allocs: dict[str, dict], in_use:
         if want and limit is not None and in_use.get(user, 0) + want > limit:
             result.waiting[task["id"]] = f"user limit: {in_use.get(user, 0)} GPUs in use (limit {limit})"
             continue
-        choice = choose(task, nodes, allocs)
+        choice = capacity.choose(task)
         if choice is None:
             result.waiting[task["id"]] = why_waiting(task, nodes)
             continue
         result.choices[task["id"]] = choice
-        allocs.setdefault(choice.node, {})[task["id"]] = {"gpus": choice.gpus}
+        capacity.take(choice)
         in_use[user] = in_use.get(user, 0) + want
     return result
