@@ -47,6 +47,7 @@ class Agent:
         self._wake = threading.Event()
         self._record: dict = {}
         self.stopping = False  # an operator stopped this node: running tasks go elsewhere
+        self.images_in_use: dict[str, str] = {}  # task id -> archive digest it runs (never evicted)
 
     # -- registration ----------------------------------------------------------
 
@@ -72,6 +73,12 @@ class Agent:
                  ", ".join(self.gpus.uuids) or "none")
 
     def images_changed(self) -> None:
+        """After a load: keep the cache within its budget, then advertise it."""
+        if self.config.runner.image_cache_bytes:
+            with self._lock:
+                in_use = set(self.images_in_use.values())
+            for sha in images.evict(self.docker, self.config.runner.image_cache_bytes, in_use):
+                log.info("evicted image %s from the cache", sha[:12])
         self._record["images"] = images.cached(self.docker)
         key = self.store.keys.node(self.config.runner.name)
         rec = self.store.get(key)
@@ -130,6 +137,7 @@ class Agent:
     def finished(self, task_id: str) -> None:
         with self._lock:
             self.running.pop(task_id, None)
+            self.images_in_use.pop(task_id, None)
 
     def serve(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -91,12 +91,15 @@ class Execution:
             pass
         self.agent.give_to_account(logpath)
         try:
+            self.agent.images_in_use[self.task_id] = task["image"]["sha256"]
+            started = time.time()
             loaded = images.ensure_loaded(client, self.config.spool_dir, task["image"])
+            load_seconds = round(time.time() - started, 3) if loaded else 0.0
             if loaded:
                 self.agent.images_changed()
             self.container = client.containers.create(**self._container_args(task))
         except (RuntimeError, DockerException) as exc:
-            return State.FAILED, {"error": _docker_message(exc)}
+            return State.FAILED, {"error": _docker_message(exc), **self._export_info()}
         follower = threading.Thread(target=self._follow_logs, args=(logpath,), daemon=True)
         try:
             self.container.start()
@@ -108,6 +111,7 @@ class Execution:
             follower.join(timeout=10)
         if result != State.QUEUED:
             fields.update(self._export(task))
+        fields["image_load_seconds"] = load_seconds
         return result, fields
 
     def _container_args(self, task: dict) -> dict:
@@ -223,7 +227,10 @@ class Execution:
         if fields.get("export_error"):
             fields["error"] = fields.get("error") or fields["export_error"]
         detail = fields.get("error") or f"exit code {fields.get('exit_code')}"
+        load_seconds = fields.pop("image_load_seconds", None)
         new = exported(task, result, detail, **fields)
+        if load_seconds is not None:
+            new["timings"]["image_load_seconds"] = load_seconds  # 0: the image was cached
         if not lifecycle.move(self.store, current, new, release=self.config.name,
                               unassign=self.config.name, fence=self._fence()):
             log.warning("task %s moved while it ran; discarding its result", self.task_id)

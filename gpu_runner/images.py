@@ -2,7 +2,10 @@
 
 A loaded archive is tagged `pink/cache:<archive sha256>`, so the cache
 survives runner restarts and the node record can tell transfer jobs which
-images need no copy. Called by the agent (inventory) and execution (load).
+images need no copy. Every use tags it again, so Docker's LastTagTime is the
+last use, and `evict` removes the least recently used images not in use until
+the cache fits its disk budget. Called by the agent (inventory) and
+execution (load, evict).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> b
     """
     sha = image["sha256"]
     try:
-        client.images.get(f"{CACHE_REPO}:{sha}")
+        client.images.get(f"{CACHE_REPO}:{sha}").tag(CACHE_REPO, sha)  # marks the use
         return False
     except ImageNotFound:
         pass
@@ -48,3 +51,31 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> b
     loaded.tag(CACHE_REPO, sha)
     os.remove(path)
     return True
+
+
+def evict(client: docker.DockerClient, budget: int, in_use: set[str]) -> list[str]:
+    """Untag least recently used cached images (not in `in_use`, archive
+    digests) until the cache's size is within `budget` bytes; an image left
+    with no tag is deleted. Returns the digests evicted."""
+    entries = []
+    for image in client.images.list(name=CACHE_REPO):
+        for tag in image.tags:
+            if tag.startswith(CACHE_REPO + ":"):
+                last = image.attrs.get("Metadata", {}).get("LastTagTime") or ""
+                entries.append((last, tag.split(":", 1)[1], image))
+    total = sum(image.attrs.get("Size", 0) for _, _, image in entries)
+    evicted = []
+    for _, sha, image in sorted(entries, key=lambda e: e[0]):
+        if total <= budget:
+            break
+        if sha in in_use:
+            continue
+        client.images.remove(f"{CACHE_REPO}:{sha}")
+        total -= image.attrs.get("Size", 0)
+        evicted.append(sha)
+        if len(image.tags) == 1:
+            try:
+                client.images.remove(image.id)
+            except APIError:
+                pass  # a stopped container still refers to it: Docker keeps it
+    return evicted

@@ -78,6 +78,7 @@ class RunnerConfig:
     stop_grace: float = defaults.STOP_GRACE
     max_run_seconds: int = defaults.MAX_RUN_SECONDS  # caps every task's timeout here
     max_containers: int = 4
+    image_cache_bytes: int = 0  # disk budget of loaded images; 0: keep every image
 
 
 @dataclass

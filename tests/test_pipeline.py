@@ -205,3 +205,30 @@ def test_cancel_sends_sigterm_and_keeps_the_output(api, writer_archive):
     task = api.wait(task_id)
     assert task["state"] == "cancelled", json.dumps(task)
     assert files_in_output(api("GET", f"/tasks/{task_id}/output").content)["saved.txt"] == b"saved by sh\n"
+
+
+def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config, cluster, docker_client,
+                                                    tmp_path):
+    c = pink_config
+    path = cluster.write_config(
+        path=tmp_path / "cache.toml", web_port=int(c.web.url.rsplit(":", 1)[1]), redis_url=c.redis_url,
+        node_ttl=3, reconcile_interval=0.5, etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
+        web={"spool_dir": c.web.spool_dir, "output_dir": c.web.output_dir},
+        runner={"image_cache_bytes": 1})  # every image but the one in use is evicted
+    for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
+        start(config_path=str(path))
+    api = Api(pink_config_module.load(path), make_user(c, "alice"))
+    archives = []
+    for n in range(2):
+        tag = f"pink/test-cache:{uuid.uuid4().hex[:8]}"
+        images.build_image(docker_client, tag, WRITER.format(base=images.BUSYBOX_TAG) + f"LABEL n={tag}\n")
+        archives.append(images.save_image(docker_client, tag, tmp_path / f"c{n}.tar"))
+    first = api.wait(api.submit(archives[0]).json()["task"]["id"])
+    again = api.wait(api.submit(archives[0]).json()["task"]["id"])
+    assert first["timings"]["image_load_seconds"] > 0 and first["timings"]["transfer_bytes"] > 0
+    assert again["timings"]["image_load_seconds"] == 0 and again["timings"]["transfer_bytes"] == 0
+    api.wait(api.submit(archives[1]).json()["task"]["id"])
+    cached = {t.split(":", 1)[1] for i in docker_client.images.list(name="pink/cache") for t in i.tags}
+    assert first["image"]["sha256"] not in cached  # evicted: the second image took its place
+    third = api.wait(api.submit(archives[0]).json()["task"]["id"])
+    assert third["state"] == "succeeded" and third["timings"]["transfer_bytes"] > 0
