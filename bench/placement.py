@@ -21,7 +21,7 @@ def simulated(runners: int, tasks: int, seed: int = 1) -> tuple[list[dict], list
     nodes = [{"name": f"n{i}", "gpus": [f"n{i}-g{j}" for j in range(8)], "max_containers": 8,
               "state": "ready", "images": [str(rng.randrange(40)) for _ in range(3)]} for i in range(runners)]
     queued = [{"id": f"t{i}", "user": f"u{i % 50}", "created_at": float(i),
-               "image": {"sha256": str(rng.randrange(40))},
+               "image": {"sha256": str(rng.randrange(40)), "size": 2**30},
                "params": {"gpus": rng.choice([0, 1, 1, 2, 4]), "priority": rng.choice([0, 0, 0, 1])}}
               for i in range(tasks)]
     return nodes, queued

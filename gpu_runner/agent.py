@@ -31,6 +31,7 @@ from pink.store import Store
 log = logging.getLogger("pink.runner")
 
 POLL = 1.0  # seconds between reads of the assignments, in case a watch event is lost
+SPOOL_REPORT_BYTES = 64 * 2**20  # a change in free spool space worth telling the schedulers
 
 
 class Agent:
@@ -60,9 +61,9 @@ class Agent:
         key = self.store.keys.node(r.name)
         self._record = {**self.ssh_endpoint(), "ssh_spool": r.ssh_spool, "ssh_outbox": r.ssh_outbox,
                         "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode,
-                        "gpu_inventory": self.gpus.inventory, "max_containers": r.max_containers,
-                        "images": images.cached(self.docker), "state": "ready",
-                        "started_at": time.time()}
+                        "gpu_inventory": self.gpus.inventory, "max_containers": self._slots(),
+                        "max_spool_images": r.max_spool_images, **self._spool(),
+                        "images": images.cached(self.docker), "started_at": time.time()}
         self.lease = self.store.lease(self.config.node_ttl)
         # A fresh key (not an overwrite) gives a new create_revision: a new epoch.
         self.store.delete(key)
@@ -72,6 +73,31 @@ class Agent:
         log.info("registered %s with epoch %d (%s GPUs: %s)", r.name, self.epoch, self.gpus.mode,
                  ", ".join(self.gpus.uuids) or "none")
 
+    def _slots(self) -> int:
+        """Containers at once: the configured maximum, or fewer if memory runs out first."""
+        r = self.config.runner
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(1, min(r.max_containers, total // docker.utils.parse_bytes(r.memory)))
+
+    def _spool(self) -> dict:
+        """Free bytes in the spool and archives waiting there to be loaded."""
+        spool = self.config.runner.spool_dir
+        st = os.statvfs(spool)
+        waiting = sum(1 for name in os.listdir(spool) if name.endswith(".tar"))
+        return {"spool_free": st.f_bavail * st.f_frsize, "spool_images": waiting}
+
+    def refresh(self) -> None:
+        """Publish the spool's state when it changed (images arrive and are loaded)."""
+        spool = self._spool()
+        if spool["spool_images"] != self._record.get("spool_images") or \
+                abs(spool["spool_free"] - self._record.get("spool_free", 0)) > SPOOL_REPORT_BYTES:
+            self._record.update(spool)
+            self._publish()
+
+    def _publish(self) -> None:
+        key = self.store.keys.node(self.config.runner.name)
+        self.store.txn().fence(key, self.epoch).put(key, self._record, self.lease.id).commit()
+
     def images_changed(self) -> None:
         """After a load: keep the cache within its budget, then advertise it."""
         if self.config.runner.image_cache_bytes:
@@ -80,10 +106,8 @@ class Agent:
             for sha in images.evict(self.docker, self.config.runner.image_cache_bytes, in_use):
                 log.info("evicted image %s from the cache", sha[:12])
         self._record["images"] = images.cached(self.docker)
-        key = self.store.keys.node(self.config.runner.name)
-        rec = self.store.get(key)
-        if rec is not None and rec.create_revision == self.epoch:
-            self.store.txn().fence(key, self.epoch).put(key, self._record, self.lease.id).commit()
+        self._record.update(self._spool())
+        self._publish()
 
     def lease_lost(self) -> bool:
         return self.lease is None or self.lease.lost.is_set()
@@ -150,6 +174,7 @@ class Agent:
                     while not stop.is_set() and not self.lease_lost():
                         self._wake.clear()
                         self.poll_assignments()
+                        self.refresh()
                         self._wake.wait(POLL)
                 finally:
                     cancel()

@@ -79,6 +79,7 @@ class RunnerConfig:
     max_run_seconds: int = defaults.MAX_RUN_SECONDS  # caps every task's timeout here
     max_containers: int = 4
     image_cache_bytes: int = 0  # disk budget of loaded images; 0: keep every image
+    max_spool_images: int = 8  # archives waiting in the spool to be loaded; 0: no limit
 
 
 @dataclass

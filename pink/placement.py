@@ -38,6 +38,10 @@ class Capacity:
         self.used = {n["name"]: len(allocs.get(n["name"], {})) for n in self.ready}
         self.slots = {n["name"]: max(n.get("max_containers", 1), 1) for n in self.ready}
         self.images = {n["name"]: set(n.get("images", [])) for n in self.ready}
+        # room in the spool for images not loaded yet (None: not reported, not checked)
+        self.spool_free = {n["name"]: n.get("spool_free") for n in self.ready}
+        self.spool_room = {n["name"]: (n["max_spool_images"] - n.get("spool_images", 0))
+                           if n.get("max_spool_images") else None for n in self.ready}
         self._fails_from: int | None = None
 
     def choose(self, task: dict) -> Choice | None:
@@ -46,22 +50,37 @@ class Capacity:
         if self._fails_from is not None and want >= self._fails_from:
             return None
         sha = task["image"]["sha256"]
-        best, best_rank = None, None
+        best, best_rank, spool_full = None, None, False
         for name, free in self.free.items():
             if self.used[name] >= self.slots[name] or len(free) < want:
                 continue
-            rank = (sha not in self.images[name], self.used[name] / self.slots[name], name)
+            holds = sha in self.images[name]
+            if not holds and not self._spool_fits(name, task["image"]["size"]):
+                spool_full = True  # depends on the image, not only on the GPU count
+                continue
+            rank = (not holds, self.used[name] / self.slots[name], name)
             if best_rank is None or rank < best_rank:
                 best, best_rank = name, rank
         if best is None:
-            self._fails_from = want if self._fails_from is None else min(self._fails_from, want)
+            if not spool_full:
+                self._fails_from = want if self._fails_from is None else min(self._fails_from, want)
             return None
         return Choice(node=best, gpus=self.free[best][:want])
 
-    def take(self, choice: Choice) -> None:
+    def _spool_fits(self, name: str, size: int) -> bool:
+        free, room = self.spool_free[name], self.spool_room[name]
+        return (free is None or size <= free) and (room is None or room > 0)
+
+    def take(self, choice: Choice, task: dict) -> None:
         taken = set(choice.gpus)
         self.free[choice.node] = [g for g in self.free[choice.node] if g not in taken]
         self.used[choice.node] += 1
+        if task["image"]["sha256"] not in self.images[choice.node]:
+            if self.spool_free[choice.node] is not None:
+                self.spool_free[choice.node] -= task["image"]["size"]
+            if self.spool_room[choice.node] is not None:
+                self.spool_room[choice.node] -= 1
+            self.images[choice.node].add(task["image"]["sha256"])
 
 
 def choose(task: dict, nodes: list[dict], allocs: dict[str, dict]) -> Choice | None:
@@ -79,7 +98,16 @@ def why_waiting(task: dict, nodes: list[dict]) -> str:
         return "no runner is accepting tasks"
     if not any(len(n.get("gpus", [])) >= want for n in ready):
         return f"no runner has {want} GPUs"
+    if not any(_spool_could_fit(n, task) for n in ready):
+        return "no runner has room in its spool for this image"
     return f"no runner with {want} free GPUs" if want else "every runner is full"
+
+
+def _spool_could_fit(node: dict, task: dict) -> bool:
+    if task["image"]["sha256"] in node.get("images", []):
+        return True
+    free = node.get("spool_free")
+    return free is None or task["image"]["size"] <= free
 
 
 @dataclass(frozen=True)
@@ -141,6 +169,6 @@ def plan(queued: list[dict], nodes: list[dict], allocs: dict[str, dict], in_use:
             result.waiting[task["id"]] = why_waiting(task, nodes)
             continue
         result.choices[task["id"]] = choice
-        capacity.take(choice)
+        capacity.take(choice, task)
         in_use[user] = in_use.get(user, 0) + want
     return result

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -91,3 +93,20 @@ def test_node_control_is_for_admins(cluster_api):
     assert r.status_code == 403
     assert cluster_api("POST", "/nodes/nope/drain").status_code == 404
     assert cluster_api("POST", "/nodes/run1/explode").status_code == 404
+
+
+def test_drain_now_moves_tasks_waiting_there(cluster_api, sleeper, pink_processes):
+    api = cluster_api
+    api.start_run2()
+    runner = next(n for n in pink_processes.started if n.endswith("runner-run1"))
+    pid = pink_processes.cluster.pid(runner)
+    os.kill(pid, signal.SIGSTOP)  # for a moment run1 stays registered but takes up nothing
+    try:
+        task_id = api.submit(sleeper).json()["task"]["id"]
+        assert api.wait(task_id, states={"assigned"}, timeout=20)["node"] == "run1"
+        out = json.loads(api.cli("node", "drain", "run1", "--now", "--json").stdout)
+        assert out["moved"] == 1 and out["node"]["state"] == "draining"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    task = api.wait(task_id)
+    assert task["state"] == "succeeded" and task["node"] == "run2" and task["attempt"] == 2

@@ -11,7 +11,7 @@ def node(name, gpus=(), images=(), max_containers=4, state="ready"):
 
 
 def task(gpus=0, sha="a" * 64):
-    return {"params": {"gpus": gpus}, "image": {"sha256": sha}}
+    return {"params": {"gpus": gpus}, "image": {"sha256": sha, "size": 100}}
 
 
 def test_no_runner_means_waiting_with_a_reason():
@@ -40,3 +40,12 @@ def test_prefers_a_runner_holding_the_image_then_the_least_loaded():
 def test_full_or_draining_runners_take_nothing():
     nodes = [node("a", max_containers=1), node("b", state="draining")]
     assert choose(task(), nodes, {"a": {"t1": {}}}) is None
+
+
+def test_a_runner_without_spool_room_takes_only_images_it_holds():
+    full = {**node("a", images=["f" * 64]), "spool_free": 50, "spool_images": 2, "max_spool_images": 2}
+    assert choose(task(sha="e" * 64), [full], {}) is None
+    assert why_waiting(task(sha="e" * 64), [full]) == "no runner has room in its spool for this image"
+    assert choose(task(sha="f" * 64), [full], {}).node == "a"
+    roomy = {**full, "spool_free": 10**9, "spool_images": 0}
+    assert choose(task(sha="e" * 64), [roomy], {}).node == "a"

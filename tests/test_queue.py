@@ -16,7 +16,7 @@ def node(name, gpus):
 
 
 def task(tid, user, gpus=1, created=0.0, priority=0):
-    return {"id": tid, "user": user, "created_at": created, "image": {"sha256": "x"},
+    return {"id": tid, "user": user, "created_at": created, "image": {"sha256": "x", "size": 100},
             "params": {"gpus": gpus, "priority": priority}}
 
 
