@@ -18,7 +18,7 @@ import time
 
 import click
 import docker
-from docker.errors import DockerException
+from docker.errors import APIError, DockerException
 
 from gpu_runner import images
 from gpu_runner.execution import Execution
@@ -49,6 +49,7 @@ class Agent:
         self._record: dict = {}
         self.stopping = False  # an operator stopped this node: running tasks go elsewhere
         self.images_in_use: dict[str, str] = {}  # task id -> archive digest it runs (never evicted)
+        self.disk_limits: bool | None = None  # does the storage driver take a container disk size?
 
     # -- registration ----------------------------------------------------------
 
@@ -63,7 +64,8 @@ class Agent:
                         "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode,
                         "gpu_inventory": self.gpus.inventory, "max_containers": self._slots(),
                         "max_spool_images": r.max_spool_images, **self._spool(),
-                        "images": images.cached(self.docker), "started_at": time.time()}
+                        "images": images.cached(self.docker), "disk_limits": self.disk_limits,
+                        "started_at": time.time()}
         self.lease = self.store.lease(self.config.node_ttl)
         # A fresh key (not an overwrite) gives a new create_revision: a new epoch.
         self.store.delete(key)
@@ -108,6 +110,29 @@ class Agent:
         self._record["images"] = images.cached(self.docker)
         self._record.update(self._spool())
         self._publish()
+
+    def create_container(self, args: dict):
+        """Create a container, with a disk size limit when the storage driver allows one.
+
+        Docker only enforces `size` on some drivers (overlay2 on xfs with pquota,
+        btrfs, zfs, devicemapper); elsewhere it refuses the option. Then the
+        runner says so once, in its log and node record, and runs without it.
+        """
+        disk = self.config.runner.container_disk
+        if disk and self.disk_limits is not False:
+            try:
+                container = self.docker.containers.create(**args, storage_opt={"size": disk})
+                self.disk_limits = True
+                return container
+            except APIError as exc:
+                if "storage-opt" not in str(exc) and "storage opt" not in str(exc).lower():
+                    raise
+                log.warning("this storage driver cannot limit container disk size (%s): running "
+                            "containers without a disk limit", exc.explanation or exc)
+                self.disk_limits = False
+                self._record["disk_limits"] = False
+                self._publish()
+        return self.docker.containers.create(**args)
 
     def lease_lost(self) -> bool:
         return self.lease is None or self.lease.lost.is_set()

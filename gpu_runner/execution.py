@@ -97,7 +97,7 @@ class Execution:
             load_seconds = round(time.time() - started, 3) if loaded else 0.0
             if loaded:
                 self.agent.images_changed()
-            self.container = client.containers.create(**self._container_args(task))
+            self.container = self.agent.create_container(self._container_args(task))
         except (RuntimeError, DockerException) as exc:
             return State.FAILED, {"error": _docker_message(exc), **self._export_info()}
         follower = threading.Thread(target=self._follow_logs, args=(logpath,), daemon=True)

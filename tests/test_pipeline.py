@@ -11,6 +11,7 @@ import pytest
 from pink import archive, db
 from pink import config as pink_config_module
 from pink.localcluster import free_port
+from pink.store import Store
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 
@@ -214,7 +215,8 @@ def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config,
         path=tmp_path / "cache.toml", web_port=int(c.web.url.rsplit(":", 1)[1]), redis_url=c.redis_url,
         node_ttl=3, reconcile_interval=0.5, etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
         web={"spool_dir": c.web.spool_dir, "output_dir": c.web.output_dir},
-        runner={"image_cache_bytes": 1})  # every image but the one in use is evicted
+        runner={"image_cache_bytes": 1,  # every image but the one in use is evicted
+                "container_disk": "1g"})  # overlay2 on ext4 here: refused, so run without
     for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
         start(config_path=str(path))
     api = Api(pink_config_module.load(path), make_user(c, "alice"))
@@ -232,3 +234,7 @@ def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config,
     assert first["image"]["sha256"] not in cached  # evicted: the second image took its place
     third = api.wait(api.submit(archives[0]).json()["task"]["id"])
     assert third["state"] == "succeeded" and third["timings"]["transfer_bytes"] > 0
+    storage = docker_client.info()["DriverStatus"]
+    if ["Backing Filesystem", "xfs"] not in storage:
+        store = Store.from_config(api.config)
+        assert store.get(store.keys.node("run1")).value["disk_limits"] is False
