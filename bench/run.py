@@ -27,14 +27,15 @@ sys.path.insert(0, str(REPO))
 
 import docker  # noqa: E402
 
-from bench import measure, placement  # noqa: E402
+from bench import measure, placement, throughput  # noqa: E402
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
 from pink.localcluster import Cluster  # noqa: E402
 from tests.helpers import Api  # noqa: E402
 
 BASE = Path("/var/lib/pink-bench")  # not /tmp: sshd's chroot needs root-owned parents
-NAMES = ["latency", "transfer", "memory", "placement"]
+RUNNERS = ("run1", "run2")  # the throughput figure needs two; the others use whichever is placed
+NAMES = ["latency", "transfer", "memory", "placement", "throughput"]
 TARGETS = {"latency": 1.3, "transfer": 1.0, "memory": 100}  # x docker run; x scp; MiB
 
 
@@ -83,7 +84,9 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         log(f"starting the cluster in {cluster.base}")
-        config = pink_config.load(cluster.up(with_pink=True))
+        config_path = cluster.up(with_pink=True, runners=RUNNERS)
+        cluster.start_worker(2, config_path)  # a second queue worker, as a web node would run
+        config = pink_config.load(config_path)
         api = Api(config, users.create_user(config, f"bench{int(time.time())}")["token"])
         big = None
         if {"transfer", "memory"} & set(only):
@@ -105,6 +108,11 @@ def main(argv=None) -> int:
         if "placement" in only:
             log("4. placement")
             results["placement"] = placement.measure()
+        if "throughput" in only:
+            log("5. throughput")
+            slots = len(RUNNERS) * config.runner.max_containers
+            results["throughput"] = throughput.measure(api, client, work, 12 if args.quick else 48,
+                                                       slots, log)
     finally:
         host.down()
         if not args.keep:
@@ -167,6 +175,8 @@ def report(r: dict) -> str:
                 f"(its VmHWM afterwards: {mem['hwm_handler'] / 1024:.1f} MiB).", ""]
     if "placement" in r:
         out += placement.report(r["placement"])
+    if "throughput" in r:
+        out += throughput.report(r["throughput"])
     return "\n".join(out)
 
 

@@ -50,6 +50,7 @@ class Agent:
         self.stopping = False  # an operator stopped this node: running tasks go elsewhere
         self.images_in_use: dict[str, str] = {}  # task id -> archive digest it runs (never evicted)
         self.disk_limits: bool | None = None  # does the storage driver take a container disk size?
+        self._image_locks: dict[str, threading.Lock] = {}
 
     # -- registration ----------------------------------------------------------
 
@@ -110,6 +111,10 @@ class Agent:
         self._record["images"] = images.cached(self.docker)
         self._record.update(self._spool())
         self._publish()
+
+    def image_lock(self, sha: str) -> threading.Lock:
+        with self._lock:
+            return self._image_locks.setdefault(sha, threading.Lock())
 
     def create_container(self, args: dict):
         """Create a container, with a disk size limit when the storage driver allows one.

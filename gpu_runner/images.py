@@ -27,16 +27,22 @@ def cached(client: docker.DockerClient) -> list[str]:
 def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> bool:
     """Load the task's archive unless it is cached; True when it was loaded now.
 
+    Callers hold the image's lock (`Agent.image_lock`): tasks sharing an
+    image start together, and only one of them may load it and remove the
+    archive from the spool.
+
     The archive was validated on upload; Docker must still agree on the image
     id, or the archive is not what the web node inspected.
     """
     sha = image["sha256"]
+    path = os.path.join(spool_dir, f"{sha}.tar")
     try:
         client.images.get(f"{CACHE_REPO}:{sha}").tag(CACHE_REPO, sha)  # marks the use
+        if os.path.exists(path):
+            os.remove(path)  # copied again before the node record listed the image
         return False
     except ImageNotFound:
         pass
-    path = os.path.join(spool_dir, f"{sha}.tar")
     try:
         with open(path, "rb") as fh:
             client.images.load(fh)

@@ -34,6 +34,7 @@ from queue_workers.queues import enqueue, queues_for
 log = logging.getLogger("pink.leader")
 
 REGISTRY_CLEANUP_INTERVAL = 10.0  # seconds between sweeps of RQ's started-job registries
+COALESCE = 0.02  # seconds to let a burst of etcd changes settle before a pass
 
 # The job each state needs; states absent here wait on a runner or are final.
 STAGE_FOR = {State.QUEUED: "transfer", State.PLACED: "transfer",
@@ -82,7 +83,8 @@ class Leader:
             while not stop.is_set() and not lease.lost.is_set():
                 self.changed.clear()
                 self.reconcile(lease)
-                self.changed.wait(self.config.reconcile_interval)
+                if self.changed.wait(self.config.reconcile_interval):
+                    stop.wait(COALESCE)  # one pass for a burst of changes, not one per change
         finally:
             for cancel in cancels:
                 cancel()
