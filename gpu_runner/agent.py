@@ -165,7 +165,7 @@ class Agent:
             if container.labels.get("pink.epoch") != str(self.epoch):
                 log.info("removing container %s left by an earlier incarnation", container.name)
                 try:
-                    container.remove(force=True)
+                    container.remove(force=True, v=True)
                 except DockerException as exc:
                     log.warning("could not remove %s: %s", container.name, exc)
 

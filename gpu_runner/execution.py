@@ -41,6 +41,10 @@ class Execution:
         self.attempt = attempt
         self.base = f"{task_id}-{attempt}"
         self.container = None
+        # This execution belongs to the incarnation that started it: a runner
+        # that re-registers gets a new epoch, and this thread must not act for it.
+        self.epoch = agent.epoch
+        self.lease = agent.lease
 
     # paths on this host, and as the SFTP account sees them
     def _local(self, suffix: str) -> str:
@@ -50,7 +54,10 @@ class Execution:
         return f"{self.config.ssh_outbox}/{self.base}{suffix}"
 
     def _fence(self):
-        return (self.store.keys.node(self.config.name), self.agent.epoch)
+        return (self.store.keys.node(self.config.name), self.epoch)
+
+    def _lease_lost(self) -> bool:
+        return self.lease is None or self.lease.lost.is_set() or self.agent.epoch != self.epoch
 
     def run(self) -> None:
         rec = None
@@ -74,8 +81,16 @@ class Execution:
         if rec is None:
             return None
         task = rec.value
-        if (task["state"] != State.ASSIGNED or task["attempt"] != self.attempt
-                or task["node"] != self.config.name or task["epoch"] != self.agent.epoch):
+        if task["attempt"] != self.attempt or task["node"] != self.config.name or task["epoch"] != self.epoch:
+            return None
+        if task["state"] == State.RUNNING:
+            # Ours, yet no thread runs it (a report or a read failed after it
+            # started): nobody will finish it here, so it goes back to the queue.
+            new = requeue(task, f"runner {self.config.name} lost track of it", lost=False)
+            lifecycle.move(self.store, rec, new, release=self.config.name, unassign=self.config.name,
+                           fence=self._fence())
+            return None
+        if task["state"] != State.ASSIGNED:
             return None
         logfile = {"ssh": self.agent.ssh_endpoint(), "path": self._remote(".log")}
         new = advance(task, State.RUNNING, f"started on {self.config.name}", logfile=logfile)
@@ -91,6 +106,8 @@ class Execution:
             pass
         self.agent.give_to_account(logpath)
         try:
+            if self._lease_lost():
+                raise Abandoned()
             self.agent.images_in_use[self.task_id] = task["image"]["sha256"]
             started = time.time()
             with self.agent.image_lock(task["image"]["sha256"]):
@@ -102,6 +119,8 @@ class Execution:
         except (RuntimeError, DockerException) as exc:
             return State.FAILED, {"error": _docker_message(exc), **self._export_info()}
         follower = threading.Thread(target=self._follow_logs, args=(logpath,), daemon=True)
+        if self._lease_lost():  # a long docker load may outlive our epoch
+            raise Abandoned()
         try:
             self.container.start()
         except APIError as exc:
@@ -121,7 +140,7 @@ class Execution:
         args = {
             "image": task["image"]["image_id"], "name": f"pink-{self.base}",
             "labels": {**self.agent.labels(), "pink.task": self.task_id, "pink.attempt": str(self.attempt),
-                       "pink.epoch": str(self.agent.epoch)},
+                       "pink.epoch": str(self.epoch)},
             "detach": True, "network_mode": self.config.network,
             "mem_limit": self.config.memory, "nano_cpus": int(self.config.cpus * 1e9),
             "pids_limit": self.config.pids, "cap_drop": ["ALL"],
@@ -158,14 +177,15 @@ class Execution:
             status = self._exit_status()
             if status is not None:
                 break
-            if self.agent.lease_lost():
+            task_now = self._read()
+            if self._lease_lost() or _moved_on(task_now, self.attempt):
                 self.container.kill()
                 raise Abandoned()
             if time.time() >= deadline - grace:
                 self._stop(max(0.0, deadline - time.time()))
                 return State.TIMED_OUT, {"exit_code": self._exit_status(),
                                          "error": f"timed out after {allowed:g}s"}
-            if self._cancel_requested():
+            if task_now is None or task_now.get("cancel_requested"):
                 self._stop(grace)
                 return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
             if self.agent.stopping:
@@ -185,12 +205,17 @@ class Execution:
         except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
             return None
 
-    def _cancel_requested(self) -> bool:
+    def _read(self) -> dict | None:
+        """The task's record now; the last one seen when etcd cannot answer
+        (cut off from etcd, the lease check decides whether we go on)."""
         try:
             rec = self.store.get(self.store.keys.task(self.task_id))
+            self._seen = rec.value if rec else None
         except Unavailable:
-            return False  # cut off from etcd: the lease check decides whether we go on
-        return rec is None or bool(rec.value.get("cancel_requested"))
+            pass
+        return getattr(self, "_seen", {"state": State.RUNNING, "attempt": self.attempt})
+
+
 
     def _export_info(self) -> dict:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),
@@ -213,7 +238,7 @@ class Execution:
         return {**fields, "export_seconds": round(time.time() - started, 3)}
 
     def _report(self, rec: Record, result: State, fields: dict) -> None:
-        if self.agent.lease_lost():
+        if self._lease_lost():
             raise Abandoned()
         current = self.store.get(rec.key)
         if current is None or current.value["state"] != State.RUNNING or current.value["attempt"] != self.attempt:
@@ -245,7 +270,7 @@ class Execution:
     def _remove_container(self) -> None:
         if self.container is not None:
             try:
-                self.container.remove(force=True)
+                self.container.remove(force=True, v=True)
             except DockerException:
                 pass
 
@@ -254,3 +279,8 @@ def _docker_message(exc: Exception) -> str:
     if isinstance(exc, APIError):
         return f"docker: {exc.explanation or exc}"
     return str(exc)
+
+
+def _moved_on(task: dict | None, attempt: int) -> bool:
+    """The record no longer says this attempt runs: somebody re-queued it."""
+    return task is not None and (task["state"] != State.RUNNING or task["attempt"] != attempt)

@@ -15,7 +15,9 @@ import os
 import docker
 from docker.errors import APIError, ImageNotFound
 
-CACHE_REPO = "pink/cache"
+from pink import defaults
+
+CACHE_REPO = defaults.IMAGE_CACHE_REPO
 
 
 def cached(client: docker.DockerClient) -> list[str]:
@@ -37,12 +39,14 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> b
     sha = image["sha256"]
     path = os.path.join(spool_dir, f"{sha}.tar")
     try:
-        client.images.get(f"{CACHE_REPO}:{sha}").tag(CACHE_REPO, sha)  # marks the use
+        cached_image = client.images.get(f"{CACHE_REPO}:{sha}")
+    except ImageNotFound:
+        cached_image = None
+    if cached_image is not None and cached_image.id == image["image_id"]:
+        cached_image.tag(CACHE_REPO, sha)  # marks the use
         if os.path.exists(path):
             os.remove(path)  # copied again before the node record listed the image
         return False
-    except ImageNotFound:
-        pass
     try:
         with open(path, "rb") as fh:
             client.images.load(fh)

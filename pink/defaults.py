@@ -18,6 +18,8 @@ STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL at a deadline or cancel
 DEFAULT_TIMEOUT = 24 * 3600  # seconds a task may run when it names no timeout
 MAX_RUN_SECONDS = 7 * 24 * 3600  # seconds: a runner's cap on any task's timeout
 
+IMAGE_CACHE_REPO = "pink/cache"  # runners tag loaded images <this>:<archive sha256>
+
 SSH_CIPHER = "aes128-gcm@openssh.com"  # fastest cipher paramiko speaks here
 SFTP_CHUNK = 1 << 20  # bytes per SFTP read/write request when copying
 

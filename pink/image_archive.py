@@ -14,8 +14,10 @@ import json
 import re
 import tarfile
 
+from pink import defaults
 from pink.errors import ArchiveError
 
+RESERVED_REPO = defaults.IMAGE_CACHE_REPO  # runners tag loaded images here; an upload may not
 MAX_MEMBERS = 100_000  # members an archive may hold; a real image has a few per layer
 MAX_JSON_BYTES = 16 * 2**20  # bytes: largest manifest, index or config we read
 MAX_HEADER_BYTES = 1 * 2**20  # bytes: largest pax or GNU long-name header we read
@@ -444,5 +446,9 @@ def _checked_config(archive: _Archive, layout: str, config: str, layers: list[st
             f"config {config!r} lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'}"
             f" layer diff_ids but the manifest names {len(layers)} layers",
             code="bad_manifest")
+    reserved = [t for t in tags if t.split(":", 1)[0].endswith(RESERVED_REPO)]
+    if reserved:
+        raise ArchiveError(f"the image is tagged {reserved[0]}: {RESERVED_REPO} is PINK's own cache; "
+                           "retag it (docker tag) and save it again", code="bad_manifest")
     return ImageInfo(layout=layout, image_id=f"sha256:{digest}", repo_tags=tags,
                      layers=layers, config=config)

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import socket
 import threading
+import uuid
 from typing import Callable, Iterator
 
 import paramiko
@@ -131,19 +132,25 @@ def remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
 
 def put(sftp: paramiko.SFTPClient, local: str, remote: str,
         progress: Callable[[int], None] | None = None) -> int:
-    """Copy `local` to `remote` atomically: write `remote.part`, then rename."""
-    part = remote + ".part"
+    """Copy `local` to `remote` atomically: write a part file of its own, then rename."""
+    part = _part_name(remote)
     with sftp.open(part, "wb") as dst:
         sent = _write_range(sftp, dst, local, 0, os.path.getsize(local), progress)
     sftp.posix_rename(part, remote)
     return sent
 
 
+def _part_name(remote: str) -> str:
+    """A part file no other copy of the same image writes to (two transfer
+    jobs may send one image to one runner at once; each renames a whole file)."""
+    return f"{remote}.{uuid.uuid4().hex[:12]}.part"
+
+
 def put_parallel(conn: paramiko.SFTPClient, ssh_config, node: dict, local: str, remote: str,
                  streams: int = 2) -> int:
     """`put` over `streams` connections: `conn` sends the first share, each
     other share goes from its own process and connection, writing at its
-    offsets into `remote.part`; then the same rename.
+    offsets into one part file; then the same rename.
 
     One paramiko connection is bound by one Python thread (the GIL), so a
     second process is what lets a transfer use a second core. Files under
@@ -152,7 +159,7 @@ def put_parallel(conn: paramiko.SFTPClient, ssh_config, node: dict, local: str, 
     size = os.path.getsize(local)
     if streams < 2 or size < PARALLEL_MIN:
         return put(conn, local, remote)
-    part = remote + ".part"
+    part = _part_name(remote)
     bounds = [size * i // streams for i in range(streams + 1)]
     conn.open(part, "wb").close()  # created and emptied once, before any stream writes
     ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads (gRPC)

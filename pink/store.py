@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -82,6 +83,7 @@ class Record:
 
 _ETCD_ERRORS = (etcd_exc.Etcd3Exception, grpc.RpcError)
 ENDPOINT_RETRY = 1.0  # seconds before an endpoint that failed is tried again
+LEASE_MARGIN = 0.8  # fraction of a TTL without a successful refresh after which a lease counts as lost
 
 
 def _guard(fn):
@@ -137,10 +139,14 @@ class Txn:
 
 
 class Lease:
-    """A lease kept alive by a thread; `lost` is set the moment a refresh fails.
+    """A lease kept alive by a thread; `lost` is set once it may have expired.
 
-    Holders must stop acting on anything bound to the lease once `lost` is set:
-    etcd may already have expired it and handed the work to someone else.
+    A failed refresh is retried (the client fails over to another endpoint
+    on the next call): one lost request or one etcd member restarting must
+    not cost a runner its tasks. But once a whole TTL (less a margin) has
+    passed since the last successful refresh, etcd may have expired the lease
+    and handed the work to someone else: `lost` is set, and holders must stop
+    acting on anything bound to the lease.
     """
 
     def __init__(self, store: "Store", ttl: int):
@@ -153,14 +159,18 @@ class Lease:
         self._thread.start()
 
     def _keep_alive(self):
-        while not self._stop.wait(self.ttl / 3):
+        renewed = time.monotonic()
+        while not self._stop.wait(self.ttl / 6):
             try:
                 responses = self._lease.refresh()
                 if not responses or responses[0].TTL <= 0:
-                    raise RuntimeError("lease expired")
-            except Exception:  # noqa: BLE001 - any failure means we can no longer trust it
-                self.lost.set()
-                return
+                    self.lost.set()  # etcd says it is gone: no point retrying
+                    return
+                renewed = time.monotonic()
+            except Exception:  # noqa: BLE001 - retried until the lease may have expired
+                if time.monotonic() - renewed >= self.ttl * LEASE_MARGIN:
+                    self.lost.set()
+                    return
 
     def revoke(self):
         self._stop.set()

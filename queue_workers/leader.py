@@ -99,8 +99,10 @@ class Leader:
         if time.monotonic() - self._cleaned > REGISTRY_CLEANUP_INTERVAL:
             self._clean_started_registries()
             self._cleaned = time.monotonic()
+        # Tasks before nodes: any epoch a task carries already exists when nodes are read.
+        tasks = self.store.list(self.store.keys.tasks)
         nodes = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.nodes)}
-        for rec in self.store.list(self.store.keys.tasks):
+        for rec in tasks:
             if lease.lost.is_set():
                 return
             try:

@@ -23,6 +23,8 @@ class _Gunicorn(BaseApplication):
         settings = {"bind": web.bind, "workers": web.workers, "worker_class": "gthread",
                     "threads": 16,  # long polls and followed logs each hold a thread
                     "timeout": 3600, "graceful_timeout": 10, "accesslog": "-",
+                    # the path without the query string: `env` values may be secrets
+                    "access_log_format": '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(L)ss',
                     "certfile": web.certfile or None, "keyfile": web.keyfile or None,
                     # one shared default control socket would make web nodes on one host collide
                     "control_socket_disable": True}
