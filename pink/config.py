@@ -100,6 +100,7 @@ class Config:
     leader_ttl: int = defaults.LEADER_TTL
     reconcile_interval: float = defaults.RECONCILE_INTERVAL
     max_attempts: int = defaults.MAX_ATTEMPTS
+    max_job_failures: int = defaults.MAX_JOB_FAILURES
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     db: DatabaseConfig = field(default_factory=DatabaseConfig)
     web: WebConfig = field(default_factory=WebConfig)

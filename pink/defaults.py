@@ -10,6 +10,7 @@ NODE_TTL = 10  # seconds: a runner's lease; its record vanishes this long after 
 LEADER_TTL = 10  # seconds: the queue leader's lease on the leader key
 RECONCILE_INTERVAL = 2.0  # seconds between two passes of the leader over all tasks
 MAX_ATTEMPTS = 3  # a task lost this many times ends `failed`
+MAX_JOB_FAILURES = 8  # a transfer or run job failing this often fails its task (~8 min of backoff)
 
 MAX_UPLOAD_BYTES = 64 * 2**30  # bytes: largest image archive accepted
 UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling

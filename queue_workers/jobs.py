@@ -173,8 +173,18 @@ def _final_detail(task: dict) -> str:
 
 
 def _output_lost(rec) -> str:
-    """The runner died holding the export: try again, or fail past the limit."""
+    """The runner died holding the export: try again, or end without output.
+
+    A cancelled or timed-out task is not run again for its output: it ends as
+    it was going to, without one. Others run again up to the retry limit.
+    """
     task = rec.value
+    if task["result"] in (State.CANCELLED, State.TIMED_OUT):
+        new = advance(task, State(task["result"]), "its export was lost with its runner",
+                      export_error="export lost with its runner")
+        archive.write(context.config().db, new, b"")
+        lifecycle.move(context.store(), rec, new)
+        return new["state"]
     if retries_left(task, context.config().max_attempts):
         new = requeue(task, f"export lost with runner {task['node']}")
         if lifecycle.move(context.store(), rec, new):
@@ -204,8 +214,9 @@ def cleanup(task_id: str, attempt: int) -> str:
     rec = context.store().get(context.store().keys.task(task_id))
     if rec is not None and not is_final(rec.value):
         return "task still live"
-    path = rec.value["spool_path"] if rec else None
-    if path and os.path.exists(path):
+    # From the id, not the record: the user may have deleted the record already.
+    path = os.path.join(context.config().web.spool_dir, f"{task_id}.tar")
+    if os.path.exists(path):
         os.remove(path)
         return "removed"
     return "nothing to remove"

@@ -17,24 +17,29 @@ import os
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 
 import click
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from pink import config as pink_config
 from pink import lifecycle
 from pink.errors import PinkError
 from pink.store import Record, Store
-from pink.tasks import ON_RUNNER, State, exported, requeue, retries_left
-from queue_workers.queues import enqueue, queues_for
+from pink.tasks import ON_RUNNER, State, exported, job_id, requeue, retries_left
+from queue_workers.queues import enqueue, job_status, queues_for
 
 log = logging.getLogger("pink.leader")
 
 REGISTRY_CLEANUP_INTERVAL = 10.0  # seconds between sweeps of RQ's started-job registries
 COALESCE = 0.02  # seconds to let a burst of etcd changes settle before a pass
+MAX_BACKOFF = 300  # seconds: the longest wait before a failed job is tried again
+# Stages that give up: a finalize keeps retrying (a database outage must not fail tasks).
+GIVES_UP = {"transfer", "run"}
 
 # The job each state needs; states absent here wait on a runner or are final.
 STAGE_FOR = {State.QUEUED: "transfer", State.PLACED: "transfer",
@@ -119,8 +124,33 @@ class Leader:
                 self._lost(rec)
                 return
         stage = STAGE_FOR.get(state)
+        if stage in GIVES_UP and self._hold_failed(rec, stage):
+            return
         if stage and enqueue(self.redis, task, stage):
             log.info("enqueued %s for task %s (attempt %d)", stage, task["id"], task["attempt"])
+
+    def _hold_failed(self, rec: Record, stage: str) -> bool:
+        """For a job that failed: True while its retry must wait (backoff) or
+        when the task has now failed for good; False to retry it now."""
+        task = rec.value
+        jid = job_id(task["id"], stage, task["attempt"])
+        if job_status(self.redis, jid) != JobStatus.FAILED:
+            return False
+        job = Job.fetch(jid, connection=self.redis)
+        failures = (task.get("job_failures") or {}).get(stage, 0) + 1
+        ended = job.ended_at.replace(tzinfo=timezone.utc) if job.ended_at else None
+        if ended and (datetime.now(timezone.utc) - ended).total_seconds() < min(2 ** failures, MAX_BACKOFF):
+            return True
+        if failures >= self.config.max_job_failures:
+            reason = (job.exc_info or "").strip().splitlines()[-1:] or ["no error recorded"]
+            why = f"{stage} failed {failures} times; last: {reason[0][:500]}"
+            new = exported(task, State.FAILED, why, error=why)
+            lifecycle.move(self.store, rec, new, release=task.get("node"), unassign=task.get("node"),
+                           fence=self.fence)
+            log.warning("task %s: %s", task["id"], why)
+            return True
+        new = {**task, "job_failures": {**(task.get("job_failures") or {}), stage: failures}}
+        return not lifecycle.move(self.store, rec, new, fence=self.fence)
 
     def _lost(self, rec: Record) -> None:
         task = rec.value

@@ -7,6 +7,7 @@ every gunicorn worker and every test gets its own.
 
 from __future__ import annotations
 
+import pymysql
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -73,6 +74,11 @@ def _error_handlers(app: Flask) -> None:
         if request.method in ("POST", "PUT") and not _drain_body():
             response.headers["Connection"] = "close"
         return response, exc.status
+
+    @app.errorhandler(pymysql.err.MySQLError)
+    def database_error(exc):
+        message = f"the database failed: {exc.args[-1] if exc.args else exc}; try again shortly"
+        return jsonify(error="unavailable", message=message), 503
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
