@@ -142,10 +142,21 @@ def finalize(task_id: str, attempt: int) -> str:
     new = advance(task, State(task["result"]), _final_detail(task), output=output)
     archive.write(config.db, new, logs)
     if not lifecycle.move(context.store(), rec, new):
-        return "task moved first"
+        return _lost_the_race(rec, output, logs)
     _forget_on_runner(task)
     enqueue(context.redis(), new, "cleanup")
     return new["state"]
+
+
+def _lost_the_race(rec, output: dict | None, logs: bytes) -> str:
+    """Another finalize ended the task first: the archive must say what etcd says."""
+    current = context.store().get(rec.key)
+    if current is not None and is_final(current.value):
+        archive.write(context.config().db, current.value, logs)
+        theirs = (current.value.get("output") or {}).get("path")
+        if output and output["path"] != theirs and os.path.exists(output["path"]):
+            os.remove(output["path"])
+    return "task moved first"
 
 
 def _fetch(task: dict) -> tuple[dict | None, bytes]:

@@ -25,6 +25,7 @@ def create_app(config: pink_config.Config | str | None = None) -> Flask:
         raise pink_config.ConfigError("[web] secret_key is required (sessions are signed with it)")
     app.config.update(SECRET_KEY=config.web.secret_key, SESSION_COOKIE_SECURE=True,
                       SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
+                      PERMANENT_SESSION_LIFETIME=12 * 3600,
                       MAX_CONTENT_LENGTH=None)
     app.extensions["pink"] = Resources(config)
     app.register_blueprint(auth.bp)

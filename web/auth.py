@@ -17,7 +17,7 @@ import time
 from flask import Blueprint, abort, g, jsonify, redirect, render_template, request, session, url_for
 
 from pink import users
-from pink.errors import BadRequest, Forbidden, Unauthorized
+from pink.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from web.resources import res
 
 bp = Blueprint("auth", __name__)
@@ -41,6 +41,26 @@ def _from_token(token: str) -> users.User | None:
     return user
 
 
+def _from_session(remembered: dict) -> users.User:
+    """The session's user as the database has it now (cached briefly): a user
+    removed or demoted since logging in loses access within a minute."""
+    key = f"session:{remembered['id']}"
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit and hit[1] > time.monotonic():
+        return hit[0]
+    try:
+        user = users.by_name(res().db(), remembered["name"])
+    except NotFound:
+        user = None
+    if user is None or user.id != remembered["id"]:
+        session.clear()
+        raise Unauthorized("this account no longer exists: log in again")
+    with _cache_lock:
+        _cache[key] = (user, time.monotonic() + TOKEN_CACHE_SECONDS)
+    return user
+
+
 def current_user() -> users.User | None:
     if "pink_user" in g:
         return g.pink_user
@@ -53,7 +73,7 @@ def current_user() -> users.User | None:
     elif "user" in session:
         if request.method in UNSAFE and request.headers.get("X-CSRF-Token") != session.get("csrf"):
             raise Forbidden("missing or wrong CSRF token: reload the page", code="csrf")
-        user = users.User(**session["user"])
+        user = _from_session(session["user"])
     g.pink_user = user
     return user
 
