@@ -168,6 +168,7 @@ def test_nodes_and_health(api):
         time.sleep(0.2)
     node = api("GET", "/nodes").json()["nodes"][0]
     assert node["name"] == "run1" and node["state"] == "ready"
+    assert node["gpu_mode"] == "none" and node["gpus"] == []  # no NVIDIA driver here, none declared
     health = api("GET", "/health").json()
     assert health["status"] == "ok" and health["etcd"] == health["redis"] == health["db"] == "ok"
 
