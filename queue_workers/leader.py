@@ -36,7 +36,6 @@ from queue_workers.queues import enqueue, job_status, queues_for
 log = logging.getLogger("pink.leader")
 
 REGISTRY_CLEANUP_INTERVAL = 10.0  # seconds between sweeps of RQ's started-job registries
-COALESCE = 0.02  # seconds to let a burst of etcd changes settle before a pass
 MAX_BACKOFF = 300  # seconds: the longest wait before a failed job is tried again
 # Stages that give up: a finalize keeps retrying (a database outage must not fail tasks).
 GIVES_UP = {"transfer", "run"}
@@ -88,8 +87,7 @@ class Leader:
             while not stop.is_set() and not lease.lost.is_set():
                 self.changed.clear()
                 self.reconcile(lease)
-                if self.changed.wait(self.config.reconcile_interval):
-                    stop.wait(COALESCE)  # one pass for a burst of changes, not one per change
+                self.changed.wait(self.config.reconcile_interval)
         finally:
             for cancel in cancels:
                 cancel()
