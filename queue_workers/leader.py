@@ -27,7 +27,8 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from pink import config as pink_config
-from pink import lifecycle
+from pink import lifecycle, scheduler
+from pink import nodes as pink_nodes
 from pink.errors import PinkError
 from pink.store import Record, Store
 from pink.tasks import ON_RUNNER, State, exported, job_id, requeue, retries_left
@@ -81,8 +82,9 @@ class Leader:
         return lease
 
     def _lead(self, lease, stop: threading.Event) -> None:
-        cancels = [self.store.watch_prefix(self.store.keys.tasks, self.changed.set),
-                   self.store.watch_prefix(self.store.keys.nodes, self.changed.set)]
+        cancels = [self.store.watch_prefix(prefix, self.changed.set)
+                   for prefix in (self.store.keys.tasks, self.store.keys.nodes, self.store.keys.allocs,
+                                  self.store.keys.controls)]
         try:
             while not stop.is_set() and not lease.lost.is_set():
                 self.changed.clear()
@@ -105,17 +107,22 @@ class Leader:
         # Tasks before nodes: any epoch a task carries already exists when nodes are read.
         tasks = self.store.list(self.store.keys.tasks)
         nodes = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.nodes)}
+        allocs = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.allocs)}
+        plan = scheduler.plan(self.config, [r.value for r in tasks], pink_nodes.view(self.store), allocs)
         for rec in tasks:
             if lease.lost.is_set():
                 return
             try:
-                self._reconcile_task(rec, nodes)
+                self._reconcile_task(rec, nodes, plan)
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.get("id"), exc)
 
-    def _reconcile_task(self, rec: Record, nodes: dict[str, Record]) -> None:
+    def _reconcile_task(self, rec: Record, nodes: dict[str, Record], plan) -> None:
         task = rec.value
         state = State(task["state"])
+        if state == State.QUEUED and task["id"] not in plan.choices and \
+                job_status(self.redis, job_id(task["id"], "transfer", task["attempt"])) == JobStatus.FINISHED:
+            return  # its transfer job found no place, and none has opened since
         if state in ON_RUNNER:
             node = nodes.get(task["node"])
             if node is None or node.create_revision != task["epoch"]:
