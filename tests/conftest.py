@@ -101,6 +101,27 @@ def pink_config(cluster, tmp_path):
         cluster.etcd_delete_prefix(prefix + "/")
 
 
+@pytest.fixture
+def config_variant(cluster, pink_config, tmp_path):
+    """`variant(name, **overrides)`: another config file in this test's namespace
+    (same etcd prefix, Redis database, schema, web port and dirs, short TTLs),
+    with `overrides` (top-level settings or section dicts) applied. Returns its path."""
+
+    def variant(name: str, runner_name: str = "run1", **overrides) -> str:
+        c = pink_config
+        settings = {"web_port": int(c.web.url.rsplit(":", 1)[1]), "redis_url": c.redis_url,
+                    "node_ttl": 3, "leader_ttl": 3, "reconcile_interval": 0.5,
+                    "etcd": {"prefix": c.etcd.prefix}, "db": {"database": c.db.database},
+                    "web": {"spool_dir": c.web.spool_dir, "output_dir": c.web.output_dir}}
+        for key, value in overrides.items():
+            settings[key] = {**settings[key], **value} if isinstance(value, dict) and key in settings \
+                else value
+        return str(cluster.write_config(path=tmp_path / f"{name}.toml", runner_name=runner_name,
+                                        **settings))
+
+    return variant
+
+
 @pytest.fixture(scope="session")
 def docker_client(cluster):
     import docker

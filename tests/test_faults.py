@@ -117,22 +117,19 @@ def test_leader_killed_another_takes_over(api, pink_processes, slow_archive):
     assert second.create_revision != first.create_revision
 
 
-def test_a_transfer_that_keeps_failing_fails_its_task(pink_processes, pink_config, cluster, docker_client,
-                                                      tmp_path):
+def test_a_transfer_that_keeps_failing_fails_its_task(pink_processes, pink_config, config_variant,
+                                                      docker_client, tmp_path):
     c = pink_config
     tag = f"pink/test-lost:{uuid.uuid4().hex[:8]}"  # new: no runner may hold it already
     images.build_image(docker_client, tag, f"FROM {images.BUSYBOX_TAG}\nLABEL n={tag}\n")
     archive_path = images.save_image(docker_client, tag, tmp_path / "lost.tar")
-    path = cluster.write_config(
-        path=tmp_path / "gives-up.toml", web_port=int(c.web.url.rsplit(":", 1)[1]), redis_url=c.redis_url,
-        node_ttl=3, reconcile_interval=0.5, max_job_failures=2, etcd={"prefix": c.etcd.prefix},
-        db={"database": c.db.database}, web={"spool_dir": c.web.spool_dir, "output_dir": c.web.output_dir})
-    pink_processes.web(str(path))
+    path = config_variant("gives-up", max_job_failures=2)
+    pink_processes.web(path)
     api = Api(c, make_user(c, "alice"))
     task_id = api.submit(archive_path).json()["task"]["id"]
     os.remove(os.path.join(c.web.spool_dir, f"{task_id}.tar"))  # the upload is lost before its transfer
     for start in (pink_processes.worker, pink_processes.leader, pink_processes.runner):
-        start(config_path=str(path))
+        start(config_path=path)
     task = api.wait(task_id, timeout=60)
     assert task["state"] == "failed" and "transfer failed 2 times" in task["error"], task
     assert "No such file" in task["error"]

@@ -19,19 +19,16 @@ PROBE = ("sh -c 'mkdir /o; echo $NVIDIA_VISIBLE_DEVICES > /o/gpus; "
 
 
 @pytest.fixture
-def gpu_cluster(pink_processes, pink_config, cluster, tmp_path):
+def gpu_cluster(pink_processes, pink_config, cluster, config_variant):
     pink_processes.web()
     pink_processes.worker()
     pink_processes.leader()
     c = pink_config
     for name, count in RUNNERS.items():
         cluster.start_sshd(name)
-        path = cluster.write_config(
-            path=tmp_path / f"{name}.toml", runner_name=name, web_port=int(c.web.url.rsplit(":", 1)[1]),
-            redis_url=c.redis_url, node_ttl=3, etcd={"prefix": c.etcd.prefix},
-            db={"database": c.db.database},
-            runner={"gpus": [f"GPU-{name}-{i}" for i in range(count)], "max_containers": 4})
-        pink_processes.runner(name, str(path))
+        path = config_variant(name, runner_name=name,
+                              runner={"gpus": [f"GPU-{name}-{i}" for i in range(count)], "max_containers": 4})
+        pink_processes.runner(name, path)
     return Api(c, make_user(c, "alice"))
 
 

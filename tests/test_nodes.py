@@ -26,7 +26,7 @@ def sleeper(docker_client, tmp_path_factory):
 
 
 @pytest.fixture
-def cluster_api(pink_processes, pink_config, cluster, tmp_path):
+def cluster_api(pink_processes, pink_config, cluster, config_variant):
     """Web, worker, leader and runner run1; `start_run2()` adds a second runner."""
     pink_processes.web()
     pink_processes.worker()
@@ -36,12 +36,7 @@ def cluster_api(pink_processes, pink_config, cluster, tmp_path):
 
     def start_run2():
         cluster.start_sshd("run2")
-        c = pink_config
-        path = cluster.write_config(
-            path=tmp_path / "run2.toml", runner_name="run2", web_port=int(c.web.url.rsplit(":", 1)[1]),
-            redis_url=c.redis_url, node_ttl=3, etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
-            runner={"stop_grace": 1})
-        pink_processes.runner("run2", str(path))
+        pink_processes.runner("run2", config_variant("run2", runner_name="run2", runner={"stop_grace": 1}))
         wait_for(lambda: len(admin("GET", "/nodes").json()["nodes"]) == 2)
 
     admin.start_run2 = start_run2

@@ -173,14 +173,11 @@ def test_nodes_and_health(api):
     assert health["status"] == "ok" and health["etcd"] == health["redis"] == health["db"] == "ok"
 
 
-def test_any_web_node_serves_an_output(api, pink_processes, cluster, writer_archive, tmp_path):
+def test_any_web_node_serves_an_output(api, pink_processes, config_variant, writer_archive, tmp_path):
     task = api.wait(api.submit(writer_archive).json()["task"]["id"])
-    c = api.config
-    path = cluster.write_config(
-        path=tmp_path / "web2.toml", host="web2", web_port=free_port(), redis_url=c.redis_url,
-        etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
-        web={"spool_dir": str(tmp_path / "spool2"), "output_dir": str(tmp_path / "out2")})
-    pink_processes.web(str(path), role="web2")
+    path = config_variant("web2", host="web2", web_port=free_port(),
+                          web={"spool_dir": str(tmp_path / "spool2"), "output_dir": str(tmp_path / "out2")})
+    pink_processes.web(path, role="web2")
     web2 = Api(pink_config_module.load(path), api.token)
     whole = api("GET", f"/tasks/{task['id']}/output").content
     assert web2("GET", f"/tasks/{task['id']}/output").content == whole
@@ -209,17 +206,13 @@ def test_cancel_sends_sigterm_and_keeps_the_output(api, writer_archive):
     assert files_in_output(api("GET", f"/tasks/{task_id}/output").content)["saved.txt"] == b"saved by sh\n"
 
 
-def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config, cluster, docker_client,
-                                                    tmp_path):
+def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config, config_variant,
+                                                    docker_client, tmp_path):
     c = pink_config
-    path = cluster.write_config(
-        path=tmp_path / "cache.toml", web_port=int(c.web.url.rsplit(":", 1)[1]), redis_url=c.redis_url,
-        node_ttl=3, reconcile_interval=0.5, etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
-        web={"spool_dir": c.web.spool_dir, "output_dir": c.web.output_dir},
-        runner={"image_cache_bytes": 1,  # every image but the one in use is evicted
-                "container_disk": "1g"})  # overlay2 on ext4 here: refused, so run without
+    path = config_variant("cache", runner={"image_cache_bytes": 1,  # all but the image in use go
+                                           "container_disk": "1g"})  # overlay2 on ext4: refused
     for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
-        start(config_path=str(path))
+        start(config_path=path)
     api = Api(pink_config_module.load(path), make_user(c, "alice"))
     archives = []
     for n in range(2):

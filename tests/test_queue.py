@@ -49,15 +49,11 @@ def test_user_limit_holds_tasks_with_a_reason():
 
 
 @pytest.fixture
-def limited(pink_processes, pink_config, cluster, tmp_path):
-    c = pink_config
-    path = cluster.write_config(
-        path=tmp_path / "limited.toml", web_port=int(c.web.url.rsplit(":", 1)[1]), redis_url=c.redis_url,
-        node_ttl=3, reconcile_interval=0.5, etcd={"prefix": c.etcd.prefix}, db={"database": c.db.database},
-        web={"spool_dir": c.web.spool_dir, "output_dir": c.web.output_dir},
-        runner={"gpus": ["GPU-a", "GPU-b"]}, limits={"gpus_per_user": 1, "queued_per_user": 3})
+def limited(pink_processes, config_variant):
+    path = config_variant("limited", runner={"gpus": ["GPU-a", "GPU-b"]},
+                          limits={"gpus_per_user": 1, "queued_per_user": 3})
     for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
-        start(config_path=str(path))
+        start(config_path=path)
     from pink import config as pink_config_module
     config = pink_config_module.load(path)
     return Api(config, make_user(config, "alice")), Api(config, make_user(config, "bob"))

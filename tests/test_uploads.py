@@ -21,15 +21,10 @@ LIMIT = 8 * 2**20  # bytes: this module's upload limit
 
 
 @pytest.fixture
-def api(pink_processes, pink_config, cluster, tmp_path):
+def api(pink_processes, config_variant):
     """pink-web alone (nothing else may pick up a task), with a small upload limit."""
-    path = cluster.write_config(
-        path=tmp_path / "small.toml", web_port=int(urlparse(pink_config.web.url).port),
-        redis_url=pink_config.redis_url, etcd={"prefix": pink_config.etcd.prefix},
-        db={"database": pink_config.db.database},
-        web={"spool_dir": pink_config.web.spool_dir, "output_dir": pink_config.web.output_dir,
-             "max_upload_bytes": LIMIT})
-    pink_processes.web(str(path))
+    path = config_variant("small", web={"max_upload_bytes": LIMIT})
+    pink_processes.web(path)
     config = pink_config_module.load(path)
     return Api(config, make_user(config, "alice"))
 
