@@ -169,7 +169,7 @@ def requeue(record: dict, why: str, lost: bool = True) -> dict:
     """
     return advance(record, State.QUEUED, why, attempt=record["attempt"] + 1, node=None,
                    epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
-                   losses=record.get("losses", 0) + (1 if lost else 0))
+                   job_failures={}, losses=record.get("losses", 0) + (1 if lost else 0))
 
 
 def retries_left(record: dict, max_attempts: int) -> bool:
