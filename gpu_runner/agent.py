@@ -32,6 +32,7 @@ log = logging.getLogger("pink.runner")
 
 POLL = 1.0  # seconds between reads of the assignments, in case a watch event is lost
 SPOOL_REPORT_BYTES = 64 * 2**20  # a change in free spool space worth telling the schedulers
+SPOOL_SWEEP_INTERVAL = 30.0  # seconds between sweeps of archives no reservation needs
 
 
 class Agent:
@@ -51,6 +52,7 @@ class Agent:
         self.images_in_use: dict[str, str] = {}  # task id -> archive digest it runs (never evicted)
         self.disk_limits: bool | None = None  # does the storage driver take a container disk size?
         self._image_locks: dict[str, threading.Lock] = {}
+        self._swept = 0.0
 
     # -- registration ----------------------------------------------------------
 
@@ -91,11 +93,24 @@ class Agent:
 
     def refresh(self) -> None:
         """Publish the spool's state when it changed (images arrive and are loaded)."""
+        if time.monotonic() - self._swept > SPOOL_SWEEP_INTERVAL:
+            self._sweep_spool()
         spool = self._spool()
         if spool["spool_images"] != self._record.get("spool_images") or \
                 abs(spool["spool_free"] - self._record.get("spool_free", 0)) > SPOOL_REPORT_BYTES:
             self._record.update(spool)
             self._publish()
+
+    def _sweep_spool(self) -> None:
+        self._swept = time.monotonic()
+        alloc = self.store.get(self.store.keys.alloc(self.config.runner.name))
+        keep = set()
+        for task_id in (alloc.value if alloc else {}):
+            rec = self.store.get(self.store.keys.task(task_id))
+            if rec is not None:
+                keep.add(rec.value["image"]["sha256"])
+        for name in images.sweep_spool(self.config.runner.spool_dir, keep, self.config.runner.spool_grace):
+            log.info("removed %s from the spool: no task here needs it", name)
 
     def _publish(self) -> None:
         key = self.store.keys.node(self.config.runner.name)

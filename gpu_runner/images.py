@@ -11,6 +11,7 @@ execution (load, evict).
 from __future__ import annotations
 
 import os
+import time
 
 import docker
 from docker.errors import APIError, ImageNotFound
@@ -89,3 +90,24 @@ def evict(client: docker.DockerClient, budget: int, in_use: set[str]) -> list[st
             except APIError:
                 pass  # a stopped container still refers to it: Docker keeps it
     return evicted
+
+
+def sweep_spool(spool_dir: str, keep: set[str], grace: float) -> list[str]:
+    """Remove archives (and interrupted part files) older than `grace` seconds
+    that no reservation here needs (`keep`: archive digests). Archives copied
+    for tasks that were then cancelled or moved elsewhere are never loaded,
+    and would otherwise fill the spool and its `max_spool_images`."""
+    removed = []
+    now = time.time()
+    for name in os.listdir(spool_dir):
+        path = os.path.join(spool_dir, name)
+        sha = name.split(".", 1)[0]
+        if sha in keep or not (name.endswith(".tar") or name.endswith(".part")):
+            continue
+        try:
+            if now - os.stat(path).st_mtime > grace:
+                os.remove(path)
+                removed.append(name)
+        except FileNotFoundError:
+            pass  # loaded (and removed) meanwhile
+    return removed

@@ -80,6 +80,7 @@ class RunnerConfig:
     max_containers: int = 4
     image_cache_bytes: int = 0  # disk budget of loaded images; 0: keep every image
     max_spool_images: int = 8  # archives waiting in the spool to be loaded; 0: no limit
+    spool_grace: float = 600.0  # seconds an archive no task here needs stays before it is swept
     container_disk: str = ""  # e.g. "20g": writable layer size, where the storage driver allows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
@@ -232,3 +233,24 @@ def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config,
     if ["Backing Filesystem", "xfs"] not in storage:
         store = Store.from_config(api.config)
         assert store.get(store.keys.node("run1")).value["disk_limits"] is False
+
+
+def test_runner_sweeps_archives_no_task_needs(pink_processes, pink_config, config_variant):
+    spool = pink_config.runner.spool_dir
+    stale, fresh = os.path.join(spool, "a" * 64 + ".tar"), os.path.join(spool, "b" * 64 + ".tar")
+    part = os.path.join(spool, "c" * 64 + ".tar.0123.part")
+    for path in (stale, fresh, part):
+        with open(path, "wb") as fh:
+            fh.write(b"left by a task that was cancelled before its image was loaded")
+    for path in (stale, part):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    pink_processes.runner(config_path=config_variant("sweep", runner={"spool_grace": 60}))
+    store = Store.from_config(pink_config)
+    deadline = time.monotonic() + 20
+    while os.path.exists(stale) or os.path.exists(part):
+        assert time.monotonic() < deadline, "the stale archive was never swept"
+        time.sleep(0.2)
+    assert os.path.exists(fresh)  # within its grace: it may be about to be placed
+    while store.get(store.keys.node("run1")).value["spool_images"] != 1:  # published after the sweep
+        assert time.monotonic() < deadline, "the node record still counts the swept archive"
+        time.sleep(0.2)
