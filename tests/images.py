@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import uuid
 import posixpath
 import shutil
 import subprocess
@@ -136,6 +137,20 @@ def save_image(client, tag: str, path) -> str:
             out.write(chunk)
     os.replace(partial, path)
     return path
+
+
+def build_archive(client, tag: str, dockerfile_text: str, path) -> str:
+    """Build `tag` from `dockerfile_text` (FROM the busybox image unless it
+    names another) and save it to `path`: the upload file most tests need."""
+    build_image(client, tag, dockerfile_text)
+    return save_image(client, tag, path)
+
+
+def fresh_archive(client, name: str, path, dockerfile_text: str = "") -> str:
+    """Like build_archive, with a label no other image has: its archive digest
+    is new, so no runner holds it yet."""
+    tag = f"pink/test-{name}:{uuid.uuid4().hex[:8]}"
+    return build_archive(client, tag, dockerfile_text + f"LABEL pink.test.nonce={tag}\n", path)
 
 
 # ---------------------------------------------------------------- OCI layout

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import pytest
 from redis import Redis
 
 from pink import archive, db
 from pink.store import Store
+from pink.tasks import spool_file
 from tests import images
 from tests.helpers import Api, make_user
 
@@ -18,12 +18,9 @@ from tests.helpers import Api, make_user
 @pytest.fixture(scope="module")
 def slow_archive(docker_client, tmp_path_factory):
     """An image whose task takes a few seconds and counts its own runs."""
-    base = images.ensure_busybox_image(docker_client)
-    tag = images.build_image(docker_client, "pink/test-slow:1",
-                             f'FROM {base}\nCMD ["sh", "-c", "echo start; sleep 4; echo finished > /done.txt"]\n')
-    path = tmp_path_factory.mktemp("slow") / "slow.tar"
-    images.save_image(docker_client, tag, path)
-    return path
+    return images.build_archive(docker_client, "pink/test-slow:1",
+                                'CMD ["sh", "-c", "echo start; sleep 4; echo finished > /done.txt"]\n',
+                                tmp_path_factory.mktemp("slow") / "slow.tar")
 
 
 @pytest.fixture
@@ -120,14 +117,12 @@ def test_leader_killed_another_takes_over(api, pink_processes, slow_archive):
 def test_a_transfer_that_keeps_failing_fails_its_task(pink_processes, pink_config, config_variant,
                                                       docker_client, tmp_path):
     c = pink_config
-    tag = f"pink/test-lost:{uuid.uuid4().hex[:8]}"  # new: no runner may hold it already
-    images.build_image(docker_client, tag, f"FROM {images.BUSYBOX_TAG}\nLABEL n={tag}\n")
-    archive_path = images.save_image(docker_client, tag, tmp_path / "lost.tar")
+    archive_path = images.fresh_archive(docker_client, "lost", tmp_path / "lost.tar")  # no runner holds it
     path = config_variant("gives-up", max_job_failures=2)
     pink_processes.web(path)
     api = Api(c, make_user(c, "alice"))
     task_id = api.submit(archive_path).json()["task"]["id"]
-    os.remove(os.path.join(c.web.spool_dir, f"{task_id}.tar"))  # the upload is lost before its transfer
+    os.remove(spool_file(c.web.spool_dir, task_id))  # the upload is lost before its transfer
     for start in (pink_processes.worker, pink_processes.leader, pink_processes.runner):
         start(config_path=path)
     task = api.wait(task_id, timeout=60)

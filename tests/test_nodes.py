@@ -17,12 +17,9 @@ from tests.helpers import Api, make_user
 
 @pytest.fixture(scope="module")
 def sleeper(docker_client, tmp_path_factory):
-    base = images.ensure_busybox_image(docker_client)
-    tag = images.build_image(docker_client, "pink/test-sleeper:1",
-                             f'FROM {base}\nCMD ["sh", "-c", "echo start; sleep 3; echo done > /done.txt"]\n')
-    path = tmp_path_factory.mktemp("sleeper") / "sleeper.tar"
-    images.save_image(docker_client, tag, path)
-    return path
+    return images.build_archive(docker_client, "pink/test-sleeper:1",
+                                'CMD ["sh", "-c", "echo start; sleep 3; echo done > /done.txt"]\n',
+                                tmp_path_factory.mktemp("sleeper") / "sleeper.tar")
 
 
 @pytest.fixture

@@ -204,13 +204,10 @@ def ns_host(cluster, pink_config, tmp_path):
 
 @pytest.fixture(scope="module")
 def slow_archive(docker_client, tmp_path_factory):
-    base = images.ensure_busybox_image(docker_client)
-    tag = images.build_image(
+    return images.build_archive(
         docker_client, f"pink/test-partition:{TASK_SECONDS}",
-        f'FROM {base}\nCMD ["sh", "-c", "echo start; sleep {TASK_SECONDS}; echo finished > /done.txt"]\n')
-    path = tmp_path_factory.mktemp("partition") / "slow.tar"
-    images.save_image(docker_client, tag, path)
-    return path
+        f'CMD ["sh", "-c", "echo start; sleep {TASK_SECONDS}; echo finished > /done.txt"]\n',
+        tmp_path_factory.mktemp("partition") / "slow.tar")
 
 
 def _wait_for(what: str, check, timeout: float, logs=lambda: ""):

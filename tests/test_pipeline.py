@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 
 import pytest
 
@@ -16,7 +15,7 @@ from pink.store import Store
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 
-WRITER = 'FROM {base}\nCMD ["sh", "-c", "echo hello from pink > /result.txt; echo done"]\n'
+WRITER = 'CMD ["sh", "-c", "echo hello from pink > /result.txt; echo done"]\n'
 
 
 @pytest.fixture
@@ -31,11 +30,8 @@ def api(pink_processes, pink_config):
 
 @pytest.fixture(scope="module")
 def writer_archive(docker_client, tmp_path_factory):
-    base = images.ensure_busybox_image(docker_client)
-    tag = images.build_image(docker_client, "pink/test-writer:1", WRITER.format(base=base))
-    path = tmp_path_factory.mktemp("img") / "writer.tar"
-    images.save_image(docker_client, tag, path)
-    return path
+    return images.build_archive(docker_client, "pink/test-writer:1", WRITER,
+                                tmp_path_factory.mktemp("img") / "writer.tar")
 
 
 def _archived(config, task_id):
@@ -79,9 +75,7 @@ def test_docker25_oci_layout_runs(api, writer_archive, tmp_path):
 
 
 def test_second_task_with_same_image_skips_the_copy(api, docker_client, tmp_path):
-    fresh = f"pink/test-fresh:{uuid.uuid4().hex[:8]}"
-    images.build_image(docker_client, fresh, WRITER.format(base=images.BUSYBOX_TAG) + f"LABEL n={fresh}\n")
-    archive_path = images.save_image(docker_client, fresh, tmp_path / "fresh.tar")
+    archive_path = images.fresh_archive(docker_client, "fresh", tmp_path / "fresh.tar", WRITER)
     first = api.wait(api.submit(archive_path).json()["task"]["id"])
     second = api.wait(api.submit(archive_path).json()["task"]["id"])
     assert first["timings"]["transfer_bytes"] > 0
@@ -215,11 +209,7 @@ def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config,
     for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
         start(config_path=path)
     api = Api(pink_config_module.load(path), make_user(c, "alice"))
-    archives = []
-    for n in range(2):
-        tag = f"pink/test-cache:{uuid.uuid4().hex[:8]}"
-        images.build_image(docker_client, tag, WRITER.format(base=images.BUSYBOX_TAG) + f"LABEL n={tag}\n")
-        archives.append(images.save_image(docker_client, tag, tmp_path / f"c{n}.tar"))
+    archives = [images.fresh_archive(docker_client, "cache", tmp_path / f"c{n}.tar", WRITER) for n in range(2)]
     first = api.wait(api.submit(archives[0]).json()["task"]["id"])
     again = api.wait(api.submit(archives[0]).json()["task"]["id"])
     assert first["timings"]["image_load_seconds"] > 0 and first["timings"]["transfer_bytes"] > 0
