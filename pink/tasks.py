@@ -8,6 +8,7 @@ trail the finalizer archives), then commits it as a compare-and-swap through
 
 from __future__ import annotations
 
+import os
 import secrets
 import shlex
 import time
@@ -116,15 +117,19 @@ def _int(text, name, default, low, high):
     return value
 
 
-def new_record(task_id: str, user: str, params: Params, image: dict, web_host: str,
-               spool_path: str) -> dict:
+def spool_file(spool_dir: str, task_id: str) -> str:
+    """Where a task's upload lies on its web host (`web_host`) until it is final."""
+    return os.path.join(spool_dir, f"{task_id}.tar")
+
+
+def new_record(task_id: str, user: str, params: Params, image: dict, web_host: str) -> dict:
     t = now()
     return {
         "id": task_id, "name": params.name or task_id, "user": user,
         "state": State.QUEUED.value, "attempt": 1,
         "created_at": t, "updated_at": t,
         "image": image, "params": params.__dict__.copy(),
-        "web_host": web_host, "spool_path": spool_path,
+        "web_host": web_host,
         "node": None, "epoch": None, "gpus": [],
         "result": None, "exit_code": None, "error": None, "waiting": None,
         "output": None, "cancel_requested": False,

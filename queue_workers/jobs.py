@@ -14,7 +14,7 @@ import time
 
 from pink import archive, lifecycle, scheduler, sftp
 from pink.errors import Unavailable
-from pink.tasks import State, advance, is_final, output_filename, requeue, retries_left
+from pink.tasks import State, advance, is_final, output_filename, requeue, retries_left, spool_file
 from queue_workers import context
 from queue_workers.queues import enqueue
 
@@ -94,7 +94,8 @@ def _copy_image(rec) -> str:
         ssh = context.config().ssh
         with context.sftp().session(node) as conn:
             if sftp.remote_size(conn, remote) != task["image"]["size"]:
-                sent = sftp.put_parallel(conn, ssh, node, task["spool_path"], remote)
+                local = spool_file(context.config().web.spool_dir, task["id"])  # we run on its web host
+                sent = sftp.put_parallel(conn, ssh, node, local, remote)
     elapsed = time.time() - started
     detail = f"copied {sent} bytes in {elapsed:.2f}s" if sent else "runner already holds the image"
     new = advance(task, State.TRANSFERRED, detail)
@@ -226,7 +227,7 @@ def cleanup(task_id: str, attempt: int) -> str:
     if rec is not None and not is_final(rec.value):
         return "task still live"
     # From the id, not the record: the user may have deleted the record already.
-    path = os.path.join(context.config().web.spool_dir, f"{task_id}.tar")
+    path = spool_file(context.config().web.spool_dir, task_id)
     if os.path.exists(path):
         os.remove(path)
         return "removed"

@@ -14,7 +14,7 @@ def record(**params):
     return new_record("abc123", "alice", Params(**params), {"sha256": "0" * 64, "size": 10,
                                                            "image_id": "sha256:" + "1" * 64,
                                                            "repo_tags": [], "layout": "docker"},
-                      "web1", "/spool/abc123.tar")
+                      "web1")
 
 
 def test_final_states_have_no_way_out():

@@ -42,7 +42,7 @@ def submit():
     _check_user_limits(user.name, request.content_length or 0)
     task_id = new_id()
     upload = uploads.receive(config.web.spool_dir, task_id, config.web.max_upload_bytes)
-    record = new_record(task_id, user.name, params, upload.image(), config.host, upload.path)
+    record = new_record(task_id, user.name, params, upload.image(), config.host)
     try:
         _check_user_limits(user.name, upload.size)
         store.create(store.keys.task(task_id), record)

@@ -17,6 +17,7 @@ from werkzeug.exceptions import ClientDisconnected
 
 from pink import defaults, image_archive
 from pink.errors import BadRequest, TooLarge
+from pink.tasks import spool_file
 
 
 @dataclass
@@ -46,7 +47,7 @@ def receive(spool_dir: str, task_id: str, max_bytes: int) -> Upload:
         raise TooLarge(f"the archive is {declared} bytes; the limit is {max_bytes} bytes")
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     part = os.path.join(spool_dir, f".{task_id}.part")
-    final = os.path.join(spool_dir, f"{task_id}.tar")
+    final = spool_file(spool_dir, task_id)
     try:
         raw = request.mimetype != "multipart/form-data"
         sha, size = _spool(_source(), part, max_bytes)
