@@ -1,66 +1,131 @@
 """The task archive in MariaDB: one row per finished task, its logs and history.
 
-Written by the finalize job before the task's final state is committed to
-etcd, in one database transaction, and idempotent (a finalize that runs
-twice rewrites the same row), so a task is never reported finished without
-its archive. Read by the web API for tasks no longer in etcd.
+The finalize job writes a task's row once, keyed by the task id and its
+attempt (`write` does nothing when that attempt is already archived), and
+only then removes the task from etcd: a crash between the two leaves a task
+that the next finalize removes without archiving it again. Everything that
+shows past tasks reads here: the API (one task, paged history, usage), logs,
+downloads, and the leader's retention sweep.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import pymysql
 
 from pink import db
-from pink.errors import Unavailable
+from pink.errors import BadRequest, Unavailable
+
+_schema_ready: set[tuple] = set()  # databases this process has brought up to date
 
 
-def archive_task(conn, record: dict, logs: bytes) -> None:
-    """Insert or replace the task's row, logs and events, then commit."""
+def _ensure_schema(conn, db_config) -> None:
+    key = (db_config.host, db_config.port, db_config.database)
+    if key not in _schema_ready:
+        db.init_schema(conn)
+        _schema_ready.add(key)
+
+
+def archived_attempt(conn, task_id: str) -> int | None:
+    """The attempt archived for this task, or None if it has no row yet."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT attempt FROM tasks WHERE id=%s", (task_id,))
+        row = cur.fetchone()
+    conn.commit()
+    return row["attempt"] if row else None
+
+
+def archive_task(conn, record: dict, logs: bytes, expires_at: float | None = None,
+                 deleted: bool = False) -> bool:
+    """Insert the task's row, logs and events in one transaction.
+
+    Returns False, writing nothing, when the row exists already: the same
+    attempt finalized twice (or a finalize that crashed before removing the
+    task from etcd) must not rewrite what users may have seen or deleted.
+    """
     t = record.get("timings") or {}
     output = record.get("output") or {}
+    finished = t.get(record["state"])
+    now = time.time()
     row = (record["id"], record["user"], record["name"], record["state"], record["attempt"],
            record.get("node"), record.get("exit_code"), record.get("error"),
            record["image"]["sha256"], record["image"]["size"], output.get("size"),
-           json.dumps(record.get("gpus") or []), t.get("submitted"), t.get("running"),
-           t.get("exported"), t.get(record["state"]), json.dumps(record))
+           json.dumps(record.get("gpus") or []), len(record.get("gpus") or []),
+           t.get("submitted", record.get("created_at")), t.get("running"), t.get("exported"), finished,
+           output.get("host"), output.get("path"), expires_at,
+           record.get("logs_truncated", 0), now if deleted else None, now if deleted else None,
+           json.dumps(record))
+    try:
+        return _insert(conn, record, logs, row, deleted)
+    except pymysql.err.IntegrityError:  # another finalize inserted it first
+        conn.rollback()
+        return False
+
+
+def _insert(conn, record: dict, logs: bytes, row: tuple, deleted: bool) -> bool:
     with conn.cursor() as cur:
+        cur.execute("SELECT attempt FROM tasks WHERE id=%s FOR UPDATE", (record["id"],))
+        if cur.fetchone():
+            conn.rollback()
+            return False
         cur.execute(
-            "REPLACE INTO tasks (id, user_name, name, state, attempt, node, exit_code, error, "
-            "image_sha256, image_size, output_size, gpus, submitted_at, started_at, ended_at, "
-            "finished_at, record) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", row)
-        cur.execute("REPLACE INTO task_logs (task_id, logs) VALUES (%s,%s)", (record["id"], logs))
-        cur.execute("DELETE FROM task_events WHERE task_id=%s", (record["id"],))
+            "INSERT INTO tasks (id, user_name, name, state, attempt, node, exit_code, error, "
+            "image_sha256, image_size, output_size, gpus, gpu_count, submitted_at, started_at, "
+            "ended_at, finished_at, output_host, output_path, expires_at, logs_truncated, "
+            "deleted_at, expired_at, record) "
+            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", row)
+        if not deleted:
+            cur.execute("INSERT INTO task_logs (task_id, logs) VALUES (%s,%s)", (record["id"], logs))
         cur.executemany("INSERT INTO task_events (task_id, at, state, detail) VALUES (%s,%s,%s,%s)",
                         [(record["id"], at, state, detail) for at, state, detail in record["history"]])
     conn.commit()
+    return True
 
 
-def write(db_config, record: dict, logs: bytes, retries: int = 3) -> None:
-    """Archive with a fresh connection, retrying while the database is down."""
-    for attempt in range(retries + 1):
-        try:
-            conn = db.connect(db_config)
-            try:
-                db.init_schema(conn)
-                archive_task(conn, record, logs)
-                return
-            finally:
-                conn.close()
-        except (Unavailable, pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
-            if attempt == retries:
-                raise Unavailable(f"could not archive task {record['id']}: {exc}") from exc
-            time.sleep(min(2 ** attempt, 10))
+@contextlib.contextmanager
+def connection(db_config) -> Iterator:
+    """A connection with the schema up to date; database failures become Unavailable.
+
+    Jobs use this rather than retrying: the leader backs a failing finalize
+    off, so a database outage fails a job at once instead of holding a worker.
+    """
+    conn = db.connect(db_config)
+    try:
+        _ensure_schema(conn, db_config)
+        yield conn
+    except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+        raise Unavailable(f"the database failed: {exc.args[-1] if exc.args else exc}") from exc
+    finally:
+        conn.close()
+
+
+def write(db_config, record: dict, logs: bytes, **kwargs) -> bool:
+    """Archive with a connection of its own; True if this call wrote the row."""
+    with connection(db_config) as conn:
+        return archive_task(conn, record, logs, **kwargs)
+
+
+def _with_columns(row: dict) -> dict:
+    """The archived record, with what changed after archiving (expiry)."""
+    record = json.loads(row["record"])
+    record["expires_at"] = row.get("expires_at")
+    record["expired_at"] = row.get("expired_at")
+    return record
 
 
 def get_record(conn, task_id: str) -> dict | None:
     with conn.cursor() as cur:
-        cur.execute("SELECT record FROM tasks WHERE id=%s AND deleted_at IS NULL", (task_id,))
+        cur.execute("SELECT record, expires_at, expired_at FROM tasks WHERE id=%s AND deleted_at IS NULL",
+                    (task_id,))
         row = cur.fetchone()
     conn.commit()
-    return json.loads(row["record"]) if row else None
+    return _with_columns(row) if row else None
 
 
 def get_logs(conn, task_id: str) -> bytes | None:
@@ -72,6 +137,198 @@ def get_logs(conn, task_id: str) -> bytes | None:
 
 
 def mark_deleted(conn, task_id: str) -> None:
+    """Hide the row; its output and logs go now (the output file with the next sweep)."""
+    now = time.time()
     with conn.cursor() as cur:
-        cur.execute("UPDATE tasks SET deleted_at=%s WHERE id=%s", (time.time(), task_id))
+        cur.execute("UPDATE tasks SET deleted_at=%s, expired_at=COALESCE(expired_at, %s) WHERE id=%s",
+                    (now, now, task_id))
+        cur.execute("DELETE FROM task_logs WHERE task_id=%s", (task_id,))
     conn.commit()
+
+
+# -- history -------------------------------------------------------------------
+
+MAX_PAGE = 500  # rows one page of history may hold
+DEFAULT_PAGE = 50
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ended: history is ordered by (submitted, id), newest first."""
+
+    submitted: float
+    task_id: str
+
+    def encode(self) -> str:
+        raw = json.dumps([self.submitted, self.task_id]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> "Cursor":
+        try:
+            submitted, task_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            return cls(float(submitted), str(task_id))
+        except (ValueError, TypeError):
+            raise BadRequest("cursor is not one this server gave out; start again without it",
+                             code="bad_param") from None
+
+    def after(self, task: dict) -> bool:
+        """Does `task` come after this cursor (older, or the same time and a lower id)?"""
+        return (task["created_at"], task["id"]) < (self.submitted, self.task_id)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A filter over history; `user` None means every user (admins)."""
+
+    user: str | None = None
+    state: str | None = None
+    name: str | None = None  # substring
+    since: float | None = None  # submitted at or after
+    until: float | None = None  # submitted before
+    limit: int = DEFAULT_PAGE
+    cursor: Cursor | None = None
+
+    def matches(self, task: dict) -> bool:
+        """The same filter, applied to a live task."""
+        return ((self.user is None or task["user"] == self.user)
+                and (self.state is None or task["state"] == self.state)
+                and (not self.name or self.name.lower() in task["name"].lower())
+                and (self.since is None or task["created_at"] >= self.since)
+                and (self.until is None or task["created_at"] < self.until)
+                and (self.cursor is None or self.cursor.after(task)))
+
+
+def page(conn, query: Query) -> list[dict]:
+    """Up to limit + 1 archived tasks matching `query`, newest first."""
+    sql, args = page_statement(query)
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        rows = cur.fetchall()
+    conn.commit()
+    return [_with_columns(row) for row in rows]
+
+
+def page_statement(query: Query) -> tuple[str, list]:
+    """The SELECT for one page, and its arguments.
+
+    The ORDER BY matches the (user_name | state, submitted_at, id) indexes, so
+    the first page costs the same however long the history is.
+    """
+    where, args = ["deleted_at IS NULL"], []
+    for column, value in (("user_name", query.user), ("state", query.state)):
+        if value is not None:
+            where.append(f"{column}=%s")
+            args.append(value)
+    if query.name:
+        where.append("name LIKE %s")
+        args.append("%" + query.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    if query.since is not None:
+        where.append("submitted_at >= %s")
+        args.append(query.since)
+    if query.until is not None:
+        where.append("submitted_at < %s")
+        args.append(query.until)
+    if query.cursor is not None:
+        where.append("(submitted_at < %s OR (submitted_at = %s AND id < %s))")
+        args += [query.cursor.submitted, query.cursor.submitted, query.cursor.task_id]
+    sql = (f"SELECT record, expires_at, expired_at FROM tasks WHERE {' AND '.join(where)} "
+           "ORDER BY submitted_at DESC, id DESC LIMIT %s")
+    return sql, [*args, query.limit + 1]
+
+
+def usage(conn, since: float | None, until: float | None, user: str | None) -> list[dict]:
+    """Per user, tasks that finished in [since, until): counts, GPU-hours, wall-hours.
+
+    Wall time is the time a task held its runner (running to exported); a
+    task's GPU-hours are that time multiplied by its GPUs.
+    """
+    where, args = ["1=1"], []
+    if since is not None:
+        where.append("finished_at >= %s")
+        args.append(since)
+    if until is not None:
+        where.append("finished_at < %s")
+        args.append(until)
+    if user is not None:
+        where.append("user_name = %s")
+        args.append(user)
+    run = "GREATEST(COALESCE(ended_at - started_at, 0), 0)"
+    sql = ("SELECT user_name AS user, COUNT(*) AS tasks, "
+           "SUM(state='succeeded') AS succeeded, SUM(state='failed') AS failed, "
+           "SUM(state='timed_out') AS timed_out, SUM(state='cancelled') AS cancelled, "
+           f"SUM(gpu_count * {run}) / 3600 AS gpu_hours, SUM({run}) / 3600 AS wall_hours "
+           f"FROM tasks WHERE {' AND '.join(where)} GROUP BY user_name ORDER BY gpu_hours DESC, user_name")
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        rows = cur.fetchall()
+    conn.commit()
+    return [{"user": r["user"], "tasks": int(r["tasks"]), "succeeded": int(r["succeeded"] or 0),
+             "failed": int(r["failed"] or 0), "timed_out": int(r["timed_out"] or 0),
+             "cancelled": int(r["cancelled"] or 0), "gpu_hours": round(float(r["gpu_hours"] or 0), 4),
+             "wall_hours": round(float(r["wall_hours"] or 0), 4)} for r in rows]
+
+
+# -- retention -------------------------------------------------------------------
+
+def expire(conn, now: float, max_bytes_per_user: int, batch: int = 1000) -> int:
+    """Mark outputs (and drop logs) past their expiry, or over a user's byte cap
+    (oldest first). Returns how many rows expired. The files go in `sweep_host`."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id FROM tasks WHERE expired_at IS NULL AND expires_at < %s LIMIT %s",
+                    (now, batch))
+        ids = [r["id"] for r in cur.fetchall()]
+        if max_bytes_per_user:
+            ids += _over_quota(cur, max_bytes_per_user, batch)
+        if ids:
+            marks = ",".join(["%s"] * len(ids))
+            cur.execute(f"UPDATE tasks SET expired_at=%s WHERE id IN ({marks}) AND expired_at IS NULL",
+                        (now, *ids))
+            cur.execute(f"DELETE FROM task_logs WHERE task_id IN ({marks})", ids)
+    conn.commit()
+    return len(set(ids))
+
+
+def _over_quota(cur, cap: int, batch: int) -> list[str]:
+    """The oldest outputs of each user whose stored outputs exceed `cap` bytes."""
+    cur.execute("SELECT user_name, SUM(output_size) AS held FROM tasks "
+                "WHERE expired_at IS NULL AND output_size IS NOT NULL "
+                "GROUP BY user_name HAVING held > %s", (cap,))
+    ids = []
+    for over in cur.fetchall():
+        excess = int(over["held"]) - cap
+        cur.execute("SELECT id, output_size FROM tasks WHERE user_name=%s AND expired_at IS NULL "
+                    "AND output_size IS NOT NULL ORDER BY finished_at LIMIT %s", (over["user_name"], batch))
+        for row in cur.fetchall():
+            if excess <= 0:
+                break
+            ids.append(row["id"])
+            excess -= row["output_size"]
+    return ids
+
+
+def expired_files(conn, host: str, batch: int = 1000) -> list[tuple[str, str]]:
+    """(task id, path) of expired or deleted outputs still stored on `host`."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, output_path FROM tasks WHERE output_host=%s AND output_path IS NOT NULL "
+                    "AND expired_at IS NOT NULL LIMIT %s", (host, batch))
+        rows = cur.fetchall()
+    conn.commit()
+    return [(r["id"], r["output_path"]) for r in rows]
+
+
+def forget_file(conn, task_id: str) -> None:
+    """The output file is gone from its host: no sweep needs to look at the row again."""
+    with conn.cursor() as cur:
+        cur.execute("UPDATE tasks SET output_path=NULL WHERE id=%s", (task_id,))
+    conn.commit()
+
+
+def stored_files(conn, host: str) -> set[str]:
+    """Paths of outputs `host` must keep (bounded by retention, not by history)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT output_path FROM tasks WHERE output_host=%s AND output_path IS NOT NULL "
+                    "AND expired_at IS NULL", (host,))
+        rows = cur.fetchall()
+    conn.commit()
+    return {r["output_path"] for r in rows}

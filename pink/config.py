@@ -94,6 +94,16 @@ class LimitsConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """How long the past is kept; 0 means no limit."""
+
+    output_days: float = defaults.OUTPUT_DAYS  # outputs and logs expire this long after the task ends
+    max_output_bytes_per_user: int = 0  # a user's stored outputs beyond this expire, oldest first
+    max_log_bytes: int = defaults.MAX_LOG_BYTES  # a log is archived up to this size (its end is kept)
+    sweep_interval: float = defaults.SWEEP_INTERVAL  # seconds between the leader's retention sweeps
+
+
+@dataclass
 class Config:
     host: str = ""  # this web node's name: its transfer queue is named after it
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -108,11 +118,13 @@ class Config:
     ssh: SSHConfig = field(default_factory=SSHConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     path: str = ""
 
 
 _SECTIONS = {"etcd": EtcdConfig, "db": DatabaseConfig, "web": WebConfig,
-             "ssh": SSHConfig, "runner": RunnerConfig, "limits": LimitsConfig}
+             "ssh": SSHConfig, "runner": RunnerConfig, "limits": LimitsConfig,
+             "retention": RetentionConfig}
 
 
 def _build(cls, data: dict, where: str):

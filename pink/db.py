@@ -13,7 +13,9 @@ import pymysql
 
 from pink.errors import Unavailable
 
-SCHEMA = [
+# Version 1: the schema as first released. Never edit a released version:
+# add the next one to MIGRATIONS, which upgrades a database in place.
+SCHEMA_V1 = [
     """CREATE TABLE IF NOT EXISTS users (
         id INT AUTO_INCREMENT PRIMARY KEY,
         name VARCHAR(64) NOT NULL UNIQUE,
@@ -60,6 +62,30 @@ SCHEMA = [
     ) ENGINE=InnoDB""",
 ]
 
+# Version 2: history paged newest first (by submission time, then id), usage
+# (GPU count per row), retention (when an output expires and expired).
+SCHEMA_V2 = [
+    """ALTER TABLE tasks
+        ADD COLUMN IF NOT EXISTS gpu_count INT NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS output_host VARCHAR(128),
+        ADD COLUMN IF NOT EXISTS output_path VARCHAR(1024),
+        ADD COLUMN IF NOT EXISTS expires_at DOUBLE,
+        ADD COLUMN IF NOT EXISTS expired_at DOUBLE,
+        ADD COLUMN IF NOT EXISTS logs_truncated BIGINT NOT NULL DEFAULT 0,
+        ADD INDEX IF NOT EXISTS by_time (submitted_at, id),
+        ADD INDEX IF NOT EXISTS by_user_time (user_name, submitted_at, id),
+        ADD INDEX IF NOT EXISTS by_state_time (state, submitted_at, id),
+        ADD INDEX IF NOT EXISTS by_finish (finished_at),
+        ADD INDEX IF NOT EXISTS by_expiry (expired_at, expires_at),
+        ADD INDEX IF NOT EXISTS by_output_host (output_host, expired_at)""",
+    """UPDATE tasks SET gpu_count = COALESCE(JSON_LENGTH(gpus), 0),
+        output_host = JSON_VALUE(record, '$.output.host'),
+        output_path = JSON_VALUE(record, '$.output.path')""",
+]
+
+MIGRATIONS = [SCHEMA_V1, SCHEMA_V2]  # MIGRATIONS[n - 1] brings a database to version n
+VERSION = len(MIGRATIONS)
+
 
 def connect(db_config, retries: int = 0, delay: float = 1.0):
     """Open a connection; retry `retries` times before raising Unavailable."""
@@ -77,8 +103,62 @@ def connect(db_config, retries: int = 0, delay: float = 1.0):
             time.sleep(delay)
 
 
-def init_schema(conn) -> None:
+def schema_version(conn) -> int:
+    """The database's schema version; 0 for an empty one.
+
+    A database made before versions were recorded has the tables of
+    version 1 and no `schema_version` table.
+    """
     with conn.cursor() as cur:
-        for statement in SCHEMA:
-            cur.execute(statement)
+        cur.execute("SHOW TABLES LIKE 'schema_version'")
+        if cur.fetchone():
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            return row["version"] if row else 0
+        cur.execute("SHOW TABLES LIKE 'tasks'")
+        return 1 if cur.fetchone() else 0
+
+
+def migrate(conn) -> tuple[int, int]:
+    """Bring the schema up to VERSION in place; returns (from, to).
+
+    Serialised by a named lock, so web nodes and workers starting together
+    run each step once. A database newer than this code is refused: old code
+    must not write rows it does not understand.
+    """
+    with conn.cursor() as cur:
+        cur.execute("SELECT GET_LOCK('pink_schema', 60) AS got")
+        if not cur.fetchone()["got"]:
+            raise Unavailable("another process has been migrating the database for 60 s")
+    try:
+        before = schema_version(conn)
+        if before > VERSION:
+            raise Unavailable(f"the database schema is version {before}, newer than this PINK "
+                              f"({VERSION}): upgrade PINK")
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL) ENGINE=InnoDB")
+            for version in range(before + 1, VERSION + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    cur.execute(statement)
+                cur.execute("DELETE FROM schema_version")
+                cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                conn.commit()
+        return before, VERSION
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("DO RELEASE_LOCK('pink_schema')")
+        conn.commit()
+
+
+def init_schema(conn) -> None:
+    """Create or upgrade the schema (cheap when it is current)."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW TABLES LIKE 'schema_version'")
+        current = cur.fetchone() is not None
+        if current:
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            current = bool(row) and row["version"] == VERSION
     conn.commit()
+    if not current:
+        migrate(conn)

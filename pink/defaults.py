@@ -12,6 +12,11 @@ RECONCILE_INTERVAL = 2.0  # seconds between two passes of the leader over all ta
 MAX_ATTEMPTS = 3  # a task lost this many times ends `failed`
 MAX_JOB_FAILURES = 8  # a transfer or run job failing this often fails its task (~8 min of backoff)
 
+OUTPUT_DAYS = 14.0  # days an output and its logs are kept after the task ends
+MAX_LOG_BYTES = 8 * 2**20  # bytes of a log archived (its end); MariaDB's max_allowed_packet is 16 MiB
+SWEEP_INTERVAL = 60.0  # seconds between the leader's retention sweeps
+SWEEP_GRACE = 3600.0  # seconds a file no task references may stay (it may be being written)
+
 MAX_UPLOAD_BYTES = 64 * 2**30  # bytes: largest image archive accepted
 UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling
 

@@ -60,6 +60,13 @@ class Conflict(PinkError):
     status = 409
 
 
+class Gone(PinkError):
+    """It existed, and was removed on purpose (an expired output or log)."""
+
+    code = "gone"
+    status = 410
+
+
 class TooManyRequests(PinkError):
     """A per-user limit refuses this request now; it may succeed later."""
 

@@ -4,8 +4,8 @@ A transition often has to change three keys at once: the task record, the
 node's reservations (`/pink/alloc/<node>`) and the assignment key the runner
 watches. `move()` commits them in one etcd transaction that compares the
 task's mod_revision (and optionally a fence), retrying only when the
-reservation record changed under it. Used by jobs, the runner, the leader
-and the web API's cancel.
+reservation record changed under it; `retire()` removes an archived task.
+Used by jobs, the runner, the leader and the web API's cancel.
 """
 
 from __future__ import annotations
@@ -62,6 +62,25 @@ def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
             if holder is None or holder.create_revision != fence[1]:
                 return False
     raise Unavailable(f"could not move task {task_id}: reservations kept changing")
+
+
+def retire(store: Store, rec: Record) -> bool:
+    """Remove an archived task from etcd; False if another attempt took its place.
+
+    Called only once the task's archive row is committed: etcd holds live
+    tasks only. A record that changed without moving on (a delete request
+    added a field) is read again and removed.
+    """
+    for _ in range(20):
+        if store.txn().expect(rec).delete(rec.key).commit():
+            return True
+        current = store.get(rec.key)
+        if current is None:
+            return True
+        if current.value["attempt"] != rec.value["attempt"] or current.value["state"] != rec.value["state"]:
+            return False
+        rec = current
+    raise Unavailable(f"could not remove task {rec.key} from etcd: it kept changing")
 
 
 def _release(store: Store, txn, node: str, task_id: str) -> None:

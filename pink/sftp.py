@@ -217,8 +217,8 @@ def _write_range(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile, local: str, 
 
 
 def get(sftp: paramiko.SFTPClient, remote: str, local: str) -> tuple[int, str]:
-    """Copy `remote` to `local` via `local.part`; returns (bytes, sha256)."""
-    part = local + ".part"
+    """Copy `remote` to `local` via a part file of its own; returns (bytes, sha256)."""
+    part = f"{local}.{uuid.uuid4().hex[:12]}.part"
     digest = hashlib.sha256()
     size = 0
     with sftp.open(remote, "rb") as src, open(part, "wb") as dst:
@@ -231,14 +231,43 @@ def get(sftp: paramiko.SFTPClient, remote: str, local: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def read_from(sftp: paramiko.SFTPClient, remote: str, offset: int) -> bytes:
-    """What `remote` holds past `offset` (b"" when it is gone or unchanged)."""
+def read_from(sftp: paramiko.SFTPClient, remote: str, offset: int,
+              limit: int = defaults.SFTP_CHUNK) -> bytes:
+    """Up to `limit` bytes `remote` holds past `offset` (b"" when it is gone or unchanged)."""
     try:
         with sftp.open(remote, "rb") as fh:
             fh.seek(offset)
-            return fh.read()
+            return fh.read(limit)
     except FileNotFoundError:
         return b""
+
+
+def stream_from(sftp: paramiko.SFTPClient, remote: str, offset: int = 0) -> Iterator[bytes]:
+    """`remote` past `offset` in chunks, as far as it reaches now: memory stays flat."""
+    try:
+        fh = sftp.open(remote, "rb")
+    except FileNotFoundError:
+        return
+    with fh:
+        fh.seek(offset)
+        while chunk := fh.read(defaults.SFTP_CHUNK):
+            yield chunk
+
+
+def read_tail(sftp: paramiko.SFTPClient, remote: str, limit: int) -> tuple[bytes, int]:
+    """The last `limit` bytes of `remote` and how many bytes before them were left out.
+
+    Raises FileNotFoundError when it is gone. Reads in chunks: a log of any
+    size costs at most `limit` bytes of memory.
+    """
+    size = sftp.stat(remote).st_size
+    start = max(0, size - limit)
+    parts = []
+    with sftp.open(remote, "rb") as fh:
+        fh.seek(start)
+        while chunk := fh.read(min(defaults.SFTP_CHUNK, limit - sum(map(len, parts)))):
+            parts.append(chunk)
+    return b"".join(parts), start
 
 
 def remove(sftp: paramiko.SFTPClient, *paths: str) -> None:

@@ -69,6 +69,11 @@ class Keys:
     def leader(self) -> str:
         return f"{self.prefix}/leader"
 
+    @property
+    def queue(self) -> str:
+        """The leader's summary of the queue: each waiting task's position and reason."""
+        return f"{self.prefix}/queue"
+
 
 @dataclass
 class Record:
@@ -82,6 +87,7 @@ class Record:
 
 
 _ETCD_ERRORS = (etcd_exc.Etcd3Exception, grpc.RpcError)
+LIST_PAGE = 100  # keys per range read: a page of big task records stays far below 4 MiB
 ENDPOINT_RETRY = 1.0  # seconds before an endpoint that failed is tried again
 LEASE_MARGIN = 0.8  # fraction of a TTL without a successful refresh after which a lease counts as lost
 
@@ -98,6 +104,13 @@ def _guard(fn):
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _prefix_end(prefix: str) -> bytes:
+    """The first key after every key starting with `prefix` (etcd's range_end)."""
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1  # prefixes here end in "/" or a letter, never 0xff
+    return bytes(raw)
 
 
 class Txn:
@@ -230,7 +243,23 @@ class Store:
 
     @_guard
     def list(self, prefix: str) -> list[Record]:
-        return [self._record(v, m) for v, m in self._client.get_prefix(prefix)]
+        """Every record under `prefix`, read in pages at one revision.
+
+        One range read of everything would fail once the answer passed
+        gRPC's 4 MiB message limit; pages of LIST_PAGE keys never do, and
+        reading them all at the first page's revision keeps the view consistent.
+        """
+        end = _prefix_end(prefix)
+        start, revision, out = prefix, None, []
+        while True:
+            resp = self._client.get_range_response(start, end, sort_order="ascend", sort_target="key",
+                                                   limit=LIST_PAGE, revision=revision)
+            revision = revision or resp.header.revision
+            out += [Record(key=kv.key.decode(), value=json.loads(kv.value), mod_revision=kv.mod_revision,
+                           create_revision=kv.create_revision, lease=kv.lease) for kv in resp.kvs]
+            if not resp.more or not resp.kvs:
+                return out
+            start = resp.kvs[-1].key + b"\0"
 
     @_guard
     def ping(self) -> None:

@@ -204,20 +204,23 @@ def public_view(record: dict) -> dict:
     out = {k: record.get(k) for k in ("id", "name", "user", "state", "attempt", "node", "exit_code",
                                       "error", "export_error", "waiting", "result", "cancel_requested",
                                       "gpus")}
-    out["created_at"] = _iso(record["created_at"])
-    out["updated_at"] = _iso(record["updated_at"])
+    out["created_at"] = iso(record["created_at"])
+    out["updated_at"] = iso(record["updated_at"])
     out["image"] = {k: record["image"].get(k) for k in ("sha256", "size", "image_id", "repo_tags", "layout")}
     out["params"] = record["params"]
     output = record.get("output")
     out["output"] = ({"size": output["size"], "compression": record["params"]["compression"],
                       "filename": output_filename(record)}
-                     if output and output.get("stored") else None)
-    out["timings"] = {k: _iso(v) if isinstance(v, float) and v > 1e9 else v
+                     if output and output.get("stored") and not record.get("expired_at") else None)
+    out["timings"] = {k: iso(v) if isinstance(v, float) and v > 1e9 else v
                       for k, v in (record.get("timings") or {}).items()}
+    out["expires_at"] = iso(record.get("expires_at"))
+    out["expired_at"] = iso(record.get("expired_at"))
+    out["logs_truncated"] = record.get("logs_truncated") or 0
     return out
 
 
-def _iso(t: float | None) -> str | None:
+def iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -8,13 +8,14 @@ on the way out is what makes a job that runs twice harmless.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 
-from pink import archive, lifecycle, scheduler, sftp
+from pink import archive, control, defaults, lifecycle, scheduler, sftp
 from pink.errors import Unavailable
-from pink.tasks import State, advance, is_final, output_filename, requeue, retries_left, spool_file
+from pink.tasks import State, advance, output_filename, requeue, retries_left, spool_file
 from queue_workers import context
 from queue_workers.queues import enqueue
 
@@ -64,7 +65,8 @@ def _place(rec):
         node = next(n for n in live if n["name"] == choice.node)
         new = advance(task, State.PLACED, f"placed on {choice.node}", node=choice.node,
                       epoch=node["epoch"], gpus=choice.gpus, waiting=None)
-        reserve = lifecycle.Reserve(choice.node, {"gpus": choice.gpus, "attempt": task["attempt"]},
+        reserve = lifecycle.Reserve(choice.node, {"gpus": choice.gpus, "attempt": task["attempt"],
+                                                  "image": task["image"]["sha256"]},
                                     allocs.get(choice.node))
         if lifecycle.move(store, rec, new, reserve=reserve,
                           fence=(store.keys.node(choice.node), node["epoch"])):
@@ -127,55 +129,111 @@ def run(task_id: str, attempt: int) -> str:
 
 # -- finalize ----------------------------------------------------------------
 
+class ExportLost(Exception):
+    """The runner no longer has the export (or is gone for good)."""
+
+
 def finalize(task_id: str, attempt: int) -> str:
-    """Pull the export and log into the output store, archive, then end the task."""
+    """Pull the export and log into the output store, archive, then leave etcd.
+
+    The archive row is written once per task (keyed by id, holding this
+    attempt); the etcd record goes only after it commits. A finalize that
+    crashes in between is run again by the leader and finds the row: it
+    removes the record without archiving twice.
+    """
     rec = _load(task_id, attempt, State.EXPORTED)
     if rec is None:
         return "nothing to do"
     task = rec.value
     config = context.config()
-    try:
-        output, logs = _fetch(task)
-    except Unavailable:
-        if task.get("node") and _node(task["node"], task["epoch"]) is None:
-            return _output_lost(rec)
-        raise
-    new = advance(task, State(task["result"]), _final_detail(task), output=output)
-    archive.write(config.db, new, logs)
-    if not lifecycle.move(context.store(), rec, new):
-        return _lost_the_race(rec, output, logs)
+    with archive.connection(config.db) as conn:
+        if archive.archived_attempt(conn, task_id) is None:
+            try:
+                final, logs = _final(task)
+            except ExportLost as exc:
+                final, logs = _after_lost_export(rec, str(exc))
+                if final is None:
+                    return "re-queued"
+            archive.archive_task(conn, final, logs, expires_at=_expiry(config),
+                                 deleted=bool(task.get("delete_requested")))
+    if not lifecycle.retire(context.store(), rec):
+        return "task moved first"
     _forget_on_runner(task)
-    enqueue(context.redis(), new, "cleanup")
-    return new["state"]
+    enqueue(context.redis(), task, "cleanup")
+    return task["result"]
 
 
-def _lost_the_race(rec, output: dict | None, logs: bytes) -> str:
-    """Another finalize ended the task first: the archive must say what etcd says."""
-    current = context.store().get(rec.key)
-    if current is not None and is_final(current.value):
-        archive.write(context.config().db, current.value, logs)
-        theirs = (current.value.get("output") or {}).get("path")
-        if output and output["path"] != theirs and os.path.exists(output["path"]):
-            os.remove(output["path"])
-    return "task moved first"
+def _expiry(config) -> float | None:
+    days = config.retention.output_days
+    return time.time() + days * 86400 if days else None
 
 
-def _fetch(task: dict) -> tuple[dict | None, bytes]:
-    """Copy the export (if any) and the log from the runner's outbox."""
+def _final(task: dict) -> tuple[dict, bytes]:
+    """The final record and its (bounded) log, with the export in the output store."""
+    if task.get("delete_requested"):
+        return advance(task, State(task["result"]), "deleted by its user before it was archived"), b""
+    output, logs, dropped = _fetch(task)
+    new = advance(task, State(task["result"]), _final_detail(task), output=output)
+    if dropped:
+        new["logs_truncated"] = dropped
+        notice = f"[pink: the log was {dropped + len(logs)} bytes; only its last {len(logs)} are kept]\n"
+        logs = notice.encode() + logs
+    return new, logs
+
+
+def _fetch(task: dict) -> tuple[dict | None, bytes, int]:
+    """Copy the export (if any) and the end of the log from the runner's outbox.
+
+    Returns (output, log, bytes of log left out). An export already fetched
+    by an earlier try of this finalize is used again, not copied again.
+    """
     remote = task.get("export")
     if not remote:
-        return None, (task.get("error") or "").encode()
+        return None, (task.get("error") or "").encode(), 0
     config = context.config()
+    try:
+        with context.sftp().session(remote["ssh"]) as conn:
+            output = _fetch_output(conn, task) if remote.get("path") else None
+            logs, dropped = sftp.read_tail(conn, remote["log"], config.retention.max_log_bytes)
+    except FileNotFoundError as exc:
+        raise ExportLost(f"runner {task['node']} no longer has the export ({exc.filename or exc})") from None
+    except Unavailable:
+        if _runner_gone_for_good(task):
+            raise ExportLost(f"runner {task['node']} is gone with the export") from None
+        raise
+    return output, logs, dropped
+
+
+def _fetch_output(conn, task: dict) -> dict:
+    config = context.config()
+    remote = task["export"]
     os.makedirs(config.web.output_dir, exist_ok=True)
-    local = os.path.join(config.web.output_dir, output_filename(task))
-    output = None
-    with context.sftp().session(remote["ssh"]) as conn:
-        if remote.get("path"):
-            size, digest = sftp.get(conn, remote["path"], local)
-            output = {"stored": True, "host": config.host, "url": config.web.url,
-                      "path": local, "size": size, "sha256": digest}
-        logs = sftp.read_from(conn, remote["log"], 0)
-    return output, logs
+    suffix = output_filename(task)[len(task["id"]):]
+    local = os.path.join(config.web.output_dir, f"{task['id']}-{task['attempt']}{suffix}")
+    if os.path.exists(local) and os.path.getsize(local) == remote.get("size"):
+        size, digest = os.path.getsize(local), _sha256(local)
+    else:
+        size, digest = sftp.get(conn, remote["path"], local)
+    return {"stored": True, "host": config.host, "url": config.web.url, "path": local,
+            "size": size, "sha256": digest}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _runner_gone_for_good(task: dict) -> bool:
+    """The runner holding the export has no record at all (not merely a new
+    epoch: a restarted runner still has its outbox), and finalize has failed
+    often enough that it is not a blip."""
+    if _node(task["node"]) is not None:
+        return False
+    failures = (task.get("job_failures") or {}).get("finalize", 0)
+    return failures + 1 >= context.config().max_job_failures
 
 
 def _final_detail(task: dict) -> str:
@@ -184,28 +242,22 @@ def _final_detail(task: dict) -> str:
     return task.get("error") or task["result"]
 
 
-def _output_lost(rec) -> str:
-    """The runner died holding the export: try again, or end without output.
+def _after_lost_export(rec, why: str) -> tuple[dict | None, bytes]:
+    """The export is gone: the final record to archive, or None once re-queued.
 
     A cancelled or timed-out task is not run again for its output: it ends as
     it was going to, without one. Others run again up to the retry limit.
     """
     task = rec.value
     if task["result"] in (State.CANCELLED, State.TIMED_OUT):
-        new = advance(task, State(task["result"]), "its export was lost with its runner",
-                      export_error="export lost with its runner")
-        archive.write(context.config().db, new, b"")
-        lifecycle.move(context.store(), rec, new)
-        return new["state"]
-    if retries_left(task, context.config().max_attempts):
-        new = requeue(task, f"export lost with runner {task['node']}")
+        return advance(task, State(task["result"]), why, export_error=why), b""
+    if not task.get("cancel_requested") and retries_left(task, context.config().max_attempts):
+        new = requeue(task, why)
         if lifecycle.move(context.store(), rec, new):
             enqueue(context.redis(), new, "transfer")
-        return "re-queued"
-    new = advance(task, State.FAILED, "export lost with its runner", error="export lost with its runner")
-    archive.write(context.config().db, new, b"")
-    lifecycle.move(context.store(), rec, new)
-    return "failed"
+        return None, b""
+    result = State.CANCELLED if task.get("cancel_requested") else State.FAILED
+    return advance(task, result, why, error=why, export_error=why), b""
 
 
 def _forget_on_runner(task: dict) -> None:
@@ -223,8 +275,7 @@ def _forget_on_runner(task: dict) -> None:
 
 def cleanup(task_id: str, attempt: int) -> str:
     """Delete a finished task's upload from this host's spool."""
-    rec = context.store().get(context.store().keys.task(task_id))
-    if rec is not None and not is_final(rec.value):
+    if context.store().get(context.store().keys.task(task_id)) is not None:
         return "task still live"
     # From the id, not the record: the user may have deleted the record already.
     path = spool_file(context.config().web.spool_dir, task_id)
@@ -232,3 +283,52 @@ def cleanup(task_id: str, attempt: int) -> str:
         os.remove(path)
         return "removed"
     return "nothing to remove"
+
+
+# -- sweep -------------------------------------------------------------------
+
+def sweep() -> str:
+    """Delete this host's expired outputs and the files no task needs.
+
+    Enqueued by the leader every SWEEP_INTERVAL on each web host's transfer
+    queue (outputs and uploads live on their web host). Besides outputs the
+    archive marked expired, it removes files nothing references once they
+    are older than SWEEP_GRACE (one that young may still be being written):
+    outputs without a row, uploads without a live task, and `.part` files
+    of uploads and downloads that were cut off.
+    """
+    config = context.config()
+    with archive.connection(config.db) as conn:
+        expired = archive.expired_files(conn, config.host)
+        for task_id, path in expired:
+            if control.inside(path, config.web.output_dir):
+                _remove(path)
+            archive.forget_file(conn, task_id)
+        keep = archive.stored_files(conn, config.host)
+    old = time.time() - defaults.SWEEP_GRACE
+    orphans = [p for p in _files_before(config.web.output_dir, old) if p not in keep]
+    store = context.store()
+    for path in _files_before(config.web.spool_dir, old):
+        name = os.path.basename(path)
+        if name.endswith(".part") or store.get(store.keys.task(name.split(".")[0])) is None:
+            orphans.append(path)
+    for path in orphans:
+        _remove(path)
+    return f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed"
+
+
+def _files_before(directory: str, cutoff: float) -> list[str]:
+    """Plain files in `directory` last changed before `cutoff`."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    return [e.path for e in entries
+            if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < cutoff]
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -3,9 +3,11 @@
 Every web node runs one; the one holding `/pink/leader` (under a lease it
 keeps alive) leads. Leading means, on every change in etcd and at least every
 `reconcile_interval`: enqueue the job a task's state calls for when Redis has
-none (after Redis lost its data, or a worker died mid-job), and send tasks
-whose runner's lease expired back to the queue (attempt + 1) or, past
-`max_attempts`, to failed. Leadership is revoked the moment the lease cannot
+none (after Redis lost its data, or a worker died mid-job; `pink.pipeline`
+says which), send tasks whose runner's lease expired back to the queue
+(attempt + 1) or, past `max_attempts`, to failed, publish each waiting task's
+queue position (`Keys.queue`), and every SWEEP_INTERVAL expire old outputs and
+have each web host delete its expired and orphaned files. Leadership is revoked the moment the lease cannot
 be refreshed, and every write is fenced by the leader key's create_revision,
 so a deposed leader that has not noticed yet cannot change anything.
 """
@@ -26,24 +28,18 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
+from pink import archive, lifecycle, pipeline, scheduler
 from pink import config as pink_config
-from pink import lifecycle, scheduler
 from pink import nodes as pink_nodes
-from pink.errors import PinkError
+from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
-from pink.tasks import ON_RUNNER, State, exported, job_id, requeue, retries_left
-from queue_workers.queues import enqueue, job_status, queues_for
+from pink.tasks import ON_RUNNER, State, exported, job_id
+from queue_workers.queues import enqueue, enqueue_sweep, job_status, queues_for, transfer_hosts
 
 log = logging.getLogger("pink.leader")
 
 REGISTRY_CLEANUP_INTERVAL = 10.0  # seconds between sweeps of RQ's started-job registries
 MAX_BACKOFF = 300  # seconds: the longest wait before a failed job is tried again
-# Stages that give up: a finalize keeps retrying (a database outage must not fail tasks).
-GIVES_UP = {"transfer", "run"}
-
-# The job each state needs; states absent here wait on a runner or are final.
-STAGE_FOR = {State.QUEUED: "transfer", State.PLACED: "transfer",
-             State.TRANSFERRED: "run", State.EXPORTED: "finalize"}
 
 
 class Leader:
@@ -55,6 +51,8 @@ class Leader:
         self.changed = threading.Event()
         self.fence: tuple[str, int] | None = None
         self._cleaned = 0.0
+        self._swept = 0.0
+        self._published: dict | None = None
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -100,7 +98,11 @@ class Leader:
             log.info("no longer leading")
 
     def reconcile(self, lease) -> None:
-        """One pass over every task: repair missing jobs, re-queue lost tasks."""
+        """One pass over the live tasks: repair missing jobs, re-queue lost tasks.
+
+        etcd holds live tasks only (finished ones are archived and removed),
+        so a pass costs what the queue holds, never what history holds.
+        """
         if time.monotonic() - self._cleaned > REGISTRY_CLEANUP_INTERVAL:
             self._clean_started_registries()
             self._cleaned = time.monotonic()
@@ -109,15 +111,19 @@ class Leader:
         nodes = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.nodes)}
         allocs = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.allocs)}
         plan = scheduler.plan(self.config, [r.value for r in tasks], pink_nodes.view(self.store), allocs)
+        self._publish_queue(plan)
+        finalize_ok = self._database_answers() if any(
+            r.value["state"] == State.EXPORTED for r in tasks) else True
         for rec in tasks:
             if lease.lost.is_set():
                 return
             try:
-                self._reconcile_task(rec, nodes, plan)
+                self._reconcile_task(rec, nodes, plan, finalize_ok)
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.get("id"), exc)
+        self._sweep_if_due()
 
-    def _reconcile_task(self, rec: Record, nodes: dict[str, Record], plan) -> None:
+    def _reconcile_task(self, rec: Record, nodes: dict[str, Record], plan, finalize_ok: bool) -> None:
         task = rec.value
         state = State(task["state"])
         if state == State.QUEUED and task["id"] not in plan.choices and \
@@ -128,15 +134,66 @@ class Leader:
             if node is None or node.create_revision != task["epoch"]:
                 self._lost(rec)
                 return
-        stage = STAGE_FOR.get(state)
-        if stage in GIVES_UP and self._hold_failed(rec, stage):
+        stage = pipeline.stage_for(task)
+        if stage == "finalize" and not finalize_ok:
+            return  # held in `exported` until the database answers; other queues go on
+        if stage and self._hold_failed(rec, stage):
             return
         if stage and enqueue(self.redis, task, stage):
             log.info("enqueued %s for task %s (attempt %d)", stage, task["id"], task["attempt"])
 
+    def _publish_queue(self, plan) -> None:
+        """Write each waiting task's position and reason to one key, when they change.
+
+        The API answers position questions from this key instead of running
+        a plan of the whole queue on every GET.
+        """
+        reasons: list[str] = []
+        index: dict[str, int] = {}
+        entries = {}
+        waiting = [t for t in plan.order if t in plan.waiting]
+        for position, task_id in enumerate(waiting, start=1):
+            reason = plan.waiting[task_id]
+            entries[task_id] = [position, index.setdefault(reason, len(reasons))]
+            if index[reason] == len(reasons):
+                reasons.append(reason)
+        summary = {"tasks": entries, "reasons": reasons}
+        if summary != self._published:
+            self.store.txn().fence(*self.fence).put(self.store.keys.queue,
+                                                    {**summary, "at": time.time()}).commit()
+            self._published = summary
+
+    def _database_answers(self) -> bool:
+        try:
+            with archive.connection(self.config.db) as conn:
+                conn.ping(reconnect=False)
+            return True
+        except (Unavailable, PinkError) as exc:
+            log.warning("holding finalize jobs: %s", exc)
+            return False
+
+    def _sweep_if_due(self) -> None:
+        """Expire old outputs in the archive, and have every web host delete its expired files."""
+        if time.monotonic() - self._swept < self.config.retention.sweep_interval:
+            return
+        self._swept = time.monotonic()
+        try:
+            with archive.connection(self.config.db) as conn:
+                expired = archive.expire(conn, time.time(), self.config.retention.max_output_bytes_per_user)
+            if expired:
+                log.info("retention: %d outputs expired", expired)
+            for host in transfer_hosts(self.redis):
+                enqueue_sweep(self.redis, host)
+        except (PinkError, RedisError) as exc:
+            log.warning("retention sweep: %s", exc)
+
     def _hold_failed(self, rec: Record, stage: str) -> bool:
         """For a job that failed: True while its retry must wait (backoff) or
-        when the task has now failed for good; False to retry it now."""
+        when the task has now failed for good; False to retry it now.
+
+        Transfer and run give up after max_job_failures; finalize backs off
+        for ever (up to MAX_BACKOFF): a database outage must not fail tasks.
+        """
         task = rec.value
         jid = job_id(task["id"], stage, task["attempt"])
         if job_status(self.redis, jid) != JobStatus.FAILED:
@@ -146,7 +203,7 @@ class Leader:
         ended = job.ended_at.replace(tzinfo=timezone.utc) if job.ended_at else None
         if ended and (datetime.now(timezone.utc) - ended).total_seconds() < min(2 ** failures, MAX_BACKOFF):
             return True
-        if failures >= self.config.max_job_failures:
+        if stage in pipeline.GIVES_UP and failures >= self.config.max_job_failures:
             reason = (job.exc_info or "").strip().splitlines()[-1:] or ["no error recorded"]
             why = f"{stage} failed {failures} times; last: {reason[0][:500]}"
             new = exported(task, State.FAILED, why, error=why)
@@ -160,10 +217,7 @@ class Leader:
     def _lost(self, rec: Record) -> None:
         task = rec.value
         why = f"runner {task['node']} lost (lease expired or restarted)"
-        if retries_left(task, self.config.max_attempts):
-            new = requeue(task, why)
-        else:
-            new = exported(task, State.FAILED, why, error=f"{why}; gave up after {task['attempt']} attempts")
+        new = pipeline.after_loss(task, why, self.config.max_attempts)
         if lifecycle.move(self.store, rec, new, release=task["node"], unassign=task["node"],
                           fence=self.fence):
             log.info("task %s: %s -> %s (attempt %d)", task["id"], why, new["state"], new["attempt"])

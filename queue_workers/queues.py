@@ -10,6 +10,8 @@ the web node (first job), by jobs (next stage) and by the leader (repair).
 
 from __future__ import annotations
 
+import re
+
 from redis import Redis
 from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
@@ -36,26 +38,62 @@ def transfer_queue(host: str) -> str:
 
 
 def queues_for(host: str) -> list[str]:
-    """What a worker on web node `host` listens to, most urgent first."""
-    return [defaults.QUEUE_FINALIZE, defaults.QUEUE_RUN, transfer_queue(host)]
+    """What a worker on web node `host` listens to, most urgent first.
+
+    Finalize comes last: it waits on the database, and a database outage (or
+    a few slow archives) must not starve the jobs that start tasks.
+    """
+    return [defaults.QUEUE_RUN, transfer_queue(host), defaults.QUEUE_FINALIZE]
+
+
+def transfer_hosts(redis: Redis) -> list[str]:
+    """The web hosts that have a transfer queue (each runs workers for it)."""
+    prefix = defaults.QUEUE_TRANSFER_PREFIX
+    return [q.name[len(prefix):] for q in Queue.all(connection=redis) if q.name.startswith(prefix)]
+
+
+def enqueue_sweep(redis: Redis, host: str) -> bool:
+    """Ask `host`'s workers to delete its expired and orphaned files (once at a time)."""
+    jid = "sweep-" + re.sub(r"[^A-Za-z0-9_-]", "_", host)
+    try:
+        if Job.fetch(jid, connection=redis).get_status(refresh=False) in LIVE:
+            return False
+    except NoSuchJobError:
+        pass
+    Queue(transfer_queue(host), connection=redis).enqueue(
+        "queue_workers.jobs.sweep", job_id=jid, job_timeout=600, result_ttl=600, failure_ttl=86400,
+        description=f"retention sweep on {host}")
+    return True
 
 
 def job_status(redis: Redis, jid: str) -> JobStatus | None:
     """The job's status; a job started by a worker that has since died counts as failed.
 
     RQ itself would only notice when the job's timeout (hours, for a big
-    transfer) ran out; a worker's own key expires within its TTL of its death.
+    transfer) ran out; a pink-worker's key expires a lease (`node_ttl`) after
+    its death (queue_workers.worker).
     """
     try:
         job = Job.fetch(jid, connection=redis)
     except NoSuchJobError:
         return None
     status = job.get_status(refresh=False)
-    if status == JobStatus.STARTED and job.worker_name and \
-            Worker.find_by_key(Worker.redis_worker_namespace_prefix + job.worker_name,
-                               connection=redis) is None:
+    if status == JobStatus.STARTED and job.worker_name and not _worker_runs(redis, job):
         return JobStatus.FAILED
     return status
+
+
+def _worker_runs(redis: Redis, job: Job) -> bool:
+    """Whether the worker named on a started job is alive and still the process that started it.
+
+    A worker restarted under the same name (systemd's units have fixed
+    names) is born after the job started, so it cannot be running it.
+    Timestamps missing from either record count as alive: only RQ decides then.
+    """
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + job.worker_name, connection=redis)
+    if worker is None:
+        return False
+    return worker.birth_date is None or job.started_at is None or worker.birth_date <= job.started_at
 
 
 def enqueue(redis: Redis, task: dict, stage: str) -> bool:

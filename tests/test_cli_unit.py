@@ -148,7 +148,7 @@ def test_client_needs_url_and_existing_ca(tmp_path):
 
 def test_refused_connection_names_the_url(closed_url):
     with pytest.raises(errors.Unavailable, match=f"cannot reach the PINK server at {closed_url}"):
-        Client(closed_url, "t").list()
+        Client(closed_url, "t").page()
 
 
 def _response(status: int, body: bytes, ctype="application/json") -> requests.Response:

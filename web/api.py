@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timezone
 
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 from redis.exceptions import RedisError
 
-from pink import archive, lifecycle, nodes, scheduler, sftp
-from pink.errors import Conflict, Forbidden, NotFound, PinkError, TooManyRequests, Unavailable
+from pink import archive, control, nodes, sftp
+from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PinkError, Unavailable
 from pink.store import Record
-from pink.tasks import NOT_STARTED, State, Params, exported, is_final, new_id, new_record, public_view
+from pink.tasks import State, Params, iso, is_final, new_id, new_record, public_view
 from queue_workers.queues import enqueue
 from web import uploads
 from web.auth import can_see, require_admin, require_user
@@ -39,12 +40,12 @@ def submit():
         raise Forbidden("only admins may submit with a priority above 0", code="priority")
     config = res().config
     store = res().store
-    _check_user_limits(user.name, request.content_length or 0)
+    control.check_submit(store, config, user.name, params.gpus, request.content_length or 0)
     task_id = new_id()
     upload = uploads.receive(config.web.spool_dir, task_id, config.web.max_upload_bytes)
     record = new_record(task_id, user.name, params, upload.image(), config.host)
     try:
-        _check_user_limits(user.name, upload.size)
+        control.check_submit(store, config, user.name, params.gpus, upload.size)
         store.create(store.keys.task(task_id), record)
     except PinkError:
         os.remove(upload.path)
@@ -56,35 +57,16 @@ def submit():
     return jsonify(task=public_view(record)), 201
 
 
-def _check_user_limits(user: str, size: int) -> None:
-    """Refuse a submission over the user's queued-task or image-bytes limit."""
-    limits = res().config.limits
-    if not (limits.queued_per_user or limits.upload_bytes_per_user):
-        return
-    store = res().store
-    live = [r.value for r in store.list(store.keys.tasks)
-            if r.value["user"] == user and not is_final(r.value)]
-    queued = sum(1 for t in live if t["state"] == State.QUEUED)
-    if limits.queued_per_user and queued >= limits.queued_per_user:
-        raise TooManyRequests(f"user limit: {queued} tasks queued (limit {limits.queued_per_user}); "
-                              "wait for some to start")
-    held = sum(t["image"]["size"] for t in live)
-    if limits.upload_bytes_per_user and held + size > limits.upload_bytes_per_user:
-        raise TooManyRequests(f"user limit: your live tasks hold {held} bytes of images and this one "
-                              f"adds {size} (limit {limits.upload_bytes_per_user})")
-
-
-def _with_positions(tasks: list[dict]) -> list[dict]:
-    """Public views, with each waiting task's place in the queue."""
-    store = res().store
-    every, live, allocs = scheduler.snapshot(store)
-    plan = scheduler.plan(res().config, every, live, allocs)
+def _views(tasks: list[dict]) -> list[dict]:
+    """Public views, with each waiting task's place in the queue (as the leader published it)."""
+    queue = control.queue_summary(res().store) if any(t["state"] == State.QUEUED for t in tasks) else {}
     views = []
     for task in tasks:
         view = public_view(task)
         if task["state"] == State.QUEUED:
-            view["position"] = plan.position(task["id"])
-            view["waiting"] = plan.waiting.get(task["id"], task.get("waiting"))
+            position, reason = queue.get(task["id"], (None, None))
+            view["position"] = position
+            view["waiting"] = reason or task.get("waiting")
         views.append(view)
     return views
 
@@ -93,28 +75,97 @@ def _live(task_id: str) -> Record | None:
     return res().store.get(res().store.keys.task(task_id))
 
 
+def _archived(task_id: str) -> dict | None:
+    return archive.get_record(res().db(), task_id)
+
+
 def _task(task_id: str) -> tuple[dict, Record | None]:
     """The caller's task (live record first, then the archive) or 404."""
     user = require_user()
     rec = _live(task_id)
-    task = rec.value if rec else None
-    if task is None:
-        try:
-            task = archive.get_record(res().db(), task_id)
-        except Unavailable:
-            task = None
+    task = rec.value if rec else _archived(task_id)
     if task is None or not can_see(user, task):
         raise NotFound(f"no task {task_id}", code="unknown_task")
     return task, rec
 
 
+def _query(user) -> archive.Query:
+    """The history filter a GET /tasks asks for; only admins see other users."""
+    args = request.args
+    who = args.get("user") or None
+    if not user.admin:
+        if who not in (None, user.name):
+            raise Forbidden("only admins may list other users' tasks", code="forbidden")
+        who = user.name
+    state = args.get("state") or None
+    if state is not None and state not in {s.value for s in State}:
+        raise BadRequest(f"state must be one of {', '.join(s.value for s in State)}", code="bad_param")
+    limit = _number(args, "limit", int, archive.DEFAULT_PAGE)
+    if not 1 <= limit <= archive.MAX_PAGE:
+        raise BadRequest(f"limit must be between 1 and {archive.MAX_PAGE}", code="bad_param")
+    cursor = archive.Cursor.decode(args["cursor"]) if args.get("cursor") else None
+    return archive.Query(user=who, state=state, name=args.get("name") or None,
+                         since=_time(args, "since"), until=_time(args, "until"), limit=limit, cursor=cursor)
+
+
+def _number(args, name: str, kind, default):
+    try:
+        return kind(args[name]) if args.get(name) not in (None, "") else default
+    except ValueError:
+        raise BadRequest(f"{name} must be a number, got {args[name]!r}", code="bad_param") from None
+
+
+def _time(args, name: str) -> float | None:
+    """A time as Unix seconds or ISO 8601 (`2026-11-01`, `2026-11-01T12:00:00Z`)."""
+    text = args.get(name)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be a date (2026-11-01), an ISO 8601 time or Unix seconds, "
+                         f"got {text!r}", code="bad_param") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
 @bp.get("/tasks")
 def list_tasks():
-    user = require_user()
+    """One page of the caller's tasks, newest first: live ones from etcd, the past from MariaDB.
+
+    Both are ordered by (submitted, id) and filtered alike, so a page is
+    one consistent slice whichever store each task is in; a task that is
+    in both for a moment (archived, not yet removed from etcd) shows once.
+    """
+    query = _query(require_user())
     store = res().store
-    tasks = [r.value for r in store.list(store.keys.tasks) if can_see(user, r.value)]
-    tasks.sort(key=lambda t: t["created_at"], reverse=True)
-    return jsonify(tasks=_with_positions(tasks))
+    live = [r.value for r in store.list(store.keys.tasks)]
+    live_ids = {t["id"] for t in live}
+    archived = archive.page(res().db(), query)
+    matching = [t for t in live if query.matches(t)]
+    ordered = sorted(matching + [t for t in archived if t["id"] not in live_ids],
+                     key=lambda t: (t["created_at"], t["id"]), reverse=True)
+    page = ordered[:query.limit]
+    more = len(matching) + len(archived) > query.limit
+    cursor = archive.Cursor(page[-1]["created_at"], page[-1]["id"]).encode() if more else None
+    return jsonify(tasks=_views(page), next=cursor)
+
+
+@bp.get("/usage")
+def usage():
+    """Per user, from the archive: task counts, GPU-hours and wall-hours. Admins see everyone."""
+    user = require_user()
+    who = request.args.get("user") or None
+    if not user.admin:
+        if who not in (None, user.name):
+            raise Forbidden("only admins may see other users' usage", code="forbidden")
+        who = user.name
+    since, until = _time(request.args, "since"), _time(request.args, "until")
+    rows = archive.usage(res().db(), since, until, who)
+    return jsonify(usage=rows, since=since, until=until)
 
 
 @bp.get("/tasks/<task_id>")
@@ -122,7 +173,8 @@ def get_task(task_id: str):
     """The task; with `wait=SECONDS&seen=STATE:ATTEMPT`, once it differs from what the caller saw.
 
     The long poll lets `pink submit --wait` see each state change the moment
-    it happens instead of up to a polling interval later.
+    it happens instead of up to a polling interval later. A task that leaves
+    etcd while polled has been archived: the answer is its archived record.
     """
     task, _ = _task(task_id)
     seen = request.args.get("seen")
@@ -131,64 +183,36 @@ def get_task(task_id: str):
     while seen == f"{task['state']}:{task['attempt']}" and not is_final(task) and time.monotonic() < deadline:
         time.sleep(WAIT_POLL)
         rec = _live(task_id)
-        if rec is None:
-            break
-        task = rec.value
-    return jsonify(task=_with_positions([task])[0])
+        task = rec.value if rec else (_archived(task_id) or task)
+    return jsonify(task=_views([task])[0])
 
 
 @bp.delete("/tasks/<task_id>")
 def delete_task(task_id: str):
+    """Cancel a live task (202), or delete a finished one with its output and logs (200)."""
     task, rec = _task(task_id)
-    if rec is None or is_final(task):
-        return _delete_finished(task, rec)
-    return jsonify(task=public_view(_cancel(rec))), 202
+    if rec is None:
+        control.delete_archived(res().db(), res().config, task)
+        return jsonify(deleted=task["id"])
+    return jsonify(task=public_view(control.cancel(res().store, rec))), 202
 
 
-def _cancel(rec: Record) -> dict:
-    """Ask for cancellation; a task that has not started ends at once."""
-    store = res().store
-    for _ in range(20):
-        task = rec.value
-        if State(task["state"]) in NOT_STARTED:
-            new = exported(task, State.CANCELLED, "cancelled before it started",
-                           error="cancelled before it started", cancel_requested=True)
-            if lifecycle.move(store, rec, new, release=task["node"], unassign=task["node"]):
-                return new
-        elif task["state"] == State.RUNNING and not task["cancel_requested"]:
-            new = {**task, "cancel_requested": True}
-            if store.txn().expect(rec).put(rec.key, new).commit():
-                return new
-        else:
-            return task
-        rec = store.get(rec.key)
-        if rec is None:
-            raise NotFound(f"no task {task['id']}", code="unknown_task")
-    raise Conflict("the task kept changing; try again")
-
-
-def _delete_finished(task: dict, rec: Record | None):
-    output = task.get("output") or {}
-    if output.get("host") == res().config.host and output.get("path"):
-        try:
-            os.remove(output["path"])
-        except FileNotFoundError:
-            pass
-    archive.mark_deleted(res().db(), task["id"])
-    if rec is not None:
-        res().store.txn().expect(rec).delete(rec.key).commit()
-    return jsonify(deleted=task["id"])
+def _gone_if_expired(task: dict, what: str) -> None:
+    if task.get("expired_at"):
+        raise Gone(f"the {what} of task {task['id']} expired on {iso(task['expired_at'])} "
+                   "(outputs and logs are kept for a limited time)", code="expired")
 
 
 @bp.get("/tasks/<task_id>/output")
 def output(task_id: str):
     task, _ = _task(task_id)
+    _gone_if_expired(task, "output")
     out = task.get("output") or {}
     if not out.get("stored"):
         raise Conflict(f"task {task_id} has no output yet (state {task['state']})", code="no_output")
     name = public_view(task)["output"]["filename"]
     if out["host"] == res().config.host:
-        if not os.path.exists(out["path"]):
+        if not control.inside(out["path"], res().config.web.output_dir) or not os.path.exists(out["path"]):
             raise NotFound(f"the output of task {task_id} is no longer stored", code="output_gone")
         return send_file(out["path"], mimetype="application/octet-stream", as_attachment=True,
                          download_name=name, conditional=True, etag=out.get("sha256"))
@@ -212,9 +236,10 @@ def _from_peer(url: str) -> Response:
 @bp.get("/tasks/<task_id>/logs")
 def logs(task_id: str):
     task, _ = _task(task_id)
+    _gone_if_expired(task, "log")
     follow = request.args.get("follow") in ("1", "true", "yes")
     if not follow:
-        return Response(_logs_now(task), mimetype="text/plain")
+        return Response(stream_with_context(_logs_now(task)), mimetype="text/plain")
     return Response(stream_with_context(_follow(task_id)), mimetype="text/plain")
 
 
@@ -225,17 +250,19 @@ def _archived_logs(task_id: str) -> bytes:
         return b""
 
 
-def _logs_now(task: dict) -> bytes:
+def _logs_now(task: dict):
+    """The log so far, streamed from the runner in chunks (or the archived one)."""
     if is_final(task):
-        return _archived_logs(task["id"])
+        yield _archived_logs(task["id"])
+        return
     logfile = task.get("logfile")
     if not logfile:
-        return b""
+        return
     try:
         with sftp.session(res().config.ssh, logfile["ssh"]) as conn:
-            return sftp.read_from(conn, logfile["path"], 0)
+            yield from sftp.stream_from(conn, logfile["path"])
     except Unavailable:
-        return b""
+        return
 
 
 def _follow(task_id: str):

@@ -27,7 +27,7 @@ def _load(config_path: str):
 
 @click.group()
 def admin():
-    """Manage users and tokens (on a server machine, with its config file)."""
+    """Manage users, tokens and the database schema (on a server machine, with its config file)."""
 
 
 @admin.command("create-user")
@@ -62,3 +62,19 @@ def create_token(name, as_json, config_path):
     token = users.create_token(config, name)
     click.echo(to_json({"name": name, "token": token}) if as_json else token)
     click.echo("Keep this token now: it is not stored in clear and cannot be shown again.", err=True)
+
+
+@admin.command("migrate")
+@_config_option
+def migrate(config_path):
+    """Upgrade the database schema in place (web nodes and workers also do it at start)."""
+    config = _load(config_path)
+    from pink import db
+
+    conn = db.connect(config.db)
+    try:
+        before, after = db.migrate(conn)
+    finally:
+        conn.close()
+    click.echo(f"schema version {after}" + (f" (upgraded from {before})" if before != after else
+                                            " (already current)"))

@@ -221,8 +221,30 @@ class Client:
                               headers={"Content-Type": "application/x-tar"}, expect=(200, 201),
                               timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT))
 
-    def list(self) -> list[dict]:
-        return self._json("GET", "/tasks", "tasks")
+    def page(self, *, limit: int | None = None, cursor: str | None = None, state: str | None = None,
+             name: str | None = None, since: str | None = None, until: str | None = None,
+             user: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of tasks, newest first, and the cursor of the next (None at the end)."""
+        params = {k: v for k, v in (("limit", limit), ("cursor", cursor), ("state", state), ("name", name),
+                                    ("since", since), ("until", until), ("user", user)) if v is not None}
+        body = self._json("GET", "/tasks", params=params)
+        if not isinstance(body, dict) or "tasks" not in body:
+            raise PinkError(f"{self.url}{API}/tasks answered without 'tasks'", code="bad_response")
+        return body["tasks"], body.get("next")
+
+    def list(self, **filters) -> Iterator[dict]:
+        """Every task matching `filters`, newest first, page after page."""
+        cursor = None
+        while True:
+            tasks, cursor = self.page(cursor=cursor, **filters)
+            yield from tasks
+            if not cursor:
+                return
+
+    def usage(self, since: str | None = None, until: str | None = None,
+              user: str | None = None) -> list[dict]:
+        params = {k: v for k, v in (("since", since), ("until", until), ("user", user)) if v}
+        return self._json("GET", "/usage", "usage", params=params)
 
     def get(self, task_id: str, seen: str | None = None, wait: float = 0) -> dict:
         """The task; with `seen` ("state:attempt"), the server answers when it differs or after `wait` s."""

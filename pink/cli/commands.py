@@ -1,4 +1,4 @@
-"""The user's `pink` commands: login, submit, status, logs, download, cancel, nodes.
+"""The user's `pink` commands: login, submit, status, usage, logs, download, cancel, nodes.
 
 Each is a thin wrapper: arguments are validated here (usage errors exit 2),
 the work is done by `pink.cli.client.Client` and `pink.cli.images`, and the
@@ -184,19 +184,49 @@ def finish(task: dict) -> None:
 
 # -- looking at tasks --------------------------------------------------------------------
 
+STATES = ["queued", "placed", "transferred", "assigned", "running", "exported",
+          "succeeded", "failed", "timed_out", "cancelled"]
+
+
 @click.command()
 @click.argument("task_id", metavar="[ID]", required=False)
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True,
+              help="Tasks per page (the newest page is shown unless --all).")
+@click.option("--state", type=click.Choice(STATES), help="Only tasks in this state.")
+@click.option("--name", help="Only tasks whose name contains this.")
+@click.option("--since", help="Only tasks submitted at or after this date/time (ISO 8601).")
+@click.option("--until", help="Only tasks submitted before this date/time (ISO 8601).")
+@click.option("--user", help="Only this user's tasks (admins).")
+@click.option("--all", "every", is_flag=True, help="Page through every matching task.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of tasks, or one task).")
 @pass_cli
-def status(cli: CliContext, task_id, as_json):
-    """List your tasks, or show one task in detail."""
+def status(cli: CliContext, task_id, limit, state, name, since, until, user, every, as_json):
+    """List your tasks, newest first, or show one task in detail."""
     client = cli.client()
     if task_id:
         task = client.get(task_id)
         click.echo(output.to_json(task) if as_json else output.task_details(task))
         return
-    tasks = client.list()
+    filters = {"limit": limit, "state": state, "name": name, "since": since, "until": until, "user": user}
+    if every:
+        tasks, more = list(client.list(**filters)), None
+    else:
+        tasks, more = client.page(**filters)
     click.echo(output.to_json(tasks) if as_json else output.tasks_table(tasks))
+    if more and not as_json:
+        _err(f"(the newest {len(tasks)}; --all shows every task, --limit N up to 500 per page)")
+
+
+@click.command()
+@click.option("--since", help="From this date/time (ISO 8601), by when tasks finished.")
+@click.option("--until", help="Up to (not including) this date/time.")
+@click.option("--user", help="Only this user (admins; others see only themselves).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_cli
+def usage(cli: CliContext, since, until, user, as_json):
+    """Finished tasks, GPU-hours and wall-hours per user, from the archive."""
+    rows = cli.client().usage(since=since, until=until, user=user)
+    click.echo(output.to_json(rows) if as_json else output.usage_table(rows))
 
 
 @click.command()
@@ -300,4 +330,4 @@ def resume(cli: CliContext, name, as_json):
     _node_action(cli, name, "resume", False, as_json)
 
 
-COMMANDS = [login, submit, status, logs, download, cancel, nodes, node]
+COMMANDS = [login, submit, status, usage, logs, download, cancel, nodes, node]

@@ -74,6 +74,13 @@ def tasks_table(tasks: list[dict], now: datetime | None = None) -> str:
     return table(["ID", "NAME", "STATE", "NODE", "ATTEMPT", "AGE", "EXIT"], rows)
 
 
+def usage_table(rows: list[dict]) -> str:
+    body = [[r["user"], r["tasks"], r["succeeded"], r["failed"], r["timed_out"], r["cancelled"],
+             f"{r['gpu_hours']:.2f}", f"{r['wall_hours']:.2f}"] for r in rows]
+    return table(["USER", "TASKS", "SUCCEEDED", "FAILED", "TIMED OUT", "CANCELLED", "GPU-HOURS",
+                  "WALL-HOURS"], body)
+
+
 def nodes_table(nodes: list[dict]) -> str:
     rows = [[n.get("name"), n.get("host"), n.get("state"), len(n.get("gpus") or []),
              len(n.get("tasks") or []), n.get("epoch")] for n in nodes]
@@ -104,6 +111,10 @@ def task_details(task: dict) -> str:
         ("gpus", params.get("gpus")), ("timeout", f"{params['timeout']}s" if params.get("timeout") else None),
         ("output path", params.get("output")), ("compression", params.get("compression")),
         ("output", f"{output.get('filename')} ({size(output.get('size'))})" if output else None),
+        ("expires", task.get("expires_at") if not task.get("expired_at") else None),
+        ("expired", task.get("expired_at")),
+        ("log", f"truncated: the first {task['logs_truncated']} bytes were dropped"
+         if task.get("logs_truncated") else None),
     ]
     text = "\n".join(f"{k + ':':14}{_cell(v)}" for k, v in lines)
     timings = task.get("timings") or {}
