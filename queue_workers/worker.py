@@ -4,17 +4,186 @@ It listens to the shared finalize and run queues and to this host's own
 transfer queue (uploads live on this host). Jobs run in the worker process
 itself (RQ's SimpleWorker): no fork per job keeps a trivial task's latency
 low, and the etcd client is opened once, after start, never across a fork.
+
+Liveness: RQ keeps a SimpleWorker's key `rq:worker:<name>` alive for the
+whole job timeout plus 60 s (6 h for a transfer), so a worker killed mid-job
+would look alive for hours and its fixed name (the systemd unit's) could not
+be registered again. `PinkWorker` keeps that key under a lease of
+`node_ttl` seconds, refreshed by a thread, and on start takes the name over
+from a dead predecessor. `queues.job_status` reads the key to tell a dead
+worker's started job from a live one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from datetime import timedelta
 
 import click
-from rq import Queue, SimpleWorker
+from redis.exceptions import RedisError
+from rq import Queue, SimpleWorker, worker_registration
+from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.job_lifecycle import record_job_failure
+from rq.utils import now, utcparse
 
 from queue_workers import context
 from queue_workers.queues import queues_for
+
+log = logging.getLogger("pink.worker")
+
+BEATS_PER_LEASE = 3  # key refreshes per lease: one lost beat (a slow Redis reply) does not expire it
+STALE_LEASES = 2  # a holder silent this many leases is dead even if its pid cannot be checked
+CLAIM_POLL = 0.5  # seconds between looks at a live-looking holder's key while waiting for it to expire
+
+
+class PinkWorker(SimpleWorker):
+    """A SimpleWorker whose key expires `lease_ttl` seconds after it dies."""
+
+    def __init__(self, *args, lease_ttl: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lease_ttl = max(1, int(lease_ttl))  # Redis EXPIRE takes whole seconds
+        self._stop_beats = threading.Event()
+        self._beats: threading.Thread | None = None
+
+    # -- the lease ------------------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        """RQ asks for worker_ttl + 60 s when idle and job timeout + 60 s when a
+        job starts; the beat thread keeps the key alive instead, so every
+        extension is the lease: a killed worker's key is gone a lease later."""
+        super().heartbeat(self.lease_ttl, pipeline=pipeline)
+
+    def register_birth(self) -> None:
+        """Claim the name (see `_claim_name`), register, then start beating at
+        once: RQ's registration itself sets a TTL of worker_ttl + 60 s."""
+        self._claim_name()
+        super().register_birth()
+        self._beat()
+        self._stop_beats.clear()
+        self._beats = threading.Thread(target=self._beat_forever, name="pink-worker-lease", daemon=True)
+        self._beats.start()
+
+    def register_death(self) -> None:
+        """Stop beating before RQ marks the key dead, or a beat could outlive it."""
+        self._stop_beats.set()
+        if self._beats is not None:
+            self._beats.join(timeout=5)
+        super().register_death()
+
+    def _beat_forever(self) -> None:
+        """Runs beside the job (SimpleWorker runs jobs in the main thread)."""
+        while not self._stop_beats.wait(self.lease_ttl / BEATS_PER_LEASE):
+            try:
+                self._beat()
+            except RedisError as exc:  # the next beat may get through before the lease ends
+                log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+
+    def _beat(self) -> None:
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(pipeline=pipe)
+            created = pipe.execute()[0]
+        if created:
+            self._register_again()
+
+    def _register_again(self) -> None:
+        """The key had expired while we lived (Redis unreachable, or the
+        process stalled, for a whole lease): our running job may already be
+        counted as failed and retried, which jobs tolerate (they begin with a
+        compare-and-swap). Write the registration back so that we are not a
+        worker without a name; birth is kept, so our job counts as ours again."""
+        log.warning("worker %s: lease had expired; registering again", self.name)
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.lease_ttl)
+            pipe.execute()
+
+    # -- taking a dead predecessor's name -----------------------------------------
+
+    def _claim_name(self) -> None:
+        """Free our name if the worker registered under it is dead.
+
+        RQ refuses a name whose key exists. A holder on this host whose pid is
+        gone (or is ours: a container's restart reuses pids) or one silent for
+        STALE_LEASES leases is dead: its registration is removed and its
+        started jobs failed, so the leader retries them now. Any other holder
+        may be alive: wait one lease for its key to expire, then let RQ decide.
+        """
+        deadline = time.monotonic() + self.lease_ttl + 1
+        while (holder := self._holder()) is not None:
+            if self._is_dead(holder):
+                self._retire(holder)
+                return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(CLAIM_POLL)
+
+    def _holder(self) -> dict | None:
+        """The live-looking registration under our name, if any (RQ lets a
+        name marked with `death` be reused)."""
+        data = {k.decode(): v.decode() for k, v in self.connection.hgetall(self.key).items()}
+        return data if data and "death" not in data else None
+
+    def _is_dead(self, holder: dict) -> bool:
+        beat = holder.get("last_heartbeat")
+        if beat and now() - utcparse(beat) > timedelta(seconds=STALE_LEASES * self.lease_ttl):
+            return True
+        if holder.get("hostname") != self.hostname or not holder.get("pid"):
+            return False
+        pid = int(holder["pid"])
+        return pid == os.getpid() or not _pid_alive(pid)
+
+    def _retire(self, holder: dict) -> None:
+        why = (f"worker {self.name} (pid {holder.get('pid')} on {holder.get('hostname')}) died "
+               f"while running this job; a new worker took its name over")
+        failed = [self._fail(job, execution_id, why) for job, execution_id in self._orphans()]
+        with self.connection.pipeline() as pipe:
+            worker_registration.unregister(self, pipe)
+            pipe.delete(self.key, self.executions_key)
+            pipe.execute()
+        log.warning("worker %s: took the name over from dead pid %s on %s; failed its jobs %s",
+                    self.name, holder.get("pid"), holder.get("hostname"), failed or "(none)")
+
+    def _orphans(self) -> list[tuple[Job, str]]:
+        """The jobs our queues' started registries hold for a worker of our name."""
+        orphans = []
+        for queue in self.queues:
+            registry = queue.started_job_registry
+            for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
+                try:
+                    job = Job.fetch(job_id, connection=self.connection, serializer=self.serializer)
+                except NoSuchJobError:
+                    continue
+                if job.get_status(refresh=False) == JobStatus.STARTED and job.worker_name == self.name:
+                    orphans.append((job, execution_id))
+        return orphans
+
+    def _fail(self, job: Job, execution_id: str, why: str) -> str:
+        """Fail a dead worker's job as RQ fails an abandoned one, removing its
+        execution first: deleting a job reads each execution it still lists.
+        `ended_at` lets the leader's retry back off from now."""
+        execution = Execution(execution_id, job.id, connection=self.connection, worker_name=self.name)
+        job.ended_at = now()  # saved by record_job_failure, which rewrites the job's hash
+        with self.connection.pipeline() as pipe:
+            execution.delete(job, pipe)
+            record_job_failure(job, why, pipe)
+            pipe.execute()
+        return job.id
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, not ours to judge
+        return True
+    return True
 
 
 @click.command()
@@ -28,7 +197,8 @@ def main(config_path: str, burst: bool, name: str | None) -> None:
     config = context.config()
     redis = context.redis()
     queues = [Queue(q, connection=redis) for q in queues_for(config.host)]
-    worker = SimpleWorker(queues, connection=redis, name=name)
+    # The runner's lease: a dead worker is noticed as soon as a dead runner is.
+    worker = PinkWorker(queues, connection=redis, name=name, lease_ttl=config.node_ttl)
     worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
 
 
