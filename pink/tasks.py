@@ -32,7 +32,8 @@ class State(str, Enum):
     CANCELLED = "cancelled"
 
 
-FINAL = {State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.CANCELLED}
+FINAL = frozenset({State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.CANCELLED})
+FINAL_NAMES = frozenset(s.value for s in FINAL)  # as JSON carries them (the CLI, tests)
 # States in which a runner holds (or is about to hold) the task: losing the
 # runner's lease in one of them sends the task back to the queue.
 ON_RUNNER = {State.PLACED, State.TRANSFERRED, State.ASSIGNED, State.RUNNING}

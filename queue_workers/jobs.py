@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from pink import archive, control, defaults, lifecycle, scheduler, sftp
+from pink import archive, control, defaults, lifecycle, pipeline, scheduler, sftp
 from pink.errors import Unavailable
 from pink.tasks import State, advance, output_filename, requeue, retries_left, spool_file
 from queue_workers import context
@@ -104,7 +104,7 @@ def _copy_image(rec) -> str:
     new["timings"].update(transfer_bytes=sent, transfer_seconds=round(elapsed, 3))
     if not lifecycle.move(store, rec, new):
         return "task moved during transfer"
-    enqueue(context.redis(), new, "run")
+    enqueue(context.redis(), new, pipeline.stage_for(new))
     return detail
 
 
@@ -254,7 +254,7 @@ def _after_lost_export(rec, why: str) -> tuple[dict | None, bytes]:
     if not task.get("cancel_requested") and retries_left(task, context.config().max_attempts):
         new = requeue(task, why)
         if lifecycle.move(context.store(), rec, new):
-            enqueue(context.redis(), new, "transfer")
+            enqueue(context.redis(), new, pipeline.stage_for(new))
         return None, b""
     result = State.CANCELLED if task.get("cancel_requested") else State.FAILED
     return advance(task, result, why, error=why, export_error=why), b""

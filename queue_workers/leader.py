@@ -158,9 +158,8 @@ class Leader:
             if index[reason] == len(reasons):
                 reasons.append(reason)
         summary = {"tasks": entries, "reasons": reasons}
-        if summary != self._published:
-            self.store.txn().fence(*self.fence).put(self.store.keys.queue,
-                                                    {**summary, "at": time.time()}).commit()
+        if summary != self._published and self.store.txn().fence(*self.fence).put(
+                self.store.keys.queue, {**summary, "at": time.time()}).commit():
             self._published = summary
 
     def _database_answers(self) -> bool:

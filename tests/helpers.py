@@ -14,9 +14,10 @@ from pathlib import Path
 import requests
 import zstandard
 
-from pink import users
+from pink import archive, db, users
+from pink.tasks import FINAL_NAMES
 
-FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
+FINAL = FINAL_NAMES
 
 
 class Api:
@@ -77,6 +78,15 @@ def files_in_output(data: bytes, compression: str = "zstd") -> dict[str, bytes]:
         mode = "r:gz"
     with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as tar:
         return {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def archived(config, task_id: str) -> dict | None:
+    """The task's archived record (MariaDB), where a finished task lives."""
+    conn = db.connect(config.db)
+    try:
+        return archive.get_record(conn, task_id)
+    finally:
+        conn.close()
 
 
 def etcd_record(store, task_id: str) -> dict | None:

@@ -202,8 +202,10 @@ def test_a_user_over_the_output_cap_loses_the_oldest_first(pink_config):
 
 @pytest.fixture
 def lab(pink_processes, pink_config, config_variant):
-    """Web, worker, leader and runner, with a retention sweep every second."""
-    path = config_variant("history", retention={"sweep_interval": 1})
+    """Web, worker, leader and runner, with a retention sweep every second and logs
+    archived up to 1 MiB; the runner runs one container at a time."""
+    path = config_variant("history", retention={"sweep_interval": 1, "max_log_bytes": 2**20},
+                          runner={"max_containers": 1})
     for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
         start(config_path=path)
     return Api(pink_config, make_user(pink_config, "alice"))
@@ -262,63 +264,108 @@ def test_expired_outputs_answer_410_and_the_sweep_removes_orphans(lab, writer_ar
     assert [os.path.exists(p) for p in planted.values()] == [False, False, False, True]
 
 
-def test_a_log_over_the_packet_limit_is_archived_truncated(lab, docker_client, tmp_path):
+def test_a_log_over_the_limit_is_archived_truncated(lab, docker_client, tmp_path):
+    """A log is archived up to `max_log_bytes` (its end), however big it was:
+    before, a log over max_allowed_packet (16 MiB) never archived."""
     noisy = images.build_archive(
         docker_client, "pink/test-noisy:1",
-        'CMD ["sh", "-c", "yes 0123456789abcdef | head -c 20000000; echo THE-END"]\n', tmp_path / "noisy.tar")
+        'CMD ["sh", "-c", "yes 0123456789abcdef | head -c 3000000; echo THE-END"]\n', tmp_path / "noisy.tar")
     task_id = lab.submit(noisy).json()["task"]["id"]
     task = lab.wait(task_id, timeout=180)
     assert task["state"] == "succeeded", task
-    assert task["logs_truncated"] > 11_000_000
+    assert task["logs_truncated"] == 3_000_008 - 2**20
     logs = lab("GET", f"/tasks/{task_id}/logs").content
-    assert logs.startswith(b"[pink: the log was 20000008 bytes")
-    assert logs.endswith(b"THE-END\n") and len(logs) <= lab.config.retention.max_log_bytes + 200
+    assert logs.startswith(b"[pink: the log was 3000008 bytes; only its last 1048576 are kept]\n")
+    assert logs.endswith(b"THE-END\n") and len(logs) < 2**20 + 100
 
 
 def test_a_cancel_survives_the_loss_of_its_runner(lab, pink_processes, writer_archive):
     task_id = lab.submit(writer_archive, cmd="sleep 60").json()["task"]["id"]
     lab.wait(task_id, states={"running"})
-    runner = next(n for n in pink_processes.started if "runner" in n)
-    pink_processes.kill(runner)
+    pink_processes.kill(_runner(pink_processes))
     assert lab("DELETE", f"/tasks/{task_id}").status_code == 202
     task = lab.wait(task_id, timeout=60)
     assert task["state"] == "cancelled" and task["attempt"] == 1, task
 
 
 def test_a_database_outage_holds_exports_without_starving_new_tasks(lab, pink_processes, cluster,
-                                                                   writer_archive, tmp_path):
+                                                                   writer_archive):
+    """One container at a time: the second and third tasks are transferred and
+    run while the first waits in `exported` for the database."""
     store = Store.from_config(lab.config)
-
-    def reach(task_id: str, state: str) -> dict:
-        deadline = time.monotonic() + 60
-        while (rec := etcd_record(store, task_id)) is None or rec["state"] != state:
-            assert time.monotonic() < deadline, f"task {task_id} never reached {state}: {rec}"
-            time.sleep(0.2)
-        return rec
-
+    ids = [lab.submit(writer_archive, cmd=f"sh -c 'sleep 2; echo task {n}'").json()["task"]["id"]
+           for n in range(3)]
     cluster.stop("mariadb")
     try:
-        kept = lab.submit(writer_archive, name="kept").json()["task"]["id"]
-        dropped = lab.submit(writer_archive, name="dropped").json()["task"]["id"]
-        reach(kept, "exported")
-        reach(dropped, "exported")
-        r = lab("DELETE", f"/tasks/{dropped}")
-        assert r.status_code == 202 and etcd_record(store, dropped)["delete_requested"]
-        later = lab.submit(writer_archive, name="later").json()["task"]["id"]
-        reach(later, "exported")  # transfer and run jobs went on during the outage
+        for task_id in ids:
+            _reach(store, task_id, "exported")
         # The runner restarts (a new epoch) while its exports wait: they are not lost.
-        runner = next(n for n in pink_processes.started if "runner" in n)
-        pink_processes.kill(runner)
-        pink_processes.runner(config_path=str(Path(lab.config.path).with_name("history.toml")))
+        pink_processes.kill(_runner(pink_processes))
+        pink_processes.runner(config_path=_variant(lab))
         time.sleep(3)
-        assert etcd_record(store, kept)["state"] == "exported"
+        assert {etcd_record(store, t)["state"] for t in ids} == {"exported"}
     finally:
         cluster.start_mariadb()
-    for task_id in (kept, later):
+    for n, task_id in enumerate(ids):
         task = lab.wait(task_id, timeout=120)
         assert task["state"] == "succeeded" and task["attempt"] == 1 and task["output"], task
-    assert lab("GET", f"/tasks/{kept}/output").status_code == 200
+        assert lab("GET", f"/tasks/{task_id}/logs").text == f"task {n}\n"
+    assert lab("GET", f"/tasks/{ids[0]}/output").status_code == 200
+
+
+def test_deleting_an_exported_task_archives_it_as_deleted(lab, pink_processes, writer_archive):
+    store = Store.from_config(lab.config)
+    task_id = lab.submit(writer_archive, cmd="sh -c 'sleep 2; echo bye'").json()["task"]["id"]
+    lab.wait(task_id, states={"running"})
+    worker = next(n for n in pink_processes.started if "worker" in n)
+    pink_processes.stop(worker)  # nobody finalizes: the task stays `exported`
+    _reach(store, task_id, "exported")
+    r = lab("DELETE", f"/tasks/{task_id}")
+    assert r.status_code == 202 and etcd_record(store, task_id)["delete_requested"], r.text
+    pink_processes.worker(n=2, config_path=_variant(lab))
     deadline = time.monotonic() + 60
-    while lab("GET", f"/tasks/{dropped}").status_code != 404:
+    while lab("GET", f"/tasks/{task_id}").status_code != 404:
         assert time.monotonic() < deadline, "the deleted task was never archived as deleted"
         time.sleep(0.3)
+    assert etcd_record(store, task_id) is None
+    assert os.listdir(lab.config.web.output_dir) == []
+
+
+def _reach(store, task_id: str, state: str) -> dict:
+    deadline = time.monotonic() + 60
+    while (rec := etcd_record(store, task_id)) is None or rec["state"] != state:
+        assert time.monotonic() < deadline, f"task {task_id} never reached {state}: {rec}"
+        time.sleep(0.2)
+    return rec
+
+
+def _runner(pink_processes) -> str:
+    return next(n for n in pink_processes.started if "runner" in n)
+
+
+def _variant(lab) -> str:
+    return str(Path(lab.config.path).with_name("history.toml"))
+
+
+def test_an_unsatisfiable_request_is_refused_once_runners_are_known(pink_processes, pink_config,
+                                                                    writer_archive):
+    for start in (pink_processes.web, pink_processes.worker, pink_processes.leader):
+        start()
+    api = Api(pink_config, make_user(pink_config, "alice"))
+    waiting = api.submit(writer_archive, gpus=64)
+    assert waiting.status_code == 201, waiting.text  # no runner registered yet: it waits
+    task_id = waiting.json()["task"]["id"]
+    deadline = time.monotonic() + 20
+    while (task := api.task(task_id))["position"] != 1:
+        assert time.monotonic() < deadline, f"the leader never published a position: {task}"
+        time.sleep(0.2)
+    assert task["waiting"] == "no runner is registered"
+    pink_processes.runner()
+    store = Store.from_config(pink_config)
+    while not store.list(store.keys.nodes):
+        assert time.monotonic() < deadline + 20
+        time.sleep(0.2)
+    refused = api.submit(writer_archive, gpus=64)
+    assert refused.status_code == 400 and refused.json()["error"] == "unsatisfiable"
+    assert refused.json()["message"] == "no runner has 64 GPUs; the largest has 0"
+    assert os.listdir(pink_config.web.spool_dir) == [f"{task_id}.tar"]  # nothing left of the refused one

@@ -12,7 +12,7 @@ import pytest
 from pink import nodes
 from pink.store import Store
 from tests import images
-from tests.helpers import Api, make_user
+from tests.helpers import Api, archived, make_user
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,9 @@ def test_stop_moves_running_tasks_to_another_runner(cluster_api, sleeper):
     task = api.wait(task_id)
     assert task["state"] == "succeeded" and task["node"] == "run2" and task["attempt"] == 2
     store = Store.from_config(api.config)
-    history = store.get(store.keys.task(task_id)).value["history"]
-    assert any("stopped by an operator" in h[2] for h in history)
-    assert store.get(store.keys.task(task_id)).value.get("losses", 0) == 0
+    record = archived(api.config, task_id)
+    assert any("stopped by an operator" in h[2] for h in record["history"])
+    assert record.get("losses", 0) == 0
     assert nodes.control_state(store, "run1") == nodes.STOPPED
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pink import archive, db
+from pink import archive
 from pink import config as pink_config_module
 from pink.localcluster import free_port
 from pink.store import Store
@@ -35,11 +35,8 @@ def writer_archive(docker_client, tmp_path_factory):
 
 
 def _archived(config, task_id):
-    conn = db.connect(config.db)
-    try:
+    with archive.connection(config.db) as conn:
         return archive.get_record(conn, task_id), archive.get_logs(conn, task_id)
-    finally:
-        conn.close()
 
 
 def test_cli_submit_wait_download(api, writer_archive, tmp_path):

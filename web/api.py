@@ -16,7 +16,7 @@ import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 from redis.exceptions import RedisError
 
-from pink import archive, control, nodes, sftp
+from pink import archive, control, nodes, pipeline, sftp
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PinkError, Unavailable
 from pink.store import Record
 from pink.tasks import State, Params, iso, is_final, new_id, new_record, public_view
@@ -51,7 +51,7 @@ def submit():
         os.remove(upload.path)
         raise
     try:
-        enqueue(res().redis, record, "transfer")
+        enqueue(res().redis, record, pipeline.stage_for(record))
     except RedisError:
         pass  # recorded in etcd: the leader enqueues it once Redis answers
     return jsonify(task=public_view(record)), 201

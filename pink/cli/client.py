@@ -21,6 +21,7 @@ import requests
 
 from pink import errors
 from pink.errors import PinkError
+from pink.tasks import FINAL_NAMES
 
 API = "/api/v1"
 CHUNK = 1 << 20  # bytes read from disk / network per step of a transfer
@@ -28,7 +29,6 @@ CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the server
 LONG_POLL = 20.0  # seconds the server may hold a task request until its state changes
 READ_TIMEOUT = 120.0  # seconds the server may stay silent on an ordinary request
 UPLOAD_READ_TIMEOUT = 1800.0  # seconds for the server to validate an archive after its last byte
-FINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 NOT_LOGGED_IN = "not logged in or token rejected: run `pink login`"
 
 Progress = Callable[[int, "int | None"], None]
@@ -47,7 +47,7 @@ def normalize_url(url: str) -> str:
 
 
 def is_final(task: dict) -> bool:
-    return task.get("state") in FINAL_STATES
+    return task.get("state") in FINAL_NAMES
 
 
 def error_from_response(resp: requests.Response, auth_hint: bool = True) -> PinkError:

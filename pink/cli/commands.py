@@ -18,6 +18,7 @@ from pink.cli import settings as settings_mod
 from pink.cli.client import Client, normalize_url
 from pink.cli.context import CliContext, connection_options, pass_cli
 from pink.errors import PinkError
+from pink.tasks import State
 
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
@@ -184,15 +185,11 @@ def finish(task: dict) -> None:
 
 # -- looking at tasks --------------------------------------------------------------------
 
-STATES = ["queued", "placed", "transferred", "assigned", "running", "exported",
-          "succeeded", "failed", "timed_out", "cancelled"]
-
-
 @click.command()
 @click.argument("task_id", metavar="[ID]", required=False)
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True,
               help="Tasks per page (the newest page is shown unless --all).")
-@click.option("--state", type=click.Choice(STATES), help="Only tasks in this state.")
+@click.option("--state", type=click.Choice([s.value for s in State]), help="Only tasks in this state.")
 @click.option("--name", help="Only tasks whose name contains this.")
 @click.option("--since", help="Only tasks submitted at or after this date/time (ISO 8601).")
 @click.option("--until", help="Only tasks submitted before this date/time (ISO 8601).")
