@@ -6,6 +6,9 @@ create_revision is this incarnation's *epoch*. It acts only on assignments
 makes is fenced by it. If the lease is lost it stops its containers (their
 tasks have been or will be re-queued) and registers again with a new epoch.
 A new incarnation first removes containers any earlier one left behind.
+An etcd blip is waited out while the lease holds (`retry`); registering
+again would abandon every running task. It also sweeps its spool and outbox
+of files no reservation or live task of this node needs.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import click
 import docker
 from docker.errors import APIError, DockerException
 
-from gpu_runner import images
+from gpu_runner import images, outbox, retry
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
-from pink import nodes
-from pink.errors import PinkError
+from pink import defaults, nodes
+from pink.errors import PinkError, Unavailable
 from pink.store import Store
 
 log = logging.getLogger("pink.runner")
@@ -33,6 +36,8 @@ log = logging.getLogger("pink.runner")
 POLL = 1.0  # seconds between reads of the assignments, in case a watch event is lost
 SPOOL_REPORT_BYTES = 64 * 2**20  # a change in free spool space worth telling the schedulers
 SPOOL_SWEEP_INTERVAL = 30.0  # seconds between sweeps of archives no reservation needs
+OUTBOX_SWEEP_INTERVAL = 60.0  # seconds between sweeps of outbox files no live task needs
+OUTBOX_GRACE = defaults.SWEEP_GRACE  # seconds an outbox file no task needs may stay (it may be being written)
 
 
 class Agent:
@@ -53,6 +58,7 @@ class Agent:
         self.disk_limits: bool | None = None  # does the storage driver take a container disk size?
         self._image_locks: dict[str, threading.Lock] = {}
         self._swept = 0.0
+        self._outbox_swept: float | None = None  # None: sweep at the first refresh
 
     # -- registration ----------------------------------------------------------
 
@@ -95,6 +101,8 @@ class Agent:
         """Publish the spool's state when it changed (images arrive and are loaded)."""
         if time.monotonic() - self._swept > SPOOL_SWEEP_INTERVAL:
             self._sweep_spool()
+        if self._outbox_swept is None or time.monotonic() - self._outbox_swept > OUTBOX_SWEEP_INTERVAL:
+            self._sweep_outbox()
         spool = self._spool()
         if spool["spool_images"] != self._record.get("spool_images") or \
                 abs(spool["spool_free"] - self._record.get("spool_free", 0)) > SPOOL_REPORT_BYTES:
@@ -103,29 +111,72 @@ class Agent:
 
     def _sweep_spool(self) -> None:
         self._swept = time.monotonic()
-        alloc = self.store.get(self.store.keys.alloc(self.config.runner.name))
-        keep = set()
-        for task_id in (alloc.value if alloc else {}):
-            rec = self.store.get(self.store.keys.task(task_id))
-            if rec is not None:
-                keep.add(rec.value["image"]["sha256"])
+        keep = self._reserved_images()
         for name in images.sweep_spool(self.config.runner.spool_dir, keep, self.config.runner.spool_grace):
             log.info("removed %s from the spool: no task here needs it", name)
+
+    def _reserved_images(self) -> set[str]:
+        """Archive digests of every task with a reservation here, started or not.
+
+        Each reservation names its image; one written before they did (by an
+        older worker) is looked up in its task record.
+        """
+        alloc = self.store.get(self.store.keys.alloc(self.config.runner.name))
+        reserved = set()
+        for task_id, entry in (alloc.value if alloc else {}).items():
+            sha = entry.get("image") if isinstance(entry, dict) else None
+            if sha is None:
+                rec = self.store.get(self.store.keys.task(task_id))
+                sha = rec.value["image"]["sha256"] if rec is not None else None
+            if sha:
+                reserved.add(sha)
+        return reserved
+
+    def _sweep_outbox(self) -> None:
+        """Remove old outbox files of attempts neither assigned here nor still
+        recorded as this node's (an export waiting for its finalize). Only this
+        node's assignments are listed; a task record is read only for old files."""
+        self._outbox_swept = time.monotonic()
+        assigned = {(r.value["task"], r.value["attempt"])
+                    for r in self.store.list(self.store.keys.assignments(self.config.runner.name))}
+
+        def referenced(task_id: str, attempt: int) -> bool:
+            return (task_id, attempt) in assigned or self._recorded_here(task_id, attempt)
+
+        for name in outbox.sweep(self.config.runner.outbox_dir, referenced, OUTBOX_GRACE):
+            log.info("removed %s from the outbox: no live task refers to it", name)
+
+    def _recorded_here(self, task_id: str, attempt: int) -> bool:
+        rec = self.store.get(self.store.keys.task(task_id))
+        return rec is not None and rec.value.get("attempt") == attempt and \
+            rec.value.get("node") == self.config.runner.name
 
     def _publish(self) -> None:
         key = self.store.keys.node(self.config.runner.name)
         self.store.txn().fence(key, self.epoch).put(key, self._record, self.lease.id).commit()
 
     def images_changed(self) -> None:
-        """After a load: keep the cache within its budget, then advertise it."""
-        if self.config.runner.image_cache_bytes:
-            with self._lock:
-                in_use = set(self.images_in_use.values())
-            for sha in images.evict(self.docker, self.config.runner.image_cache_bytes, in_use):
-                log.info("evicted image %s from the cache", sha[:12])
+        """After a load: keep the cache within its budget, then advertise it.
+
+        Both need etcd (the reservations to spare, the record to publish): a
+        blip is waited out while the lease holds; `retry.LeaseLost` after.
+        """
+        retry.while_leased(self._evict, self.lease_lost, "read this node's reservations")
         self._record["images"] = images.cached(self.docker)
         self._record.update(self._spool())
-        self._publish()
+        retry.while_leased(self._publish, self.lease_lost, "publish this node's images")
+
+    def _evict(self) -> None:
+        """Untag cached images beyond the budget, sparing those of tasks started
+        here and of every reservation: a task placed here because the node record
+        listed its image was sent no archive, and needs the cached one."""
+        if not self.config.runner.image_cache_bytes:
+            return
+        spared = self._reserved_images()
+        with self._lock:
+            spared |= set(self.images_in_use.values())
+        for sha in images.evict(self.docker, self.config.runner.image_cache_bytes, spared):
+            log.info("evicted image %s from the cache", sha[:12])
 
     def image_lock(self, sha: str) -> threading.Lock:
         with self._lock:
@@ -151,17 +202,15 @@ class Agent:
                             "containers without a disk limit", exc.explanation or exc)
                 self.disk_limits = False
                 self._record["disk_limits"] = False
-                self._publish()
+                retry.while_leased(self._publish, self.lease_lost, "publish this node's disk limits")
         return self.docker.containers.create(**args)
 
     def lease_lost(self) -> bool:
         return self.lease is None or self.lease.lost.is_set()
 
-    def give_to_account(self, path: str) -> None:
-        """Hand an outbox file to the SFTP account that owns the outbox."""
-        st = os.stat(self.config.runner.outbox_dir)
-        os.chown(path, st.st_uid, st.st_gid)
-        os.chmod(path, 0o600)
+    def outbox_owner(self) -> tuple[int, int]:
+        """(uid, gid) of the SFTP account that owns the outbox: its files are handed to it."""
+        return outbox.owner(self.config.runner.outbox_dir)
 
     # -- containers from earlier incarnations ----------------------------------
 
@@ -218,8 +267,7 @@ class Agent:
                 try:
                     while not stop.is_set() and not self.lease_lost():
                         self._wake.clear()
-                        self.poll_assignments()
-                        self.refresh()
+                        self._tend()
                         self._wake.wait(POLL)
                 finally:
                     cancel()
@@ -233,6 +281,16 @@ class Agent:
                 log.warning("lease lost: stopping this epoch's containers and registering again")
                 self.stop_containers()
         self.shutdown()
+
+    def _tend(self) -> None:
+        """One round: start new assignments, publish and sweep. An etcd blip
+        ends the round, not the epoch: registering again would abandon every
+        running task, and only the lease says when this node is given up."""
+        try:
+            self.poll_assignments()
+            self.refresh()
+        except Unavailable as exc:
+            log.warning("runner: %s; trying again while the lease holds", exc.message)
 
     def stop_containers(self) -> None:
         for container in self._containers():

@@ -4,7 +4,11 @@ assigned -> running (CAS fenced by our epoch) -> docker load/run with the
 reserved GPUs -> wait for exit, deadline or cancel -> export -> exported
 (CAS fenced again, which also releases the reservation and the assignment).
 If the runner's lease is lost at any point the task is abandoned: the leader
-has re-queued it, and the fence would refuse our report anyway.
+has re-queued it, and the fence would refuse our report anyway. Until then an
+etcd blip only delays the report (`retry.while_leased`): a finished task is
+never failed, nor run again, for want of a control plane. Log and export are
+written into the outbox through `outbox`, never through a name the transfer
+account could have replaced.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 import requests
 from docker.errors import APIError, DockerException
 
-from gpu_runner import export, images
+from gpu_runner import export, images, outbox, retry
 from pink import lifecycle
 from pink.errors import Unavailable
 from pink.store import Record
@@ -28,7 +32,7 @@ log = logging.getLogger("pink.runner")
 POLL = 0.5  # seconds between checks of the container, the deadline and cancel
 
 
-class Abandoned(Exception):
+class Abandoned(retry.LeaseLost):
     """Our lease (epoch) is gone: stop without reporting."""
 
 
@@ -41,6 +45,7 @@ class Execution:
         self.attempt = attempt
         self.base = f"{task_id}-{attempt}"
         self.container = None
+        self._log = None  # the log file, written only through the descriptor we created
         # This execution belongs to the incarnation that started it: a runner
         # that re-registers gets a new epoch, and this thread must not act for it.
         self.epoch = agent.epoch
@@ -64,8 +69,8 @@ class Execution:
         try:
             rec = self._start()
             if rec is not None:
-                self._report(rec, *self._execute(rec.value))
-        except Abandoned:
+                self._report_until_done(rec, *self._execute(rec.value))
+        except retry.LeaseLost:
             log.warning("task %s abandoned: this runner's epoch ended", self.task_id)
         except Exception as exc:  # noqa: BLE001 - a task must never be left running silently
             log.exception("task %s: unexpected error", self.task_id)
@@ -74,6 +79,8 @@ class Execution:
                                                          **self._export_info()})
         finally:
             self._remove_container()
+            if self._log is not None:
+                self._log.close()
             self.agent.finished(self.task_id)
 
     def _start(self) -> Record | None:
@@ -96,15 +103,16 @@ class Execution:
         new = advance(task, State.RUNNING, f"started on {self.config.name}", logfile=logfile)
         if not lifecycle.move(self.store, rec, new, fence=self._fence()):
             return None
-        return self.store.get(rec.key)
+        # Running now, and ours alone to finish: losing this read to a blip would
+        # leave it for the next poll to re-queue as if this runner had lost track.
+        return retry.while_leased(lambda: self.store.get(rec.key), self._lease_lost,
+                                  f"read task {self.task_id}")
 
     def _execute(self, task: dict) -> tuple[State, dict]:
         """Run the container; returns the result and the fields to record."""
         client = self.agent.docker
-        logpath = self._local(".log")
-        with open(logpath, "wb"):
-            pass
-        self.agent.give_to_account(logpath)
+        log_fd = outbox.create(self._local(".log"), self.agent.outbox_owner())
+        self._log = os.fdopen(log_fd, "ab", buffering=0)
         try:
             if self._lease_lost():
                 raise Abandoned()
@@ -118,7 +126,7 @@ class Execution:
             self.container = self.agent.create_container(self._container_args(task))
         except (RuntimeError, DockerException) as exc:
             return State.FAILED, {"error": _docker_message(exc), **self._export_info()}
-        follower = threading.Thread(target=self._follow_logs, args=(logpath,), daemon=True)
+        follower = threading.Thread(target=self._follow_logs, daemon=True)
         if self._lease_lost():  # a long docker load may outlive our epoch
             raise Abandoned()
         try:
@@ -155,12 +163,11 @@ class Execution:
         args["environment"] = env
         return args
 
-    def _follow_logs(self, logpath: str) -> None:
+    def _follow_logs(self) -> None:
         try:
-            with open(logpath, "ab", buffering=0) as fh:
-                for chunk in self.container.logs(stream=True, follow=True):
-                    fh.write(chunk)
-        except DockerException as exc:
+            for chunk in self.container.logs(stream=True, follow=True):
+                self._log.write(chunk)
+        except (DockerException, OSError, ValueError) as exc:  # ValueError: closed after the join timed out
             log.warning("task %s: log stream ended: %s", self.task_id, exc)
 
     def _limits(self, task: dict) -> tuple[float, float, float]:
@@ -215,8 +222,6 @@ class Execution:
             pass
         return getattr(self, "_seen", {"state": State.RUNNING, "attempt": self.attempt})
 
-
-
     def _export_info(self) -> dict:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),
                            "size": None}}
@@ -229,18 +234,28 @@ class Execution:
         suffix = ".tar.gz" if task["params"]["compression"] == "gzip" else ".tar.zst"
         started = time.time()
         try:
-            size = export.export(self.container, task["params"]["output"],
-                                 task["params"]["compression"], self._local(suffix))
-        except (ValueError, DockerException) as exc:
+            size = export.export(self.container, task["params"]["output"], task["params"]["compression"],
+                                 self._local(suffix), self.agent.outbox_owner())
+        except (ValueError, OSError, DockerException) as exc:
             return {**fields, "export_error": str(exc)}
-        self.agent.give_to_account(self._local(suffix))
         info.update(path=self._remote(suffix), size=size)
         return {**fields, "export_seconds": round(time.time() - started, 3)}
 
+    def _report_until_done(self, rec: Record, result: State, fields: dict) -> None:
+        """Report, waiting out etcd being unreachable for as long as our lease holds."""
+        retry.while_leased(lambda: self._report(rec, result, fields), self._lease_lost,
+                           f"report task {self.task_id}")
+
     def _report(self, rec: Record, result: State, fields: dict) -> None:
+        """One try at recording the result. Safe to repeat: `fields` is not
+        changed, and a try whose commit got through though its answer was
+        lost finds the task already exported by this attempt."""
         if self._lease_lost():
             raise Abandoned()
+        fields = dict(fields)
         current = self.store.get(rec.key)
+        if current is not None and self._reported(current.value, fields):
+            return
         if current is None or current.value["state"] != State.RUNNING or current.value["attempt"] != self.attempt:
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
             return
@@ -261,9 +276,14 @@ class Execution:
                               unassign=self.config.name, fence=self._fence()):
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
 
+    def _reported(self, task: dict, fields: dict) -> bool:
+        """An earlier try committed this very result, though its answer was lost."""
+        return task["attempt"] == self.attempt and task["state"] == State.EXPORTED and \
+            task.get("export") == fields.get("export")
+
     def _report_quietly(self, rec: Record, result: State, fields: dict) -> None:
         try:
-            self._report(rec, result, fields)
+            self._report_until_done(rec, result, fields)
         except Exception:  # noqa: BLE001 - the leader re-queues it if this fails too
             log.exception("task %s: could not report the failure", self.task_id)
 

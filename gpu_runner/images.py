@@ -3,8 +3,8 @@
 A loaded archive is tagged `pink/cache:<archive sha256>`, so the cache
 survives runner restarts and the node record can tell transfer jobs which
 images need no copy. Every use tags it again, so Docker's LastTagTime is the
-last use, and `evict` removes the least recently used images not in use until
-the cache fits its disk budget. Called by the agent (inventory) and
+last use, and `evict` removes the least recently used images neither in use
+nor reserved until the cache fits its disk budget. Called by the agent (inventory) and
 execution (load, evict).
 """
 
@@ -64,10 +64,11 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> b
     return True
 
 
-def evict(client: docker.DockerClient, budget: int, in_use: set[str]) -> list[str]:
-    """Untag least recently used cached images (not in `in_use`, archive
-    digests) until the cache's size is within `budget` bytes; an image left
-    with no tag is deleted. Returns the digests evicted."""
+def evict(client: docker.DockerClient, budget: int, spared: set[str]) -> list[str]:
+    """Untag least recently used cached images (not in `spared`, archive
+    digests of the tasks started or reserved here) until the cache's size is
+    within `budget` bytes; an image left with no tag is deleted. Returns the
+    digests evicted."""
     entries = []
     for image in client.images.list(name=CACHE_REPO):
         for tag in image.tags:
@@ -79,7 +80,7 @@ def evict(client: docker.DockerClient, budget: int, in_use: set[str]) -> list[st
     for _, sha, image in sorted(entries, key=lambda e: e[0]):
         if total <= budget:
             break
-        if sha in in_use:
+        if sha in spared:
             continue
         client.images.remove(f"{CACHE_REPO}:{sha}")
         total -= image.attrs.get("Size", 0)
