@@ -30,6 +30,10 @@ from pink.tasks import State, advance, exported, requeue
 log = logging.getLogger("pink.runner")
 
 POLL = 0.5  # seconds between checks of the container, the deadline and cancel
+# Seconds the log may take to drain once the container has exited: Docker hands
+# a log back one line per frame (about 1 MiB/s of short lines), so a chatty
+# task's backlog takes a while; past this the rest of the log is cut.
+LOG_DRAIN = 120
 
 
 class Abandoned(retry.LeaseLost):
@@ -136,7 +140,9 @@ class Execution:
         else:
             follower.start()
             result, fields = self._wait(task)
-            follower.join(timeout=10)
+            follower.join(timeout=LOG_DRAIN)
+            if follower.is_alive():
+                log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
         if result != State.QUEUED:
             fields.update(self._export(task))
         fields["image_load_seconds"] = load_seconds
