@@ -4,7 +4,8 @@ A transition often has to change three keys at once: the task record, the
 node's reservations (`/pink/alloc/<node>`) and the assignment key the runner
 watches. `move()` commits them in one etcd transaction that compares the
 task's mod_revision (and optionally a fence), retrying only when the
-reservation record changed under it; `retire()` removes an archived task.
+reservation record changed under it. `place()` commits a batch of
+placements on one node (the leader); `retire()` removes an archived task.
 Used by jobs, the runner, the leader and the web API's cancel.
 """
 
@@ -16,23 +17,25 @@ from pink.errors import Unavailable
 from pink.store import Record, Store
 
 
-@dataclass
-class Reserve:
-    """A reservation computed from `alloc`, the node's record as placement read it."""
+MAX_TXN_PLACEMENTS = 60  # placements per transaction: etcd allows 128 operations by default
 
-    node: str
+
+@dataclass
+class Placement:
+    """One task placed on a node: its record as read, the placed record, its reservation."""
+
+    rec: Record
+    new: dict
     entry: dict
-    alloc: Record | None
 
 
 def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
-         reserve: Reserve | None = None, fence: tuple[str, int] | None = None,
+         fence: tuple[str, int] | None = None,
          assign: dict | None = None, assign_lease: int = 0, unassign: str | None = None,
          attempts: int = 50) -> bool:
     """Commit `new` for the task read as `rec`; False if the task moved first.
 
     release: node whose reservation for this task is dropped.
-    reserve: reservation added on a node; False if the node's reservations moved.
     fence: (key, create_revision) that must still be the same incarnation.
     assign / unassign: assignment key to write (for new["node"]) / node to delete it for.
     """
@@ -44,16 +47,12 @@ def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
             txn.fence(*fence)
         if release:
             _release(store, txn, release, task_id)
-        if reserve:
-            _reserve(store, txn, reserve, task_id)
         if assign is not None:
             txn.put(keys.assignment(new["node"], task_id), assign, assign_lease)
         if unassign:
             txn.delete(keys.assignment(unassign, task_id))
         if txn.commit():
             return True
-        if reserve:
-            return False  # placement must look again at what changed
         current = store.get(rec.key)
         if current is None or current.mod_revision != rec.mod_revision:
             return False
@@ -62,6 +61,26 @@ def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
             if holder is None or holder.create_revision != fence[1]:
                 return False
     raise Unavailable(f"could not move task {task_id}: reservations kept changing")
+
+
+def place(store: Store, node: str, epoch: int, alloc: Record | None, placements: list[Placement],
+          fence: tuple[str, int]) -> bool:
+    """Commit several placements on one node in one transaction.
+
+    Fenced by the node's incarnation (`epoch`) and the placer's own fence,
+    and compared against every task record and the node's reservations as
+    read: if anything moved (a cancel, a release), nothing is written and the
+    next pass plans again. This is how the leader places a batch at the cost
+    of one round trip per node, not per task.
+    """
+    key = store.keys.alloc(node)
+    txn = store.txn().fence(store.keys.node(node), epoch).fence(*fence)
+    txn.expect(alloc) if alloc else txn.expect(key, 0)
+    entries = dict(alloc.value) if alloc else {}
+    for p in placements:
+        txn.expect(p.rec).put(p.rec.key, p.new)
+        entries[p.new["id"]] = p.entry
+    return txn.put(key, entries).commit()
 
 
 def retire(store: Store, rec: Record) -> bool:
@@ -94,10 +113,3 @@ def _release(store: Store, txn, node: str, task_id: str) -> None:
         txn.put(key, remaining)
     else:
         txn.delete(key)
-
-
-def _reserve(store: Store, txn, reserve: Reserve, task_id: str) -> None:
-    key = store.keys.alloc(reserve.node)
-    alloc = reserve.alloc
-    txn.expect(alloc) if alloc else txn.expect(key, 0)
-    txn.put(key, {**(alloc.value if alloc else {}), task_id: reserve.entry})

@@ -4,18 +4,21 @@ One owner for the order of a task's life, called by the queue jobs (to
 enqueue the next stage), the leader (to repair missing jobs and re-queue
 lost tasks) and node control (moving tasks off a node):
 
-    queued/placed -> transfer job -> transferred -> run job -> assigned
-    -> (runner) running -> exported -> finalize job -> archived in MariaDB,
-    then removed from etcd; the final state lives only in the archive.
+    queued -> (leader) placed -> transfer job -> transferred -> run job
+    -> assigned -> (runner) running -> exported -> finalize job -> archived
+    in MariaDB, then removed from etcd; the final state lives only there.
+
+A queued task needs no job: the leader places waiting tasks in batches
+from its pass over the queue, and enqueues the transfer of each it placed.
 """
 
 from __future__ import annotations
 
 from pink.tasks import State, exported, requeue, retries_left
 
-# The job each state needs; states absent here wait on a runner.
-STAGE_FOR = {State.QUEUED: "transfer", State.PLACED: "transfer",
-             State.TRANSFERRED: "run", State.EXPORTED: "finalize"}
+# The job each state needs; states absent here wait on the leader (queued)
+# or on a runner.
+STAGE_FOR = {State.PLACED: "transfer", State.TRANSFERRED: "run", State.EXPORTED: "finalize"}
 # Stages that give up after max_job_failures; finalize only backs off (a
 # database outage must hold tasks in `exported`, never fail them).
 GIVES_UP = {"transfer", "run"}

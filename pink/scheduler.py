@@ -1,8 +1,8 @@
 """The queue as etcd holds it, run through `placement.plan`.
 
-Reads every task, the live runners and their reservations, and returns the
-plan every transfer job (to place its own task) and the web API (to tell a
-waiting task its position) agree on. The user limits come from `[limits]`.
+etcd holds live tasks only, so a snapshot costs what the queue holds. The
+leader plans from it on each pass, commits the placements in batches and
+publishes each waiting task's position; the user limits come from `[limits]`.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ import logging
 import os
 import time
 
-from pink import archive, control, defaults, lifecycle, pipeline, scheduler, sftp
+from pink import archive, control, defaults, lifecycle, sftp
 from pink.errors import Unavailable
 from pink.tasks import State, advance, output_filename, requeue, retries_left, spool_file
 from queue_workers import context
-from queue_workers.queues import enqueue
+from queue_workers.queues import enqueue, enqueue_next
 
 log = logging.getLogger("pink.jobs")
 
@@ -43,43 +43,14 @@ def _node(name: str, epoch: int | None = None) -> dict | None:
 # -- transfer ----------------------------------------------------------------
 
 def transfer(task_id: str, attempt: int) -> str:
-    """Place the task on a runner and copy its image there (runs on the upload's host)."""
-    rec = _load(task_id, attempt, State.QUEUED, State.PLACED)
-    if rec and rec.value["state"] == State.QUEUED:
-        rec = _place(rec)
-    if rec is None or rec.value["state"] != State.PLACED:
+    """Copy a placed task's image to its runner (runs on the upload's host).
+
+    The leader placed the task (and reserved its GPUs); this job only copies.
+    """
+    rec = _load(task_id, attempt, State.PLACED)
+    if rec is None:
         return "nothing to do"
     return _copy_image(rec)
-
-
-def _place(rec):
-    store = context.store()
-    for _ in range(20):
-        task = rec.value
-        tasks, live, allocs = scheduler.snapshot(store)
-        plan = scheduler.plan(context.config(), tasks, live, allocs)
-        choice = plan.choices.get(task["id"])
-        if choice is None:
-            _set_waiting(rec, plan.waiting.get(task["id"], "waiting for its turn"))
-            return None
-        node = next(n for n in live if n["name"] == choice.node)
-        new = advance(task, State.PLACED, f"placed on {choice.node}", node=choice.node,
-                      epoch=node["epoch"], gpus=choice.gpus, waiting=None)
-        reserve = lifecycle.Reserve(choice.node, {"gpus": choice.gpus, "attempt": task["attempt"],
-                                                  "image": task["image"]["sha256"]},
-                                    allocs.get(choice.node))
-        if lifecycle.move(store, rec, new, reserve=reserve,
-                          fence=(store.keys.node(choice.node), node["epoch"])):
-            return store.get(rec.key)
-        rec = store.get(rec.key)
-        if rec is None or rec.value["state"] != State.QUEUED:
-            return None
-    raise Unavailable(f"could not place task {rec.key}: runners kept changing")
-
-
-def _set_waiting(rec, reason: str) -> None:
-    if rec.value.get("waiting") != reason:
-        context.store().txn().expect(rec).put(rec.key, {**rec.value, "waiting": reason}).commit()
 
 
 def _copy_image(rec) -> str:
@@ -104,7 +75,7 @@ def _copy_image(rec) -> str:
     new["timings"].update(transfer_bytes=sent, transfer_seconds=round(elapsed, 3))
     if not lifecycle.move(store, rec, new):
         return "task moved during transfer"
-    enqueue(context.redis(), new, pipeline.stage_for(new))
+    enqueue_next(context.redis(), new)
     return detail
 
 
@@ -253,8 +224,7 @@ def _after_lost_export(rec, why: str) -> tuple[dict | None, bytes]:
         return advance(task, State(task["result"]), why, export_error=why), b""
     if not task.get("cancel_requested") and retries_left(task, context.config().max_attempts):
         new = requeue(task, why)
-        if lifecycle.move(context.store(), rec, new):
-            enqueue(context.redis(), new, pipeline.stage_for(new))
+        lifecycle.move(context.store(), rec, new)  # the leader places it again
         return None, b""
     result = State.CANCELLED if task.get("cancel_requested") else State.FAILED
     return advance(task, result, why, error=why, export_error=why), b""

@@ -33,8 +33,8 @@ from pink import config as pink_config
 from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
-from pink.tasks import ON_RUNNER, State, exported, job_id
-from queue_workers.queues import enqueue, enqueue_sweep, job_status, queues_for, transfer_hosts
+from pink.tasks import ON_RUNNER, State, advance, exported, job_id
+from queue_workers.queues import enqueue, enqueue_next, enqueue_sweep, job_status, queues_for, transfer_hosts
 
 log = logging.getLogger("pink.leader")
 
@@ -110,7 +110,9 @@ class Leader:
         tasks = self.store.list(self.store.keys.tasks)
         nodes = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.nodes)}
         allocs = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.allocs)}
-        plan = scheduler.plan(self.config, [r.value for r in tasks], pink_nodes.view(self.store), allocs)
+        live = pink_nodes.view(self.store)
+        plan = scheduler.plan(self.config, [r.value for r in tasks], live, allocs)
+        self._place(plan, tasks, live, allocs)
         self._publish_queue(plan)
         finalize_ok = self._database_answers() if any(
             r.value["state"] == State.EXPORTED for r in tasks) else True
@@ -118,17 +120,14 @@ class Leader:
             if lease.lost.is_set():
                 return
             try:
-                self._reconcile_task(rec, nodes, plan, finalize_ok)
+                self._reconcile_task(rec, nodes, finalize_ok)
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.get("id"), exc)
         self._sweep_if_due()
 
-    def _reconcile_task(self, rec: Record, nodes: dict[str, Record], plan, finalize_ok: bool) -> None:
+    def _reconcile_task(self, rec: Record, nodes: dict[str, Record], finalize_ok: bool) -> None:
         task = rec.value
         state = State(task["state"])
-        if state == State.QUEUED and task["id"] not in plan.choices and \
-                job_status(self.redis, job_id(task["id"], "transfer", task["attempt"])) == JobStatus.FINISHED:
-            return  # its transfer job found no place, and none has opened since
         if state in ON_RUNNER:
             node = nodes.get(task["node"])
             if node is None or node.create_revision != task["epoch"]:
@@ -141,6 +140,48 @@ class Leader:
             return
         if stage and enqueue(self.redis, task, stage):
             log.info("enqueued %s for task %s (attempt %d)", stage, task["id"], task["attempt"])
+
+    def _place(self, plan, tasks: list[Record], live: list[dict], allocs: dict[str, Record]) -> int:
+        """Commit the plan's placements, one transaction per node, and enqueue their transfers.
+
+        The plan was made from one read of the live queue, runners and
+        reservations; each node's batch is compared against that read and
+        fenced by the node's epoch and by our leadership, so a placement made
+        on stale data fails as a whole and the next pass plans again.
+        Returns how many tasks were placed.
+        """
+        if not plan.choices:
+            return 0
+        by_id = {r.value["id"]: r for r in tasks}
+        epochs = {n["name"]: n["epoch"] for n in live}
+        batches: dict[str, list[lifecycle.Placement]] = {}
+        for task_id, choice in plan.choices.items():
+            rec = by_id[task_id]
+            task = rec.value
+            new = advance(task, State.PLACED, f"placed on {choice.node}", node=choice.node,
+                          epoch=epochs[choice.node], gpus=choice.gpus, waiting=None)
+            entry = {"gpus": choice.gpus, "attempt": task["attempt"], "image": task["image"]["sha256"]}
+            batches.setdefault(choice.node, []).append(lifecycle.Placement(rec, new, entry))
+        placed = 0
+        for node, batch in batches.items():
+            for start in range(0, len(batch), lifecycle.MAX_TXN_PLACEMENTS):
+                chunk = batch[start:start + lifecycle.MAX_TXN_PLACEMENTS]
+                if not lifecycle.place(self.store, node, epochs[node], allocs.get(node), chunk, self.fence):
+                    log.info("placements on %s changed under the plan; planning again", node)
+                    self.changed.set()
+                    break
+                if start + len(chunk) < len(batch):
+                    allocs[node] = self.store.get(self.store.keys.alloc(node))
+                placed += len(chunk)
+                self._enqueue_transfers(chunk)
+        return placed
+
+    def _enqueue_transfers(self, placed: list) -> None:
+        try:
+            for p in placed:
+                enqueue_next(self.redis, p.new)
+        except RedisError as exc:  # placed is recorded in etcd: the next pass enqueues them
+            log.warning("enqueueing transfers: %s", exc)
 
     def _publish_queue(self, plan) -> None:
         """Write each waiting task's position and reason to one key, when they change.

@@ -17,7 +17,7 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from pink import defaults
+from pink import defaults, pipeline
 from pink.tasks import job_id
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
@@ -94,6 +94,12 @@ def _worker_runs(redis: Redis, job: Job) -> bool:
     if worker is None:
         return False
     return worker.birth_date is None or job.started_at is None or worker.birth_date <= job.started_at
+
+
+def enqueue_next(redis: Redis, task: dict) -> bool:
+    """Enqueue the job the task's state calls for (`pink.pipeline`), if it calls for one."""
+    stage = pipeline.stage_for(task)
+    return bool(stage) and enqueue(redis, task, stage)
 
 
 def enqueue(redis: Redis, task: dict, stage: str) -> bool:

@@ -58,12 +58,17 @@ def test_runner_killed_mid_task_is_retried(api, pink_processes, slow_archive, do
 
 
 def test_redis_flushed_while_tasks_wait(api, pink_processes, slow_archive):
+    pink_processes.stop(next(n for n in pink_processes.started if "worker" in n))
+    pink_processes.runner()
     ids = [api.submit(slow_archive, cmd="echo quick").json()["task"]["id"] for _ in range(3)]
     redis = Redis.from_url(api.config.redis_url)
-    assert redis.keys("rq:job:*")
+    deadline = time.monotonic() + 20
+    while len(redis.keys("rq:job:*")) < 3:  # placed by the leader, their transfers wait for a worker
+        assert time.monotonic() < deadline, "the leader placed nothing"
+        time.sleep(0.2)
     redis.flushdb()
     assert not redis.keys("rq:job:*")
-    pink_processes.runner()
+    pink_processes.worker(n=2)
     for task_id in ids:
         assert api.wait(task_id, timeout=120)["state"] == "succeeded"
 

@@ -1,7 +1,7 @@
 """The REST API under /api/v1: tasks, their logs and outputs, nodes, health.
 
-A submit records the task in etcd and enqueues its transfer job on this
-host's queue (the leader would do it too, a moment later). Reads come from
+A submit records the task in etcd; the leader, watching, places it and
+enqueues its transfer on this host's queue. Reads come from
 etcd for live tasks and from the MariaDB archive for tasks no longer there.
 Another user's task answers 404, exactly like a task that does not exist.
 """
@@ -14,13 +14,11 @@ from datetime import datetime, timezone
 
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
-from redis.exceptions import RedisError
 
-from pink import archive, control, nodes, pipeline, sftp
+from pink import archive, control, nodes, sftp
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PinkError, Unavailable
 from pink.store import Record
 from pink.tasks import State, Params, iso, is_final, new_id, new_record, public_view
-from queue_workers.queues import enqueue
 from web import uploads
 from web.auth import can_see, require_admin, require_user
 from web.resources import res
@@ -50,10 +48,6 @@ def submit():
     except PinkError:
         os.remove(upload.path)
         raise
-    try:
-        enqueue(res().redis, record, pipeline.stage_for(record))
-    except RedisError:
-        pass  # recorded in etcd: the leader enqueues it once Redis answers
     return jsonify(task=public_view(record)), 201
 
 
