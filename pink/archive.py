@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -105,12 +106,6 @@ def connection(db_config) -> Iterator:
         conn.close()
 
 
-def write(db_config, record: dict, logs: bytes, **kwargs) -> bool:
-    """Archive with a connection of its own; True if this call wrote the row."""
-    with connection(db_config) as conn:
-        return archive_task(conn, record, logs, **kwargs)
-
-
 def _with_columns(row: dict) -> dict:
     """The archived record, with what changed after archiving (expiry)."""
     record = json.loads(row["record"])
@@ -167,6 +162,8 @@ class Cursor:
     def decode(cls, text: str) -> "Cursor":
         try:
             submitted, task_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            if not math.isfinite(float(submitted)):
+                raise ValueError(submitted)
             return cls(float(submitted), str(task_id))
         except (ValueError, TypeError):
             raise BadRequest("cursor is not one this server gave out; start again without it",
@@ -271,10 +268,16 @@ def usage(conn, since: float | None, until: float | None, user: str | None) -> l
 
 # -- retention -------------------------------------------------------------------
 
-def expire(conn, now: float, max_bytes_per_user: int, batch: int = 1000) -> int:
+def expire(conn, now: float, max_bytes_per_user: int, output_days: float = 0, batch: int = 1000) -> int:
     """Mark outputs (and drop logs) past their expiry, or over a user's byte cap
-    (oldest first). Returns how many rows expired. The files go in `sweep_host`."""
+    (oldest first). Returns how many rows expired; each web host's sweep job
+    then deletes its files. Rows archived before expiry was recorded get
+    one from `output_days`."""
     with conn.cursor() as cur:
+        if output_days:
+            cur.execute("UPDATE tasks SET expires_at = COALESCE(finished_at, %s) + %s "
+                        "WHERE expired_at IS NULL AND expires_at IS NULL LIMIT %s",
+                        (now, output_days * 86400, batch))
         cur.execute("SELECT id FROM tasks WHERE expired_at IS NULL AND expires_at < %s LIMIT %s",
                     (now, batch))
         ids = [r["id"] for r in cur.fetchall()]
@@ -324,11 +327,10 @@ def forget_file(conn, task_id: str) -> None:
     conn.commit()
 
 
-def stored_files(conn, host: str) -> set[str]:
-    """Paths of outputs `host` must keep (bounded by retention, not by history)."""
+def stored_output(conn, task_id: str) -> str | None:
+    """The path of the task's output while it is kept (not expired, not deleted)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT output_path FROM tasks WHERE output_host=%s AND output_path IS NOT NULL "
-                    "AND expired_at IS NULL", (host,))
-        rows = cur.fetchall()
+        cur.execute("SELECT output_path FROM tasks WHERE id=%s AND expired_at IS NULL", (task_id,))
+        row = cur.fetchone()
     conn.commit()
-    return {r["output_path"] for r in rows}
+    return row["output_path"] if row else None

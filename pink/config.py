@@ -144,7 +144,14 @@ def from_mapping(data: dict, path: str = "") -> Config:
     for name, value in sections.items():
         setattr(config, name, value)
     config.path = path
+    _check_dirs(config.web)
     return config
+
+
+def _check_dirs(web: WebConfig) -> None:
+    """The sweep deletes files no task owns in each of these: they must differ."""
+    if web.spool_dir and web.output_dir and os.path.realpath(web.spool_dir) == os.path.realpath(web.output_dir):
+        raise ConfigError("[web] spool_dir and output_dir must be different directories")
 
 
 def load(path: str | os.PathLike | None = None) -> Config:

@@ -80,7 +80,8 @@ SCHEMA_V2 = [
         ADD INDEX IF NOT EXISTS by_output_host (output_host, expired_at)""",
     """UPDATE tasks SET gpu_count = COALESCE(JSON_LENGTH(gpus), 0),
         output_host = JSON_VALUE(record, '$.output.host'),
-        output_path = JSON_VALUE(record, '$.output.path')""",
+        output_path = JSON_VALUE(record, '$.output.path'),
+        expired_at = deleted_at""",
 ]
 
 MIGRATIONS = [SCHEMA_V1, SCHEMA_V2]  # MIGRATIONS[n - 1] brings a database to version n

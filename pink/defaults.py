@@ -16,6 +16,7 @@ OUTPUT_DAYS = 14.0  # days an output and its logs are kept after the task ends
 MAX_LOG_BYTES = 8 * 2**20  # bytes of a log archived (its end); MariaDB's max_allowed_packet is 16 MiB
 SWEEP_INTERVAL = 60.0  # seconds between the leader's retention sweeps
 SWEEP_GRACE = 3600.0  # seconds a file no task references may stay (it may be being written)
+PUBLISHED_POSITIONS = 5000  # waiting tasks whose queue position the leader publishes (one etcd value)
 
 MAX_UPLOAD_BYTES = 64 * 2**30  # bytes: largest image archive accepted
 UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling

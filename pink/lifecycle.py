@@ -83,21 +83,23 @@ def place(store: Store, node: str, epoch: int, alloc: Record | None, placements:
     return txn.put(key, entries).commit()
 
 
-def retire(store: Store, rec: Record) -> bool:
-    """Remove an archived task from etcd; False if another attempt took its place.
+def retire(store: Store, rec: Record) -> Record | None:
+    """Remove an archived task from etcd; returns the record removed, or None
+    if another attempt took its place.
 
     Called only once the task's archive row is committed: etcd holds live
     tasks only. A record that changed without moving on (a delete request
-    added a field) is read again and removed.
+    added a field) is read again and removed; the caller looks at what it
+    removed, so such a request is not lost.
     """
     for _ in range(20):
         if store.txn().expect(rec).delete(rec.key).commit():
-            return True
+            return rec
         current = store.get(rec.key)
         if current is None:
-            return True
+            return rec
         if current.value["attempt"] != rec.value["attempt"] or current.value["state"] != rec.value["state"]:
-            return False
+            return None
         rec = current
     raise Unavailable(f"could not remove task {rec.key} from etcd: it kept changing")
 

@@ -118,17 +118,24 @@ def finalize(task_id: str, attempt: int) -> str:
     task = rec.value
     config = context.config()
     with archive.connection(config.db) as conn:
-        if archive.archived_attempt(conn, task_id) is None:
+        archived = archive.archived_attempt(conn, task_id)
+        if archived is None:
             try:
                 final, logs = _final(task)
             except ExportLost as exc:
-                final, logs = _after_lost_export(rec, str(exc))
+                final, logs = _after_lost_export(conn, rec, str(exc))
                 if final is None:
                     return "re-queued"
             archive.archive_task(conn, final, logs, expires_at=_expiry(config),
                                  deleted=bool(task.get("delete_requested")))
-    if not lifecycle.retire(context.store(), rec):
-        return "task moved first"
+        elif archived != attempt:
+            log.warning("task %s: attempt %d is archived, not %d; keeping the archived one",
+                        task_id, archived, attempt)
+        gone = lifecycle.retire(context.store(), rec)
+        if gone is None:
+            return "task moved first"
+        if gone.value.get("delete_requested"):  # asked for while we archived
+            archive.mark_deleted(conn, task_id)
     _forget_on_runner(task)
     enqueue(context.redis(), task, "cleanup")
     return task["result"]
@@ -182,6 +189,7 @@ def _fetch_output(conn, task: dict) -> dict:
     suffix = output_filename(task)[len(task["id"]):]
     local = os.path.join(config.web.output_dir, f"{task['id']}-{task['attempt']}{suffix}")
     if os.path.exists(local) and os.path.getsize(local) == remote.get("size"):
+        os.utime(local)  # fresh again: the sweep leaves young files alone
         size, digest = os.path.getsize(local), _sha256(local)
     else:
         size, digest = sftp.get(conn, remote["path"], local)
@@ -213,18 +221,21 @@ def _final_detail(task: dict) -> str:
     return task.get("error") or task["result"]
 
 
-def _after_lost_export(rec, why: str) -> tuple[dict | None, bytes]:
+def _after_lost_export(conn, rec, why: str) -> tuple[dict | None, bytes]:
     """The export is gone: the final record to archive, or None once re-queued.
 
     A cancelled or timed-out task is not run again for its output: it ends as
-    it was going to, without one. Others run again up to the retry limit.
+    it was going to, without one. Others run again up to the retry limit,
+    unless another finalize of this attempt archived it meanwhile (it took
+    the export, which is why this one found none).
     """
     task = rec.value
     if task["result"] in (State.CANCELLED, State.TIMED_OUT):
         return advance(task, State(task["result"]), why, export_error=why), b""
     if not task.get("cancel_requested") and retries_left(task, context.config().max_attempts):
-        new = requeue(task, why)
-        lifecycle.move(context.store(), rec, new)  # the leader places it again
+        if archive.archived_attempt(conn, task["id"]) is not None:
+            raise Unavailable(f"task {task['id']} was archived by another finalize meanwhile")
+        lifecycle.move(context.store(), rec, requeue(task, why))  # the leader places it again
         return None, b""
     result = State.CANCELLED if task.get("cancel_requested") else State.FAILED
     return advance(task, result, why, error=why, export_error=why), b""
@@ -268,16 +279,16 @@ def sweep() -> str:
     of uploads and downloads that were cut off.
     """
     config = context.config()
+    old = time.time() - defaults.SWEEP_GRACE
+    store = context.store()
     with archive.connection(config.db) as conn:
         expired = archive.expired_files(conn, config.host)
         for task_id, path in expired:
             if control.inside(path, config.web.output_dir):
                 _remove(path)
             archive.forget_file(conn, task_id)
-        keep = archive.stored_files(conn, config.host)
-    old = time.time() - defaults.SWEEP_GRACE
-    orphans = [p for p in _files_before(config.web.output_dir, old) if p not in keep]
-    store = context.store()
+        orphans = [p for p in _files_before(config.web.output_dir, old)
+                   if not _output_needed(conn, store, p)]
     for path in _files_before(config.web.spool_dir, old):
         name = os.path.basename(path)
         if name.endswith(".part") or store.get(store.keys.task(name.split(".")[0])) is None:
@@ -285,6 +296,20 @@ def sweep() -> str:
     for path in orphans:
         _remove(path)
     return f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed"
+
+
+def _output_needed(conn, store, path: str) -> bool:
+    """Does a live task (its finalize may be writing or archiving it) or an
+    unexpired archive row own this file in the output store?
+
+    Output files are named `<task>-<attempt>...`: one etcd read and one
+    primary-key lookup per old file, whatever the history holds.
+    """
+    task_id = os.path.basename(path).split("-", 1)[0]
+    if store.get(store.keys.task(task_id)) is not None:
+        return True
+    stored = archive.stored_output(conn, task_id)
+    return stored is not None and os.path.realpath(stored) == os.path.realpath(path)
 
 
 def _files_before(directory: str, cutoff: float) -> list[str]:

@@ -28,12 +28,12 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from pink import archive, lifecycle, pipeline, scheduler
+from pink import archive, defaults, lifecycle, pipeline, scheduler
 from pink import config as pink_config
 from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
-from pink.tasks import ON_RUNNER, State, advance, exported, job_id
+from pink.tasks import FINAL, ON_RUNNER, State, advance, exported, job_id
 from queue_workers.queues import enqueue, enqueue_next, enqueue_sweep, job_status, queues_for, transfer_hosts
 
 log = logging.getLogger("pink.leader")
@@ -113,7 +113,10 @@ class Leader:
         live = pink_nodes.view(self.store)
         plan = scheduler.plan(self.config, [r.value for r in tasks], live, allocs)
         self._place(plan, tasks, live, allocs)
-        self._publish_queue(plan)
+        try:
+            self._publish_queue(plan)
+        except PinkError as exc:  # positions are a courtesy: never stop leading for them
+            log.warning("publishing queue positions: %s", exc.message)
         finalize_ok = self._database_answers() if any(
             r.value["state"] == State.EXPORTED for r in tasks) else True
         for rec in tasks:
@@ -128,6 +131,9 @@ class Leader:
     def _reconcile_task(self, rec: Record, nodes: dict[str, Record], finalize_ok: bool) -> None:
         task = rec.value
         state = State(task["state"])
+        if state in FINAL:
+            self._retire_final(rec)
+            return
         if state in ON_RUNNER:
             node = nodes.get(task["node"])
             if node is None or node.create_revision != task["epoch"]:
@@ -183,6 +189,18 @@ class Leader:
         except RedisError as exc:  # placed is recorded in etcd: the next pass enqueues them
             log.warning("enqueueing transfers: %s", exc)
 
+    def _retire_final(self, rec: Record) -> None:
+        """A final record left in etcd by a version that kept them there:
+        archive it if it never was (its log is gone with that version), then
+        remove it and its upload."""
+        task = rec.value
+        with archive.connection(self.config.db) as conn:
+            if archive.archived_attempt(conn, task["id"]) is None:
+                archive.archive_task(conn, task, b"")
+        if lifecycle.retire(self.store, rec) is not None:
+            enqueue(self.redis, task, "cleanup")
+            log.info("task %s: final record moved out of etcd", task["id"])
+
     def _publish_queue(self, plan) -> None:
         """Write each waiting task's position and reason to one key, when they change.
 
@@ -192,7 +210,7 @@ class Leader:
         reasons: list[str] = []
         index: dict[str, int] = {}
         entries = {}
-        waiting = [t for t in plan.order if t in plan.waiting]
+        waiting = [t for t in plan.order if t in plan.waiting][:defaults.PUBLISHED_POSITIONS]
         for position, task_id in enumerate(waiting, start=1):
             reason = plan.waiting[task_id]
             entries[task_id] = [position, index.setdefault(reason, len(reasons))]
@@ -219,7 +237,8 @@ class Leader:
         self._swept = time.monotonic()
         try:
             with archive.connection(self.config.db) as conn:
-                expired = archive.expire(conn, time.time(), self.config.retention.max_output_bytes_per_user)
+                expired = archive.expire(conn, time.time(), self.config.retention.max_output_bytes_per_user,
+                                         self.config.retention.output_days)
             if expired:
                 log.info("retention: %d outputs expired", expired)
             for host in transfer_hosts(self.redis):

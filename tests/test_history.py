@@ -370,3 +370,48 @@ def test_an_unsatisfiable_request_is_refused_once_runners_are_known(pink_process
     assert refused.status_code == 400 and refused.json()["error"] == "unsatisfiable"
     assert refused.json()["message"] == "no runner has 64 GPUs; the largest has 0"
     assert os.listdir(pink_config.web.spool_dir) == [f"{task_id}.tar"]  # nothing left of the refused one
+
+
+@pytest.fixture
+def control_plane(pink_processes, pink_config):
+    """Web, worker and leader, no runner."""
+    for start in (pink_processes.web, pink_processes.worker, pink_processes.leader):
+        start()
+    return Api(pink_config, make_user(pink_config, "alice"))
+
+
+def _gone_from_etcd(store, *task_ids: str) -> None:
+    deadline = time.monotonic() + 20
+    while any(etcd_record(store, t) is not None for t in task_ids):
+        assert time.monotonic() < deadline, "the task stayed in etcd"
+        time.sleep(0.2)
+
+
+def test_a_finalize_that_crashed_after_archiving_does_not_archive_twice(control_plane):
+    """The archive row was committed, then the finalize died before removing
+    the etcd record: the next finalize removes it and writes nothing."""
+    api = control_plane
+    store = Store.from_config(api.config)
+    now = time.time()
+    done = _record("c0001", "alice", "crashed", "succeeded", now)
+    _archive(api.config, done)
+    exported_rec = {**_record("c0001", "alice", "crashed", "exported", now), "result": "succeeded",
+                    "export": None, "error": "a different ending"}
+    store.create(store.keys.task("c0001"), exported_rec)
+    _gone_from_etcd(store, "c0001")
+    assert api("GET", "/tasks/c0001/logs").content == b"log of c0001"
+    assert api.task("c0001")["error"] is None  # the first archive stands
+    assert _sql(api.config, "SELECT COUNT(*) AS n FROM task_events WHERE task_id='c0001'") == [{"n": 2}]
+
+
+def test_final_records_an_older_version_left_in_etcd_move_to_the_archive(control_plane):
+    api = control_plane
+    store = Store.from_config(api.config)
+    now = time.time()
+    archived_before = _record("l0001", "alice", "old-archived", "succeeded", now)
+    _archive(api.config, archived_before)
+    store.create(store.keys.task("l0001"), archived_before)
+    store.create(store.keys.task("l0002"), _record("l0002", "alice", "never-archived", "failed", now + 1))
+    _gone_from_etcd(store, "l0001", "l0002")
+    assert [t["id"] for t in api("GET", "/tasks").json()["tasks"]] == ["l0002", "l0001"]
+    assert api.task("l0002")["state"] == "failed"

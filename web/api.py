@@ -8,6 +8,7 @@ Another user's task answers 404, exactly like a task that does not exist.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from datetime import datetime, timezone
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
-from pink import archive, control, nodes, sftp
+from pink import archive, control, lifecycle, nodes, sftp
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PinkError, Unavailable
 from pink.store import Record
 from pink.tasks import State, Params, iso, is_final, new_id, new_record, public_view
@@ -115,9 +116,13 @@ def _time(args, name: str) -> float | None:
     if not text:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if math.isfinite(value):
+            return value
+        raise BadRequest(f"{name} must be a finite time, got {text!r}", code="bad_param")
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -185,8 +190,10 @@ def get_task(task_id: str):
 def delete_task(task_id: str):
     """Cancel a live task (202), or delete a finished one with its output and logs (200)."""
     task, rec = _task(task_id)
-    if rec is None:
+    if rec is None or is_final(task):  # a final record in etcd: left by an older version
         control.delete_archived(res().db(), res().config, task)
+        if rec is not None:
+            lifecycle.retire(res().store, rec)
         return jsonify(deleted=task["id"])
     return jsonify(task=public_view(control.cancel(res().store, rec))), 202
 
