@@ -1,5 +1,5 @@
 """What a user may do to tasks, whatever the door (web API, pages, CLI):
-submit within limits, cancel, delete, and see the queue.
+submit within limits, cancel, delete, list their history and see the queue.
 
 The web layer parses requests and renders answers; the rules live here so
 every door applies the same ones. A task lives in etcd until it is archived
@@ -12,9 +12,38 @@ import os
 
 from pink import archive, lifecycle, nodes
 from pink.config import Config
-from pink.errors import BadRequest, Conflict, NotFound, TooManyRequests
+from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests
 from pink.store import Record, Store
 from pink.tasks import NOT_STARTED, State, exported
+
+
+def visible_user(caller_name: str, admin: bool, wanted: str | None) -> str | None:
+    """Whose tasks a caller may list or sum up: their own; admins anyone's
+    (None: everyone's)."""
+    if admin:
+        return wanted
+    if wanted not in (None, caller_name):
+        raise Forbidden("only admins may see other users' tasks", code="forbidden")
+    return caller_name
+
+
+def history_page(store: Store, conn, query: archive.Query) -> tuple[list[dict], str | None]:
+    """One page of tasks, newest first, and the cursor of the next (None at the end).
+
+    Live tasks (etcd) and the archive (MariaDB) are ordered by (submitted,
+    id) and filtered alike, so a page is one consistent slice whichever
+    store each task is in; a task in both for a moment (archived, not yet
+    removed from etcd) shows once, as etcd has it. The archive answers from
+    an index; the live tasks are the queue, not the history.
+    """
+    live = [r.value for r in store.list(store.keys.tasks)]
+    live_ids = {t["id"] for t in live}
+    archived = [t for t in archive.page(conn, query) if t["id"] not in live_ids]
+    matching = [t for t in live if query.matches(t)]
+    ordered = sorted(matching + archived, key=lambda t: (t["created_at"], t["id"]), reverse=True)
+    page = ordered[:query.limit]
+    more = len(ordered) > query.limit
+    return page, archive.Cursor(page[-1]["created_at"], page[-1]["id"]).encode() if more else None
 
 
 def check_submit(store: Store, config: Config, user: str, gpus: int, size: int) -> None:

@@ -87,11 +87,7 @@ def _task(task_id: str) -> tuple[dict, Record | None]:
 def _query(user) -> archive.Query:
     """The history filter a GET /tasks asks for; only admins see other users."""
     args = request.args
-    who = args.get("user") or None
-    if not user.admin:
-        if who not in (None, user.name):
-            raise Forbidden("only admins may list other users' tasks", code="forbidden")
-        who = user.name
+    who = control.visible_user(user.name, user.admin, args.get("user") or None)
     state = args.get("state") or None
     if state is not None and state not in {s.value for s in State}:
         raise BadRequest(f"state must be one of {', '.join(s.value for s in State)}", code="bad_param")
@@ -133,23 +129,9 @@ def _time(args, name: str) -> float | None:
 
 @bp.get("/tasks")
 def list_tasks():
-    """One page of the caller's tasks, newest first: live ones from etcd, the past from MariaDB.
-
-    Both are ordered by (submitted, id) and filtered alike, so a page is
-    one consistent slice whichever store each task is in; a task that is
-    in both for a moment (archived, not yet removed from etcd) shows once.
-    """
+    """One page of the caller's tasks, newest first: live ones from etcd, the past from MariaDB."""
     query = _query(require_user())
-    store = res().store
-    live = [r.value for r in store.list(store.keys.tasks)]
-    live_ids = {t["id"] for t in live}
-    archived = archive.page(res().db(), query)
-    matching = [t for t in live if query.matches(t)]
-    ordered = sorted(matching + [t for t in archived if t["id"] not in live_ids],
-                     key=lambda t: (t["created_at"], t["id"]), reverse=True)
-    page = ordered[:query.limit]
-    more = len(matching) + len(archived) > query.limit
-    cursor = archive.Cursor(page[-1]["created_at"], page[-1]["id"]).encode() if more else None
+    page, cursor = control.history_page(res().store, res().db(), query)
     return jsonify(tasks=_views(page), next=cursor)
 
 
@@ -157,11 +139,7 @@ def list_tasks():
 def usage():
     """Per user, from the archive: task counts, GPU-hours and wall-hours. Admins see everyone."""
     user = require_user()
-    who = request.args.get("user") or None
-    if not user.admin:
-        if who not in (None, user.name):
-            raise Forbidden("only admins may see other users' usage", code="forbidden")
-        who = user.name
+    who = control.visible_user(user.name, user.admin, request.args.get("user") or None)
     since, until = _time(request.args, "since"), _time(request.args, "until")
     rows = archive.usage(res().db(), since, until, who)
     return jsonify(usage=rows, since=since, until=until)
