@@ -111,6 +111,13 @@ def test_pages_merge_live_and_archived_tasks_newest_first(web):
     assert bobs == [f"b{i:04d}" for i in range(4, -1, -1)]
     assert alice("GET", "/tasks/b0001").status_code == 404
 
+    newest = alice.cli("status", "--limit", "20")
+    assert len(newest.stdout.splitlines()) == 21 and "--all" in newest.stderr
+    every = json.loads(alice.cli("status", "--all", "--limit", "50", "--json").stdout)
+    assert [t["id"] for t in every] == ids
+    failed_json = json.loads(alice.cli("status", "--state", "failed", "--name", "job-11", "--json").stdout)
+    assert sorted(t["name"] for t in failed_json) == ["job-11", "job-111", "job-113", "job-115", "job-117"]
+
 
 def test_the_first_page_reads_an_index_not_the_table(web):
     rows = [_record(f"i{i:05d}", "alice" if i % 3 else "carol", f"n{i}", "succeeded", T0 + i)
