@@ -61,7 +61,7 @@ def _parse(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def _pink_once(api: Api, archive: Path, timeout: float = 180) -> dict:
+def pink_once(api: Api, archive: Path, timeout: float = 180) -> dict:
     start = time.time()
     r = api.submit(archive)
     if r.status_code != 201:
@@ -105,21 +105,21 @@ def latency(api: Api, client, workdir: Path, repeats: int, log) -> dict:
             subprocess.run(["docker", "run", "--rm", tag], check=True, capture_output=True)
             docker.append(time.perf_counter() - t)
         log(f"docker run --rm: median {median(docker):.3f}s of {repeats}")
-        cold = _pink_once(api, archive)
+        cold = pink_once(api, archive)
         log(f"PINK cold: {cold['total']:.3f}s (copied {cold['transfer_bytes']} bytes)")
         warm = []
         for _ in range(repeats):
-            warm.append(_pink_once(api, archive))
+            warm.append(pink_once(api, archive))
         log(f"PINK warm: median {median([w['total'] for w in warm]):.3f}s of {repeats}")
     finally:
-        _forget_image(client, tag, archive)
+        forget_image(client, tag, archive)
     stages = {k: median([stage_split(w)[k] for w in warm]) for k in stage_split(warm[0])}
     return {"archive_bytes": archive.stat().st_size if archive.exists() else None,
             "docker": docker, "cold": cold["total"], "cold_stages": stage_split(cold),
             "warm": [w["total"] for w in warm], "warm_stages": stages, "repeats": repeats}
 
 
-def _forget_image(client, tag: str, archive: Path) -> None:
+def forget_image(client, tag: str, archive: Path) -> None:
     """Remove the run's image and the runner's cached copy of it."""
     digest = hashlib.sha256(archive.read_bytes()).hexdigest() if archive.exists() else None
     for ref in (tag, f"pink/cache:{digest}" if digest else None):

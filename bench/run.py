@@ -6,6 +6,13 @@
 2. transfer: a 1 GiB image archive to the runner's transfer account over a
    veth link into a network namespace, pink.sftp vs OpenSSH `scp -s`.
 3. memory: pink-web's RSS during a 1 GiB HTTPS upload vs its idle RSS.
+4. placement: one pass of the planner over 10,000 tasks and 1,000 runners.
+5. throughput: trivial tasks per second vs raw `docker run` loops.
+6. loaded: a warm task with 10,000 archived and 1,000 waiting tasks vs none.
+7. drain: a queue of 2,000 trivial tasks (500 by default) vs one of 50.
+8. placement-live: placements per second through etcd, the queue workers and
+   the leader, with 1,000 runner records and 10,000 waiting tasks.
+And etcd's database size at each step, then once its history is compacted.
 
 Starts its own cluster under /var/lib/pink-bench (pink.localcluster) and
 removes it, the namespace and the images it built at the end.
@@ -27,15 +34,17 @@ sys.path.insert(0, str(REPO))
 
 import docker  # noqa: E402
 
-from bench import measure, placement, throughput  # noqa: E402
+from bench import drain, etcdsize, loaded, measure, placement, throughput  # noqa: E402
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
 from pink.localcluster import Cluster  # noqa: E402
+from tests import images  # noqa: E402
 from tests.helpers import Api  # noqa: E402
 
 BASE = Path("/var/lib/pink-bench")  # not /tmp: sshd's chroot needs root-owned parents
 RUNNERS = ("run1", "run2")  # the throughput figure needs two; the others use whichever is placed
-NAMES = ["latency", "transfer", "memory", "placement", "throughput"]
+NAMES = ["latency", "transfer", "memory", "placement", "throughput", "loaded", "drain", "placement-live",
+         "compaction"]
 TARGETS = {"latency": 1.3, "transfer": 1.0, "memory": 100}  # x docker run; x scp; MiB
 
 
@@ -56,10 +65,25 @@ def machine() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 128 MiB instead of 1 GiB, fewer repeats")
+                        help="smoke check: 128 MiB instead of 1 GiB, fewer repeats, smaller queues")
     parser.add_argument("--only", action="append", choices=NAMES,
                         help="run only this measurement (repeatable)")
+    parser.add_argument("--skip", action="append", choices=NAMES, default=[],
+                        help="leave this measurement out (repeatable)")
     parser.add_argument("--repeats", type=int, help="repeats per figure (default 10, quick 3; transfer rounds 3, quick 1)")
+    parser.add_argument("--archived", type=int, help="loaded: archived tasks (default 10000, quick 1000)")
+    parser.add_argument("--waiting", type=int, help="loaded: waiting tasks (default 1000, quick 100)")
+    parser.add_argument("--drain-tasks", type=int,
+                        help="drain: the long queue (default 500, quick 100; the issue's figure is 2000)")
+    parser.add_argument("--drain-baseline", type=int, help="drain: the short queue (default 50, quick 20)")
+    parser.add_argument("--placement-runners", type=int,
+                        help="placement-live: runner records (default 1000, quick 100)")
+    parser.add_argument("--placement-tasks", type=int,
+                        help="placement-live: waiting tasks (default 10000, quick 1000)")
+    parser.add_argument("--placement-seconds", type=float,
+                        help="placement-live: longest wait for the placements (default 60, quick 20)")
+    parser.add_argument("--placement-workers", type=int, default=2,
+                        help="placement-live: queue workers (default %(default)s, as the cluster runs)")
     parser.add_argument("--base", default=str(BASE), help="cluster directory (default %(default)s)")
     parser.add_argument("--markdown", metavar="PATH",
                         help="also write the results as a Markdown section to PATH")
@@ -69,57 +93,106 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("error: the benchmark needs root (sshd chroot, network namespace)", file=sys.stderr)
         return 2
-    only = args.only or NAMES
-    repeats = args.repeats or (3 if args.quick else 10)
-    rounds = args.repeats or (1 if args.quick else 3)
-    big_mib = 128 if args.quick else 1024
+    only = [name for name in (args.only or NAMES) if name not in args.skip]
+    quick = args.quick
+    repeats = args.repeats or (3 if quick else 10)
+    rounds = args.repeats or (1 if quick else 3)
+    big_mib = 128 if quick else 1024
+    sizes = {"archived": args.archived or (1000 if quick else 10000),
+             "waiting": args.waiting or (100 if quick else 1000),
+             "drain_tasks": args.drain_tasks or (100 if quick else 500),
+             "drain_baseline": args.drain_baseline or (20 if quick else 50),
+             "placement_runners": args.placement_runners or (100 if quick else 1000),
+             "placement_tasks": args.placement_tasks or (1000 if quick else 10000),
+             "placement_seconds": args.placement_seconds or (20 if quick else 60)}
     results = {"machine": machine(), "command": " ".join(["bench/run.py", *(argv or sys.argv[1:])]),
-               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "quick": args.quick}
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "quick": quick, "sizes": sizes}
     cluster = Cluster(args.base, ssl_dir=Path(args.base) / "ssl", ssl_db_dir=Path(args.base) / "ssl_db")
     host = RunnerHost(cluster)
     client = docker.from_env()
     work = cluster.base / "bench"
     work.mkdir(exist_ok=True)
-    built = []
     started = time.monotonic()
+    points = results["etcd"] = []
     try:
         log(f"starting the cluster in {cluster.base}")
         config_path = cluster.up(with_pink=True, runners=RUNNERS)
         cluster.start_worker(2, config_path)  # a second queue worker, as a web node would run
         config = pink_config.load(config_path)
-        api = Api(config, users.create_user(config, f"bench{int(time.time())}")["token"])
-        big = None
-        if {"transfer", "memory"} & set(only):
-            log(f"building a {big_mib} MiB image")
-            tag, big = measure.big_image(client, work, big_mib)
-            built.append(tag)
+        user = users.create_user(config, f"bench{int(time.time())}")
+        api = Api(config, user["token"])
+
+        def checkpoint(label: str) -> None:
+            points.append(etcdsize.checkpoint(cluster, label, config))
+
+        checkpoint("cluster started")
+
+        def measured(key: str, name: str, fn) -> None:
+            """Run one measurement; one that fails is reported, and the others still run."""
+            try:
+                results[key] = fn()
+            except Exception as exc:  # noqa: BLE001 - e.g. a pipeline broken mid-change
+                log(f"{name} failed: {type(exc).__name__}: {exc}")
+                results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
+
+        # Task runs first, so that etcd compacts their history while the
+        # measurements that hardly touch etcd (2, 3, 4) run.
         if "latency" in only:
             log("1. latency")
-            results["latency"] = measure.latency(api, client, work, repeats, log)
-        if "transfer" in only:
-            log("2. transfer")
-            host.up()
-            results["transfer"] = measure.transfer(host, config.ssh, big, rounds, log,
-                                                   with_default=not args.quick)
-            results["transfer"]["verified"] = measure.verify_put(host, config.ssh, big)
-        if "memory" in only:
-            log("3. memory")
-            results["memory"] = measure.memory(api, cluster.pid("web"), big, log)
-        if "placement" in only:
-            log("4. placement")
-            results["placement"] = placement.measure()
+            measured("latency", "latency", lambda: measure.latency(api, client, work, repeats, log))
+            checkpoint("after 1. latency")
         if "throughput" in only:
             log("5. throughput")
             slots = len(RUNNERS) * config.runner.max_containers
-            results["throughput"] = throughput.measure(api, client, work, 12 if args.quick else 48,
-                                                       slots, log)
+            measured("throughput", "throughput", lambda: throughput.measure(
+                api, client, work, 12 if quick else 48, slots, log))
+            checkpoint("after 5. throughput")
+        if "loaded" in only:
+            log("6. warm task on a loaded cluster")
+            measured("loaded", "loaded", lambda: loaded.measure(
+                api, user["name"], client, work, config, sizes["archived"], sizes["waiting"], repeats, log))
+            checkpoint("after 6. loaded")
+        if "drain" in only:
+            log("7. drain")
+            measured("drain", "drain", lambda: drain.measure(
+                api, client, work, config, sizes["drain_tasks"], sizes["drain_baseline"], log,
+                cluster.etcd_status))
+            checkpoint("after 7. drain")
+        tasks_done = etcdsize.mark(cluster)
+        big = None
+        if {"transfer", "memory"} & set(only):
+            log(f"building a {big_mib} MiB image")
+            _, big = measure.big_image(client, work, big_mib)
+        if "transfer" in only:
+            log("2. transfer")
+            host.up()
+
+            def transfer() -> dict:
+                out = measure.transfer(host, config.ssh, big, rounds, log, with_default=not quick)
+                out["verified"] = measure.verify_put(host, config.ssh, big)
+                return out
+
+            measured("transfer", "transfer", transfer)
+        if "memory" in only:
+            log("3. memory")
+            measured("memory", "memory", lambda: measure.memory(api, cluster.pid("web"), big, log))
+        if "placement" in only:
+            log("4. placement")
+            measured("placement", "placement", placement.measure)
+        if "compaction" in only:
+            measured("etcd_settled", "compaction", lambda: etcdsize.settle(cluster, tasks_done, log))
+            checkpoint("history compacted")
+        if "placement-live" in only:  # last: its 10,000 records in etcd would swamp the figures above
+            log("8. placement end to end")
+            measured("placement_live", "placement-live", lambda: placement.live(
+                cluster, sizes["placement_runners"], sizes["placement_tasks"], args.placement_workers,
+                sizes["placement_seconds"], log))
     finally:
         host.down()
         if not args.keep:
             log("tearing down")
             cluster.down()
-            for tag in built:
-                client.images.remove(tag, force=True)
+            images.remove_built(client)  # what the run built, and the runners' tags on it
             shutil.rmtree(cluster.base, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - started)
     text = report(results)
@@ -131,11 +204,64 @@ def main(argv=None) -> int:
     return 0
 
 
+def summary(r: dict) -> list[str]:
+    """Every figure beside its target, as measured in this run."""
+    rows = []
+    if "latency" in r:
+        lat = r["latency"]
+        rows.append(("1. warm trivial task, x `docker run --rm`",
+                     f"{measure.median(lat['warm']) / measure.median(lat['docker']):.2f}", f"<= {TARGETS['latency']}"))
+    if "transfer" in r:
+        speeds = {k: measure.median(v) for k, v in r["transfer"]["speeds"].items()}
+        best_pink = max(v for k, v in speeds.items() if k.startswith("pink"))
+        best_scp = max(v for k, v in speeds.items() if k.startswith("scp"))
+        rows.append(("2. image transfer, best PINK x best scp", f"{best_pink / best_scp:.2f}",
+                     f">= {TARGETS['transfer']}"))
+    if "memory" in r:
+        rows.append(("3. pink-web worker during a big upload, peak MiB",
+                     f"{r['memory']['peak_handler'] / 1024:.1f}", f"< {TARGETS['memory']}"))
+    if "placement" in r:
+        rows.append((f"4. planner alone, placements/s ({r['placement']['runners']:,} runners, "
+                     f"{r['placement']['tasks']:,} tasks)",
+                     f"{r['placement']['placements_per_second']:.0f}", f">= {placement.TARGET}"))
+    if "throughput" in r:
+        t = r["throughput"]
+        rows.append(("5. trivial tasks/s, x raw `docker run` loop", f"{t['pink'] / t['raw']:.2f}",
+                     f">= {throughput.TARGET}"))
+    if "loaded" in r:
+        lo = r["loaded"]
+        rows.append((f"6. warm task with {lo['archived']:,} archived + {lo['waiting']:,} waiting, x empty",
+                     f"{measure.median(lo['loaded']) / measure.median(lo['empty']):.2f}", f"<= {loaded.TARGET}"))
+    if "drain" in r:
+        d = r["drain"]
+        rows.append((f"7. drain rate, {d['long']['tasks']:,} queued x {d['short']['tasks']} queued",
+                     f"{d['long']['rate'] / d['short']['rate']:.2f}", f">= {drain.TARGET}"))
+    if "placement_live" in r:
+        p = r["placement_live"]
+        rows.append((f"8. placements/s end to end ({p['runners']:,} runners, {p['tasks']:,} tasks)",
+                     f"{p['per_second']:.0f}", f">= {placement.TARGET}"))
+    flat = drain.etcd_flat(r["drain"]) if "drain" in r else None
+    if flat is not None:
+        rows.append((f"etcd database file, all {r['drain']['long']['tasks']:,} tasks of 7. drained x half of them",
+                     f"{flat:.2f}", "flat (1.00)"))
+    points = r.get("etcd", [])
+    if "etcd_settled" in r and len(points) > 2:
+        first, last = etcdsize.baseline(points), points[-1]
+        rows.append((f"etcd data in use once compacted: {last['archived']:,} tasks run x "
+                     f"{first['archived']:,} tasks run", f"{last['db_size_in_use'] / first['db_size_in_use']:.2f}",
+                     "flat"))
+    if not rows:
+        return []
+    return ["### Summary: each figure beside its target", "", "| figure | measured | target |",
+            "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows), ""]
+
+
 def report(r: dict) -> str:
     m = r["machine"]
     out = [f"## Results ({r['date']}, `{r['command']}`, {r['seconds']} s)", "",
            f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, kernel {m['kernel']}, "
            f"Python {m['python']}; load average {m['load']:.2f} at the start.", ""]
+    out += summary(r)
     if "latency" in r:
         lat = r["latency"]
         docker_s = measure.median(lat["docker"])
@@ -177,6 +303,18 @@ def report(r: dict) -> str:
         out += placement.report(r["placement"])
     if "throughput" in r:
         out += throughput.report(r["throughput"])
+    if "loaded" in r:
+        out += loaded.report(r["loaded"])
+    if "drain" in r:
+        out += drain.report(r["drain"])
+    if "placement_live" in r:
+        out += placement.report_live(r["placement_live"])
+    if len(r.get("etcd", [])) > 2:
+        out += etcdsize.report(r["etcd"], r.get("etcd_settled"))
+    if r.get("failed"):
+        out += ["### Not measured: these failed", ""]
+        out += [f"- {name}: {why}" for name, why in r["failed"].items()]
+        out.append("")
     return "\n".join(out)
 
 

@@ -39,6 +39,12 @@ DOCKERD_LOG = Path("/var/log/pink-dockerd.log")  # a dockerd no cluster owns
 START_TIMEOUT = 60.0  # seconds a service may take to answer after its start
 STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL when stopping
 LOG_TAIL = 40  # lines of a service's log quoted when it fails to start
+# etcd keeps every revision until compacted: without compaction each state
+# change of every task stays in its database for good. Periodic mode drops
+# history older than this (a Go duration); PINK's watches are hints that are
+# followed by a fresh read, so it never needs old revisions. Shorter than the
+# Ansible role's 5m so that a demo, a test session or `make bench` sees it work.
+ETCD_COMPACTION_RETENTION = "1m"
 
 
 class ClusterError(RuntimeError):
@@ -413,8 +419,31 @@ class Cluster:
         with urllib.request.urlopen(url, timeout=2) as resp:
             return json.load(resp).get("health") == "true"
 
-    def start_etcd(self) -> str:
-        """A single-member etcd on loopback; returns its endpoint host:port."""
+    def etcd_status(self) -> dict:
+        """The member's maintenance status: dbSize (bytes of its database
+        file), dbSizeInUse (bytes holding live data) and the revision."""
+        status = self.etcd("maintenance/status", {})
+        return {"db_size": int(status["dbSize"]), "db_size_in_use": int(status.get("dbSizeInUse", 0)),
+                "revision": int(status["header"]["revision"])}
+
+    def etcd_count(self, prefix: str) -> int:
+        """How many keys start with `prefix` (counted by etcd, nothing transferred)."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        got = self.etcd("kv/range", {"key": b64(prefix), "range_end": b64(end), "count_only": True})
+        return int(got.get("count", 0))
+
+    def start_etcd(self, compaction_retention: str = ETCD_COMPACTION_RETENTION) -> str:
+        """A single-member etcd on loopback; returns its endpoint host:port.
+
+        Auto-compaction is periodic (`compaction_retention` of history kept);
+        the backend quota stays etcd's default (2 GiB), which compaction keeps
+        the database far below.
+        """
+        compaction = ["--auto-compaction-mode=periodic",
+                      f"--auto-compaction-retention={compaction_retention}"]
+        record = self.state["procs"].get("etcd")
+        if record and self.alive("etcd") and not set(compaction) <= set(record["argv"]):
+            self.stop("etcd")  # started by an older PINK without compaction: its data stays
         if self._reuse("etcd", self._etcd_answers):
             return self.etcd_endpoint
         client, peer = self.port("etcd"), self.port("etcd-peer")
@@ -427,6 +456,7 @@ class Cluster:
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-cluster", f"pink=http://127.0.0.1:{peer}",
             "--initial-cluster-state", "existing" if (data / "member").exists() else "new",
+            *compaction,
         ])
         self._wait_ready("etcd", self._etcd_answers)
         return self.etcd_endpoint

@@ -5,6 +5,7 @@
 `pink_config` gives every test its own namespace in them (etcd prefix, Redis
 database, MariaDB schema, spool dirs) and a config file; `pink_processes`
 starts PINK's own processes for that config and stops them after the test.
+At the end the Docker images the tests built (tests/images.py) are removed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import redis
 
 from pink import config as pink_config_module
 from pink.localcluster import TEST_BASE, Cluster, free_port
+from tests import images
 
 REDIS_DBS = 127  # databases 1..127 of the cluster's Redis (started with 128)
 _namespaces = itertools.count(1)
@@ -33,6 +36,27 @@ def pytest_configure(config):
 
 
 # ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session", autouse=True)
+def built_images():
+    """Removes, once every test is done, the images tests/images.py made and
+    the tags runners put on them; images Docker held before stay.
+
+    Autouse and session-scoped, so it is set up first and torn down last:
+    after the cluster's runners, which tag images they load, have stopped.
+    """
+    yield images
+    if images.built():
+        import docker
+
+        client = docker.from_env()
+        try:
+            _, kept = images.remove_built(client)
+        finally:
+            client.close()
+        if kept:  # shown in pytest's warnings summary
+            warnings.warn(f"{len(kept)} image(s) the tests built stay in Docker (a container uses "
+                          f"them, or a tag held before): {', '.join(i[7:19] for i in kept)}")
 
 @pytest.fixture(scope="session")
 def cluster():

@@ -3,6 +3,8 @@
 No registry is reachable, so every image starts from a busybox rootfs
 imported into the local Docker daemon. Tests and the benchmark call these
 helpers; the tar writers make the Docker 25+ OCI layout and hostile archives.
+Every image made here is remembered, and `remove_built` (the test session's
+end, the benchmark's teardown) removes it with the tags runners put on it.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def ensure_busybox_image(client, tag: str = BUSYBOX_TAG) -> str:
         if _has_image(client, tag):
             return tag
         repository, _, version = tag.rpartition(":")
-        with tempfile.TemporaryDirectory(prefix="pink-rootfs-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="pink-rootfs-") as tmp, tracked(client, tag):
             rootfs = busybox_rootfs(os.path.join(tmp, "rootfs"))
             archive = os.path.join(tmp, "rootfs.tar")
             with tarfile.open(archive, "w") as tar:
@@ -120,8 +122,9 @@ def build_image(client, tag: str, dockerfile_text: str, base: str = BUSYBOX_TAG,
             _add_bytes(tar, name, data)
     context.seek(0)
     try:
-        client.images.build(fileobj=context, custom_context=True, tag=tag,
-                                       rm=True, forcerm=True, pull=False)
+        with tracked(client, tag):
+            client.images.build(fileobj=context, custom_context=True, tag=tag,
+                                rm=True, forcerm=True, pull=False)
     except docker.errors.BuildError as e:
         log = "".join(str(chunk.get("stream", chunk)) for chunk in e.build_log)
         raise RuntimeError(f"docker build of {tag} failed: {e}\n{log}") from None
@@ -151,6 +154,87 @@ def fresh_archive(client, name: str, path, dockerfile_text: str = "") -> str:
     is new, so no runner holds it yet."""
     tag = f"pink/test-{name}:{uuid.uuid4().hex[:8]}"
     return build_archive(client, tag, dockerfile_text + f"LABEL pink.test.nonce={tag}\n", path)
+
+
+# ---------------------------------------------------------------- what was made here, and its removal
+
+# What Docker held before this process first made an image: {tag: image id}
+# and every image id. None until the first image is made. Never removed,
+# whoever made them; a tag a build moved is moved back.
+_before: tuple[dict[str, str], set[str]] | None = None
+_built: dict[str, None] = {}  # ids of the images built here (new or found again), oldest first
+_moved: dict[str, str] = {}  # tags a build here took from the image they named before: that image's id
+
+
+@contextlib.contextmanager
+def tracked(client, tag: str):
+    """Around code that makes image `tag` (build, import): remember the image
+    it ends up naming, for `remove_built`."""
+    global _before
+    if _before is None:
+        listed = client.images.list(all=True)
+        _before = ({t: image.id for image in listed for t in image.tags}, {image.id for image in listed})
+    try:
+        yield
+    finally:
+        try:
+            image_id = client.images.get(tag).id
+        except docker.errors.ImageNotFound:
+            image_id = None  # the build failed before tagging anything
+        if image_id:
+            _built[image_id] = None
+            if _before[0].get(tag, image_id) != image_id:
+                _moved.setdefault(tag, _before[0][tag])
+
+
+def built() -> list[str]:
+    """Ids of the images built by this process so far, oldest first."""
+    return list(_built)
+
+
+def remove_built(client) -> tuple[list[str], list[str]]:
+    """Put Docker back as this process found it, newest image first: tags a
+    build moved go back to their old images; every tag added to a built image
+    (the runners' `pink/cache:<sha>` tags, names restored by `docker load`)
+    goes; then an image that did not exist before goes too, with the
+    intermediate images of its build. An image a container still uses stays.
+    Returns (removed, kept): ids of images made here.
+    """
+    if _before is None:
+        return [], []
+    tags_before, ids_before = _before
+    for tag, old_id in list(_moved.items()):
+        try:
+            repository, _, version = tag.rpartition(":")
+            client.images.get(old_id).tag(repository, version)
+            _moved.pop(tag)
+        except docker.errors.DockerException:
+            pass  # the old image is gone: the tag stays where the build put it
+    removed, kept = [], []
+    for image_id in reversed(list(_built)):
+        try:
+            image = client.images.get(image_id)
+        except docker.errors.ImageNotFound:
+            _built.pop(image_id)
+            continue
+        existed = image_id in ids_before
+        try:
+            added = [t for t in image.tags if tags_before.get(t) != image_id]
+            for tag in added:
+                if existed and len(client.images.get(image_id).tags) == 1:
+                    break  # its last tag: removing it would delete an image that was here before
+                client.images.remove(tag)  # the last tag going deletes the image
+            if not existed and _has_image(client, image_id) and not client.images.get(image_id).tags:
+                client.images.remove(image_id)  # dangling: its tag moved to a newer build
+        except docker.errors.APIError:
+            pass  # in use by a container: Docker refuses, and so do we
+        if not existed and _has_image(client, image_id):
+            kept.append(image_id)
+            continue
+        if not existed:
+            removed.append(image_id)
+        _built.pop(image_id)
+    return removed, kept
 
 
 # ---------------------------------------------------------------- OCI layout

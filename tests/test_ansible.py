@@ -20,10 +20,12 @@ import time
 import tomllib
 from pathlib import Path
 
+import docker
 import jinja2
 import pytest
 
 from pink import config as pink_config
+from tests import images
 
 REPO = Path(__file__).resolve().parent.parent
 ANSIBLE = REPO / "ansible"
@@ -201,6 +203,67 @@ def test_pink_toml_template_covers_every_setting():
     assert render_pink_toml(common_runner_gpus=["GPU-1"])["runner"]["gpus"] == ["GPU-1"]
 
 
+def render_etcd_default(**overrides) -> dict[str, str]:
+    """The etcd role's /etc/default/etcd rendered as Ansible would (stand-in
+    inventory, the role's own defaults), as the environment etcd.service reads."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["unique"] = lambda values: list(dict.fromkeys(values))
+    role = ANSIBLE / "roles" / "etcd"
+    variables = {"ansible_managed": "test", "inventory_hostname": "etcd1"}
+    for key, value in re.findall(r"(?m)^(etcd_\w+):\s*(.+)$", (role / "defaults" / "main.yml").read_text()):
+        if "{{" not in value:
+            variables[key] = value.strip().strip('"')
+    variables.update(etcd_name="etcd1", etcd_address="10.0.0.31", etcd_client_port=2379,
+                     etcd_peer_port=2380, etcd_members=["etcd1"],
+                     hostvars={"etcd1": {"pink_address": "10.0.0.31"}})
+    variables.update(overrides)
+    text = env.from_string((role / "templates" / "etcd.default.j2").read_text()).render(**variables)
+    return dict(re.findall(r'(?m)^(ETCD_\w+)="(.*)"$', text))
+
+
+def go_seconds(duration: str) -> float:
+    """Seconds in a Go duration such as `5m`, `1h30m` or `5m0s`."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_etcd_compacts_its_history():
+    """Without compaction etcd keeps every revision until its quota is full."""
+    env = render_etcd_default()
+    assert env["ETCD_AUTO_COMPACTION_MODE"] == "periodic"
+    assert 60 <= go_seconds(env["ETCD_AUTO_COMPACTION_RETENTION"]) <= 3600
+    assert "ETCD_QUOTA_BACKEND_BYTES" not in env  # etcd's default (2 GiB) stays
+
+
+def test_etcd_starts_with_the_rendered_environment(tmp_path):
+    """etcd itself, given exactly what etcd.service would read, accepts the
+    settings and reports compaction as configured."""
+    if not shutil.which("etcd"):
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    from pink.localcluster import free_port, wait_until
+
+    client, peer = free_port(), free_port()
+    env = render_etcd_default(etcd_address="127.0.0.1", etcd_client_port=client, etcd_peer_port=peer,
+                              etcd_data_dir=str(tmp_path / "data"),
+                              hostvars={"etcd1": {"pink_address": "127.0.0.1"}})
+    log = tmp_path / "etcd.log"
+    with open(log, "wb") as fh:  # zap: etcd 3.4 logs its whole configuration as JSON at start
+        proc = subprocess.Popen(["etcd"], env={"PATH": os.environ["PATH"], **env, "ETCD_LOGGER": "zap"},
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_until(lambda: '"auto-compaction-retention"' in log.read_text(), 30), log.read_text()
+        text = log.read_text()
+        assert '"auto-compaction-mode":"periodic"' in text, text
+        retention = re.search(r'"auto-compaction-retention":"([^"]+)"', text).group(1)
+        assert go_seconds(retention) == go_seconds(env["ETCD_AUTO_COMPACTION_RETENTION"])
+        assert proc.poll() is None, text
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 # ---------------------------------------------------------------- converge (opt-in)
 
 CONVERGE_IMAGE = "pink/ansible-target:bookworm"
@@ -236,7 +299,10 @@ def systemd_container(tmp_path):
             ROOTFS.parent.mkdir(parents=True, exist_ok=True)
             sh("mmdebstrap", "--variant=minbase", f"--include={ROOTFS_PACKAGES}",
                "bookworm", str(ROOTFS), timeout=900)
-        sh("docker", "import", "--change", 'CMD ["/sbin/init"]', str(ROOTFS), CONVERGE_IMAGE)
+        client = docker.from_env()
+        with images.tracked(client, CONVERGE_IMAGE):  # removed at the session's end
+            sh("docker", "import", "--change", 'CMD ["/sbin/init"]', str(ROOTFS), CONVERGE_IMAGE)
+        client.close()
     name = f"pink-ansible-{secrets.token_hex(4)}"
     sh("docker", "run", "-d", "--name", name, "--hostname", "pink1",
        "--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined", "--cgroupns=host",

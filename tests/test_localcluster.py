@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import uuid
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pymysql
 import pytest
 import redis
 
-from pink.localcluster import TEST_BASE, Cluster, b64, pid_alive, tcp_answers
+from pink.localcluster import (ETCD_COMPACTION_RETENTION, TEST_BASE, Cluster, b64, pid_alive,
+                               tcp_answers, wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +40,43 @@ def test_etcd_put_get(cluster):
     got = cluster.etcd("kv/range", {"key": b64(key)})
     assert [kv["value"] for kv in got["kvs"]] == [b64("v1")]
     cluster.etcd("kv/deleterange", {"key": b64(key)})
+
+
+def test_etcd_runs_with_auto_compaction(cluster):
+    """The running etcd (not only the argv we meant to give it) compacts periodically."""
+    argv = Path(f"/proc/{cluster.pid('etcd')}/cmdline").read_bytes().decode().split("\0")
+    assert argv[0].endswith("etcd")
+    assert "--auto-compaction-mode=periodic" in argv
+    assert f"--auto-compaction-retention={ETCD_COMPACTION_RETENTION}" in argv
+    assert not any(arg.startswith("--quota-backend-bytes") for arg in argv)  # etcd's default
+    status = cluster.etcd_status()
+    assert status["db_size"] >= status["db_size_in_use"] > 0 and status["revision"] > 0
+
+
+def test_etcd_compaction_drops_old_revisions(cluster):
+    """A private etcd with a two-second retention: an old revision is gone soon after."""
+    base = TEST_BASE / f"compact-{uuid.uuid4().hex[:8]}"
+    small = Cluster(base, ssl_dir=cluster.ssl_dir, ssl_db_dir=cluster.ssl_db_dir)
+    try:
+        small.start_etcd(compaction_retention="2s")
+        key = b64("/pink-test/compaction")
+        small.etcd("kv/put", {"key": key, "value": b64("v1")})
+        first = small.etcd_status()["revision"]
+        for n in range(2, 5):
+            small.etcd("kv/put", {"key": key, "value": b64(f"v{n}")})
+
+        def compacted() -> bool:
+            try:
+                small.etcd("kv/range", {"key": key, "revision": first})
+            except urllib.error.HTTPError as exc:  # the gateway answers a gRPC error as HTTP 400
+                return "compacted" in exc.read().decode()
+            return False
+
+        assert wait_until(compacted, 20, 0.5)
+        assert small.etcd_count("/pink-test/compaction") == 1
+    finally:
+        small.down()
+        subprocess.run(["rm", "-rf", str(base)])
 
 
 def test_redis_ping(cluster):
