@@ -13,7 +13,8 @@ keeps alive (GPU inventories, no runner processes; every runner already
 holds every image, so no copy is attempted). Production then places them:
 the leader reads the queue and the runners from etcd, plans, commits the
 placements runner by runner and enqueues their transfer jobs, which the
-workers run. Placements are counted from the tasks' own `placed` timestamps.
+workers run. The clock stops when the leader publishes the queue it has
+left after its last commit; the tasks' states are counted afterwards.
 
 Nomad's two-million-container run placed about 1,500 per second; the
 target is 2,000.
