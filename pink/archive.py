@@ -33,12 +33,18 @@ def _ensure_schema(conn, db_config) -> None:
         _schema_ready.add(key)
 
 
-def archived_attempt(conn, task_id: str) -> int | None:
-    """The attempt archived for this task, or None if it has no row yet."""
+def _one(conn, sql: str, args: tuple) -> dict | None:
+    """One row (or None), ending the read's transaction so the next read sees new commits."""
     with conn.cursor() as cur:
-        cur.execute("SELECT attempt FROM tasks WHERE id=%s", (task_id,))
+        cur.execute(sql, args)
         row = cur.fetchone()
     conn.commit()
+    return row
+
+
+def archived_attempt(conn, task_id: str) -> int | None:
+    """The attempt archived for this task, or None if it has no row yet."""
+    row = _one(conn, "SELECT attempt FROM tasks WHERE id=%s", (task_id,))
     return row["attempt"] if row else None
 
 
@@ -115,19 +121,13 @@ def _with_columns(row: dict) -> dict:
 
 
 def get_record(conn, task_id: str) -> dict | None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT record, expires_at, expired_at FROM tasks WHERE id=%s AND deleted_at IS NULL",
-                    (task_id,))
-        row = cur.fetchone()
-    conn.commit()
+    row = _one(conn, "SELECT record, expires_at, expired_at FROM tasks WHERE id=%s AND deleted_at IS NULL",
+               (task_id,))
     return _with_columns(row) if row else None
 
 
 def get_logs(conn, task_id: str) -> bytes | None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT logs FROM task_logs WHERE task_id=%s", (task_id,))
-        row = cur.fetchone()
-    conn.commit()
+    row = _one(conn, "SELECT logs FROM task_logs WHERE task_id=%s", (task_id,))
     return row["logs"] if row else None
 
 
@@ -329,8 +329,5 @@ def forget_file(conn, task_id: str) -> None:
 
 def stored_output(conn, task_id: str) -> str | None:
     """The path of the task's output while it is kept (not expired, not deleted)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT output_path FROM tasks WHERE id=%s AND expired_at IS NULL", (task_id,))
-        row = cur.fetchone()
-    conn.commit()
+    row = _one(conn, "SELECT output_path FROM tasks WHERE id=%s AND expired_at IS NULL", (task_id,))
     return row["output_path"] if row else None
