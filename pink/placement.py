@@ -1,16 +1,23 @@
 """Placement and the queue: which task goes next, to which runner and GPUs. Pure logic.
 
-Given the live node records and their reservations (both read from etcd by
-the transfer job), pick a runner with enough free GPUs and container slots,
-preferring one that already holds the image, then the least loaded. The
-caller commits the choice as a compare-and-swap on the node's reservation
-record, so two workers placing at once can never double-book a GPU.
+Given the live node records and their reservations (the leader's view of
+etcd), pick a runner with enough free GPUs and container slots, preferring
+one that already holds the image, then the least loaded. The caller commits
+the choice as a compare-and-swap on the node's reservation record, so two
+placers can never double-book a GPU.
+
+A pass over 10,000 waiting tasks and 1,000 runners must take well under a
+second (the leader plans the whole queue on every change), so runners are
+indexed, not scanned: `_Pool` keeps them in heaps by free GPU count, ranked
+by load, and a choice looks at one heap top per GPU count.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,82 @@ def free_gpus(node: dict, alloc: dict) -> list[str]:
     return [gpu for gpu in node.get("gpus", []) if gpu not in used]
 
 
+@dataclass
+class _Runner:
+    """What one ready runner has left while a plan hands it out."""
+
+    name: str
+    free: list[str]
+    used: int
+    slots: int
+    images: set[str]
+    spool_free: int | None  # bytes for images not loaded yet (None: not reported, not checked)
+    spool_room: int | None  # images the spool may still take (None: no cap)
+    version: int = 0  # bumped on every change: heap entries of older versions are stale
+
+    @property
+    def rank(self) -> tuple:
+        return (self.used / self.slots, self.name)
+
+    @property
+    def open(self) -> bool:
+        return self.used < self.slots
+
+    def spool_fits(self, size: int) -> bool:
+        return ((self.spool_free is None or size <= self.spool_free)
+                and (self.spool_room is None or self.spool_room > 0))
+
+
+class _Pool:
+    """A set of runners, least loaded first, by how many GPUs each has free.
+
+    Heaps hold (rank, version, name); an entry whose version is not the
+    runner's current one is dropped when it reaches the top (lazy deletion),
+    so a change costs one push per pool the runner is in.
+    """
+
+    def __init__(self, runners: dict[str, _Runner], members):
+        self.runners = runners
+        self.heaps: dict[int, list] = defaultdict(list)
+        for r in members:
+            self.push(r)
+
+    def push(self, r: _Runner) -> None:
+        if r.open:
+            heapq.heappush(self.heaps[len(r.free)], (r.rank, r.version, r.name))
+
+    def _top(self, heap: list):
+        while heap:
+            _, version, name = heap[0]
+            if self.runners[name].version == version:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def best(self, want: int, accept: Callable[[_Runner], bool] | None = None) -> _Runner | None:
+        """The least loaded runner with `want` GPUs free (and accepted), or None."""
+        best = None
+        for free, heap in self.heaps.items():
+            if free < want:
+                continue
+            top = self._top(heap) if accept is None else self._top_accepted(heap, accept)
+            if top is not None and (best is None or top < best):
+                best = top
+        return None if best is None else self.runners[best[2]]
+
+    def _top_accepted(self, heap: list, accept) -> tuple | None:
+        refused = []
+        try:
+            while (top := self._top(heap)) is not None:
+                if accept(self.runners[top[2]]):
+                    return top
+                refused.append(heapq.heappop(heap))
+            return None
+        finally:
+            for entry in refused:
+                heapq.heappush(heap, entry)
+
+
 class Capacity:
     """What is free on each ready runner, updated as a plan hands it out.
 
@@ -33,54 +116,60 @@ class Capacity:
     """
 
     def __init__(self, nodes: list[dict], allocs: dict[str, dict]):
-        self.ready = [n for n in nodes if n.get("state", "ready") == "ready"]
-        self.free = {n["name"]: free_gpus(n, allocs.get(n["name"], {})) for n in self.ready}
-        self.used = {n["name"]: len(allocs.get(n["name"], {})) for n in self.ready}
-        self.slots = {n["name"]: max(n.get("max_containers", 1), 1) for n in self.ready}
-        self.images = {n["name"]: set(n.get("images", [])) for n in self.ready}
-        # room in the spool for images not loaded yet (None: not reported, not checked)
-        self.spool_free = {n["name"]: n.get("spool_free") for n in self.ready}
-        self.spool_room = {n["name"]: (n["max_spool_images"] - n.get("spool_images", 0))
-                           if n.get("max_spool_images") else None for n in self.ready}
+        self.runners: dict[str, _Runner] = {}
+        for n in nodes:
+            if n.get("state", "ready") != "ready":
+                continue
+            alloc = allocs.get(n["name"], {})
+            self.runners[n["name"]] = _Runner(
+                name=n["name"], free=free_gpus(n, alloc), used=len(alloc),
+                slots=max(n.get("max_containers", 1), 1), images=set(n.get("images", [])),
+                spool_free=n.get("spool_free"),
+                spool_room=(n["max_spool_images"] - n.get("spool_images", 0)) if n.get("max_spool_images")
+                else None)
+        self.every = _Pool(self.runners, self.runners.values())
+        self.holding: dict[str, _Pool] = {}  # image sha256 -> the runners holding it (built when asked)
         self._fails_from: int | None = None
+
+    def _holders(self, sha: str) -> _Pool:
+        if sha not in self.holding:
+            self.holding[sha] = _Pool(self.runners, (r for r in self.runners.values() if sha in r.images))
+        return self.holding[sha]
 
     def choose(self, task: dict) -> Choice | None:
         """The best runner for `task`: holding its image, then least loaded."""
         want = task["params"]["gpus"]
         if self._fails_from is not None and want >= self._fails_from:
             return None
-        sha = task["image"]["sha256"]
-        best, best_rank, spool_full = None, None, False
-        for name, free in self.free.items():
-            if self.used[name] >= self.slots[name] or len(free) < want:
-                continue
-            holds = sha in self.images[name]
-            if not holds and not self._spool_fits(name, task["image"]["size"]):
-                spool_full = True  # depends on the image, not only on the GPU count
-                continue
-            rank = (not holds, self.used[name] / self.slots[name], name)
-            if best_rank is None or rank < best_rank:
-                best, best_rank = name, rank
+        size = task["image"]["size"]
+        best = (self._holders(task["image"]["sha256"]).best(want)
+                or self.every.best(want, lambda r: r.spool_fits(size)))
         if best is None:
-            if not spool_full:
+            if self.every.best(want) is None:  # not a matter of this image's size: nothing that big is free
                 self._fails_from = want if self._fails_from is None else min(self._fails_from, want)
             return None
-        return Choice(node=best, gpus=self.free[best][:want])
-
-    def _spool_fits(self, name: str, size: int) -> bool:
-        free, room = self.spool_free[name], self.spool_room[name]
-        return (free is None or size <= free) and (room is None or room > 0)
+        return Choice(node=best.name, gpus=best.free[:want])
 
     def take(self, choice: Choice, task: dict) -> None:
+        r = self.runners[choice.node]
         taken = set(choice.gpus)
-        self.free[choice.node] = [g for g in self.free[choice.node] if g not in taken]
-        self.used[choice.node] += 1
-        if task["image"]["sha256"] not in self.images[choice.node]:
-            if self.spool_free[choice.node] is not None:
-                self.spool_free[choice.node] -= task["image"]["size"]
-            if self.spool_room[choice.node] is not None:
-                self.spool_room[choice.node] -= 1
-            self.images[choice.node].add(task["image"]["sha256"])
+        r.free = [g for g in r.free if g not in taken]
+        r.used += 1
+        sha = task["image"]["sha256"]
+        if sha not in r.images:
+            if r.spool_free is not None:
+                r.spool_free -= task["image"]["size"]
+            if r.spool_room is not None:
+                r.spool_room -= 1
+            r.images.add(sha)
+        r.version += 1
+        self.every.push(r)
+        if len(r.images) < len(self.holding):
+            pools = [self.holding[s] for s in r.images if s in self.holding]
+        else:
+            pools = [pool for s, pool in self.holding.items() if s in r.images]
+        for pool in pools:
+            pool.push(r)
 
 
 def choose(task: dict, nodes: list[dict], allocs: dict[str, dict]) -> Choice | None:
@@ -143,32 +232,39 @@ def plan(queued: list[dict], nodes: list[dict], allocs: dict[str, dict], in_use:
     Each user's tasks stay in FIFO order within a priority; across users the
     next placement goes to the highest priority, then to the user holding the
     fewest GPUs now (fair share). A task that does not fit is passed over
-    (others may backfill) with the reason recorded. Every transfer job runs
-    the same plan and commits only its own task's line of it.
+    (others may backfill) with the reason recorded.
     """
     capacity = Capacity(nodes, allocs)
     in_use = dict(in_use)
     queues: dict[str, list[dict]] = defaultdict(list)
     for task in sorted(queued, key=queue_key, reverse=True):
         queues[task["user"]].append(task)  # reversed: pop() takes the head
+
+    def turn(user: str) -> tuple:  # who goes next: priority, then fewest GPUs held, then FIFO
+        head = queue_key(queues[user][-1])
+        return (head[0], in_use.get(user, 0), *head[1:])
+
+    turns = [(turn(user), user) for user in queues]
+    heapq.heapify(turns)  # only the user served changes turn, so the others' entries stay right
+    reasons: dict[tuple, str] = {}
     result = Plan()
-    while queues:
-        user = min(queues, key=lambda u: (queue_key(queues[u][-1])[0], in_use.get(u, 0),
-                                          queue_key(queues[u][-1])[1:]))
+    while turns:
+        user = heapq.heappop(turns)[1]
         task = queues[user].pop()
-        if not queues[user]:
-            del queues[user]
         result.order.append(task["id"])
         want = task["params"]["gpus"]
         limit = limits.gpus_per_user
         if want and limit is not None and in_use.get(user, 0) + want > limit:
             result.waiting[task["id"]] = f"user limit: {in_use.get(user, 0)} GPUs in use (limit {limit})"
-            continue
-        choice = capacity.choose(task)
-        if choice is None:
-            result.waiting[task["id"]] = why_waiting(task, nodes)
-            continue
-        result.choices[task["id"]] = choice
-        capacity.take(choice, task)
-        in_use[user] = in_use.get(user, 0) + want
+        elif (choice := capacity.choose(task)) is None:
+            why = (want, task["image"]["sha256"], task["image"]["size"])  # all a reason depends on
+            if why not in reasons:
+                reasons[why] = why_waiting(task, nodes)
+            result.waiting[task["id"]] = reasons[why]
+        else:
+            result.choices[task["id"]] = choice
+            capacity.take(choice, task)
+            in_use[user] = in_use.get(user, 0) + want
+        if queues[user]:
+            heapq.heappush(turns, (turn(user), user))
     return result
