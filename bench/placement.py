@@ -158,10 +158,10 @@ def live(cluster, runners: int, tasks: int, workers: int, seconds: float, log, s
         _runners(store, runners, probe.id)
         r["etcd_mib"] = cluster.etcd_status()["db_size"] / 2**20
         started = time.perf_counter()
-        every, nodes, allocs = scheduler.snapshot(store)
+        snap = scheduler.snapshot(store)
         r["snapshot_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
-        r["placeable"] = len(scheduler.plan(config, every, nodes, allocs).choices)
+        r["placeable"] = len(scheduler.plan(config, snap).choices)
         r["plan_seconds"] = time.perf_counter() - started
         probe.revoke()
         log(f"{tasks} tasks written in {r['write_seconds']:.1f}s (etcd's database: {r['etcd_mib']:.1f} MiB); "

@@ -14,7 +14,7 @@ import time
 
 from pink import lifecycle
 from pink.errors import BadRequest
-from pink.store import Store
+from pink.store import Record, Store
 from pink.tasks import State, requeue
 
 READY, DRAINING, STOPPED = "ready", "draining", "stopped"
@@ -30,8 +30,13 @@ def view(store: Store) -> list[dict]:
     """Live runners with their epoch, operator state and reservations."""
     wishes = controls(store)
     allocs = {r.key.rsplit("/", 1)[1]: r.value for r in store.list(store.keys.allocs)}
+    return merge(store.list(store.keys.nodes), wishes, allocs)
+
+
+def merge(records: list[Record], wishes: dict[str, dict], allocs: dict[str, dict]) -> list[dict]:
+    """`view` from records already read (the leader's mirror)."""
     out = []
-    for rec in store.list(store.keys.nodes):
+    for rec in records:
         node = dict(rec.value)
         node["epoch"] = rec.create_revision
         node["lease"] = rec.lease

@@ -1,28 +1,51 @@
 """The queue as etcd holds it, run through `placement.plan`.
 
 etcd holds live tasks only, so a snapshot costs what the queue holds. The
-leader plans from it on each pass, commits the placements in batches and
-publishes each waiting task's position; the user limits come from `[limits]`.
+leader plans from its mirror of etcd on each pass, commits the placements
+in batches and publishes each waiting task's position; the user limits come
+from `[limits]`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from pink import nodes, placement
-from pink.store import Store
+from pink.store import Keys, Record, Store
 from pink.tasks import ON_RUNNER, State
+
+
+@dataclass
+class Snapshot:
+    """The live state one leader pass works from, all read at one etcd revision."""
+
+    tasks: list[Record]
+    nodes: dict[str, Record]  # runner records by name (their create_revision is the epoch)
+    allocs: dict[str, Record]  # reservations by runner name
+    live: list[dict]  # `nodes.view`: runners with epoch, operator state and reservations
+
+    @classmethod
+    def of(cls, keys: Keys, parts: dict[str, list[Record]]) -> "Snapshot":
+        """From records by prefix (`Mirror.snapshot`)."""
+        def by_name(prefix: str) -> dict[str, Record]:
+            return {r.key.rsplit("/", 1)[1]: r for r in parts[prefix]}
+
+        runners, allocs = by_name(keys.nodes), by_name(keys.allocs)
+        wishes = {name: r.value for name, r in by_name(keys.controls).items()}
+        live = nodes.merge(list(runners.values()), wishes, {n: r.value for n, r in allocs.items()})
+        return cls(tasks=parts[keys.tasks], nodes=runners, allocs=allocs, live=live)
 
 
 def limits(config) -> placement.Limits:
     return placement.Limits(gpus_per_user=config.limits.gpus_per_user or None)
 
 
-def snapshot(store: Store) -> tuple[list[dict], list[dict], dict]:
-    """(tasks, live nodes, reservations by node) read from etcd."""
-    tasks = [r.value for r in store.list(store.keys.tasks)]
-    allocs = {r.key.rsplit("/", 1)[1]: r for r in store.list(store.keys.allocs)}
-    return tasks, nodes.view(store), allocs
+def snapshot(store: Store) -> Snapshot:
+    """Read straight from etcd, tasks first: any epoch a task carries already exists when runners are read."""
+    keys = store.keys
+    parts = {prefix: store.list(prefix) for prefix in (keys.tasks, keys.nodes, keys.allocs, keys.controls)}
+    return Snapshot.of(keys, parts)
 
 
 def gpus_in_use(tasks: list[dict]) -> dict[str, int]:
@@ -33,7 +56,8 @@ def gpus_in_use(tasks: list[dict]) -> dict[str, int]:
     return dict(held)
 
 
-def plan(config, tasks: list[dict], live: list[dict], allocs: dict) -> placement.Plan:
+def plan(config, snap: Snapshot) -> placement.Plan:
+    tasks = [r.value for r in snap.tasks]
     queued = [t for t in tasks if t["state"] == State.QUEUED]
-    return placement.plan(queued, live, {n: r.value for n, r in allocs.items()}, gpus_in_use(tasks),
+    return placement.plan(queued, snap.live, {n: r.value for n, r in snap.allocs.items()}, gpus_in_use(tasks),
                           limits(config))

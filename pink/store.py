@@ -19,6 +19,7 @@ from typing import Any, Callable
 import grpc
 import pyetcd
 from pyetcd import exceptions as etcd_exc
+from pyetcd.events import DeleteEvent
 
 from pink.errors import Unavailable
 
@@ -241,7 +242,6 @@ class Store:
         value, meta = self._client.get(key)
         return None if meta is None else self._record(value, meta)
 
-    @_guard
     def list(self, prefix: str) -> list[Record]:
         """Every record under `prefix`, read in pages at one revision.
 
@@ -249,6 +249,11 @@ class Store:
         gRPC's 4 MiB message limit; pages of LIST_PAGE keys never do, and
         reading them all at the first page's revision keeps the view consistent.
         """
+        return self.list_at(prefix)[0]
+
+    @_guard
+    def list_at(self, prefix: str) -> tuple[list[Record], int]:
+        """`list`, and the revision it read at (a watch continues from the next one)."""
         end = _prefix_end(prefix)
         start, revision, out = prefix, None, []
         while True:
@@ -258,7 +263,7 @@ class Store:
             out += [Record(key=kv.key.decode(), value=json.loads(kv.value), mod_revision=kv.mod_revision,
                            create_revision=kv.create_revision, lease=kv.lease) for kv in resp.kvs]
             if not resp.more or not resp.kvs:
-                return out
+                return out, revision
             start = resp.kvs[-1].key + b"\0"
 
     @_guard
@@ -300,6 +305,12 @@ class Store:
 
     # -- watching --------------------------------------------------------
 
+    def _guarded_cancel(self, watch_id) -> None:
+        try:
+            self._client.cancel_watch(watch_id)
+        except Exception:  # noqa: BLE001 - the watch may already be gone
+            pass
+
     def watch_prefix(self, prefix: str, on_change: Callable[[], None]) -> Callable[[], None]:
         """Call `on_change` (no arguments) whenever a key under `prefix` changes.
 
@@ -316,10 +327,112 @@ class Store:
         except _ETCD_ERRORS:
             return lambda: None
 
-        def cancel():
-            try:
-                self._client.cancel_watch(watch_id)
-            except Exception:  # noqa: BLE001 - the watch may already be gone
-                pass
+        return lambda: self._guarded_cancel(watch_id)
 
-        return cancel
+    def mirror(self, parts: tuple[str, ...], on_change: Callable[[], None]) -> "Mirror":
+        return Mirror(self, parts, on_change)
+
+
+_GONE = Record(key="", value=None, mod_revision=0, create_revision=0)
+
+
+class Mirror:
+    """Every record under some of PINK's prefixes, kept current by one etcd watch.
+
+    The leader plans the whole live queue on every change; reading 10,000
+    live tasks from etcd for each pass cost seconds. A mirror reads them once
+    (`Store.list_at`), then applies the watch's events from the next revision
+    on. One watch over PINK's root delivers every change in revision order,
+    a transaction's events together, so a snapshot is etcd's state at one
+    revision: a task never names a runner epoch the mirror has not seen yet.
+    When the watch fails (a member went away, etcd compacted the revision
+    it needed) the mirror is stale and `fresh()` reads everything again.
+    """
+
+    def __init__(self, store: Store, parts: tuple[str, ...], on_change: Callable[[], None]):
+        self._store = store
+        self._parts = parts  # prefixes held, e.g. store.keys.tasks; other keys' events are dropped
+        self._on_change = on_change
+        self._records: dict[str, dict[str, Record]] = {p: {} for p in parts}
+        self._cond = threading.Condition()
+        self._stale = True
+        self._cancel: Callable[[], None] = lambda: None
+
+    @property
+    def stale(self) -> bool:
+        return self._stale
+
+    def invalidate(self) -> None:
+        """Read everything again on the next `fresh()` (a periodic check against silent drops)."""
+        self._stale = True
+
+    def fresh(self) -> None:
+        """Make sure the mirror follows etcd: after a failed watch, read and watch again."""
+        if not self._stale:
+            return
+        self._cancel()
+        root = self._store.keys.prefix + "/"
+        records, revision = self._store.list_at(root)
+        with self._cond:
+            self._records = {p: {} for p in self._parts}
+            for rec in records:
+                self._hold(rec.key, rec)
+            self._stale = False
+        try:
+            watch_id = self._store._client.add_watch_prefix_callback(root, self._apply,
+                                                                     start_revision=revision + 1)
+        except _ETCD_ERRORS as exc:
+            self._stale = True
+            raise Unavailable(f"etcd is unreachable: cannot watch {root}: {exc}") from exc
+        self._cancel = lambda: self._store._guarded_cancel(watch_id)
+
+    def close(self) -> None:
+        self._cancel()
+        self._stale = True
+
+    def snapshot(self) -> dict[str, list[Record]]:
+        """Every record held, by prefix, all at one revision."""
+        with self._cond:
+            return {p: list(held.values()) for p, held in self._records.items()}
+
+    def wait_past(self, written: list[tuple[str, int]], timeout: float) -> bool:
+        """Wait until the mirror has seen each (key, mod_revision as read) change:
+        the caller's own writes. False if it has not within `timeout`."""
+
+        def seen() -> bool:
+            return self._stale or all(self._held(key).get(key, _GONE).mod_revision != rev for key, rev in written)
+
+        with self._cond:
+            return self._cond.wait_for(seen, timeout)
+
+    def _held(self, key: str) -> dict[str, Record]:
+        return next((held for part, held in self._records.items() if key.startswith(part)), {})
+
+    def _hold(self, key: str, rec: Record | None) -> bool:
+        for part in self._parts:
+            if key.startswith(part):
+                if rec is None:
+                    self._records[part].pop(key, None)
+                else:
+                    self._records[part][key] = rec
+                return True
+        return False
+
+    def _apply(self, response) -> None:
+        if isinstance(response, Exception):
+            self._stale = True
+            with self._cond:
+                self._cond.notify_all()
+            self._on_change()
+            return
+        changed = False
+        with self._cond:
+            for event in response.events:
+                key = event.key.decode()
+                rec = None if isinstance(event, DeleteEvent) else Record(
+                    key=key, value=json.loads(event.value), mod_revision=event.mod_revision,
+                    create_revision=event.create_revision, lease=event.lease)
+                changed |= self._hold(key, rec)
+            self._cond.notify_all()
+        if changed:
+            self._on_change()

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import click
@@ -34,12 +35,15 @@ from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
 from pink.tasks import FINAL, ON_RUNNER, State, advance, exported, job_id
-from queue_workers.queues import enqueue, enqueue_next, enqueue_sweep, job_status, queues_for, transfer_hosts
+from queue_workers.queues import LIVE, enqueue, enqueue_many, enqueue_sweep, queues_for, statuses, transfer_hosts
 
 log = logging.getLogger("pink.leader")
 
 REGISTRY_CLEANUP_INTERVAL = 10.0  # seconds between sweeps of RQ's started-job registries
 MAX_BACKOFF = 300  # seconds: the longest wait before a failed job is tried again
+MIRROR_RESYNC = 120.0  # seconds between two full reads of etcd's live state into the mirror
+OWN_WRITES_WAIT = 2.0  # seconds the mirror may take to show the leader's own placements
+PLACE_THREADS = 16  # runners whose placements commit at once
 
 
 class Leader:
@@ -53,6 +57,8 @@ class Leader:
         self._cleaned = 0.0
         self._swept = 0.0
         self._published: dict | None = None
+        self._written: list[tuple[str, int]] = []  # (task key, mod_revision before) placed by the last pass
+        self._checked: dict[str, int] = {}  # task key -> mod_revision whose job was last made sure of
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -80,17 +86,20 @@ class Leader:
         return lease
 
     def _lead(self, lease, stop: threading.Event) -> None:
-        cancels = [self.store.watch_prefix(prefix, self.changed.set)
-                   for prefix in (self.store.keys.tasks, self.store.keys.nodes, self.store.keys.allocs,
-                                  self.store.keys.controls)]
+        self.mirror = self.store.mirror((self.store.keys.tasks, self.store.keys.nodes, self.store.keys.allocs,
+                                         self.store.keys.controls), self.changed.set)
+        self._resynced = self._repaired = float("-inf")
         try:
             while not stop.is_set() and not lease.lost.is_set():
                 self.changed.clear()
-                self.reconcile(lease)
+                try:
+                    self.reconcile(lease)
+                except PinkError as exc:  # etcd or the database away for a while: try again, still leading
+                    log.warning("leader pass: %s", exc.message)
+                    stop.wait(1.0)
                 self.changed.wait(self.config.reconcile_interval)
         finally:
-            for cancel in cancels:
-                cancel()
+            self.mirror.close()
             if stop.is_set():
                 lease.revoke()
             else:
@@ -98,68 +107,103 @@ class Leader:
             log.info("no longer leading")
 
     def reconcile(self, lease) -> None:
-        """One pass over the live tasks: repair missing jobs, re-queue lost tasks.
+        """One pass over the live tasks: place, repair missing jobs, re-queue lost tasks.
 
-        etcd holds live tasks only (finished ones are archived and removed),
-        so a pass costs what the queue holds, never what history holds.
+        Planned from the mirror of etcd (no read per pass), and the jobs of
+        tasks whose record did not change are checked in Redis only once
+        every `reconcile_interval`, so a pass costs what the queue holds,
+        and a burst of changes costs little more than one.
         """
         if time.monotonic() - self._cleaned > REGISTRY_CLEANUP_INTERVAL:
             self._clean_started_registries()
             self._cleaned = time.monotonic()
-        # Tasks before nodes: any epoch a task carries already exists when nodes are read.
-        tasks = self.store.list(self.store.keys.tasks)
-        nodes = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.nodes)}
-        allocs = {r.key.rsplit("/", 1)[1]: r for r in self.store.list(self.store.keys.allocs)}
-        live = pink_nodes.view(self.store)
-        plan = scheduler.plan(self.config, [r.value for r in tasks], live, allocs)
-        self._place(plan, tasks, live, allocs)
+        if self._written and not self.mirror.wait_past(self._written, OWN_WRITES_WAIT):
+            self.mirror.invalidate()  # our own commits never showed up: the watch is not delivering
+        self._written = []
+        if time.monotonic() - self._resynced > MIRROR_RESYNC:
+            self.mirror.invalidate()  # a watch can drop without an error: read everything now and then
+            self._resynced = time.monotonic()
+        self.mirror.fresh()
+        snap = scheduler.Snapshot.of(self.store.keys, self.mirror.snapshot())
+        plan = scheduler.plan(self.config, snap)
+        self._place(plan, snap)
         try:
             self._publish_queue(plan)
         except PinkError as exc:  # positions are a courtesy: never stop leading for them
             log.warning("publishing queue positions: %s", exc.message)
-        finalize_ok = self._database_answers() if any(
-            r.value["state"] == State.EXPORTED for r in tasks) else True
-        for rec in tasks:
+        self._repair(snap, lease)
+        self._sweep_if_due()
+
+    def _repair(self, snap: scheduler.Snapshot, lease) -> None:
+        """Retire, re-queue lost tasks, and give each task the job its state calls for."""
+        full = time.monotonic() - self._repaired >= self.config.reconcile_interval
+        if full:
+            self._repaired = time.monotonic()
+            self._checked = {}
+        due = []
+        for rec in snap.tasks:
             if lease.lost.is_set():
                 return
             try:
-                self._reconcile_task(rec, nodes, finalize_ok)
+                if self._settle(rec, snap.nodes):
+                    continue
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.get("id"), exc)
-        self._sweep_if_due()
+                continue
+            if self._checked.get(rec.key) != rec.mod_revision and pipeline.stage_for(rec.value):
+                due.append(rec)
+        if not due:
+            return
+        finalize_ok = not any(r.value["state"] == State.EXPORTED for r in due) or self._database_answers()
+        jobs = statuses(self.redis, [job_id(r.value["id"], pipeline.stage_for(r.value), r.value["attempt"])
+                                     for r in due])
+        for rec, status in zip(due, jobs.values()):
+            try:
+                self._give_job(rec, status, finalize_ok)
+                self._checked[rec.key] = rec.mod_revision
+            except (PinkError, RedisError) as exc:
+                log.warning("task %s: %s", rec.value.get("id"), exc)
 
-    def _reconcile_task(self, rec: Record, nodes: dict[str, Record], finalize_ok: bool) -> None:
+    def _settle(self, rec: Record, nodes: dict[str, Record]) -> bool:
+        """Retire a final record or re-queue a task whose runner is gone; True if it did either."""
         task = rec.value
         state = State(task["state"])
         if state in FINAL:
             self._retire_final(rec)
-            return
+            return True
         if state in ON_RUNNER:
             node = nodes.get(task["node"])
             if node is None or node.create_revision != task["epoch"]:
                 self._lost(rec)
-                return
+                return True
+        return False
+
+    def _give_job(self, rec: Record, status: JobStatus | None, finalize_ok: bool) -> None:
+        task = rec.value
         stage = pipeline.stage_for(task)
+        if status in LIVE:
+            return
         if stage == "finalize" and not finalize_ok:
             return  # held in `exported` until the database answers; other queues go on
-        if stage and self._hold_failed(rec, stage):
+        if status == JobStatus.FAILED and self._hold_failed(rec, stage):
             return
-        if stage and enqueue(self.redis, task, stage):
+        if enqueue(self.redis, task, stage):
             log.info("enqueued %s for task %s (attempt %d)", stage, task["id"], task["attempt"])
 
-    def _place(self, plan, tasks: list[Record], live: list[dict], allocs: dict[str, Record]) -> int:
+    def _place(self, plan, snap: scheduler.Snapshot) -> int:
         """Commit the plan's placements, one transaction per node, and enqueue their transfers.
 
-        The plan was made from one read of the live queue, runners and
-        reservations; each node's batch is compared against that read and
-        fenced by the node's epoch and by our leadership, so a placement made
-        on stale data fails as a whole and the next pass plans again.
+        The plan was made from one revision of the live queue, runners and
+        reservations; each node's batch is compared against it and fenced by
+        the node's epoch and by our leadership, so a placement made on stale
+        data fails as a whole and the next pass plans again. Nodes commit in
+        parallel (etcd batches concurrent commits into one disk write).
         Returns how many tasks were placed.
         """
         if not plan.choices:
             return 0
-        by_id = {r.value["id"]: r for r in tasks}
-        epochs = {n["name"]: n["epoch"] for n in live}
+        by_id = {r.value["id"]: r for r in snap.tasks}
+        epochs = {n["name"]: n["epoch"] for n in snap.live}
         batches: dict[str, list[lifecycle.Placement]] = {}
         for task_id, choice in plan.choices.items():
             rec = by_id[task_id]
@@ -168,26 +212,36 @@ class Leader:
                           epoch=epochs[choice.node], gpus=choice.gpus, waiting=None)
             entry = {"gpus": choice.gpus, "attempt": task["attempt"], "image": task["image"]["sha256"]}
             batches.setdefault(choice.node, []).append(lifecycle.Placement(rec, new, entry))
-        placed = 0
-        for node, batch in batches.items():
-            for start in range(0, len(batch), lifecycle.MAX_TXN_PLACEMENTS):
-                chunk = batch[start:start + lifecycle.MAX_TXN_PLACEMENTS]
-                if not lifecycle.place(self.store, node, epochs[node], allocs.get(node), chunk, self.fence):
+        with ThreadPoolExecutor(PLACE_THREADS, thread_name_prefix="place") as pool:
+            done = list(pool.map(lambda item: self._place_on(item[0], epochs[item[0]], snap.allocs.get(item[0]),
+                                                              item[1]), batches.items()))
+        placed = [p for batch in done for p in batch]
+        self._written = [(p.rec.key, p.rec.mod_revision) for p in placed]
+        try:
+            enqueue_many(self.redis, [p.new for p in placed])
+        except RedisError as exc:  # placed is recorded in etcd: the next full repair enqueues them
+            log.warning("enqueueing transfers: %s", exc)
+        return len(placed)
+
+    def _place_on(self, node: str, epoch: int, alloc: Record | None,
+                  batch: list[lifecycle.Placement]) -> list[lifecycle.Placement]:
+        """Commit one node's placements, MAX_TXN_PLACEMENTS at a time; returns those committed."""
+        placed = []
+        for start in range(0, len(batch), lifecycle.MAX_TXN_PLACEMENTS):
+            chunk = batch[start:start + lifecycle.MAX_TXN_PLACEMENTS]
+            try:
+                if not lifecycle.place(self.store, node, epoch, alloc, chunk, self.fence):
                     log.info("placements on %s changed under the plan; planning again", node)
                     self.changed.set()
                     break
                 if start + len(chunk) < len(batch):
-                    allocs[node] = self.store.get(self.store.keys.alloc(node))
-                placed += len(chunk)
-                self._enqueue_transfers(chunk)
+                    alloc = self.store.get(self.store.keys.alloc(node))
+            except PinkError as exc:
+                log.warning("placing on %s: %s", node, exc.message)
+                self.changed.set()
+                break
+            placed += chunk
         return placed
-
-    def _enqueue_transfers(self, placed: list) -> None:
-        try:
-            for p in placed:
-                enqueue_next(self.redis, p.new)
-        except RedisError as exc:  # placed is recorded in etcd: the next pass enqueues them
-            log.warning("enqueueing transfers: %s", exc)
 
     def _retire_final(self, rec: Record) -> None:
         """A final record left in etcd by a version that kept them there:
@@ -254,10 +308,7 @@ class Leader:
         for ever (up to MAX_BACKOFF): a database outage must not fail tasks.
         """
         task = rec.value
-        jid = job_id(task["id"], stage, task["attempt"])
-        if job_status(self.redis, jid) != JobStatus.FAILED:
-            return False
-        job = Job.fetch(jid, connection=self.redis)
+        job = Job.fetch(job_id(task["id"], stage, task["attempt"]), connection=self.redis)
         failures = (task.get("job_failures") or {}).get(stage, 0) + 1
         ended = job.ended_at.replace(tzinfo=timezone.utc) if job.ended_at else None
         if ended and (datetime.now(timezone.utc) - ended).total_seconds() < min(2 ** failures, MAX_BACKOFF):

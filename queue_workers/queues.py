@@ -96,10 +96,50 @@ def _worker_runs(redis: Redis, job: Job) -> bool:
     return worker.birth_date is None or job.started_at is None or worker.birth_date <= job.started_at
 
 
+def statuses(redis: Redis, jids: list[str]) -> dict[str, JobStatus | None]:
+    """`job_status` of many jobs in one round trip (plus one per started job: a few, one per worker)."""
+    with redis.pipeline(transaction=False) as pipe:
+        for jid in jids:
+            pipe.hget(Job.key_for(jid), "status")
+        raw = pipe.execute()
+    out = {}
+    for jid, status in zip(jids, raw):
+        status = JobStatus(status.decode()) if status else None
+        out[jid] = job_status(redis, jid) if status == JobStatus.STARTED else status
+    return out
+
+
 def enqueue_next(redis: Redis, task: dict) -> bool:
     """Enqueue the job the task's state calls for (`pink.pipeline`), if it calls for one."""
     stage = pipeline.stage_for(task)
     return bool(stage) and enqueue(redis, task, stage)
+
+
+def enqueue_many(redis: Redis, tasks: list[dict]) -> int:
+    """`enqueue_next` for a batch (the leader's placements) in two round trips; returns how many were created.
+
+    A job id never used yet is created in one pipeline; one that exists
+    (a retry of the same attempt) takes `enqueue`'s careful path.
+    """
+    wanted = [(task, stage) for task in tasks if (stage := pipeline.stage_for(task))]
+    jids = [job_id(task["id"], stage, task["attempt"]) for task, stage in wanted]
+    with redis.pipeline(transaction=False) as pipe:
+        for jid in jids:
+            pipe.exists(Job.key_for(jid))
+        found = pipe.execute()
+    fresh: dict[str, list] = {}
+    created = 0
+    for (task, stage), exists in zip(wanted, found):
+        if exists:
+            created += enqueue(redis, task, stage)
+        else:
+            name, data = _job(task, stage)
+            fresh.setdefault(name, []).append(data)
+    with redis.pipeline() as pipe:
+        for name, batch in fresh.items():
+            Queue(name, connection=redis).enqueue_many(batch, pipeline=pipe)
+        pipe.execute()
+    return created + sum(len(batch) for batch in fresh.values())
 
 
 def enqueue(redis: Redis, task: dict, stage: str) -> bool:
@@ -108,14 +148,20 @@ def enqueue(redis: Redis, task: dict, stage: str) -> bool:
     Returns True when a job was created. A finished or failed job with the
     same id is replaced, which is how the leader retries a stage.
     """
-    func, queue_of, timeout = STAGES[stage]
     jid = job_id(task["id"], stage, task["attempt"])
     status = job_status(redis, jid)
     if status in LIVE:
         return False
     if status is not None:
         Job.fetch(jid, connection=redis).delete()
-    Queue(queue_of(task), connection=redis).enqueue(
-        func, task["id"], task["attempt"], job_id=jid, job_timeout=timeout,
-        result_ttl=600, failure_ttl=7 * 86400, description=f"{stage} task {task['id']}")
+    name, data = _job(task, stage)
+    Queue(name, connection=redis).enqueue_many([data])
     return True
+
+
+def _job(task: dict, stage: str) -> tuple[str, object]:
+    """(queue name, RQ's EnqueueData) of the job running `stage` for the task's current attempt."""
+    func, queue_of, timeout = STAGES[stage]
+    return queue_of(task), Queue.prepare_data(
+        func, (task["id"], task["attempt"]), job_id=job_id(task["id"], stage, task["attempt"]),
+        timeout=timeout, result_ttl=600, failure_ttl=7 * 86400, description=f"{stage} task {task['id']}")

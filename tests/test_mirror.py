@@ -1,0 +1,65 @@
+"""The leader's mirror of etcd (`pink.store.Mirror`), against a real etcd:
+it follows every change of the parts it holds, at one revision, and reads
+everything again once its watch has failed."""
+
+from __future__ import annotations
+
+import threading
+
+from pink.localcluster import wait_until
+from pink.store import Store
+
+
+def test_a_mirror_follows_etcd_and_holds_only_its_parts(pink_config):
+    store = Store.from_config(pink_config)
+    keys = store.keys
+    store.txn().put(keys.task("a"), {"n": 1}).commit()
+    changed = threading.Event()
+    mirror = store.mirror((keys.tasks, keys.nodes), changed.set)
+    try:
+        mirror.fresh()
+        assert [r.value for r in mirror.snapshot()[keys.tasks]] == [{"n": 1}]
+        before = store.get(keys.task("a"))
+        store.txn().put(keys.task("a"), {"n": 2}).put(keys.node("r1"), {"name": "r1"}).commit()
+        store.txn().put(keys.leader, {"holder": "x"}).put(keys.control("r1"), {"state": "stopped"}).commit()
+        assert mirror.wait_past([(keys.task("a"), before.mod_revision)], 10)
+        snap = mirror.snapshot()
+        assert [r.value for r in snap[keys.tasks]] == [{"n": 2}]
+        node = store.get(keys.node("r1"))
+        assert [(r.key, r.create_revision) for r in snap[keys.nodes]] == [(node.key, node.create_revision)]
+        assert set(snap) == {keys.tasks, keys.nodes}  # the leader key and controls were not asked for
+        assert changed.is_set()
+
+        current = store.get(keys.task("a"))
+        store.delete(keys.task("a"))
+        assert mirror.wait_past([(keys.task("a"), current.mod_revision)], 10)
+        assert mirror.snapshot()[keys.tasks] == []
+        assert not mirror.stale
+    finally:
+        mirror.close()
+        store.close()
+
+
+def test_a_mirror_reads_everything_again_once_its_watch_fails(pink_config, cluster):
+    store = Store.from_config(pink_config)
+    keys = store.keys
+    changed = threading.Event()
+    mirror = store.mirror((keys.tasks,), changed.set)
+    try:
+        mirror.fresh()
+        changed.clear()
+        cluster.kill("etcd")
+        cluster.start_etcd()
+        assert wait_until(lambda: mirror.stale, 30), "the mirror did not notice its watch failing"
+        assert changed.is_set()  # the leader is woken to read again
+        # Written while the mirror had no watch: only a fresh read can see it.
+        assert wait_until(lambda: store.txn().put(keys.task("b"), {"n": 1}).commit(), 30)
+        mirror.fresh()
+        assert [r.key for r in mirror.snapshot()[keys.tasks]] == [keys.task("b")]
+        before = store.get(keys.task("b"))
+        store.txn().put(keys.task("b"), {"n": 2}).commit()
+        assert mirror.wait_past([(keys.task("b"), before.mod_revision)], 10)  # and it watches again
+        assert [r.value for r in mirror.snapshot()[keys.tasks]] == [{"n": 2}]
+    finally:
+        mirror.close()
+        store.close()
