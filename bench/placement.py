@@ -183,7 +183,7 @@ def live(cluster, runners: int, tasks: int, workers: int, seconds: float, log, s
             _runners(store, runners, lease.id)
             r["register_seconds"] = time.time() - window_start
             # The leader publishes its queue after committing a pass's placements.
-            while time.time() < window_end and _published(store) != listed(tasks - r["placeable"]):
+            while time.time() < window_end and _published(store) > listed(tasks - r["placeable"]):
                 time.sleep(0.1)
             done = time.time()
         finally:
@@ -212,8 +212,8 @@ def report_live(r: dict) -> list[str]:
             f"the runners register (their records written in {r['register_seconds']:.2f} s) and the leader "
             "reads the queue and the runners from etcd, plans, commits the placements runner by runner "
             "and enqueues their transfer jobs, which the workers run (no copy: every runner holds every "
-            "image). Timed from the first runner record written until the leader publishes the queue "
-            "it has left after committing its last placements (polled every 0.1 s).", "",
+            "image). Timed from the first runner record written until the leader publishes a queue "
+            "no longer than what cannot fit (polled every 0.1 s).", "",
             "| what | value | target |", "|---|---|---|",
             f"| placements made | {r['placed']:,} (of {r['placeable']:,} that fit) | |",
             f"| time to place them | {took} | |",

@@ -17,7 +17,7 @@ from pink.errors import Unavailable
 from pink.store import Record, Store
 
 
-MAX_TXN_PLACEMENTS = 60  # placements per transaction: etcd allows 128 operations by default
+MAX_TXN_COMPARES = 120  # comparisons in one transaction: etcd allows 128 (--max-txn-ops)
 
 
 @dataclass
@@ -63,24 +63,53 @@ def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
     raise Unavailable(f"could not move task {task_id}: reservations kept changing")
 
 
-def place(store: Store, node: str, epoch: int, alloc: Record | None, placements: list[Placement],
-          fence: tuple[str, int]) -> bool:
-    """Commit several placements on one node in one transaction.
+@dataclass
+class NodeBatch:
+    """Placements on one node, with the node's epoch and its reservations as read."""
 
-    Fenced by the node's incarnation (`epoch`) and the placer's own fence,
-    and compared against every task record and the node's reservations as
+    node: str
+    epoch: int
+    alloc: Record | None
+    placements: list[Placement]
+
+    @property
+    def compares(self) -> int:
+        """What the batch adds to a transaction's comparisons (its puts are one fewer)."""
+        return len(self.placements) + 2
+
+
+def batches_per_txn(batches: list[NodeBatch]) -> list[list[NodeBatch]]:
+    """Group node batches into transactions within etcd's limit on operations."""
+    groups, group, size = [], [], 1  # 1: the placer's fence
+    for batch in batches:
+        if group and size + batch.compares > MAX_TXN_COMPARES:
+            groups.append(group)
+            group, size = [], 1
+        group.append(batch)
+        size += batch.compares
+    return groups + [group] if group else groups
+
+
+def place(store: Store, batches: list[NodeBatch], fence: tuple[str, int]) -> bool:
+    """Commit the placements on one or more nodes in one transaction.
+
+    Fenced by each node's incarnation (`epoch`) and the placer's own fence,
+    and compared against every task record and each node's reservations as
     read: if anything moved (a cancel, a release), nothing is written and the
-    next pass plans again. This is how the leader places a batch at the cost
-    of one round trip per node, not per task.
+    caller tries the nodes one by one or plans again. This is how the leader
+    places thousands of tasks in a few dozen round trips.
     """
-    key = store.keys.alloc(node)
-    txn = store.txn().fence(store.keys.node(node), epoch).fence(*fence)
-    txn.expect(alloc) if alloc else txn.expect(key, 0)
-    entries = dict(alloc.value) if alloc else {}
-    for p in placements:
-        txn.expect(p.rec).put(p.rec.key, p.new)
-        entries[p.new["id"]] = p.entry
-    return txn.put(key, entries).commit()
+    txn = store.txn().fence(*fence)
+    for batch in batches:
+        key = store.keys.alloc(batch.node)
+        txn.fence(store.keys.node(batch.node), batch.epoch)
+        txn.expect(batch.alloc) if batch.alloc else txn.expect(key, 0)
+        entries = dict(batch.alloc.value) if batch.alloc else {}
+        for p in batch.placements:
+            txn.expect(p.rec).put(p.rec.key, p.new)
+            entries[p.new["id"]] = p.entry
+        txn.put(key, entries)
+    return txn.commit()
 
 
 def retire(store: Store, rec: Record) -> Record | None:

@@ -43,10 +43,14 @@ class _Runner:
     spool_free: int | None  # bytes for images not loaded yet (None: not reported, not checked)
     spool_room: int | None  # images the spool may still take (None: no cap)
     version: int = 0  # bumped on every change: heap entries of older versions are stale
+    rank: tuple = ()  # least loaded first; set by `changed`
 
-    @property
-    def rank(self) -> tuple:
-        return (self.used / self.slots, self.name)
+    def __post_init__(self):
+        self.changed()
+
+    def changed(self) -> None:
+        self.version += 1
+        self.rank = (self.used / self.slots, self.name)
 
     @property
     def open(self) -> bool:
@@ -129,11 +133,18 @@ class Capacity:
                 else None)
         self.every = _Pool(self.runners, self.runners.values())
         self.holding: dict[str, _Pool] = {}  # image sha256 -> the runners holding it (built when asked)
+        self.everywhere: set[str] = set()  # images every runner holds: `every` is their pool
         self._fails_from: int | None = None
 
     def _holders(self, sha: str) -> _Pool:
+        if sha in self.everywhere:
+            return self.every
         if sha not in self.holding:
-            self.holding[sha] = _Pool(self.runners, (r for r in self.runners.values() if sha in r.images))
+            holders = [r for r in self.runners.values() if sha in r.images]
+            if len(holders) == len(self.runners):  # held by all (a plan only adds images): no pool of its own
+                self.everywhere.add(sha)
+                return self.every
+            self.holding[sha] = _Pool(self.runners, holders)
         return self.holding[sha]
 
     def choose(self, task: dict) -> Choice | None:
@@ -162,12 +173,12 @@ class Capacity:
             if r.spool_room is not None:
                 r.spool_room -= 1
             r.images.add(sha)
-        r.version += 1
+        r.changed()
         self.every.push(r)
         if len(r.images) < len(self.holding):
-            pools = [self.holding[s] for s in r.images if s in self.holding]
+            pools = [p for s in r.images if (p := self.holding.get(s)) is not None]
         else:
-            pools = [pool for s, pool in self.holding.items() if s in r.images]
+            pools = [p for s, p in self.holding.items() if s in r.images]
         for pool in pools:
             pool.push(r)
 

@@ -26,6 +26,7 @@ import click
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
@@ -44,6 +45,7 @@ MAX_BACKOFF = 300  # seconds: the longest wait before a failed job is tried agai
 MIRROR_RESYNC = 120.0  # seconds between two full reads of etcd's live state into the mirror
 OWN_WRITES_WAIT = 2.0  # seconds the mirror may take to show the leader's own placements
 PLACE_THREADS = 16  # runners whose placements commit at once
+JOB_SETTLE = 10.0  # seconds after a job ended during which the record it changed may not be mirrored yet
 
 
 class Leader:
@@ -125,12 +127,19 @@ class Leader:
             self._resynced = time.monotonic()
         self.mirror.fresh()
         snap = scheduler.Snapshot.of(self.store.keys, self.mirror.snapshot())
+        started = time.monotonic()
         plan = scheduler.plan(self.config, snap)
-        self._place(plan, snap)
+        planned = time.monotonic()
+        placed = self._place(plan, snap)
+        committed = time.monotonic()
         try:
             self._publish_queue(plan)
         except PinkError as exc:  # positions are a courtesy: never stop leading for them
             log.warning("publishing queue positions: %s", exc.message)
+        if placed:
+            self._enqueue_transfers(placed)
+            log.info("placed %d of %d waiting tasks (plan %.2fs, commit %.2fs, enqueue %.2fs)", len(placed),
+                     len(plan.order), planned - started, committed - planned, time.monotonic() - committed)
         self._repair(snap, lease)
         self._sweep_if_due()
 
@@ -181,8 +190,8 @@ class Leader:
     def _give_job(self, rec: Record, status: JobStatus | None, finalize_ok: bool) -> None:
         task = rec.value
         stage = pipeline.stage_for(task)
-        if status in LIVE:
-            return
+        if status in LIVE or (status == JobStatus.FINISHED and self._just_ended(task, stage)):
+            return  # running, or done and its change to the record is on its way to the mirror
         if stage == "finalize" and not finalize_ok:
             return  # held in `exported` until the database answers; other queues go on
         if status == JobStatus.FAILED and self._hold_failed(rec, stage):
@@ -190,58 +199,73 @@ class Leader:
         if enqueue(self.redis, task, stage):
             log.info("enqueued %s for task %s (attempt %d)", stage, task["id"], task["attempt"])
 
-    def _place(self, plan, snap: scheduler.Snapshot) -> int:
-        """Commit the plan's placements, one transaction per node, and enqueue their transfers.
+    def _job_ended(self, task: dict, stage: str) -> tuple[Job | None, float | None]:
+        """The task's job for `stage` and how many seconds ago it ended (None: not ended, or gone)."""
+        try:
+            job = Job.fetch(job_id(task["id"], stage, task["attempt"]), connection=self.redis)
+        except NoSuchJobError:
+            return None, None
+        if job.ended_at is None:
+            return job, None
+        return job, (datetime.now(timezone.utc) - job.ended_at.replace(tzinfo=timezone.utc)).total_seconds()
+
+    def _just_ended(self, task: dict, stage: str) -> bool:
+        ago = self._job_ended(task, stage)[1]
+        return ago is not None and ago < JOB_SETTLE
+
+    def _place(self, plan, snap: scheduler.Snapshot) -> list[dict]:
+        """Commit the plan's placements; returns the records placed.
 
         The plan was made from one revision of the live queue, runners and
         reservations; each node's batch is compared against it and fenced by
         the node's epoch and by our leadership, so a placement made on stale
-        data fails as a whole and the next pass plans again. Nodes commit in
-        parallel (etcd batches concurrent commits into one disk write).
-        Returns how many tasks were placed.
+        data fails and the next pass plans again. Several nodes share a
+        transaction (`lifecycle.batches_per_txn`) and transactions commit in
+        parallel: thousands of placements cost a few dozen round trips.
         """
         if not plan.choices:
-            return 0
+            return []
         by_id = {r.value["id"]: r for r in snap.tasks}
         epochs = {n["name"]: n["epoch"] for n in snap.live}
-        batches: dict[str, list[lifecycle.Placement]] = {}
+        per_node: dict[str, list[lifecycle.Placement]] = {}
         for task_id, choice in plan.choices.items():
             rec = by_id[task_id]
             task = rec.value
             new = advance(task, State.PLACED, f"placed on {choice.node}", node=choice.node,
                           epoch=epochs[choice.node], gpus=choice.gpus, waiting=None)
             entry = {"gpus": choice.gpus, "attempt": task["attempt"], "image": task["image"]["sha256"]}
-            batches.setdefault(choice.node, []).append(lifecycle.Placement(rec, new, entry))
+            per_node.setdefault(choice.node, []).append(lifecycle.Placement(rec, new, entry))
+        limit = lifecycle.MAX_TXN_COMPARES - 3  # a node with more waits for the next pass
+        batches = [lifecycle.NodeBatch(node, epochs[node], snap.allocs.get(node), placements[:limit])
+                   for node, placements in per_node.items()]
         with ThreadPoolExecutor(PLACE_THREADS, thread_name_prefix="place") as pool:
-            done = list(pool.map(lambda item: self._place_on(item[0], epochs[item[0]], snap.allocs.get(item[0]),
-                                                              item[1]), batches.items()))
-        placed = [p for batch in done for p in batch]
+            done = list(pool.map(self._commit, lifecycle.batches_per_txn(batches)))
+        placed = [p for group in done for batch in group for p in batch.placements]
         self._written = [(p.rec.key, p.rec.mod_revision) for p in placed]
+        return [p.new for p in placed]
+
+    def _enqueue_transfers(self, placed: list[dict]) -> None:
         try:
-            enqueue_many(self.redis, [p.new for p in placed])
+            enqueue_many(self.redis, placed)
         except RedisError as exc:  # placed is recorded in etcd: the next full repair enqueues them
             log.warning("enqueueing transfers: %s", exc)
-        return len(placed)
 
-    def _place_on(self, node: str, epoch: int, alloc: Record | None,
-                  batch: list[lifecycle.Placement]) -> list[lifecycle.Placement]:
-        """Commit one node's placements, MAX_TXN_PLACEMENTS at a time; returns those committed."""
-        placed = []
-        for start in range(0, len(batch), lifecycle.MAX_TXN_PLACEMENTS):
-            chunk = batch[start:start + lifecycle.MAX_TXN_PLACEMENTS]
-            try:
-                if not lifecycle.place(self.store, node, epoch, alloc, chunk, self.fence):
-                    log.info("placements on %s changed under the plan; planning again", node)
-                    self.changed.set()
-                    break
-                if start + len(chunk) < len(batch):
-                    alloc = self.store.get(self.store.keys.alloc(node))
-            except PinkError as exc:
-                log.warning("placing on %s: %s", node, exc.message)
-                self.changed.set()
-                break
-            placed += chunk
-        return placed
+    def _commit(self, group: list[lifecycle.NodeBatch]) -> list[lifecycle.NodeBatch]:
+        """Commit a transaction's node batches; if it fails (or is too big for etcd), each node alone.
+        Returns those committed."""
+        if self._try_place(group):
+            return group
+        committed = [b for b in group if len(group) > 1 and self._try_place([b])]
+        log.info("placements on %d runners changed under the plan; planning again", len(group) - len(committed))
+        self.changed.set()
+        return committed
+
+    def _try_place(self, batches: list[lifecycle.NodeBatch]) -> bool:
+        try:
+            return lifecycle.place(self.store, batches, self.fence)
+        except PinkError as exc:
+            log.warning("placing on %s: %s", ", ".join(b.node for b in batches), exc.message)
+            return False
 
     def _retire_final(self, rec: Record) -> None:
         """A final record left in etcd by a version that kept them there:
@@ -308,13 +332,12 @@ class Leader:
         for ever (up to MAX_BACKOFF): a database outage must not fail tasks.
         """
         task = rec.value
-        job = Job.fetch(job_id(task["id"], stage, task["attempt"]), connection=self.redis)
+        job, ago = self._job_ended(task, stage)
         failures = (task.get("job_failures") or {}).get(stage, 0) + 1
-        ended = job.ended_at.replace(tzinfo=timezone.utc) if job.ended_at else None
-        if ended and (datetime.now(timezone.utc) - ended).total_seconds() < min(2 ** failures, MAX_BACKOFF):
+        if ago is not None and ago < min(2 ** failures, MAX_BACKOFF):
             return True
         if stage in pipeline.GIVES_UP and failures >= self.config.max_job_failures:
-            reason = (job.exc_info or "").strip().splitlines()[-1:] or ["no error recorded"]
+            reason = (job and job.exc_info or "").strip().splitlines()[-1:] or ["no error recorded"]
             why = f"{stage} failed {failures} times; last: {reason[0][:500]}"
             new = exported(task, State.FAILED, why, error=why)
             lifecycle.move(self.store, rec, new, release=task.get("node"), unassign=task.get("node"),
