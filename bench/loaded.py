@@ -89,8 +89,8 @@ def add_waiting(config, store: Store, image: dict, count: int) -> list[str]:
     ids = []
     for _ in range(count):
         record = new_record(new_id(), WAITING_USER, Params(gpus=WAITING_GPUS), image, config.host)
-        store.create(store.keys.task(record["id"]), record)
-        ids.append(record["id"])
+        store.create(store.keys.task(record.id), record)
+        ids.append(record.id)
     return ids
 
 

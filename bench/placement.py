@@ -32,7 +32,8 @@ from redis import Redis
 from pink import config as pink_config, defaults, scheduler
 from pink.placement import plan
 from pink.store import Store
-from pink.tasks import Params, new_record
+from pink.nodes import NodeView
+from pink.tasks import Params, Task, new_record
 
 TARGET = 2000  # placements per second
 GPUS_PER_RUNNER = 8
@@ -43,15 +44,18 @@ TXN_PUTS = 64  # records per etcd transaction when writing (etcd allows 128 oper
 LEASE_TTL = 60  # seconds: the simulated runners' lease, kept alive while the benchmark runs
 
 
-def simulated(runners: int, tasks: int, seed: int = 1) -> tuple[list[dict], list[dict]]:
+def simulated(runners: int, tasks: int, seed: int = 1) -> tuple[list[NodeView], list[Task]]:
     rng = random.Random(seed)
-    nodes = [{"name": f"n{i}", "gpus": [f"n{i}-g{j}" for j in range(GPUS_PER_RUNNER)], "max_containers": 8,
-              "state": "ready", "images": [str(rng.randrange(IMAGES)) for _ in range(3)]}
+    nodes = [NodeView(name=f"n{i}", epoch=i + 1, gpus=[f"n{i}-g{j}" for j in range(GPUS_PER_RUNNER)],
+                      max_containers=8, images=[str(rng.randrange(IMAGES)) for _ in range(3)])
              for i in range(runners)]
-    queued = [{"id": f"t{i}", "user": f"u{i % 50}", "created_at": float(i),
-               "image": {"sha256": str(rng.randrange(IMAGES)), "size": 2**30},
-               "params": {"gpus": rng.choice([0, 1, 1, 2, 4]), "priority": rng.choice([0, 0, 0, 1])}}
-              for i in range(tasks)]
+    queued = []
+    for i in range(tasks):
+        image = {"sha256": str(rng.randrange(IMAGES)), "size": 2**30}
+        params = Params(gpus=rng.choice([0, 1, 1, 2, 4]), priority=rng.choice([0, 0, 0, 1]))
+        task = new_record(f"t{i}", f"u{i % 50}", params, image, "bench")
+        task.created_at = float(i)
+        queued.append(task)
     return nodes, queued
 
 
@@ -118,8 +122,8 @@ def _tasks(store: Store, config, tasks: int, seed: int) -> list[str]:
                  "repo_tags": [], "layout": "docker"}
         params = Params(gpus=rng.choice([0, 1, 1, 2, 4]), priority=rng.choice([0, 0, 0, 1]))
         records.append(new_record(uuid.uuid4().hex[:12], f"u{i % 50}", params, image, config.host))
-    _put_all(store, [(store.keys.task(r["id"]), r) for r in records])
-    return [r["id"] for r in records]
+    _put_all(store, [(store.keys.task(r.id), r) for r in records])
+    return [r.id for r in records]
 
 
 def _published(store: Store) -> int:
@@ -189,7 +193,7 @@ def live(cluster, runners: int, tasks: int, workers: int, seconds: float, log, s
         finally:
             for name in names:
                 cluster.stop(name)
-        states = Counter(rec.value["state"] for rec in store.list(store.keys.tasks))
+        states = Counter(rec.value.state.value for rec in store.list(store.keys.tasks))
     finally:
         if lease is not None:
             lease.revoke()  # the runner records, and the assignments under their lease, go with it

@@ -127,7 +127,7 @@ class Agent:
             sha = entry.get("image") if isinstance(entry, dict) else None
             if sha is None:
                 rec = self.store.get(self.store.keys.task(task_id))
-                sha = rec.value["image"]["sha256"] if rec is not None else None
+                sha = rec.value.image["sha256"] if rec is not None else None
             if sha:
                 reserved.add(sha)
         return reserved
@@ -148,8 +148,7 @@ class Agent:
 
     def _recorded_here(self, task_id: str, attempt: int) -> bool:
         rec = self.store.get(self.store.keys.task(task_id))
-        return rec is not None and rec.value.get("attempt") == attempt and \
-            rec.value.get("node") == self.config.runner.name
+        return rec is not None and rec.value.attempt == attempt and rec.value.node == self.config.runner.name
 
     def _publish(self) -> None:
         key = self.store.keys.node(self.config.runner.name)

@@ -25,7 +25,7 @@ from gpu_runner import export, images, outbox, retry
 from pink import lifecycle
 from pink.errors import Unavailable
 from pink.store import Record
-from pink.tasks import State, advance, exported, requeue
+from pink.tasks import State, Task, advance, exported, requeue
 
 log = logging.getLogger("pink.runner")
 
@@ -92,16 +92,16 @@ class Execution:
         if rec is None:
             return None
         task = rec.value
-        if task["attempt"] != self.attempt or task["node"] != self.config.name or task["epoch"] != self.epoch:
+        if task.attempt != self.attempt or task.node != self.config.name or task.epoch != self.epoch:
             return None
-        if task["state"] == State.RUNNING:
+        if task.state == State.RUNNING:
             # Ours, yet no thread runs it (a report or a read failed after it
             # started): nobody will finish it here, so it goes back to the queue.
             new = requeue(task, f"runner {self.config.name} lost track of it", lost=False)
             lifecycle.move(self.store, rec, new, release=self.config.name, unassign=self.config.name,
                            fence=self._fence())
             return None
-        if task["state"] != State.ASSIGNED:
+        if task.state != State.ASSIGNED:
             return None
         logfile = {"ssh": self.agent.ssh_endpoint(), "path": self._remote(".log")}
         new = advance(task, State.RUNNING, f"started on {self.config.name}", logfile=logfile)
@@ -112,7 +112,7 @@ class Execution:
         return retry.while_leased(lambda: self.store.get(rec.key), self._lease_lost,
                                   f"read task {self.task_id}")
 
-    def _execute(self, task: dict) -> tuple[State, dict]:
+    def _execute(self, task: Task) -> tuple[State, dict]:
         """Run the container; returns the result and the fields to record."""
         client = self.agent.docker
         log_fd = outbox.create(self._local(".log"), self.agent.outbox_owner())
@@ -120,10 +120,10 @@ class Execution:
         try:
             if self._lease_lost():
                 raise Abandoned()
-            self.agent.images_in_use[self.task_id] = task["image"]["sha256"]
+            self.agent.images_in_use[self.task_id] = task.image["sha256"]
             started = time.time()
-            with self.agent.image_lock(task["image"]["sha256"]):
-                loaded = images.ensure_loaded(client, self.config.spool_dir, task["image"])
+            with self.agent.image_lock(task.image["sha256"]):
+                loaded = images.ensure_loaded(client, self.config.spool_dir, task.image)
             load_seconds = round(time.time() - started, 3) if loaded else 0.0
             if loaded:
                 self.agent.images_changed()
@@ -148,11 +148,11 @@ class Execution:
         fields["image_load_seconds"] = load_seconds
         return result, fields
 
-    def _container_args(self, task: dict) -> dict:
-        params = task["params"]
-        env = dict(params["env"])
+    def _container_args(self, task: Task) -> dict:
+        params = task.params
+        env = dict(params.env)
         args = {
-            "image": task["image"]["image_id"], "name": f"pink-{self.base}",
+            "image": task.image["image_id"], "name": f"pink-{self.base}",
             "labels": {**self.agent.labels(), "pink.task": self.task_id, "pink.attempt": str(self.attempt),
                        "pink.epoch": str(self.epoch)},
             "detach": True, "network_mode": self.config.network,
@@ -161,11 +161,11 @@ class Execution:
             "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"],
             "security_opt": ["no-new-privileges"], "privileged": False,
         }
-        if params.get("cmd"):
-            args["command"] = params["cmd"]
-        if params.get("entrypoint"):
-            args["entrypoint"] = params["entrypoint"]
-        args.update(self.agent.gpus.container_args(task.get("gpus") or [], env))
+        if params.cmd:
+            args["command"] = params.cmd
+        if params.entrypoint:
+            args["entrypoint"] = params.entrypoint
+        args.update(self.agent.gpus.container_args(task.gpus, env))
         args["environment"] = env
         return args
 
@@ -176,21 +176,21 @@ class Execution:
         except (DockerException, OSError, ValueError) as exc:  # ValueError: closed after the join timed out
             log.warning("task %s: log stream ended: %s", self.task_id, exc)
 
-    def _limits(self, task: dict) -> tuple[float, float, float]:
+    def _limits(self, task: Task) -> tuple[float, float, float]:
         """(allowed seconds, grace, deadline). The task's timeout is capped by
         the runner's maximum; the grace never exceeds half the allowed time."""
-        allowed = min(task["params"]["timeout"], self.config.max_run_seconds)
+        allowed = min(task.params.timeout, self.config.max_run_seconds)
         grace = min(self.config.stop_grace, allowed / 2)
-        return allowed, grace, task["timings"]["running"] + allowed
+        return allowed, grace, task.timings["running"] + allowed
 
-    def _wait(self, task: dict) -> tuple[State, dict]:
+    def _wait(self, task: Task) -> tuple[State, dict]:
         """Wait for the exit; SIGTERM at deadline - grace, SIGKILL at the deadline."""
         allowed, grace, deadline = self._limits(task)
         while True:
             status = self._exit_status()
             if status is not None:
                 break
-            task_now = self._read()
+            task_now = self._read(task)
             if self._lease_lost() or _moved_on(task_now, self.attempt):
                 self.container.kill()
                 raise Abandoned()
@@ -198,7 +198,7 @@ class Execution:
                 self._stop(max(0.0, deadline - time.time()))
                 return State.TIMED_OUT, {"exit_code": self._exit_status(),
                                          "error": f"timed out after {allowed:g}s"}
-            if task_now is None or task_now.get("cancel_requested"):
+            if task_now is None or task_now.cancel_requested:
                 self._stop(grace)
                 return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
             if self.agent.stopping:
@@ -218,29 +218,30 @@ class Execution:
         except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
             return None
 
-    def _read(self) -> dict | None:
-        """The task's record now; the last one seen when etcd cannot answer
-        (cut off from etcd, the lease check decides whether we go on)."""
+    def _read(self, started: Task) -> Task | None:
+        """The task's record now (None: removed); the last one seen, or the
+        one it `started` with, when etcd cannot answer (cut off from etcd, the
+        lease check decides whether we go on)."""
         try:
             rec = self.store.get(self.store.keys.task(self.task_id))
             self._seen = rec.value if rec else None
         except Unavailable:
             pass
-        return getattr(self, "_seen", {"state": State.RUNNING, "attempt": self.attempt})
+        return getattr(self, "_seen", started)
 
     def _export_info(self) -> dict:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),
                            "size": None}}
 
-    def _export(self, task: dict) -> dict:
+    def _export(self, task: Task) -> dict:
         fields = self._export_info()
         info = fields["export"]
         if self.container is None:
             return fields
-        suffix = ".tar.gz" if task["params"]["compression"] == "gzip" else ".tar.zst"
+        suffix = ".tar.gz" if task.params.compression == "gzip" else ".tar.zst"
         started = time.time()
         try:
-            size = export.export(self.container, task["params"]["output"], task["params"]["compression"],
+            size = export.export(self.container, task.params.output, task.params.compression,
                                  self._local(suffix), self.agent.outbox_owner())
         except (ValueError, OSError, DockerException) as exc:
             return {**fields, "export_error": str(exc)}
@@ -262,7 +263,7 @@ class Execution:
         current = self.store.get(rec.key)
         if current is not None and self._reported(current.value, fields):
             return
-        if current is None or current.value["state"] != State.RUNNING or current.value["attempt"] != self.attempt:
+        if current is None or current.value.state != State.RUNNING or current.value.attempt != self.attempt:
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
             return
         task = current.value
@@ -274,18 +275,17 @@ class Execution:
         if fields.get("export_error"):
             fields["error"] = fields.get("error") or fields["export_error"]
         detail = fields.get("error") or f"exit code {fields.get('exit_code')}"
-        load_seconds = fields.pop("image_load_seconds", None)
+        timings = {k: fields.pop(k) for k in TIMING_FIELDS if fields.get(k) is not None}
         new = exported(task, result, detail, **fields)
-        if load_seconds is not None:
-            new["timings"]["image_load_seconds"] = load_seconds  # 0: the image was cached
+        new.timings.update(timings)  # image_load_seconds 0: the image was cached
         if not lifecycle.move(self.store, current, new, release=self.config.name,
                               unassign=self.config.name, fence=self._fence()):
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
 
-    def _reported(self, task: dict, fields: dict) -> bool:
+    def _reported(self, task: Task, fields: dict) -> bool:
         """An earlier try committed this very result, though its answer was lost."""
-        return task["attempt"] == self.attempt and task["state"] == State.EXPORTED and \
-            task.get("export") == fields.get("export")
+        return task.attempt == self.attempt and task.state == State.EXPORTED and \
+            task.export == fields.get("export")
 
     def _report_quietly(self, rec: Record, result: State, fields: dict) -> None:
         try:
@@ -307,6 +307,9 @@ def _docker_message(exc: Exception) -> str:
     return str(exc)
 
 
-def _moved_on(task: dict | None, attempt: int) -> bool:
+TIMING_FIELDS = ("image_load_seconds", "export_seconds")  # reported with the result, kept in `timings`
+
+
+def _moved_on(task: Task | None, attempt: int) -> bool:
     """The record no longer says this attempt runs: somebody re-queued it."""
-    return task is not None and (task["state"] != State.RUNNING or task["attempt"] != attempt)
+    return task is not None and (task.state != State.RUNNING or task.attempt != attempt)

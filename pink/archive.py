@@ -22,6 +22,7 @@ import pymysql
 
 from pink import db
 from pink.errors import BadRequest, Unavailable
+from pink.tasks import Task
 
 _schema_ready: set[tuple] = set()  # databases this process has brought up to date
 
@@ -48,7 +49,7 @@ def archived_attempt(conn, task_id: str) -> int | None:
     return row["attempt"] if row else None
 
 
-def archive_task(conn, record: dict, logs: bytes, expires_at: float | None = None,
+def archive_task(conn, task: Task, logs: bytes, expires_at: float | None = None,
                  deleted: bool = False) -> bool:
     """Insert the task's row, logs and events in one transaction.
 
@@ -56,28 +57,24 @@ def archive_task(conn, record: dict, logs: bytes, expires_at: float | None = Non
     attempt finalized twice (or a finalize that crashed before removing the
     task from etcd) must not rewrite what users may have seen or deleted.
     """
-    t = record.get("timings") or {}
-    output = record.get("output") or {}
-    finished = t.get(record["state"])
+    t = task.timings
+    output = task.output or {}
     now = time.time()
-    row = (record["id"], record["user"], record["name"], record["state"], record["attempt"],
-           record.get("node"), record.get("exit_code"), record.get("error"),
-           record["image"]["sha256"], record["image"]["size"], output.get("size"),
-           json.dumps(record.get("gpus") or []), len(record.get("gpus") or []),
-           t.get("submitted", record.get("created_at")), t.get("running"), t.get("exported"), finished,
+    row = (task.id, task.user, task.name, task.state.value, task.attempt, task.node, task.exit_code, task.error,
+           task.image["sha256"], task.image["size"], output.get("size"), json.dumps(task.gpus), len(task.gpus),
+           t.get("submitted", task.created_at), t.get("running"), t.get("exported"), t.get(task.state.value),
            output.get("host"), output.get("path"), expires_at,
-           record.get("logs_truncated", 0), now if deleted else None, now if deleted else None,
-           json.dumps(record))
+           task.logs_truncated, now if deleted else None, now if deleted else None, json.dumps(task.to_json()))
     try:
-        return _insert(conn, record, logs, row, deleted)
+        return _insert(conn, task, logs, row, deleted)
     except pymysql.err.IntegrityError:  # another finalize inserted it first
         conn.rollback()
         return False
 
 
-def _insert(conn, record: dict, logs: bytes, row: tuple, deleted: bool) -> bool:
+def _insert(conn, task: Task, logs: bytes, row: tuple, deleted: bool) -> bool:
     with conn.cursor() as cur:
-        cur.execute("SELECT attempt FROM tasks WHERE id=%s FOR UPDATE", (record["id"],))
+        cur.execute("SELECT attempt FROM tasks WHERE id=%s FOR UPDATE", (task.id,))
         if cur.fetchone():
             conn.rollback()
             return False
@@ -88,9 +85,9 @@ def _insert(conn, record: dict, logs: bytes, row: tuple, deleted: bool) -> bool:
             "deleted_at, expired_at, record) "
             "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", row)
         if not deleted:
-            cur.execute("INSERT INTO task_logs (task_id, logs) VALUES (%s,%s)", (record["id"], logs))
+            cur.execute("INSERT INTO task_logs (task_id, logs) VALUES (%s,%s)", (task.id, logs))
         cur.executemany("INSERT INTO task_events (task_id, at, state, detail) VALUES (%s,%s,%s,%s)",
-                        [(record["id"], at, state, detail) for at, state, detail in record["history"]])
+                        [(task.id, at, state, detail) for at, state, detail in task.history])
     conn.commit()
     return True
 
@@ -112,15 +109,15 @@ def connection(db_config) -> Iterator:
         conn.close()
 
 
-def _with_columns(row: dict) -> dict:
+def _with_columns(row: dict) -> Task:
     """The archived record, with what changed after archiving (expiry)."""
-    record = json.loads(row["record"])
-    record["expires_at"] = row.get("expires_at")
-    record["expired_at"] = row.get("expired_at")
-    return record
+    task = Task.from_json(json.loads(row["record"]))
+    task.expires_at = row.get("expires_at")
+    task.expired_at = row.get("expired_at")
+    return task
 
 
-def get_record(conn, task_id: str) -> dict | None:
+def get_record(conn, task_id: str) -> Task | None:
     row = _one(conn, "SELECT record, expires_at, expired_at FROM tasks WHERE id=%s AND deleted_at IS NULL",
                (task_id,))
     return _with_columns(row) if row else None
@@ -169,9 +166,9 @@ class Cursor:
             raise BadRequest("cursor is not one this server gave out; start again without it",
                              code="bad_param") from None
 
-    def after(self, task: dict) -> bool:
+    def after(self, task: Task) -> bool:
         """Does `task` come after this cursor (older, or the same time and a lower id)?"""
-        return (task["created_at"], task["id"]) < (self.submitted, self.task_id)
+        return (task.created_at, task.id) < (self.submitted, self.task_id)
 
 
 @dataclass(frozen=True)
@@ -186,17 +183,17 @@ class Query:
     limit: int = DEFAULT_PAGE
     cursor: Cursor | None = None
 
-    def matches(self, task: dict) -> bool:
+    def matches(self, task: Task) -> bool:
         """The same filter, applied to a live task."""
-        return ((self.user is None or task["user"] == self.user)
-                and (self.state is None or task["state"] == self.state)
-                and (not self.name or self.name.lower() in task["name"].lower())
-                and (self.since is None or task["created_at"] >= self.since)
-                and (self.until is None or task["created_at"] < self.until)
+        return ((self.user is None or task.user == self.user)
+                and (self.state is None or task.state == self.state)
+                and (not self.name or self.name.lower() in task.name.lower())
+                and (self.since is None or task.created_at >= self.since)
+                and (self.until is None or task.created_at < self.until)
                 and (self.cursor is None or self.cursor.after(task)))
 
 
-def page(conn, query: Query) -> list[dict]:
+def page(conn, query: Query) -> list[Task]:
     """Up to limit + 1 archived tasks matching `query`, newest first."""
     sql, args = page_statement(query)
     with conn.cursor() as cur:

@@ -9,12 +9,13 @@ every door applies the same ones. A task lives in etcd until it is archived
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from pink import archive, lifecycle, nodes
 from pink.config import Config
 from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests
 from pink.store import Record, Store
-from pink.tasks import NOT_STARTED, State, exported
+from pink.tasks import NOT_STARTED, State, Task, exported
 
 
 def visible_user(caller_name: str, admin: bool, wanted: str | None) -> str | None:
@@ -27,7 +28,7 @@ def visible_user(caller_name: str, admin: bool, wanted: str | None) -> str | Non
     return caller_name
 
 
-def history_page(store: Store, conn, query: archive.Query) -> tuple[list[dict], str | None]:
+def history_page(store: Store, conn, query: archive.Query) -> tuple[list[Task], str | None]:
     """One page of tasks, newest first, and the cursor of the next (None at the end).
 
     Live tasks (etcd) and the archive (MariaDB) are ordered by (submitted,
@@ -37,13 +38,13 @@ def history_page(store: Store, conn, query: archive.Query) -> tuple[list[dict], 
     an index; the live tasks are the queue, not the history.
     """
     live = [r.value for r in store.list(store.keys.tasks)]
-    live_ids = {t["id"] for t in live}
-    archived = [t for t in archive.page(conn, query) if t["id"] not in live_ids]
+    live_ids = {t.id for t in live}
+    archived = [t for t in archive.page(conn, query) if t.id not in live_ids]
     matching = [t for t in live if query.matches(t)]
-    ordered = sorted(matching + archived, key=lambda t: (t["created_at"], t["id"]), reverse=True)
+    ordered = sorted(matching + archived, key=lambda t: (t.created_at, t.id), reverse=True)
     page = ordered[:query.limit]
     more = len(ordered) > query.limit
-    return page, archive.Cursor(page[-1]["created_at"], page[-1]["id"]).encode() if more else None
+    return page, archive.Cursor(page[-1].created_at, page[-1].id).encode() if more else None
 
 
 def check_submit(store: Store, config: Config, user: str, gpus: int, size: int) -> None:
@@ -58,7 +59,7 @@ def _check_satisfiable(store: Store, gpus: int) -> None:
     With no runner registered at all, the task is accepted and waits (a
     lab's runners may all be restarting).
     """
-    largest = max((len(n.get("gpus") or []) for n in nodes.view(store)), default=None)
+    largest = max((len(n.gpus) for n in nodes.view(store)), default=None)
     if largest is not None and gpus > largest:
         raise BadRequest(f"no runner has {gpus} GPUs; the largest has {largest}", code="unsatisfiable")
 
@@ -72,18 +73,18 @@ def _check_user_limits(store: Store, config: Config, user: str, size: int) -> No
     limits = config.limits
     if not (limits.queued_per_user or limits.upload_bytes_per_user):
         return
-    live = [r.value for r in store.list(store.keys.tasks) if r.value["user"] == user]
-    queued = sum(1 for t in live if t["state"] == State.QUEUED)
+    live = [r.value for r in store.list(store.keys.tasks) if r.value.user == user]
+    queued = sum(1 for t in live if t.state == State.QUEUED)
     if limits.queued_per_user and queued >= limits.queued_per_user:
         raise TooManyRequests(f"user limit: {queued} tasks queued (limit {limits.queued_per_user}); "
                               "wait for some to start")
-    held = sum(t["image"]["size"] for t in live)
+    held = sum(t.image["size"] for t in live)
     if limits.upload_bytes_per_user and held + size > limits.upload_bytes_per_user:
         raise TooManyRequests(f"user limit: your live tasks hold {held} bytes of images and this one "
                               f"adds {size} (limit {limits.upload_bytes_per_user})")
 
 
-def cancel(store: Store, rec: Record) -> dict:
+def cancel(store: Store, rec: Record) -> Task:
     """Ask a live task to end; returns its record after the request.
 
     A task that has not started ends at once; a running one is asked to stop
@@ -92,42 +93,41 @@ def cancel(store: Store, rec: Record) -> dict:
     """
     for _ in range(20):
         task = rec.value
-        state = State(task["state"])
-        if state in NOT_STARTED:
+        if task.state in NOT_STARTED:
             new = exported(task, State.CANCELLED, "cancelled before it started",
                            error="cancelled before it started", cancel_requested=True)
-            if lifecycle.move(store, rec, new, release=task["node"], unassign=task["node"]):
+            if lifecycle.move(store, rec, new, release=task.node, unassign=task.node):
                 return new
-        elif state == State.RUNNING and not task["cancel_requested"]:
-            new = {**task, "cancel_requested": True}
+        elif task.state == State.RUNNING and not task.cancel_requested:
+            new = replace(task, cancel_requested=True)
             if store.txn().expect(rec).put(rec.key, new).commit():
                 return new
-        elif state == State.EXPORTED and not task.get("delete_requested"):
-            new = {**task, "delete_requested": True}
+        elif task.state == State.EXPORTED and not task.delete_requested:
+            new = replace(task, delete_requested=True)
             if store.txn().expect(rec).put(rec.key, new).commit():
                 return new
         else:
             return task
         rec = store.get(rec.key)
         if rec is None:
-            raise NotFound(f"task {task['id']} has just finished; delete it again", code="finished")
+            raise NotFound(f"task {task.id} has just finished; delete it again", code="finished")
     raise Conflict("the task kept changing; try again")
 
 
-def delete_archived(conn, config: Config, task: dict) -> None:
+def delete_archived(conn, config: Config, task: Task) -> None:
     """Delete a finished task: its row is hidden, its logs and output go.
 
     The output file is removed here when this host holds it; otherwise the
     retention sweep on its host removes it (the row is marked expired).
     """
-    output = task.get("output") or {}
+    output = task.output or {}
     path = output.get("path")
     if output.get("host") == config.host and path and inside(path, config.web.output_dir):
         try:
             os.remove(path)
         except FileNotFoundError:
             pass
-    archive.mark_deleted(conn, task["id"])
+    archive.mark_deleted(conn, task.id)
 
 
 def inside(path: str, directory: str) -> bool:

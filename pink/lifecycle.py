@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pink.errors import Unavailable
 from pink.store import Record, Store
+from pink.tasks import Task
 
 
 MAX_TXN_COMPARES = 120  # comparisons in one transaction: etcd allows 128 (--max-txn-ops)
@@ -25,11 +26,11 @@ class Placement:
     """One task placed on a node: its record as read, the placed record, its reservation."""
 
     rec: Record
-    new: dict
+    new: Task
     entry: dict
 
 
-def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
+def move(store: Store, rec: Record, new: Task, *, release: str | None = None,
          fence: tuple[str, int] | None = None,
          assign: dict | None = None, assign_lease: int = 0, unassign: str | None = None,
          attempts: int = 50) -> bool:
@@ -37,10 +38,10 @@ def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
 
     release: node whose reservation for this task is dropped.
     fence: (key, create_revision) that must still be the same incarnation.
-    assign / unassign: assignment key to write (for new["node"]) / node to delete it for.
+    assign / unassign: assignment key to write (for new.node) / node to delete it for.
     """
     keys = store.keys
-    task_id = new["id"]
+    task_id = new.id
     for _ in range(attempts):
         txn = store.txn().expect(rec).put(rec.key, new)
         if fence:
@@ -48,7 +49,7 @@ def move(store: Store, rec: Record, new: dict, *, release: str | None = None,
         if release:
             _release(store, txn, release, task_id)
         if assign is not None:
-            txn.put(keys.assignment(new["node"], task_id), assign, assign_lease)
+            txn.put(keys.assignment(new.node, task_id), assign, assign_lease)
         if unassign:
             txn.delete(keys.assignment(unassign, task_id))
         if txn.commit():
@@ -107,7 +108,7 @@ def place(store: Store, batches: list[NodeBatch], fence: tuple[str, int]) -> boo
         entries = dict(batch.alloc.value) if batch.alloc else {}
         for p in batch.placements:
             txn.expect(p.rec).put(p.rec.key, p.new)
-            entries[p.new["id"]] = p.entry
+            entries[p.new.id] = p.entry
         txn.put(key, entries)
     return txn.commit()
 
@@ -127,7 +128,7 @@ def retire(store: Store, rec: Record) -> Record | None:
         current = store.get(rec.key)
         if current is None:
             return rec
-        if current.value["attempt"] != rec.value["attempt"] or current.value["state"] != rec.value["state"]:
+        if current.value.attempt != rec.value.attempt or current.value.state != rec.value.state:
             return None
         rec = current
     raise Unavailable(f"could not remove task {rec.key} from etcd: it kept changing")

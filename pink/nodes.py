@@ -11,6 +11,8 @@ and the runner (which stops its containers when told to stop).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from pink import lifecycle
 from pink.errors import BadRequest
@@ -22,28 +24,50 @@ READY, DRAINING, STOPPED = "ready", "draining", "stopped"
 WAITING_THERE = {State.PLACED, State.TRANSFERRED, State.ASSIGNED}
 
 
+@dataclass
+class NodeView:
+    """A runner as placement, the leader and the API see it: what it
+    registered, its epoch (the node key's create_revision, which changes when
+    the runner restarts), the operator's state and its reservations."""
+
+    name: str
+    epoch: int
+    state: str = READY  # READY, DRAINING or STOPPED (`/pink/control/<name>`)
+    tasks: list[str] = field(default_factory=list)  # ids holding a reservation there
+    gpus: list[str] = field(default_factory=list)  # GPU uuids
+    max_containers: int = 1
+    images: list[str] = field(default_factory=list)  # archive sha256s it has loaded
+    spool_free: int | None = None  # bytes free in its spool (None: not reported)
+    spool_images: int = 0
+    max_spool_images: int | None = None
+    lease: int = 0
+    record: dict[str, Any] = field(default_factory=dict)  # the runner's record as registered (ssh, inventory)
+
+    @classmethod
+    def of(cls, rec: Record, wish: dict | None = None, alloc: dict | None = None) -> "NodeView":
+        node = rec.value
+        return cls(name=node["name"], epoch=rec.create_revision, lease=rec.lease,
+                   state=(wish or {}).get("state", READY), tasks=sorted(alloc or {}),
+                   gpus=list(node.get("gpus") or []), max_containers=node.get("max_containers", 1),
+                   images=list(node.get("images") or []), spool_free=node.get("spool_free"),
+                   spool_images=node.get("spool_images", 0), max_spool_images=node.get("max_spool_images"),
+                   record=node)
+
+
 def controls(store: Store) -> dict[str, dict]:
     return {r.key.rsplit("/", 1)[1]: r.value for r in store.list(store.keys.controls)}
 
 
-def view(store: Store) -> list[dict]:
+def view(store: Store) -> list[NodeView]:
     """Live runners with their epoch, operator state and reservations."""
     wishes = controls(store)
     allocs = {r.key.rsplit("/", 1)[1]: r.value for r in store.list(store.keys.allocs)}
     return merge(store.list(store.keys.nodes), wishes, allocs)
 
 
-def merge(records: list[Record], wishes: dict[str, dict], allocs: dict[str, dict]) -> list[dict]:
+def merge(records: list[Record], wishes: dict[str, dict], allocs: dict[str, dict]) -> list[NodeView]:
     """`view` from records already read (the leader's mirror)."""
-    out = []
-    for rec in records:
-        node = dict(rec.value)
-        node["epoch"] = rec.create_revision
-        node["lease"] = rec.lease
-        node["state"] = wishes.get(node["name"], {}).get("state", READY)
-        node["tasks"] = sorted(allocs.get(node["name"], {}))
-        out.append(node)
-    return out
+    return [NodeView.of(rec, wishes.get(rec.value["name"]), allocs.get(rec.value["name"])) for rec in records]
 
 
 def control_state(store: Store, name: str) -> str:
@@ -69,7 +93,7 @@ def move_waiting_off(store: Store, name: str) -> int:
     moved = 0
     for rec in store.list(store.keys.tasks):
         task = rec.value
-        if task.get("node") != name or State(task["state"]) not in WAITING_THERE:
+        if task.node != name or task.state not in WAITING_THERE:
             continue
         new = requeue(task, f"moved off node {name} by an operator", lost=False)
         if lifecycle.move(store, rec, new, release=name, unassign=name):

@@ -14,7 +14,7 @@ from its pass over the queue, and enqueues the transfer of each it placed.
 
 from __future__ import annotations
 
-from pink.tasks import State, exported, requeue, retries_left
+from pink.tasks import State, Task, exported, requeue, retries_left
 
 # The job each state needs; states absent here wait on the leader (queued)
 # or on a runner.
@@ -24,19 +24,19 @@ STAGE_FOR = {State.PLACED: "transfer", State.TRANSFERRED: "run", State.EXPORTED:
 GIVES_UP = {"transfer", "run"}
 
 
-def stage_for(task: dict) -> str | None:
-    return STAGE_FOR.get(State(task["state"]))
+def stage_for(task: Task) -> str | None:
+    return STAGE_FOR.get(task.state)
 
 
-def after_loss(task: dict, why: str, max_attempts: int, lost: bool = True) -> dict:
+def after_loss(task: Task, why: str, max_attempts: int, lost: bool = True) -> Task:
     """The record for a task whose runner (or export) is gone.
 
     A task its user cancelled ends `cancelled`: running it again would undo
     the cancel. Others go back to the queue while attempts are left (`lost`
     False: an operator moved it, which does not count), then end `failed`.
     """
-    if task.get("cancel_requested"):
+    if task.cancel_requested:
         return exported(task, State.CANCELLED, f"cancelled; {why}", error="cancelled")
     if not lost or retries_left(task, max_attempts):
         return requeue(task, why, lost=lost)
-    return exported(task, State.FAILED, why, error=f"{why}; gave up after {task['attempt']} attempts")
+    return exported(task, State.FAILED, why, error=f"{why}; gave up after {task.attempt} attempts")

@@ -19,6 +19,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pink.nodes import READY, NodeView
+from pink.tasks import Task
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -26,9 +29,9 @@ class Choice:
     gpus: list[str]
 
 
-def free_gpus(node: dict, alloc: dict) -> list[str]:
+def free_gpus(node: NodeView, alloc: dict) -> list[str]:
     used = {gpu for entry in alloc.values() for gpu in entry.get("gpus", [])}
-    return [gpu for gpu in node.get("gpus", []) if gpu not in used]
+    return [gpu for gpu in node.gpus if gpu not in used]
 
 
 @dataclass
@@ -119,18 +122,16 @@ class Capacity:
     those (the common case of a full cluster with a long queue).
     """
 
-    def __init__(self, nodes: list[dict], allocs: dict[str, dict]):
+    def __init__(self, nodes: list[NodeView], allocs: dict[str, dict]):
         self.runners: dict[str, _Runner] = {}
         for n in nodes:
-            if n.get("state", "ready") != "ready":
+            if n.state != READY:
                 continue
-            alloc = allocs.get(n["name"], {})
-            self.runners[n["name"]] = _Runner(
-                name=n["name"], free=free_gpus(n, alloc), used=len(alloc),
-                slots=max(n.get("max_containers", 1), 1), images=set(n.get("images", [])),
-                spool_free=n.get("spool_free"),
-                spool_room=(n["max_spool_images"] - n.get("spool_images", 0)) if n.get("max_spool_images")
-                else None)
+            alloc = allocs.get(n.name, {})
+            self.runners[n.name] = _Runner(
+                name=n.name, free=free_gpus(n, alloc), used=len(alloc), slots=max(n.max_containers, 1),
+                images=set(n.images), spool_free=n.spool_free,
+                spool_room=(n.max_spool_images - n.spool_images) if n.max_spool_images else None)
         self.every = _Pool(self.runners, self.runners.values())
         self.holding: dict[str, _Pool] = {}  # image sha256 -> the runners holding it (built when asked)
         self.everywhere: set[str] = set()  # images every runner holds: `every` is their pool
@@ -147,13 +148,13 @@ class Capacity:
             self.holding[sha] = _Pool(self.runners, holders)
         return self.holding[sha]
 
-    def choose(self, task: dict) -> Choice | None:
+    def choose(self, task: Task) -> Choice | None:
         """The best runner for `task`: holding its image, then least loaded."""
-        want = task["params"]["gpus"]
+        want = task.params.gpus
         if self._fails_from is not None and want >= self._fails_from:
             return None
-        size = task["image"]["size"]
-        best = (self._holders(task["image"]["sha256"]).best(want)
+        size = task.image["size"]
+        best = (self._holders(task.image["sha256"]).best(want)
                 or self.every.best(want, lambda r: r.spool_fits(size)))
         if best is None:
             if self.every.best(want) is None:  # not a matter of this image's size: nothing that big is free
@@ -161,15 +162,15 @@ class Capacity:
             return None
         return Choice(node=best.name, gpus=best.free[:want])
 
-    def take(self, choice: Choice, task: dict) -> None:
+    def take(self, choice: Choice, task: Task) -> None:
         r = self.runners[choice.node]
         taken = set(choice.gpus)
         r.free = [g for g in r.free if g not in taken]
         r.used += 1
-        sha = task["image"]["sha256"]
+        sha = task.image["sha256"]
         if sha not in r.images:
             if r.spool_free is not None:
-                r.spool_free -= task["image"]["size"]
+                r.spool_free -= task.image["size"]
             if r.spool_room is not None:
                 r.spool_room -= 1
             r.images.add(sha)
@@ -183,31 +184,30 @@ class Capacity:
             pool.push(r)
 
 
-def choose(task: dict, nodes: list[dict], allocs: dict[str, dict]) -> Choice | None:
+def choose(task: Task, nodes: list[NodeView], allocs: dict[str, dict]) -> Choice | None:
     """The best runner for `task` given the current reservations, or None."""
     return Capacity(nodes, allocs).choose(task)
 
 
-def why_waiting(task: dict, nodes: list[dict]) -> str:
+def why_waiting(task: Task, nodes: list[NodeView]) -> str:
     """A sentence for people saying why no runner fits."""
-    want = task["params"]["gpus"]
-    ready = [n for n in nodes if n.get("state", "ready") == "ready"]
+    want = task.params.gpus
+    ready = [n for n in nodes if n.state == READY]
     if not nodes:
         return "no runner is registered"
     if not ready:
         return "no runner is accepting tasks"
-    if not any(len(n.get("gpus", [])) >= want for n in ready):
+    if not any(len(n.gpus) >= want for n in ready):
         return f"no runner has {want} GPUs"
     if not any(_spool_could_fit(n, task) for n in ready):
         return "no runner has room in its spool for this image"
     return f"no runner with {want} free GPUs" if want else "every runner is full"
 
 
-def _spool_could_fit(node: dict, task: dict) -> bool:
-    if task["image"]["sha256"] in node.get("images", []):
+def _spool_could_fit(node: NodeView, task: Task) -> bool:
+    if task.image["sha256"] in node.images:
         return True
-    free = node.get("spool_free")
-    return free is None or task["image"]["size"] <= free
+    return node.spool_free is None or task.image["size"] <= node.spool_free
 
 
 @dataclass(frozen=True)
@@ -231,12 +231,12 @@ class Plan:
         return waiting.index(task_id) + 1 if task_id in self.waiting else None
 
 
-def queue_key(task: dict) -> tuple:
+def queue_key(task: Task) -> tuple:
     """FIFO within a priority (higher first)."""
-    return (-task["params"].get("priority", 0), task["created_at"], task["id"])
+    return (-task.params.priority, task.created_at, task.id)
 
 
-def plan(queued: list[dict], nodes: list[dict], allocs: dict[str, dict], in_use: dict[str, int],
+def plan(queued: list[Task], nodes: list[NodeView], allocs: dict[str, dict], in_use: dict[str, int],
          limits: Limits = Limits()) -> Plan:
     """Serve the queue as one scheduler would, without side effects.
 
@@ -247,9 +247,9 @@ def plan(queued: list[dict], nodes: list[dict], allocs: dict[str, dict], in_use:
     """
     capacity = Capacity(nodes, allocs)
     in_use = dict(in_use)
-    queues: dict[str, list[dict]] = defaultdict(list)
+    queues: dict[str, list[Task]] = defaultdict(list)
     for task in sorted(queued, key=queue_key, reverse=True):
-        queues[task["user"]].append(task)  # reversed: pop() takes the head
+        queues[task.user].append(task)  # reversed: pop() takes the head
 
     def turn(user: str) -> tuple:  # who goes next: priority, then fewest GPUs held, then FIFO
         head = queue_key(queues[user][-1])
@@ -262,18 +262,18 @@ def plan(queued: list[dict], nodes: list[dict], allocs: dict[str, dict], in_use:
     while turns:
         user = heapq.heappop(turns)[1]
         task = queues[user].pop()
-        result.order.append(task["id"])
-        want = task["params"]["gpus"]
+        result.order.append(task.id)
+        want = task.params.gpus
         limit = limits.gpus_per_user
         if want and limit is not None and in_use.get(user, 0) + want > limit:
-            result.waiting[task["id"]] = f"user limit: {in_use.get(user, 0)} GPUs in use (limit {limit})"
+            result.waiting[task.id] = f"user limit: {in_use.get(user, 0)} GPUs in use (limit {limit})"
         elif (choice := capacity.choose(task)) is None:
-            why = (want, task["image"]["sha256"], task["image"]["size"])  # all a reason depends on
+            why = (want, task.image["sha256"], task.image["size"])  # all a reason depends on
             if why not in reasons:
                 reasons[why] = why_waiting(task, nodes)
-            result.waiting[task["id"]] = reasons[why]
+            result.waiting[task.id] = reasons[why]
         else:
-            result.choices[task["id"]] = choice
+            result.choices[task.id] = choice
             capacity.take(choice, task)
             in_use[user] = in_use.get(user, 0) + want
         if queues[user]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pink import nodes, placement
 from pink.store import Keys, Record, Store
-from pink.tasks import ON_RUNNER, State
+from pink.tasks import ON_RUNNER, State, Task
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Snapshot:
     tasks: list[Record]
     nodes: dict[str, Record]  # runner records by name (their create_revision is the epoch)
     allocs: dict[str, Record]  # reservations by runner name
-    live: list[dict]  # `nodes.view`: runners with epoch, operator state and reservations
+    live: list[nodes.NodeView]  # runners with epoch, operator state and reservations
 
     @classmethod
     def of(cls, keys: Keys, parts: dict[str, list[Record]]) -> "Snapshot":
@@ -48,16 +48,16 @@ def snapshot(store: Store) -> Snapshot:
     return Snapshot.of(keys, parts)
 
 
-def gpus_in_use(tasks: list[dict]) -> dict[str, int]:
+def gpus_in_use(tasks: list[Task]) -> dict[str, int]:
     held = Counter()
     for task in tasks:
-        if State(task["state"]) in ON_RUNNER:
-            held[task["user"]] += len(task.get("gpus") or [])
+        if task.state in ON_RUNNER:
+            held[task.user] += len(task.gpus)
     return dict(held)
 
 
 def plan(config, snap: Snapshot) -> placement.Plan:
     tasks = [r.value for r in snap.tasks]
-    queued = [t for t in tasks if t["state"] == State.QUEUED]
+    queued = [t for t in tasks if t.state == State.QUEUED]
     return placement.plan(queued, snap.live, {n: r.value for n, r in snap.allocs.items()}, gpus_in_use(tasks),
                           limits(config))

@@ -22,6 +22,7 @@ from pyetcd import exceptions as etcd_exc
 from pyetcd.events import DeleteEvent
 
 from pink.errors import Unavailable
+from pink.tasks import Task
 
 
 class Keys:
@@ -93,6 +94,11 @@ ENDPOINT_RETRY = 1.0  # seconds before an endpoint that failed is tried again
 LEASE_MARGIN = 0.8  # fraction of a TTL without a successful refresh after which a lease counts as lost
 
 
+def encode(value: Any) -> str:
+    """JSON for etcd; typed records (`Task`) give their JSON shape."""
+    return json.dumps(value.to_json() if isinstance(value, Task) else value, sort_keys=True)
+
+
 def _guard(fn):
     """Translate the client's errors into PINK's `Unavailable` at one boundary."""
 
@@ -138,8 +144,7 @@ class Txn:
         return self
 
     def put(self, key: str, value: Any, lease: int = 0) -> "Txn":
-        self._ops.append(self._store._client.transactions.put(
-            key, json.dumps(value, sort_keys=True), lease=lease or None))
+        self._ops.append(self._store._client.transactions.put(key, encode(value), lease=lease or None))
         return self
 
     def delete(self, key: str) -> "Txn":
@@ -231,11 +236,15 @@ class Store:
 
     # -- reading ---------------------------------------------------------
 
-    @staticmethod
-    def _record(value: bytes, meta) -> Record:
-        return Record(key=meta.key.decode(), value=json.loads(value),
-                      mod_revision=meta.mod_revision, create_revision=meta.create_revision,
-                      lease=meta.lease_id)
+    def _decode(self, key: str, raw: bytes) -> Any:
+        """The value of `key`: a `Task` under the tasks prefix, plain JSON elsewhere."""
+        value = json.loads(raw)
+        return Task.from_json(value) if key.startswith(self.keys.tasks) else value
+
+    def _record(self, value: bytes, meta) -> Record:
+        key = meta.key.decode()
+        return Record(key=key, value=self._decode(key, value), mod_revision=meta.mod_revision,
+                      create_revision=meta.create_revision, lease=meta.lease_id)
 
     @_guard
     def get(self, key: str) -> Record | None:
@@ -260,8 +269,9 @@ class Store:
             resp = self._client.get_range_response(start, end, sort_order="ascend", sort_target="key",
                                                    limit=LIST_PAGE, revision=revision)
             revision = revision or resp.header.revision
-            out += [Record(key=kv.key.decode(), value=json.loads(kv.value), mod_revision=kv.mod_revision,
-                           create_revision=kv.create_revision, lease=kv.lease) for kv in resp.kvs]
+            out += [Record(key=(key := kv.key.decode()), value=self._decode(key, kv.value),
+                           mod_revision=kv.mod_revision, create_revision=kv.create_revision, lease=kv.lease)
+                    for kv in resp.kvs]
             if not resp.more or not resp.kvs:
                 return out, revision
             start = resp.kvs[-1].key + b"\0"
@@ -278,23 +288,6 @@ class Store:
     def create(self, key: str, value: Any, lease: int = 0) -> bool:
         """Put a record only if the key does not exist yet."""
         return self.txn().expect(key, 0).put(key, value, lease).commit()
-
-    def update(self, key: str, change: Callable[[Any], Any], attempts: int = 50) -> Record | None:
-        """Apply `change` to the record with a CAS loop; None if the key is gone.
-
-        `change` gets a copy of the value and returns the new value, or None to
-        leave the record as it is.
-        """
-        for _ in range(attempts):
-            record = self.get(key)
-            if record is None:
-                return None
-            new = change(json.loads(json.dumps(record.value)))
-            if new is None:
-                return record
-            if self.txn().expect(record).put(key, new, record.lease).commit():
-                return self.get(key)
-        raise Unavailable(f"could not update {key}: too much contention")
 
     @_guard
     def delete(self, key: str) -> None:
@@ -430,7 +423,7 @@ class Mirror:
             for event in response.events:
                 key = event.key.decode()
                 rec = None if isinstance(event, DeleteEvent) else Record(
-                    key=key, value=json.loads(event.value), mod_revision=event.mod_revision,
+                    key=key, value=self._store._decode(key, event.value), mod_revision=event.mod_revision,
                     create_revision=event.create_revision, lease=event.lease)
                 changed |= self._hold(key, rec)
             self._cond.notify_all()

@@ -1,8 +1,10 @@
-"""The task: its record in etcd (`/pink/tasks/<id>`), states and transitions.
+"""The task: its record (`Task`), states and transitions.
 
-A task is one JSON record. Every actor moves it with `advance()`, which checks
-the transition is allowed and appends to the record's history (the audit
-trail the finalizer archives), then commits it as a compare-and-swap through
+A task is one `Task`; `pink.store` turns it into the JSON etcd holds and back,
+the archive and the API do the same at their ends, and nothing else sees
+JSON. Every actor moves a task with `advance()`, which checks the transition
+is allowed and appends to the record's history (the audit trail the
+finalizer archives), then commits it as a compare-and-swap through
 `pink.store`. Called by the web API, queue jobs, the leader and runners.
 """
 
@@ -12,8 +14,9 @@ import os
 import secrets
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
+from typing import Any
 
 from pink import defaults
 from pink.errors import BadRequest, Conflict
@@ -123,69 +126,114 @@ def spool_file(spool_dir: str, task_id: str) -> str:
     return os.path.join(spool_dir, f"{task_id}.tar")
 
 
-def new_record(task_id: str, user: str, params: Params, image: dict, web_host: str) -> dict:
+@dataclass
+class Task:
+    """A task as etcd holds it (`/pink/tasks/<id>`) and the archive keeps it.
+
+    `image` is what the upload's inspection found (sha256, size, image_id,
+    repo_tags, layout); `output` where finalize stored the export (host, path,
+    size, stored) and `export` where the runner left it; `timings` maps each
+    state to when it was entered. Keys this version does not know are kept in
+    `extra`, so a record written by a newer PINK survives an older one moving it.
+    """
+
+    id: str
+    user: str
+    name: str
+    state: State
+    attempt: int
+    created_at: float
+    updated_at: float
+    image: dict[str, Any]
+    params: Params
+    web_host: str
+    node: str | None = None
+    epoch: int | None = None  # the runner's incarnation (its node key's create_revision) when placed
+    gpus: list[str] = field(default_factory=list)
+    result: str | None = None  # the final state an `exported` task will take
+    exit_code: int | None = None
+    error: str | None = None
+    export_error: str | None = None
+    waiting: str | None = None
+    export: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    logfile: dict[str, Any] | None = None  # where the runner writes the log: ssh endpoint and path
+    logs_truncated: int = 0  # bytes of the log's start left out of the archive
+    cancel_requested: bool = False
+    delete_requested: bool = False
+    job_failures: dict[str, int] = field(default_factory=dict)
+    losses: int = 0  # attempts lost with their runner (an operator's moves do not count)
+    timings: dict[str, float] = field(default_factory=dict)
+    history: list[list] = field(default_factory=list)
+    expires_at: float | None = None  # archived tasks: when the output and logs go
+    expired_at: float | None = None  # archived tasks: when they went
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Task":
+        known = _TASK_FIELDS
+        values = {k: v for k, v in data.items() if k in known}
+        values["state"] = State(data["state"])
+        values["params"] = Params(**{k: v for k, v in data["params"].items() if k in _PARAM_FIELDS})
+        for key in ("job_failures", "timings"):
+            values[key] = values.get(key) or {}
+        values["gpus"] = values.get("gpus") or []
+        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+
+    def to_json(self) -> dict:
+        out = {f: getattr(self, f) for f in _TASK_FIELDS}
+        out["state"] = self.state.value
+        out["params"] = asdict(self.params)
+        return {**self.extra, **out}
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+
+_TASK_FIELDS = frozenset(f.name for f in fields(Task)) - {"extra"}
+_PARAM_FIELDS = frozenset(f.name for f in fields(Params))
+
+
+def new_record(task_id: str, user: str, params: Params, image: dict, web_host: str) -> Task:
     t = now()
-    return {
-        "id": task_id, "name": params.name or task_id, "user": user,
-        "state": State.QUEUED.value, "attempt": 1,
-        "created_at": t, "updated_at": t,
-        "image": image, "params": params.__dict__.copy(),
-        "web_host": web_host,
-        "node": None, "epoch": None, "gpus": [],
-        "result": None, "exit_code": None, "error": None, "waiting": None,
-        "output": None, "cancel_requested": False,
-        "timings": {"submitted": t},
-        "history": [[t, State.QUEUED.value, f"uploaded to {web_host}"]],
-    }
+    return Task(id=task_id, name=params.name or task_id, user=user, state=State.QUEUED, attempt=1,
+                created_at=t, updated_at=t, image=image, params=replace(params), web_host=web_host,
+                timings={"submitted": t}, history=[[t, State.QUEUED.value, f"uploaded to {web_host}"]])
 
 
-def state_of(record: dict) -> State:
-    return State(record["state"])
-
-
-def is_final(record: dict) -> bool:
-    return state_of(record) in FINAL
-
-
-def advance(record: dict, to: State, detail: str = "", **changes) -> dict:
-    """Return a copy of `record` moved to state `to`, or raise Conflict.
+def advance(task: Task, to: State, detail: str = "", **changes) -> Task:
+    """Return a copy of `task` moved to state `to`, or raise Conflict.
 
     The copy carries the transition in its history so the audit trail is
     written by the same compare-and-swap as the state itself.
     """
-    current = state_of(record)
-    if to not in TRANSITIONS.get(current, set()):
-        raise Conflict(f"task {record['id']} cannot go from {current.value} to {to.value}")
+    if to not in TRANSITIONS.get(task.state, set()):
+        raise Conflict(f"task {task.id} cannot go from {task.state.value} to {to.value}")
     t = now()
-    new = dict(record)
-    new.update(changes)
-    new["state"] = to.value
-    new["updated_at"] = t
-    new["timings"] = dict(record.get("timings") or {})
-    new["timings"][to.value] = t
-    new["history"] = list(record.get("history") or []) + [[t, to.value, detail]]
-    return new
+    return replace(task, **changes, state=to, updated_at=t, timings={**task.timings, to.value: t},
+                   history=[*task.history, [t, to.value, detail]])
 
 
-def requeue(record: dict, why: str, lost: bool = True) -> dict:
+def requeue(task: Task, why: str, lost: bool = True) -> Task:
     """The record for another attempt elsewhere.
 
     `lost` counts towards the retry limit (the runner died or was cut off);
     an operator moving work off a node (drain --now, stop) does not.
     """
-    return advance(record, State.QUEUED, why, attempt=record["attempt"] + 1, node=None,
+    return advance(task, State.QUEUED, why, attempt=task.attempt + 1, node=None,
                    epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
-                   job_failures={}, losses=record.get("losses", 0) + (1 if lost else 0))
+                   job_failures={}, losses=task.losses + (1 if lost else 0))
 
 
-def retries_left(record: dict, max_attempts: int) -> bool:
+def retries_left(task: Task, max_attempts: int) -> bool:
     """May a task that lost its runner once more be tried again?"""
-    return record.get("losses", 0) + 1 < max_attempts
+    return task.losses + 1 < max_attempts
 
 
-def exported(record: dict, result: State, detail: str, **changes) -> dict:
+def exported(task: Task, result: State, detail: str, **changes) -> Task:
     """Move to EXPORTED carrying the final result the finalizer will apply."""
-    return advance(record, State.EXPORTED, detail, result=result.value, **changes)
+    return advance(task, State.EXPORTED, detail, result=result.value, **changes)
 
 
 def job_id(task_id: str, stage: str, attempt: int) -> str:
@@ -196,28 +244,27 @@ def job_id(task_id: str, stage: str, attempt: int) -> str:
     return f"{task_id}-{stage}-{attempt}"
 
 
-def output_filename(record: dict) -> str:
-    return record["id"] + COMPRESSIONS[record["params"]["compression"]]
+def output_filename(task: Task) -> str:
+    return task.id + COMPRESSIONS[task.params.compression]
 
 
-def public_view(record: dict) -> dict:
+def public_view(task: Task) -> dict:
     """The task as the API shows it: no host paths, times in ISO 8601."""
-    out = {k: record.get(k) for k in ("id", "name", "user", "state", "attempt", "node", "exit_code",
-                                      "error", "export_error", "waiting", "result", "cancel_requested",
-                                      "gpus")}
-    out["created_at"] = iso(record["created_at"])
-    out["updated_at"] = iso(record["updated_at"])
-    out["image"] = {k: record["image"].get(k) for k in ("sha256", "size", "image_id", "repo_tags", "layout")}
-    out["params"] = record["params"]
-    output = record.get("output")
-    out["output"] = ({"size": output["size"], "compression": record["params"]["compression"],
-                      "filename": output_filename(record)}
-                     if output and output.get("stored") and not record.get("expired_at") else None)
-    out["timings"] = {k: iso(v) if isinstance(v, float) and v > 1e9 else v
-                      for k, v in (record.get("timings") or {}).items()}
-    out["expires_at"] = iso(record.get("expires_at"))
-    out["expired_at"] = iso(record.get("expired_at"))
-    out["logs_truncated"] = record.get("logs_truncated") or 0
+    out = {k: getattr(task, k) for k in ("id", "name", "user", "attempt", "node", "exit_code", "error",
+                                         "export_error", "waiting", "result", "cancel_requested", "gpus")}
+    out["state"] = task.state.value
+    out["created_at"] = iso(task.created_at)
+    out["updated_at"] = iso(task.updated_at)
+    out["image"] = {k: task.image.get(k) for k in ("sha256", "size", "image_id", "repo_tags", "layout")}
+    out["params"] = asdict(task.params)
+    output = task.output
+    out["output"] = ({"size": output["size"], "compression": task.params.compression,
+                      "filename": output_filename(task)}
+                     if output and output.get("stored") and not task.expired_at else None)
+    out["timings"] = {k: iso(v) if isinstance(v, float) and v > 1e9 else v for k, v in task.timings.items()}
+    out["expires_at"] = iso(task.expires_at)
+    out["expired_at"] = iso(task.expired_at)
+    out["logs_truncated"] = task.logs_truncated or 0
     return out
 
 

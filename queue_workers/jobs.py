@@ -15,7 +15,7 @@ import time
 
 from pink import archive, control, defaults, lifecycle, sftp
 from pink.errors import Unavailable
-from pink.tasks import State, advance, output_filename, requeue, retries_left, spool_file
+from pink.tasks import State, Task, advance, output_filename, requeue, retries_left, spool_file
 from queue_workers import context
 from queue_workers.queues import enqueue, enqueue_next
 
@@ -25,7 +25,7 @@ log = logging.getLogger("pink.jobs")
 def _load(task_id: str, attempt: int, *states: State):
     """The task's record if it is at `attempt` and in one of `states`."""
     rec = context.store().get(context.store().keys.task(task_id))
-    if rec is None or rec.value["attempt"] != attempt or rec.value["state"] not in states:
+    if rec is None or rec.value.attempt != attempt or rec.value.state not in states:
         return None
     return rec
 
@@ -56,23 +56,23 @@ def transfer(task_id: str, attempt: int) -> str:
 def _copy_image(rec) -> str:
     store = context.store()
     task = rec.value
-    node = _node(task["node"], task["epoch"])
+    node = _node(task.node, task.epoch)
     if node is None:
         return "runner gone; the leader will re-queue"
-    sha = task["image"]["sha256"]
+    sha = task.image["sha256"]
     started = time.time()
     sent = 0
     if sha not in node.get("images", []):
         remote = f"{node['ssh_spool']}/{sha}.tar"
         ssh = context.config().ssh
         with context.sftp().session(node) as conn:
-            if sftp.remote_size(conn, remote) != task["image"]["size"]:
-                local = spool_file(context.config().web.spool_dir, task["id"])  # we run on its web host
+            if sftp.remote_size(conn, remote) != task.image["size"]:
+                local = spool_file(context.config().web.spool_dir, task.id)  # we run on its web host
                 sent = sftp.put_parallel(conn, ssh, node, local, remote)
     elapsed = time.time() - started
     detail = f"copied {sent} bytes in {elapsed:.2f}s" if sent else "runner already holds the image"
     new = advance(task, State.TRANSFERRED, detail)
-    new["timings"].update(transfer_bytes=sent, transfer_seconds=round(elapsed, 3))
+    new.timings.update(transfer_bytes=sent, transfer_seconds=round(elapsed, 3))
     if not lifecycle.move(store, rec, new):
         return "task moved during transfer"
     enqueue_next(context.redis(), new)
@@ -87,13 +87,13 @@ def run(task_id: str, attempt: int) -> str:
     if rec is None:
         return "nothing to do"
     task = rec.value
-    node = _node(task["node"], task["epoch"])
+    node = _node(task.node, task.epoch)
     if node is None:
         return "runner gone; the leader will re-queue"
     store = context.store()
-    new = advance(task, State.ASSIGNED, f"assigned to {task['node']} epoch {task['epoch']}")
-    assignment = {"task": task_id, "attempt": attempt, "epoch": task["epoch"]}
-    ok = lifecycle.move(store, rec, new, fence=(store.keys.node(task["node"]), task["epoch"]),
+    new = advance(task, State.ASSIGNED, f"assigned to {task.node} epoch {task.epoch}")
+    assignment = {"task": task_id, "attempt": attempt, "epoch": task.epoch}
+    ok = lifecycle.move(store, rec, new, fence=(store.keys.node(task.node), task.epoch),
                         assign=assignment, assign_lease=node["lease"])
     return "assigned" if ok else "task moved first"
 
@@ -127,18 +127,18 @@ def finalize(task_id: str, attempt: int) -> str:
                 if final is None:
                     return "re-queued"
             archive.archive_task(conn, final, logs, expires_at=_expiry(config),
-                                 deleted=bool(task.get("delete_requested")))
+                                 deleted=task.delete_requested)
         elif archived != attempt:
             log.warning("task %s: attempt %d is archived, not %d; keeping the archived one",
                         task_id, archived, attempt)
         gone = lifecycle.retire(context.store(), rec)
         if gone is None:
             return "task moved first"
-        if gone.value.get("delete_requested"):  # asked for while we archived
+        if gone.value.delete_requested:  # asked for while we archived
             archive.mark_deleted(conn, task_id)
     _forget_on_runner(task)
     enqueue(context.redis(), task, "cleanup")
-    return task["result"]
+    return task.result
 
 
 def _expiry(config) -> float | None:
@@ -146,48 +146,47 @@ def _expiry(config) -> float | None:
     return time.time() + days * 86400 if days else None
 
 
-def _final(task: dict) -> tuple[dict, bytes]:
+def _final(task: Task) -> tuple[Task, bytes]:
     """The final record and its (bounded) log, with the export in the output store."""
-    if task.get("delete_requested"):
-        return advance(task, State(task["result"]), "deleted by its user before it was archived"), b""
+    if task.delete_requested:
+        return advance(task, State(task.result), "deleted by its user before it was archived"), b""
     output, logs, dropped = _fetch(task)
-    new = advance(task, State(task["result"]), _final_detail(task), output=output)
+    new = advance(task, State(task.result), _final_detail(task), output=output, logs_truncated=dropped)
     if dropped:
-        new["logs_truncated"] = dropped
         notice = f"[pink: the log was {dropped + len(logs)} bytes; only its last {len(logs)} are kept]\n"
         logs = notice.encode() + logs
     return new, logs
 
 
-def _fetch(task: dict) -> tuple[dict | None, bytes, int]:
+def _fetch(task: Task) -> tuple[dict | None, bytes, int]:
     """Copy the export (if any) and the end of the log from the runner's outbox.
 
     Returns (output, log, bytes of log left out). An export already fetched
     by an earlier try of this finalize is used again, not copied again.
     """
-    remote = task.get("export")
+    remote = task.export
     if not remote:
-        return None, (task.get("error") or "").encode(), 0
+        return None, (task.error or "").encode(), 0
     config = context.config()
     try:
         with context.sftp().session(remote["ssh"]) as conn:
             output = _fetch_output(conn, task) if remote.get("path") else None
             logs, dropped = sftp.read_tail(conn, remote["log"], config.retention.max_log_bytes)
     except FileNotFoundError as exc:
-        raise ExportLost(f"runner {task['node']} no longer has the export ({exc.filename or exc})") from None
+        raise ExportLost(f"runner {task.node} no longer has the export ({exc.filename or exc})") from None
     except Unavailable:
         if _runner_gone_for_good(task):
-            raise ExportLost(f"runner {task['node']} is gone with the export") from None
+            raise ExportLost(f"runner {task.node} is gone with the export") from None
         raise
     return output, logs, dropped
 
 
-def _fetch_output(conn, task: dict) -> dict:
+def _fetch_output(conn, task: Task) -> dict:
     config = context.config()
-    remote = task["export"]
+    remote = task.export
     os.makedirs(config.web.output_dir, exist_ok=True)
-    suffix = output_filename(task)[len(task["id"]):]
-    local = os.path.join(config.web.output_dir, f"{task['id']}-{task['attempt']}{suffix}")
+    suffix = output_filename(task)[len(task.id):]
+    local = os.path.join(config.web.output_dir, f"{task.id}-{task.attempt}{suffix}")
     if os.path.exists(local) and os.path.getsize(local) == remote.get("size"):
         os.utime(local)  # fresh again: the sweep leaves young files alone
         size, digest = os.path.getsize(local), _sha256(local)
@@ -205,23 +204,23 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _runner_gone_for_good(task: dict) -> bool:
+def _runner_gone_for_good(task: Task) -> bool:
     """The runner holding the export has no record at all (not merely a new
     epoch: a restarted runner still has its outbox), and finalize has failed
     often enough that it is not a blip."""
-    if _node(task["node"]) is not None:
+    if _node(task.node) is not None:
         return False
-    failures = (task.get("job_failures") or {}).get("finalize", 0)
+    failures = task.job_failures.get("finalize", 0)
     return failures + 1 >= context.config().max_job_failures
 
 
-def _final_detail(task: dict) -> str:
-    if task.get("exit_code") is not None:
-        return f"exit code {task['exit_code']}"
-    return task.get("error") or task["result"]
+def _final_detail(task: Task) -> str:
+    if task.exit_code is not None:
+        return f"exit code {task.exit_code}"
+    return task.error or task.result
 
 
-def _after_lost_export(conn, rec, why: str) -> tuple[dict | None, bytes]:
+def _after_lost_export(conn, rec, why: str) -> tuple[Task | None, bytes]:
     """The export is gone: the final record to archive, or None once re-queued.
 
     A cancelled or timed-out task is not run again for its output: it ends as
@@ -230,26 +229,26 @@ def _after_lost_export(conn, rec, why: str) -> tuple[dict | None, bytes]:
     the export, which is why this one found none).
     """
     task = rec.value
-    if task["result"] in (State.CANCELLED, State.TIMED_OUT):
-        return advance(task, State(task["result"]), why, export_error=why), b""
-    if not task.get("cancel_requested") and retries_left(task, context.config().max_attempts):
-        if archive.archived_attempt(conn, task["id"]) is not None:
-            raise Unavailable(f"task {task['id']} was archived by another finalize meanwhile")
+    if task.result in (State.CANCELLED, State.TIMED_OUT):
+        return advance(task, State(task.result), why, export_error=why), b""
+    if not task.cancel_requested and retries_left(task, context.config().max_attempts):
+        if archive.archived_attempt(conn, task.id) is not None:
+            raise Unavailable(f"task {task.id} was archived by another finalize meanwhile")
         lifecycle.move(context.store(), rec, requeue(task, why))  # the leader places it again
         return None, b""
-    result = State.CANCELLED if task.get("cancel_requested") else State.FAILED
+    result = State.CANCELLED if task.cancel_requested else State.FAILED
     return advance(task, result, why, error=why, export_error=why), b""
 
 
-def _forget_on_runner(task: dict) -> None:
-    remote = task.get("export")
+def _forget_on_runner(task: Task) -> None:
+    remote = task.export
     if not remote:
         return
     try:
         with context.sftp().session(remote["ssh"]) as conn:
             sftp.remove(conn, *[p for p in (remote.get("path"), remote.get("log")) if p])
     except Unavailable as exc:
-        log.warning("could not clean runner outbox for %s: %s", task["id"], exc)
+        log.warning("could not clean runner outbox for %s: %s", task.id, exc)
 
 
 # -- cleanup -----------------------------------------------------------------

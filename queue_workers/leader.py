@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import click
@@ -32,10 +33,9 @@ from rq.registry import StartedJobRegistry
 
 from pink import archive, defaults, lifecycle, pipeline, scheduler
 from pink import config as pink_config
-from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
-from pink.tasks import FINAL, ON_RUNNER, State, advance, exported, job_id
+from pink.tasks import FINAL, ON_RUNNER, State, Task, advance, exported, job_id
 from queue_workers.queues import LIVE, enqueue, enqueue_many, enqueue_sweep, queues_for, statuses, transfer_hosts
 
 log = logging.getLogger("pink.leader")
@@ -157,32 +157,32 @@ class Leader:
                 if self._settle(rec, snap.nodes):
                     continue
             except (PinkError, RedisError) as exc:
-                log.warning("task %s: %s", rec.value.get("id"), exc)
+                log.warning("task %s: %s", rec.value.id, exc)
                 continue
             if self._checked.get(rec.key) != rec.mod_revision and pipeline.stage_for(rec.value):
                 due.append(rec)
         if not due:
             return
-        finalize_ok = not any(r.value["state"] == State.EXPORTED for r in due) or self._database_answers()
-        jobs = statuses(self.redis, [job_id(r.value["id"], pipeline.stage_for(r.value), r.value["attempt"])
+        finalize_ok = not any(r.value.state == State.EXPORTED for r in due) or self._database_answers()
+        jobs = statuses(self.redis, [job_id(r.value.id, pipeline.stage_for(r.value), r.value.attempt)
                                      for r in due])
         for rec, status in zip(due, jobs.values()):
             try:
                 self._give_job(rec, status, finalize_ok)
                 self._checked[rec.key] = rec.mod_revision
             except (PinkError, RedisError) as exc:
-                log.warning("task %s: %s", rec.value.get("id"), exc)
+                log.warning("task %s: %s", rec.value.id, exc)
 
     def _settle(self, rec: Record, nodes: dict[str, Record]) -> bool:
         """Retire a final record or re-queue a task whose runner is gone; True if it did either."""
         task = rec.value
-        state = State(task["state"])
+        state = task.state
         if state in FINAL:
             self._retire_final(rec)
             return True
         if state in ON_RUNNER:
-            node = nodes.get(task["node"])
-            if node is None or node.create_revision != task["epoch"]:
+            node = nodes.get(task.node)
+            if node is None or node.create_revision != task.epoch:
                 self._lost(rec)
                 return True
         return False
@@ -197,23 +197,23 @@ class Leader:
         if status == JobStatus.FAILED and self._hold_failed(rec, stage):
             return
         if enqueue(self.redis, task, stage):
-            log.info("enqueued %s for task %s (attempt %d)", stage, task["id"], task["attempt"])
+            log.info("enqueued %s for task %s (attempt %d)", stage, task.id, task.attempt)
 
-    def _job_ended(self, task: dict, stage: str) -> tuple[Job | None, float | None]:
+    def _job_ended(self, task: Task, stage: str) -> tuple[Job | None, float | None]:
         """The task's job for `stage` and how many seconds ago it ended (None: not ended, or gone)."""
         try:
-            job = Job.fetch(job_id(task["id"], stage, task["attempt"]), connection=self.redis)
+            job = Job.fetch(job_id(task.id, stage, task.attempt), connection=self.redis)
         except NoSuchJobError:
             return None, None
         if job.ended_at is None:
             return job, None
         return job, (datetime.now(timezone.utc) - job.ended_at.replace(tzinfo=timezone.utc)).total_seconds()
 
-    def _just_ended(self, task: dict, stage: str) -> bool:
+    def _just_ended(self, task: Task, stage: str) -> bool:
         ago = self._job_ended(task, stage)[1]
         return ago is not None and ago < JOB_SETTLE
 
-    def _place(self, plan, snap: scheduler.Snapshot) -> list[dict]:
+    def _place(self, plan, snap: scheduler.Snapshot) -> list[Task]:
         """Commit the plan's placements; returns the records placed.
 
         The plan was made from one revision of the live queue, runners and
@@ -225,15 +225,15 @@ class Leader:
         """
         if not plan.choices:
             return []
-        by_id = {r.value["id"]: r for r in snap.tasks}
-        epochs = {n["name"]: n["epoch"] for n in snap.live}
+        by_id = {r.value.id: r for r in snap.tasks}
+        epochs = {n.name: n.epoch for n in snap.live}
         per_node: dict[str, list[lifecycle.Placement]] = {}
         for task_id, choice in plan.choices.items():
             rec = by_id[task_id]
             task = rec.value
             new = advance(task, State.PLACED, f"placed on {choice.node}", node=choice.node,
                           epoch=epochs[choice.node], gpus=choice.gpus, waiting=None)
-            entry = {"gpus": choice.gpus, "attempt": task["attempt"], "image": task["image"]["sha256"]}
+            entry = {"gpus": choice.gpus, "attempt": task.attempt, "image": task.image["sha256"]}
             per_node.setdefault(choice.node, []).append(lifecycle.Placement(rec, new, entry))
         limit = lifecycle.MAX_TXN_COMPARES - 3  # a node with more waits for the next pass
         batches = [lifecycle.NodeBatch(node, epochs[node], snap.allocs.get(node), placements[:limit])
@@ -244,7 +244,7 @@ class Leader:
         self._written = [(p.rec.key, p.rec.mod_revision) for p in placed]
         return [p.new for p in placed]
 
-    def _enqueue_transfers(self, placed: list[dict]) -> None:
+    def _enqueue_transfers(self, placed: list[Task]) -> None:
         try:
             enqueue_many(self.redis, placed)
         except RedisError as exc:  # placed is recorded in etcd: the next full repair enqueues them
@@ -273,11 +273,11 @@ class Leader:
         remove it and its upload."""
         task = rec.value
         with archive.connection(self.config.db) as conn:
-            if archive.archived_attempt(conn, task["id"]) is None:
+            if archive.archived_attempt(conn, task.id) is None:
                 archive.archive_task(conn, task, b"")
         if lifecycle.retire(self.store, rec) is not None:
             enqueue(self.redis, task, "cleanup")
-            log.info("task %s: final record moved out of etcd", task["id"])
+            log.info("task %s: final record moved out of etcd", task.id)
 
     def _publish_queue(self, plan) -> None:
         """Write each waiting task's position and reason to one key, when they change.
@@ -333,27 +333,27 @@ class Leader:
         """
         task = rec.value
         job, ago = self._job_ended(task, stage)
-        failures = (task.get("job_failures") or {}).get(stage, 0) + 1
+        failures = task.job_failures.get(stage, 0) + 1
         if ago is not None and ago < min(2 ** failures, MAX_BACKOFF):
             return True
         if stage in pipeline.GIVES_UP and failures >= self.config.max_job_failures:
             reason = (job and job.exc_info or "").strip().splitlines()[-1:] or ["no error recorded"]
             why = f"{stage} failed {failures} times; last: {reason[0][:500]}"
             new = exported(task, State.FAILED, why, error=why)
-            lifecycle.move(self.store, rec, new, release=task.get("node"), unassign=task.get("node"),
+            lifecycle.move(self.store, rec, new, release=task.node, unassign=task.node,
                            fence=self.fence)
-            log.warning("task %s: %s", task["id"], why)
+            log.warning("task %s: %s", task.id, why)
             return True
-        new = {**task, "job_failures": {**(task.get("job_failures") or {}), stage: failures}}
+        new = replace(task, job_failures={**task.job_failures, stage: failures})
         return not lifecycle.move(self.store, rec, new, fence=self.fence)
 
     def _lost(self, rec: Record) -> None:
         task = rec.value
-        why = f"runner {task['node']} lost (lease expired or restarted)"
+        why = f"runner {task.node} lost (lease expired or restarted)"
         new = pipeline.after_loss(task, why, self.config.max_attempts)
-        if lifecycle.move(self.store, rec, new, release=task["node"], unassign=task["node"],
+        if lifecycle.move(self.store, rec, new, release=task.node, unassign=task.node,
                           fence=self.fence):
-            log.info("task %s: %s -> %s (attempt %d)", task["id"], why, new["state"], new["attempt"])
+            log.info("task %s: %s -> %s (attempt %d)", task.id, why, new.state.value, new.attempt)
 
     def _clean_started_registries(self) -> None:
         """Move jobs of dead workers to the failed registry so they can be re-enqueued."""

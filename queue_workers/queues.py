@@ -18,15 +18,15 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from pink import defaults, pipeline
-from pink.tasks import job_id
+from pink.tasks import Task, job_id
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
 STAGES = {
     # stage: (job function, queue name for a task record, seconds the job may take)
-    "transfer": ("queue_workers.jobs.transfer", lambda task: transfer_queue(task["web_host"]),
+    "transfer": ("queue_workers.jobs.transfer", lambda task: transfer_queue(task.web_host),
                  defaults.JOB_TIMEOUT),
-    "cleanup": ("queue_workers.jobs.cleanup", lambda task: transfer_queue(task["web_host"]), 60),
+    "cleanup": ("queue_workers.jobs.cleanup", lambda task: transfer_queue(task.web_host), 60),
     "run": ("queue_workers.jobs.run", lambda task: defaults.QUEUE_RUN, 60),
     "finalize": ("queue_workers.jobs.finalize", lambda task: defaults.QUEUE_FINALIZE,
                  defaults.JOB_TIMEOUT),
@@ -109,20 +109,20 @@ def statuses(redis: Redis, jids: list[str]) -> dict[str, JobStatus | None]:
     return out
 
 
-def enqueue_next(redis: Redis, task: dict) -> bool:
+def enqueue_next(redis: Redis, task: Task) -> bool:
     """Enqueue the job the task's state calls for (`pink.pipeline`), if it calls for one."""
     stage = pipeline.stage_for(task)
     return bool(stage) and enqueue(redis, task, stage)
 
 
-def enqueue_many(redis: Redis, tasks: list[dict]) -> int:
+def enqueue_many(redis: Redis, tasks: list[Task]) -> int:
     """`enqueue_next` for a batch (the leader's placements) in two round trips; returns how many were created.
 
     A job id never used yet is created in one pipeline; one that exists
     (a retry of the same attempt) takes `enqueue`'s careful path.
     """
     wanted = [(task, stage) for task in tasks if (stage := pipeline.stage_for(task))]
-    jids = [job_id(task["id"], stage, task["attempt"]) for task, stage in wanted]
+    jids = [job_id(task.id, stage, task.attempt) for task, stage in wanted]
     with redis.pipeline(transaction=False) as pipe:
         for jid in jids:
             pipe.exists(Job.key_for(jid))
@@ -142,13 +142,13 @@ def enqueue_many(redis: Redis, tasks: list[dict]) -> int:
     return created + sum(len(batch) for batch in fresh.values())
 
 
-def enqueue(redis: Redis, task: dict, stage: str) -> bool:
+def enqueue(redis: Redis, task: Task, stage: str) -> bool:
     """Make sure the task's current attempt has a live job for `stage`.
 
     Returns True when a job was created. A finished or failed job with the
     same id is replaced, which is how the leader retries a stage.
     """
-    jid = job_id(task["id"], stage, task["attempt"])
+    jid = job_id(task.id, stage, task.attempt)
     status = job_status(redis, jid)
     if status in LIVE:
         return False
@@ -159,9 +159,9 @@ def enqueue(redis: Redis, task: dict, stage: str) -> bool:
     return True
 
 
-def _job(task: dict, stage: str) -> tuple[str, object]:
+def _job(task: Task, stage: str) -> tuple[str, object]:
     """(queue name, RQ's EnqueueData) of the job running `stage` for the task's current attempt."""
     func, queue_of, timeout = STAGES[stage]
     return queue_of(task), Queue.prepare_data(
-        func, (task["id"], task["attempt"]), job_id=job_id(task["id"], stage, task["attempt"]),
-        timeout=timeout, result_ttl=600, failure_ttl=7 * 86400, description=f"{stage} task {task['id']}")
+        func, (task.id, task.attempt), job_id=job_id(task.id, stage, task.attempt),
+        timeout=timeout, result_ttl=600, failure_ttl=7 * 86400, description=f"{stage} task {task.id}")

@@ -81,17 +81,19 @@ def files_in_output(data: bytes, compression: str = "zstd") -> dict[str, bytes]:
 
 
 def archived(config, task_id: str) -> dict | None:
-    """The task's archived record (MariaDB), where a finished task lives."""
+    """The task's archived record (MariaDB), where a finished task lives, as JSON."""
     conn = db.connect(config.db)
     try:
-        return archive.get_record(conn, task_id)
+        task = archive.get_record(conn, task_id)
+        return task.to_json() if task else None
     finally:
         conn.close()
 
 
 def etcd_record(store, task_id: str) -> dict | None:
+    """The task's record in etcd, as JSON."""
     rec = store.get(store.keys.task(task_id))
-    return rec.value if rec else None
+    return rec.value.to_json() if rec else None
 
 
 def dumps(obj) -> str:

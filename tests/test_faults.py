@@ -39,7 +39,7 @@ def test_runner_killed_mid_task_is_retried(api, pink_processes, slow_archive, do
     store = Store.from_config(api.config)
     # The lease expires (node_ttl=3 s) and the leader sends the task back.
     deadline = time.monotonic() + 30
-    while store.get(store.keys.task(task_id)).value["attempt"] == 1:
+    while store.get(store.keys.task(task_id)).value.attempt == 1:
         assert time.monotonic() < deadline, "the task was never re-queued"
         time.sleep(0.2)
     pink_processes.runner()  # the same runner, back with a new epoch
@@ -50,9 +50,9 @@ def test_runner_killed_mid_task_is_retried(api, pink_processes, slow_archive, do
         row = archive.get_record(conn, task_id)
     finally:
         conn.close()
-    states = [h[1] for h in row["history"]]
+    states = [h[1] for h in row.history]
     assert states.count("running") == 2 and states.count("succeeded") == 1
-    assert "lost" in " ".join(h[2] for h in row["history"])
+    assert "lost" in " ".join(h[2] for h in row.history)
     # The first attempt's container was removed by the new incarnation.
     assert docker_client.containers.list(all=True, filters={"label": f"pink.task={task_id}"}) == []
 
@@ -77,7 +77,7 @@ def test_database_outage_delays_the_archive_but_loses_nothing(api, pink_processe
     pink_processes.runner()
     task_id = api.submit(slow_archive, cmd="echo during the outage").json()["task"]["id"]
     store = Store.from_config(api.config)
-    state = lambda: store.get(store.keys.task(task_id)).value["state"]  # noqa: E731
+    state = lambda: store.get(store.keys.task(task_id)).value.state  # noqa: E731
     cluster.stop("mariadb")
     try:
         deadline = time.monotonic() + 60
@@ -92,7 +92,7 @@ def test_database_outage_delays_the_archive_but_loses_nothing(api, pink_processe
     assert task["state"] == "succeeded"
     conn = db.connect(api.config.db)
     try:
-        assert archive.get_record(conn, task_id)["state"] == "succeeded"
+        assert archive.get_record(conn, task_id).state == "succeeded"
         assert b"during the outage" in archive.get_logs(conn, task_id)
     finally:
         conn.close()

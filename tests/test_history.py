@@ -12,7 +12,7 @@ import pytest
 
 from pink import archive, db
 from pink.store import Store
-from pink.tasks import Params, new_record
+from pink.tasks import Params, Task, new_record
 from tests import images
 from tests.helpers import Api, etcd_record, make_user
 
@@ -28,7 +28,8 @@ def writer_archive(docker_client, tmp_path_factory):
 
 def _record(task_id: str, user: str, name: str, state: str, submitted: float, gpus: int = 0,
             ran: float = 0.0, output: dict | None = None) -> dict:
-    rec = new_record(task_id, user, Params(name=name, gpus=gpus), {"sha256": "0" * 64, "size": 10}, "web1")
+    rec = new_record(task_id, user, Params(name=name, gpus=gpus), {"sha256": "0" * 64, "size": 10},
+                     "web1").to_json()
     rec.update(state=state, result=state, created_at=submitted, updated_at=submitted + ran + 2,
                gpus=[str(g) for g in range(gpus)], output=output)
     rec["timings"] = {"submitted": submitted, "running": submitted + 1, "exported": submitted + 1 + ran,
@@ -40,7 +41,8 @@ def _record(task_id: str, user: str, name: str, state: str, submitted: float, gp
 def _archive(config, *records: dict, expires_at: float | None = None) -> None:
     with archive.connection(config.db) as conn:
         for rec in records:
-            assert archive.archive_task(conn, rec, b"log of " + rec["id"].encode(), expires_at=expires_at)
+            assert archive.archive_task(conn, Task.from_json(rec), b"log of " + rec["id"].encode(),
+                                        expires_at=expires_at)
 
 
 def _sql(config, statement: str, args=()) -> list[dict]:
@@ -190,7 +192,7 @@ def test_a_database_of_the_first_schema_is_migrated_in_place(pink_config, tmp_pa
     again = Api(pink_config, "unused").cli("admin", "migrate", "--config", pink_config.path).stdout
     assert "already current" in again
     with archive.connection(pink_config.db) as conn:
-        assert [t["id"] for t in archive.page(conn, archive.Query(user="alice"))] == ["m1"]
+        assert [t.id for t in archive.page(conn, archive.Query(user="alice"))] == ["m1"]
 
 
 def test_a_user_over_the_output_cap_loses_the_oldest_first(pink_config):

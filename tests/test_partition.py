@@ -238,7 +238,7 @@ def test_partitioned_runner_is_fenced_and_its_task_retried(ns_host, pink_process
 
     def retried_on_host() -> dict | None:
         t = store.get(task_key(task_id)).value
-        return t if (t["state"], t["node"], t["attempt"]) == ("running", HOST_RUNNER, 2) else None
+        return t if (t.state, t.node, t.attempt) == ("running", HOST_RUNNER, 2) else None
 
     # Only the namespaced runner exists, so placement must choose it.
     ns_host.start_runner()
@@ -247,7 +247,7 @@ def test_partitioned_runner_is_fenced_and_its_task_retried(ns_host, pink_process
     task = api.wait(task_id, states={"running"}, timeout=60)
     running_at = time.monotonic()
     assert (task["node"], task["attempt"]) == (RUNNER, 1)
-    assert store.get(task_key(task_id)).value["epoch"] == first.create_revision
+    assert store.get(task_key(task_id)).value.epoch == first.create_revision
 
     pink_processes.runner(HOST_RUNNER, str(ns_host.host_config))  # where the retry must go
     _wait_for(f"{HOST_RUNNER} never registered", lambda: store.get(store.keys.node(HOST_RUNNER)), 30, logs)
@@ -269,7 +269,7 @@ def test_partitioned_runner_is_fenced_and_its_task_retried(ns_host, pink_process
     task = api.wait(task_id, timeout=90)
     assert task["state"] == "succeeded", (task, logs())
     assert (task["attempt"], task["node"]) == (2, HOST_RUNNER)
-    assert retried["epoch"] == store.get(store.keys.node(HOST_RUNNER)).create_revision
+    assert retried.epoch == store.get(store.keys.node(HOST_RUNNER)).create_revision
     history = archived(api.config, task_id)["history"]
     states = [state for _, state, _ in history]
     assert states.count("succeeded") == 1, history
@@ -282,7 +282,7 @@ def test_partitioned_runner_is_fenced_and_its_task_retried(ns_host, pink_process
     again = store.get(node_key)
     assert again.create_revision != first.create_revision
     assert "lease lost" in ns_host.log("runner-runp")
-    assert again.create_revision > retried["epoch"]
+    assert again.create_revision > retried.epoch
 
     # ...and the result of the retry stands: nothing of attempt 1 brings the task back.
     time.sleep(4)

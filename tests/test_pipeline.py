@@ -36,7 +36,8 @@ def writer_archive(docker_client, tmp_path_factory):
 
 def _archived(config, task_id):
     with archive.connection(config.db) as conn:
-        return archive.get_record(conn, task_id), archive.get_logs(conn, task_id)
+        task = archive.get_record(conn, task_id)
+        return (task.to_json() if task else None), archive.get_logs(conn, task_id)
 
 
 def test_cli_submit_wait_download(api, writer_archive, tmp_path):

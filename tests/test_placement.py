@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from pink.nodes import NodeView
 from pink.placement import choose, free_gpus, why_waiting
+from pink.tasks import Params, new_record
 
 
 def node(name, gpus=(), images=(), max_containers=4, state="ready"):
-    return {"name": name, "gpus": list(gpus), "images": list(images), "max_containers": max_containers,
-            "state": state}
+    return NodeView(name=name, epoch=1, gpus=list(gpus), images=list(images), max_containers=max_containers,
+                    state=state)
 
 
 def task(gpus=0, sha="a" * 64):
-    return {"params": {"gpus": gpus}, "image": {"sha256": sha, "size": 100}}
+    return new_record("t1", "alice", Params(gpus=gpus), {"sha256": sha, "size": 100}, "web1")
 
 
 def test_no_runner_means_waiting_with_a_reason():
@@ -43,9 +47,9 @@ def test_full_or_draining_runners_take_nothing():
 
 
 def test_a_runner_without_spool_room_takes_only_images_it_holds():
-    full = {**node("a", images=["f" * 64]), "spool_free": 50, "spool_images": 2, "max_spool_images": 2}
+    full = replace(node("a", images=["f" * 64]), spool_free=50, spool_images=2, max_spool_images=2)
     assert choose(task(sha="e" * 64), [full], {}) is None
     assert why_waiting(task(sha="e" * 64), [full]) == "no runner has room in its spool for this image"
     assert choose(task(sha="f" * 64), [full], {}).node == "a"
-    roomy = {**full, "spool_free": 10**9, "spool_images": 0}
+    roomy = replace(full, spool_free=10**9, spool_images=0)
     assert choose(task(sha="e" * 64), [roomy], {}).node == "a"

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import pytest
 
+from dataclasses import replace
+
+from pink.nodes import NodeView
 from pink.placement import Limits, plan
+from pink.tasks import Params, new_record
 from tests import images
 from tests.helpers import Api, make_user
 
 
 def node(name, gpus):
-    return {"name": name, "gpus": [f"{name}-g{i}" for i in range(gpus)], "max_containers": 8,
-            "state": "ready", "images": []}
+    return NodeView(name=name, epoch=1, gpus=[f"{name}-g{i}" for i in range(gpus)], max_containers=8)
 
 
 def task(tid, user, gpus=1, created=0.0, priority=0):
-    return {"id": tid, "user": user, "created_at": created, "image": {"sha256": "x", "size": 100},
-            "params": {"gpus": gpus, "priority": priority}}
+    return replace(new_record(tid, user, Params(gpus=gpus, priority=priority), {"sha256": "x", "size": 100},
+                              "web1"), created_at=created)
 
 
 def test_fifo_within_a_priority_and_higher_priority_first():

@@ -107,7 +107,7 @@ def test_etcd_blip_while_the_image_loads(blip_api, cluster, docker_client, tmp_p
 
     def running() -> bool:
         rec = store.get(store.keys.task(task_id))
-        return rec is not None and rec.value["state"] == "running"
+        return rec is not None and rec.value.state == "running"
 
     _until(running, 120, "the task never started", interval=0.005)  # then the runner loads the image
     with etcd_paused(cluster):

@@ -6,7 +6,7 @@ import pytest
 from werkzeug.datastructures import MultiDict
 
 from pink.errors import BadRequest, Conflict
-from pink.tasks import (FINAL, State, Params, TRANSITIONS, advance, exported, job_id, new_record,
+from pink.tasks import (FINAL, State, Params, TRANSITIONS, Task, advance, exported, job_id, new_record,
                         public_view, requeue)
 
 
@@ -31,25 +31,25 @@ def test_a_task_cannot_skip_states():
 def test_advance_records_history_and_timing_without_touching_the_original():
     task = record()
     placed = advance(task, State.PLACED, "placed on run1", node="run1")
-    assert task["state"] == "queued" and task["node"] is None
-    assert placed["state"] == "placed" and placed["node"] == "run1"
-    assert placed["history"][-1][1:] == ["placed", "placed on run1"]
-    assert "placed" in placed["timings"]
+    assert task.state == "queued" and task.node is None
+    assert placed.state == "placed" and placed.node == "run1"
+    assert placed.history[-1][1:] == ["placed", "placed on run1"]
+    assert "placed" in placed.timings and "placed" not in task.timings
 
 
 def test_requeue_starts_a_new_attempt_on_no_runner():
     task = advance(advance(record(), State.PLACED, node="run1", epoch=5, gpus=["g0"]),
                    State.TRANSFERRED)
     again = requeue(task, "runner lost")
-    assert again["state"] == "queued" and again["attempt"] == 2
-    assert again["node"] is None and again["epoch"] is None and again["gpus"] == []
+    assert again.state == "queued" and again.attempt == 2
+    assert again.node is None and again.epoch is None and again.gpus == []
 
 
 def test_exported_carries_the_result_for_the_finalizer():
     task = advance(record(), State.PLACED)
     done = exported(task, State.CANCELLED, "cancelled before it started")
-    assert done["state"] == "exported" and done["result"] == "cancelled"
-    advance(done, State(done["result"]))
+    assert done.state == "exported" and done.result == "cancelled"
+    advance(done, State(done.result))
 
 
 def test_job_ids_are_deterministic_and_valid_for_rq():
@@ -81,3 +81,14 @@ def test_public_view_hides_host_paths():
     view = public_view(record())
     assert "spool_path" not in view and "web_host" not in view
     assert view["created_at"].endswith("Z")
+
+
+def test_a_record_keeps_what_this_version_does_not_know():
+    """A newer PINK may add keys: an older one moving the task must not drop them."""
+    data = {**record(gpus=2).to_json(), "future_field": {"x": 1}}
+    data["params"]["future_param"] = True
+    task = Task.from_json(data)
+    assert task.params.gpus == 2 and task.state == State.QUEUED
+    moved = advance(task, State.PLACED, node="run1")
+    assert moved.to_json()["future_field"] == {"x": 1} and moved.to_json()["node"] == "run1"
+    assert Task.from_json(moved.to_json()) == moved

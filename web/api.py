@@ -19,7 +19,7 @@ from flask import Blueprint, Response, jsonify, request, send_file, stream_with_
 from pink import archive, control, lifecycle, nodes, sftp
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PinkError, Unavailable
 from pink.store import Record
-from pink.tasks import State, Params, iso, is_final, new_id, new_record, public_view
+from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
 from web import uploads
 from web.auth import can_see, require_admin, require_user
 from web.resources import res
@@ -52,16 +52,16 @@ def submit():
     return jsonify(task=public_view(record)), 201
 
 
-def _views(tasks: list[dict]) -> list[dict]:
+def _views(tasks: list[Task]) -> list[dict]:
     """Public views, with each waiting task's place in the queue (as the leader published it)."""
-    queue = control.queue_summary(res().store) if any(t["state"] == State.QUEUED for t in tasks) else {}
+    queue = control.queue_summary(res().store) if any(t.state == State.QUEUED for t in tasks) else {}
     views = []
     for task in tasks:
         view = public_view(task)
-        if task["state"] == State.QUEUED:
-            position, reason = queue.get(task["id"], (None, None))
+        if task.state == State.QUEUED:
+            position, reason = queue.get(task.id, (None, None))
             view["position"] = position
-            view["waiting"] = reason or task.get("waiting")
+            view["waiting"] = reason or task.waiting
         views.append(view)
     return views
 
@@ -70,11 +70,11 @@ def _live(task_id: str) -> Record | None:
     return res().store.get(res().store.keys.task(task_id))
 
 
-def _archived(task_id: str) -> dict | None:
+def _archived(task_id: str) -> Task | None:
     return archive.get_record(res().db(), task_id)
 
 
-def _task(task_id: str) -> tuple[dict, Record | None]:
+def _task(task_id: str) -> tuple[Task, Record | None]:
     """The caller's task (live record first, then the archive) or 404."""
     user = require_user()
     rec = _live(task_id)
@@ -157,7 +157,7 @@ def get_task(task_id: str):
     seen = request.args.get("seen")
     wait = min(request.args.get("wait", 0, type=float), MAX_WAIT)
     deadline = time.monotonic() + wait
-    while seen == f"{task['state']}:{task['attempt']}" and not is_final(task) and time.monotonic() < deadline:
+    while seen == f"{task.state.value}:{task.attempt}" and not task.final and time.monotonic() < deadline:
         time.sleep(WAIT_POLL)
         rec = _live(task_id)
         task = rec.value if rec else (_archived(task_id) or task)
@@ -168,17 +168,17 @@ def get_task(task_id: str):
 def delete_task(task_id: str):
     """Cancel a live task (202), or delete a finished one with its output and logs (200)."""
     task, rec = _task(task_id)
-    if rec is None or is_final(task):  # a final record in etcd: left by an older version
+    if rec is None or task.final:  # a final record in etcd: left by an older version
         control.delete_archived(res().db(), res().config, task)
         if rec is not None:
             lifecycle.retire(res().store, rec)
-        return jsonify(deleted=task["id"])
+        return jsonify(deleted=task.id)
     return jsonify(task=public_view(control.cancel(res().store, rec))), 202
 
 
-def _gone_if_expired(task: dict, what: str) -> None:
-    if task.get("expired_at"):
-        raise Gone(f"the {what} of task {task['id']} expired on {iso(task['expired_at'])} "
+def _gone_if_expired(task: Task, what: str) -> None:
+    if task.expired_at:
+        raise Gone(f"the {what} of task {task.id} expired on {iso(task.expired_at)} "
                    "(outputs and logs are kept for a limited time)", code="expired")
 
 
@@ -186,9 +186,9 @@ def _gone_if_expired(task: dict, what: str) -> None:
 def output(task_id: str):
     task, _ = _task(task_id)
     _gone_if_expired(task, "output")
-    out = task.get("output") or {}
+    out = task.output or {}
     if not out.get("stored"):
-        raise Conflict(f"task {task_id} has no output yet (state {task['state']})", code="no_output")
+        raise Conflict(f"task {task_id} has no output yet (state {task.state.value})", code="no_output")
     name = public_view(task)["output"]["filename"]
     if out["host"] == res().config.host:
         if not control.inside(out["path"], res().config.web.output_dir) or not os.path.exists(out["path"]):
@@ -229,12 +229,12 @@ def _archived_logs(task_id: str) -> bytes:
         return b""
 
 
-def _logs_now(task: dict):
+def _logs_now(task: Task):
     """The log so far, streamed from the runner in chunks (or the archived one)."""
-    if is_final(task):
-        yield _archived_logs(task["id"])
+    if task.final:
+        yield _archived_logs(task.id)
         return
-    logfile = task.get("logfile")
+    logfile = task.logfile
     if not logfile:
         return
     try:
@@ -252,10 +252,10 @@ def _follow(task_id: str):
         while True:
             rec = _live(task_id)
             task = rec.value if rec else None
-            if task is None or is_final(task):
+            if task is None or task.final:
                 yield _archived_logs(task_id)[offset:]
                 return
-            logfile = task.get("logfile")
+            logfile = task.logfile
             if logfile and conn is None:
                 try:
                     client = sftp.connect(res().config.ssh, logfile["ssh"])
@@ -274,13 +274,13 @@ def _follow(task_id: str):
             client.close()
 
 
-NODE_FIELDS = ("name", "state", "epoch", "gpus", "gpu_mode", "gpu_inventory", "max_containers", "tasks",
-               "started_at")
+NODE_FIELDS = ("name", "state", "epoch", "gpus", "max_containers", "tasks")
 
 
-def _node_public(node: dict) -> dict:
-    return {**{k: node.get(k) for k in NODE_FIELDS}, "host": node["ssh_host"],
-            "images": len(node.get("images", []))}
+def _node_public(node: nodes.NodeView) -> dict:
+    registered = {k: node.record.get(k) for k in ("gpu_mode", "gpu_inventory", "started_at")}
+    return {**{k: getattr(node, k) for k in NODE_FIELDS}, **registered, "host": node.record["ssh_host"],
+            "images": len(node.images)}
 
 
 @bp.get("/nodes")
@@ -298,12 +298,12 @@ def control_node(name: str, action: str):
     if action not in states:
         raise NotFound(f"no node action {action}: use drain, stop or resume")
     store = res().store
-    live = {n["name"]: n for n in nodes.view(store)}
+    live = {n.name: n for n in nodes.view(store)}
     if name not in live and store.get(store.keys.control(name)) is None:
         raise NotFound(f"no node {name}", code="unknown_node")
     now = request.args.get("now") in ("1", "true", "yes")
     moved = nodes.set_state(store, name, states[action], by=user.name, now=now)
-    node = {n["name"]: n for n in nodes.view(store)}.get(name)
+    node = {n.name: n for n in nodes.view(store)}.get(name)
     return jsonify(node=_node_public(node) if node else {"name": name, "state": states[action]},
                    moved=moved)
 

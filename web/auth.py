@@ -17,6 +17,7 @@ import time
 from flask import Blueprint, abort, g, jsonify, redirect, render_template, request, session, url_for
 
 from pink import users
+from pink.tasks import Task
 from pink.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from web.resources import res
 
@@ -93,8 +94,8 @@ def require_admin() -> users.User:
     return user
 
 
-def can_see(user: users.User, task: dict) -> bool:
-    return user.admin or task.get("user") == user.name
+def can_see(user: users.User, task: Task) -> bool:
+    return user.admin or task.user == user.name
 
 
 def require_admin_for_dashboard():
