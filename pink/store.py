@@ -11,6 +11,7 @@ client library can change in one place; its errors become `Unavailable`.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pyetcd
 from pyetcd import exceptions as etcd_exc
 from pyetcd.events import DeleteEvent
 
-from pink.errors import Unavailable
+from pink.errors import PinkError, Unavailable
 from pink.tasks import Task
 
 
@@ -88,6 +89,7 @@ class Record:
     lease: int = 0
 
 
+log = logging.getLogger("pink.store")
 _ETCD_ERRORS = (etcd_exc.Etcd3Exception, grpc.RpcError)
 LIST_PAGE = 100  # keys per range read: a page of big task records stays far below 4 MiB
 ENDPOINT_RETRY = 1.0  # seconds before an endpoint that failed is tried again
@@ -237,9 +239,26 @@ class Store:
     # -- reading ---------------------------------------------------------
 
     def _decode(self, key: str, raw: bytes) -> Any:
-        """The value of `key`: a `Task` under the tasks prefix, plain JSON elsewhere."""
-        value = json.loads(raw)
-        return Task.from_json(value) if key.startswith(self.keys.tasks) else value
+        """The value of `key`: a `Task` under the tasks prefix, plain JSON elsewhere.
+
+        A value that is not what its key should hold (written by hand, or by
+        a bug) raises `PinkError`; `list` and the mirror skip it, so one bad
+        record cannot stop the leader or a listing.
+        """
+        try:
+            value = json.loads(raw)
+            return Task.from_json(value) if key.startswith(self.keys.tasks) else value
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PinkError(f"the record at {key} is malformed ({type(exc).__name__}: {exc}); "
+                            "delete it with etcdctl", code="malformed_record") from None
+
+    def _decoded(self, key: str, raw: bytes, make) -> Record | None:
+        """make(value) for a record read in a batch; None (and a warning) for a malformed one."""
+        try:
+            return make(self._decode(key, raw))
+        except PinkError as exc:
+            log.warning("%s", exc.message)
+            return None
 
     def _record(self, value: bytes, meta) -> Record:
         key = meta.key.decode()
@@ -269,9 +288,13 @@ class Store:
             resp = self._client.get_range_response(start, end, sort_order="ascend", sort_target="key",
                                                    limit=LIST_PAGE, revision=revision)
             revision = revision or resp.header.revision
-            out += [Record(key=(key := kv.key.decode()), value=self._decode(key, kv.value),
-                           mod_revision=kv.mod_revision, create_revision=kv.create_revision, lease=kv.lease)
-                    for kv in resp.kvs]
+            for kv in resp.kvs:
+                key = kv.key.decode()
+                rec = self._decoded(key, kv.value, lambda value: Record(
+                    key=key, value=value, mod_revision=kv.mod_revision, create_revision=kv.create_revision,
+                    lease=kv.lease))
+                if rec is not None:
+                    out.append(rec)
             if not resp.more or not resp.kvs:
                 return out, revision
             start = resp.kvs[-1].key + b"\0"
@@ -422,9 +445,11 @@ class Mirror:
         with self._cond:
             for event in response.events:
                 key = event.key.decode()
-                rec = None if isinstance(event, DeleteEvent) else Record(
-                    key=key, value=self._store._decode(key, event.value), mod_revision=event.mod_revision,
-                    create_revision=event.create_revision, lease=event.lease)
+                if not key.startswith(self._parts):
+                    continue  # the leader key, the queue summary, assignments: not held, not decoded
+                rec = None if isinstance(event, DeleteEvent) else self._store._decoded(
+                    key, event.value, lambda value: Record(key=key, value=value, mod_revision=event.mod_revision,
+                                                           create_revision=event.create_revision, lease=event.lease))
                 changed |= self._hold(key, rec)
             self._cond.notify_all()
         if changed:

@@ -13,6 +13,7 @@ import pwd
 import signal
 import stat
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from gpu_runner.agent import OUTBOX_GRACE
 from pink import config as pink_config_module
 from pink.store import Store
+from pink.tasks import Params, State, new_record
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 
@@ -197,8 +199,9 @@ def test_runner_sweeps_outbox_files_no_live_task_needs(pink_processes, pink_conf
     outbox, old = c.runner.outbox_dir, 2 * OUTBOX_GRACE
     store = Store.from_config(c)
     waiting = "aaaaaaaaaaaa"  # attempt 2 exported here, waiting for its finalize
-    assert store.create(store.keys.task(waiting), {"id": waiting, "state": "exported", "node": "run1",
-                                                   "attempt": 2})
+    record = replace(new_record(waiting, "alice", Params(), {"sha256": "0" * 64, "size": 10}, "web1"),
+                     state=State.EXPORTED, node="run1", attempt=2)
+    assert store.create(store.keys.task(waiting), record)
     stale = [f"{waiting}-1.log", f"{waiting}-1.tar.zst", "bbbbbbbbbbbb-1.log", "bbbbbbbbbbbb-1.tar.zst.part",
              "not-a-task-file"]
     kept = [f"{waiting}-2.log", f"{waiting}-2.tar.zst"]
