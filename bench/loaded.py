@@ -16,11 +16,12 @@ import hashlib
 import json
 import time
 import uuid
+from dataclasses import replace
 
 from bench.measure import forget_image, hello_image, median, pink_once, stage_split
 from pink import db, defaults, image_archive
 from pink.store import Store
-from pink.tasks import Params, new_id, new_record
+from pink.tasks import Params, State, new_id, new_record
 
 TARGET = 1.2  # loaded median as a multiple of the empty cluster's, at most
 WAITING_USER = "bench-waiting"  # owner of the tasks that never fit
@@ -46,13 +47,13 @@ def archive_rows(config, user: str, image: dict, count: int, tag: str) -> list[s
     for n in range(count):
         task_id = f"{tag}{n:06d}"
         submitted = now - 86400 * 10 + n  # spread over the last ten days
-        record = {"id": task_id, "name": f"archived {n}", "user": user, "state": "succeeded",
-                  "attempt": 1, "node": "run1", "gpus": [], "exit_code": 0, "error": None,
-                  "image": image, "params": Params().__dict__,
-                  "timings": {"submitted": submitted, "placed": submitted + 0.01,
-                              "running": submitted + 0.05, "exported": submitted + 0.3,
-                              "succeeded": submitted + 0.32},
-                  "history": [[submitted, "queued", "uploaded to web1"]]}
+        record = replace(new_record(task_id, user, Params(), image, "web1"), name=f"archived {n}",
+                         state=State.SUCCEEDED, node="run1", exit_code=0, created_at=submitted,
+                         updated_at=submitted + 0.32,
+                         timings={"submitted": submitted, "placed": submitted + 0.01,
+                                  "running": submitted + 0.05, "exported": submitted + 0.3,
+                                  "succeeded": submitted + 0.32},
+                         history=[[submitted, "queued", "uploaded to web1"]]).to_json()
         rows.append((task_id, user, record["name"], "succeeded", 1, "run1", 0, None, image["sha256"],
                      image["size"], 4096, "[]", 0, submitted, submitted + 0.05, submitted + 0.3,
                      submitted + 0.32, now + 14 * 86400, json.dumps(record)))

@@ -275,9 +275,9 @@ class Execution:
         if fields.get("export_error"):
             fields["error"] = fields.get("error") or fields["export_error"]
         detail = fields.get("error") or f"exit code {fields.get('exit_code')}"
-        timings = {k: fields.pop(k) for k in TIMING_FIELDS if fields.get(k) is not None}
+        timings = {k: fields.pop(k) for k in TIMING_FIELDS if k in fields}
         new = exported(task, result, detail, **fields)
-        new.timings.update(timings)  # image_load_seconds 0: the image was cached
+        new.timings.update({k: v for k, v in timings.items() if v is not None})  # 0: the image was cached
         if not lifecycle.move(self.store, current, new, release=self.config.name,
                               unassign=self.config.name, fence=self._fence()):
             log.warning("task %s moved while it ran; discarding its result", self.task_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pink import db
 from pink.errors import BadRequest, Unavailable
 from pink.tasks import Task
 
+log = logging.getLogger("pink.archive")
 _schema_ready: set[tuple] = set()  # databases this process has brought up to date
 
 
@@ -117,6 +119,19 @@ def _with_columns(row: dict) -> Task:
     return task
 
 
+def _readable(rows: list[dict]) -> list[Task]:
+    """The rows' records; one that no longer reads as a task (edited by hand) is
+    left out with a warning rather than failing the whole page."""
+    out = []
+    for row in rows:
+        try:
+            out.append(_with_columns(row))
+        except Exception as exc:  # noqa: BLE001 - any malformed record
+            log.warning("archived record %s is malformed (%s: %s); left out", row.get("id"),
+                        type(exc).__name__, exc)
+    return out
+
+
 def get_record(conn, task_id: str) -> Task | None:
     row = _one(conn, "SELECT record, expires_at, expired_at FROM tasks WHERE id=%s AND deleted_at IS NULL",
                (task_id,))
@@ -200,7 +215,7 @@ def page(conn, query: Query) -> list[Task]:
         cur.execute(sql, args)
         rows = cur.fetchall()
     conn.commit()
-    return [_with_columns(row) for row in rows]
+    return _readable(rows)
 
 
 def page_statement(query: Query) -> tuple[str, list]:

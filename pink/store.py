@@ -248,7 +248,7 @@ class Store:
         try:
             value = json.loads(raw)
             return Task.from_json(value) if key.startswith(self.keys.tasks) else value
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever shape it has, it is not a record
             raise PinkError(f"the record at {key} is malformed ({type(exc).__name__}: {exc}); "
                             "delete it with etcdctl", code="malformed_record") from None
 
@@ -373,6 +373,7 @@ class Mirror:
         self._cond = threading.Condition()
         self._stale = True
         self._cancel: Callable[[], None] = lambda: None
+        self._generation = 0  # of the current watch: a cancelled one's late callbacks are dropped
 
     @property
     def stale(self) -> bool:
@@ -390,13 +391,15 @@ class Mirror:
         root = self._store.keys.prefix + "/"
         records, revision = self._store.list_at(root)
         with self._cond:
+            self._generation += 1
+            generation = self._generation
             self._records = {p: {} for p in self._parts}
             for rec in records:
                 self._hold(rec.key, rec)
             self._stale = False
         try:
-            watch_id = self._store._client.add_watch_prefix_callback(root, self._apply,
-                                                                     start_revision=revision + 1)
+            watch_id = self._store._client.add_watch_prefix_callback(
+                root, lambda response: self._apply(generation, response), start_revision=revision + 1)
         except _ETCD_ERRORS as exc:
             self._stale = True
             raise Unavailable(f"etcd is unreachable: cannot watch {root}: {exc}") from exc
@@ -434,23 +437,35 @@ class Mirror:
                 return True
         return False
 
-    def _apply(self, response) -> None:
-        if isinstance(response, Exception):
-            self._stale = True
-            with self._cond:
-                self._cond.notify_all()
-            self._on_change()
-            return
+    def _apply(self, generation: int, response) -> None:
+        """Apply one watch response; an error, or the end of the stream (None), makes the mirror stale."""
         changed = False
         with self._cond:
-            for event in response.events:
-                key = event.key.decode()
-                if not key.startswith(self._parts):
-                    continue  # the leader key, the queue summary, assignments: not held, not decoded
-                rec = None if isinstance(event, DeleteEvent) else self._store._decoded(
-                    key, event.value, lambda value: Record(key=key, value=value, mod_revision=event.mod_revision,
-                                                           create_revision=event.create_revision, lease=event.lease))
-                changed |= self._hold(key, rec)
+            if generation != self._generation:
+                return  # a watch already replaced (after a failover its cancel may not have reached it)
+            try:
+                if response is None or isinstance(response, Exception):
+                    raise RuntimeError(f"the watch ended: {response}")
+                for event in response.events:
+                    changed |= self._event(event)
+            except Exception as exc:  # noqa: BLE001 - whatever went wrong, read everything again
+                log.warning("etcd watch of %s: %s; reading everything again", self._store.keys.prefix, exc)
+                self._stale = True
+                changed = True
             self._cond.notify_all()
         if changed:
             self._on_change()
+
+    def _event(self, event) -> bool:
+        """Apply one change; True if it was to a part held. Changes no newer than
+        what is held (a late event of an older watch) are ignored."""
+        key = event.key.decode()
+        if not key.startswith(self._parts):
+            return False  # the leader key, the queue summary, assignments: not held, not decoded
+        held = self._held(key).get(key)
+        if held is not None and event.mod_revision <= held.mod_revision:
+            return False
+        rec = None if isinstance(event, DeleteEvent) else self._store._decoded(
+            key, event.value, lambda value: Record(key=key, value=value, mod_revision=event.mod_revision,
+                                                   create_revision=event.create_revision, lease=event.lease))
+        return self._hold(key, rec)

@@ -171,20 +171,30 @@ class Task:
 
     @classmethod
     def from_json(cls, data: dict) -> "Task":
-        known = _TASK_FIELDS
-        values = {k: v for k, v in data.items() if k in known}
+        """The record from its JSON; ValueError when it is not a task's shape."""
+        params, image = data.get("params"), data.get("image")
+        if not isinstance(params, dict) or not isinstance(image, dict) or not {"sha256", "size"} <= set(image):
+            raise ValueError("a task record needs params and an image with sha256 and size")
+        if not isinstance(data.get("history", []), list) or not isinstance(data.get("timings") or {}, dict):
+            raise ValueError("a task record's history is a list and its timings a mapping")
+        values = {k: v for k, v in data.items() if k in _TASK_FIELDS}
         values["state"] = State(data["state"])
-        values["params"] = Params(**{k: v for k, v in data["params"].items() if k in _PARAM_FIELDS})
+        values["params"] = Params(**{k: v for k, v in params.items() if k in _PARAM_FIELDS})
         for key in ("job_failures", "timings"):
             values[key] = values.get(key) or {}
         values["gpus"] = values.get("gpus") or []
-        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+        extra = {k: v for k, v in data.items() if k not in _TASK_FIELDS}
+        unknown_params = {k: v for k, v in params.items() if k not in _PARAM_FIELDS}
+        if unknown_params:
+            extra[_EXTRA_PARAMS] = unknown_params
+        return cls(**values, extra=extra)
 
     def to_json(self) -> dict:
+        extra = dict(self.extra)
         out = {f: getattr(self, f) for f in _TASK_FIELDS}
         out["state"] = self.state.value
-        out["params"] = asdict(self.params)
-        return {**self.extra, **out}
+        out["params"] = {**extra.pop(_EXTRA_PARAMS, {}), **asdict(self.params)}
+        return {**extra, **out}
 
     @property
     def final(self) -> bool:
@@ -192,6 +202,7 @@ class Task:
 
 
 _TASK_FIELDS = frozenset(f.name for f in fields(Task)) - {"extra"}
+_EXTRA_PARAMS = " params"  # where `extra` keeps parameters a newer version added (no JSON key has a space)
 _PARAM_FIELDS = frozenset(f.name for f in fields(Params))
 
 

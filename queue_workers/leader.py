@@ -164,8 +164,12 @@ class Leader:
         if not due:
             return
         finalize_ok = not any(r.value.state == State.EXPORTED for r in due) or self._database_answers()
-        jobs = statuses(self.redis, [job_id(r.value.id, pipeline.stage_for(r.value), r.value.attempt)
-                                     for r in due])
+        try:
+            jobs = statuses(self.redis, [job_id(r.value.id, pipeline.stage_for(r.value), r.value.attempt)
+                                         for r in due])
+        except RedisError as exc:  # Redis away for a moment: the next pass repairs
+            log.warning("reading job statuses: %s", exc)
+            return
         for rec, status in zip(due, jobs.values()):
             try:
                 self._give_job(rec, status, finalize_ok)

@@ -91,4 +91,15 @@ def test_a_record_keeps_what_this_version_does_not_know():
     assert task.params.gpus == 2 and task.state == State.QUEUED
     moved = advance(task, State.PLACED, node="run1")
     assert moved.to_json()["future_field"] == {"x": 1} and moved.to_json()["node"] == "run1"
+    assert moved.to_json()["params"]["future_param"] is True and moved.to_json()["params"]["gpus"] == 2
     assert Task.from_json(moved.to_json()) == moved
+
+
+@pytest.mark.parametrize("change", [{"params": None}, {"image": {"size": 1}}, {"history": None},
+                                    {"state": "sleeping"}, {"id": None, "user": None, "created_at": None}])
+def test_a_record_that_is_not_a_task_is_refused(change):
+    data = {**record().to_json(), **change}
+    if change.get("id", "") is None:
+        del data["id"]
+    with pytest.raises((ValueError, TypeError)):
+        Task.from_json(data)
