@@ -160,7 +160,7 @@ def test_sftp_account_is_chrooted_sftp_only():
 
 def render_pink_toml(**overrides) -> dict:
     """Render common's pink.toml template as Ansible would, with stand-in vars."""
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True)
     env.filters.update(to_json=json.dumps, bool=lambda v: str(v).lower() in ("1", "true", "yes", "on"))
     variables = {
         "ansible_managed": "test", "inventory_hostname": "web1", "pink_address": "10.0.0.11",
@@ -172,6 +172,7 @@ def render_pink_toml(**overrides) -> dict:
         "pink_secret_key": "s" * 48, "pink_https_port": 8443, "pink_tls_install_dir": "/etc/pink/tls",
         "pink_ssh_dir": "/var/lib/pink/ssh", "pink_xfer_chroot": "/var/lib/pink/runner/chroot",
         "pink_xfer_port": 22, "pink_xfer_user": "pink-xfer",
+        "groups": {"web": ["web1"], "processing": ["web1"]},  # one host in both roles, as the example
     }
     defaults = (ANSIBLE / "roles" / "common" / "defaults" / "main.yml").read_text()
     for key, value in re.findall(r"(?m)^(common_\w+):\s*(.+)$", defaults):
@@ -201,6 +202,22 @@ def test_pink_toml_template_covers_every_setting():
             assert key in data, key
     assert render_pink_toml(common_runner_gpus="nvml")["runner"]["gpus"] == []
     assert render_pink_toml(common_runner_gpus=["GPU-1"])["runner"]["gpus"] == ["GPU-1"]
+
+
+def test_a_processing_host_gets_no_secret_it_does_not_need():
+    """Runners run untrusted containers as root: their config names etcd and
+    the runner, and holds no database password, Flask secret, Redis password
+    or SSH key; a web-only host gets no [runner]."""
+    groups = {"web": ["web1"], "processing": ["run1"]}
+    runner = render_pink_toml(inventory_hostname="run1", common_pink_host="run1", groups=groups)
+    assert set(runner) == {"host", "node_ttl", "leader_ttl", "reconcile_interval", "max_attempts",
+                           "etcd", "runner"}
+    assert "p" * 32 not in json.dumps(runner) and "s" * 48 not in json.dumps(runner)
+    config = pink_config.from_mapping(runner)
+    assert config.runner.name == "run1" and config.etcd.endpoints and not config.db.password
+    web = render_pink_toml(groups=groups)
+    assert {"db", "web", "ssh", "redis_url"} <= set(web) and "runner" not in web
+    assert web["db"]["password"] == "p" * 32
 
 
 def render_etcd_default(**overrides) -> dict[str, str]:
