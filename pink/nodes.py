@@ -54,6 +54,46 @@ class NodeView:
                    record=node)
 
 
+class WebPresence:
+    """This web node's key in etcd (`Keys.web`), under a lease of `node_ttl`.
+
+    Uploads and outputs live on their web node, so the rest of the cluster
+    must see that node go: its key vanishes a lease after the node dies. The
+    leader process (one per web node) keeps it: `ensure()`, called on every
+    pass and campaign, checks every third of a TTL that the key is there
+    under our lease (another process of this host may have written it under
+    one that has since expired) and writes it again if not. A clean stop does
+    not revoke the lease, so a restart within the TTL is not a loss.
+    """
+
+    def __init__(self, store: Store, host: str, url: str, ttl: int):
+        self.store, self.host, self.url, self.ttl = store, host, url, ttl
+        self.lease = None
+        self._checked = float("-inf")
+
+    def ensure(self) -> None:
+        if time.monotonic() - self._checked < self.ttl / 3:
+            return
+        key = self.store.keys.web(self.host)
+        if self.lease is None or self.lease.lost.is_set():
+            self.lease = self.store.lease(self.ttl)
+        rec = self.store.get(key)
+        if rec is None or rec.lease != self.lease.id:
+            self.store.txn().put(key, {"host": self.host, "url": self.url, "since": time.time()},
+                                 self.lease.id).commit()
+        self._checked = time.monotonic()
+
+    def stop(self) -> None:
+        if self.lease is not None:
+            self.lease.stop()
+
+
+def web_url(store: Store, host: str) -> str | None:
+    """The base URL of web node `host` while it is up (None: not registered)."""
+    rec = store.get(store.keys.web(host))
+    return rec.value.get("url") if rec else None
+
+
 def controls(store: Store) -> dict[str, dict]:
     return {r.key.rsplit("/", 1)[1]: r.value for r in store.list(store.keys.controls)}
 

@@ -24,6 +24,7 @@ class Snapshot:
     nodes: dict[str, Record]  # runner records by name (their create_revision is the epoch)
     allocs: dict[str, Record]  # reservations by runner name
     live: list[nodes.NodeView]  # runners with epoch, operator state and reservations
+    webs: set[str]  # web nodes up (their presence key exists)
 
     @classmethod
     def of(cls, keys: Keys, parts: dict[str, list[Record]]) -> "Snapshot":
@@ -34,7 +35,8 @@ class Snapshot:
         runners, allocs = by_name(keys.nodes), by_name(keys.allocs)
         wishes = {name: r.value for name, r in by_name(keys.controls).items()}
         live = nodes.merge(list(runners.values()), wishes, {n: r.value for n, r in allocs.items()})
-        return cls(tasks=parts[keys.tasks], nodes=runners, allocs=allocs, live=live)
+        webs = set(by_name(keys.webs)) if keys.webs in parts else set()
+        return cls(tasks=parts[keys.tasks], nodes=runners, allocs=allocs, live=live, webs=webs)
 
 
 def limits(config) -> placement.Limits:

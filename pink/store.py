@@ -54,6 +54,14 @@ class Keys:
     def allocs(self) -> str:
         return f"{self.prefix}/alloc/"
 
+    def web(self, host: str) -> str:
+        """A web node's presence: `{host, url, since}`, bound to a lease its leader process keeps."""
+        return f"{self.prefix}/web/{host}"
+
+    @property
+    def webs(self) -> str:
+        return f"{self.prefix}/web/"
+
     def control(self, node: str) -> str:
         """An operator's wish for a node (drain, stop); outlives the runner's lease."""
         return f"{self.prefix}/control/{node}"

@@ -33,6 +33,7 @@ from rq.registry import StartedJobRegistry
 
 from pink import archive, defaults, lifecycle, pipeline, scheduler
 from pink import config as pink_config
+from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
 from pink.tasks import FINAL, ON_RUNNER, State, Task, advance, exported, job_id
@@ -46,6 +47,7 @@ MIRROR_RESYNC = 120.0  # seconds between two full reads of etcd's live state int
 OWN_WRITES_WAIT = 2.0  # seconds the mirror may take to show the leader's own placements
 PLACE_THREADS = 16  # runners whose placements commit at once
 JOB_SETTLE = 10.0  # seconds after a job ended during which the record it changed may not be mirrored yet
+UPLOAD_NEEDED = {State.QUEUED, State.PLACED}  # the image is still only on its web node
 
 
 class Leader:
@@ -59,23 +61,32 @@ class Leader:
         self._cleaned = 0.0
         self._swept = 0.0
         self._published: dict | None = None
+        self.presence = pink_nodes.WebPresence(self.store, config.host, config.web.url, config.node_ttl)
         self._written: list[tuple[str, int]] = []  # (task key, mod_revision before) placed by the last pass
         self._checked: dict[str, int] = {}  # task key -> mod_revision whose job was last made sure of
 
     def run_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                lease = self._campaign()
-                if lease is None:
-                    stop.wait(1.0)
-                    continue
-                self._lead(lease, stop)
-            except PinkError as exc:
-                log.warning("leader: %s", exc.message)
+        try:
+            while not stop.is_set():
+                self._run_once(stop)
+        finally:
+            self.presence.stop()
+
+    def _run_once(self, stop: threading.Event) -> None:
+        """Announce this web node, campaign, and lead while elected."""
+        try:
+            self.presence.ensure()
+            lease = self._campaign()
+            if lease is None:
                 stop.wait(1.0)
-            except Exception:  # noqa: BLE001 - a leader must outlive any one failure
-                log.exception("leader: unexpected error; campaigning again")
-                stop.wait(1.0)
+                return
+            self._lead(lease, stop)
+        except PinkError as exc:
+            log.warning("leader: %s", exc.message)
+            stop.wait(1.0)
+        except Exception:  # noqa: BLE001 - a leader must outlive any one failure
+            log.exception("leader: unexpected error; campaigning again")
+            stop.wait(1.0)
 
     def _campaign(self):
         lease = self.store.lease(self.config.leader_ttl)
@@ -88,8 +99,9 @@ class Leader:
         return lease
 
     def _lead(self, lease, stop: threading.Event) -> None:
-        self.mirror = self.store.mirror((self.store.keys.tasks, self.store.keys.nodes, self.store.keys.allocs,
-                                         self.store.keys.controls), self.changed.set)
+        keys = self.store.keys
+        self.mirror = self.store.mirror((keys.tasks, keys.nodes, keys.allocs, keys.controls, keys.webs),
+                                        self.changed.set)
         self._resynced = self._repaired = float("-inf")
         try:
             while not stop.is_set() and not lease.lost.is_set():
@@ -125,6 +137,7 @@ class Leader:
         if time.monotonic() - self._resynced > MIRROR_RESYNC:
             self.mirror.invalidate()  # a watch can drop without an error: read everything now and then
             self._resynced = time.monotonic()
+        self.presence.ensure()
         self.mirror.fresh()
         snap = scheduler.Snapshot.of(self.store.keys, self.mirror.snapshot())
         started = time.monotonic()
@@ -154,7 +167,7 @@ class Leader:
             if lease.lost.is_set():
                 return
             try:
-                if self._settle(rec, snap.nodes):
+                if self._settle(rec, snap):
                     continue
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.id, exc)
@@ -177,15 +190,20 @@ class Leader:
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.id, exc)
 
-    def _settle(self, rec: Record, nodes: dict[str, Record]) -> bool:
-        """Retire a final record or re-queue a task whose runner is gone; True if it did either."""
+    def _settle(self, rec: Record, snap: scheduler.Snapshot) -> bool:
+        """Retire a final record, fail a task whose upload went with its web
+        node, or re-queue one whose runner is gone; True if it did any."""
         task = rec.value
         state = task.state
         if state in FINAL:
             self._retire_final(rec)
             return True
+        if (state in UPLOAD_NEEDED and task.web_host not in snap.webs
+                and time.time() - task.created_at > self.config.node_ttl):  # not a node still starting
+            self._upload_lost(rec)
+            return True
         if state in ON_RUNNER:
-            node = nodes.get(task.node)
+            node = snap.nodes.get(task.node)
             if node is None or node.create_revision != task.epoch:
                 self._lost(rec)
                 return True
@@ -350,6 +368,17 @@ class Leader:
             return True
         new = replace(task, job_failures={**task.job_failures, stage: failures})
         return not lifecycle.move(self.store, rec, new, fence=self.fence)
+
+    def _upload_lost(self, rec: Record) -> None:
+        """The task's upload was on a web node that is gone (its presence
+        lease expired, or it never announced itself within a lease of the
+        submit): it cannot reach a runner, so it fails now, releasing its
+        reservation, instead of waiting for ever on that node's queue."""
+        task = rec.value
+        why = f"upload lost with {task.web_host}; submit again"
+        new = exported(task, State.FAILED, why, error=why)
+        if lifecycle.move(self.store, rec, new, release=task.node, unassign=task.node, fence=self.fence):
+            log.warning("task %s: %s", task.id, why)
 
     def _lost(self, rec: Record) -> None:
         task = rec.value

@@ -195,11 +195,19 @@ def output(task_id: str):
             raise NotFound(f"the output of task {task_id} is no longer stored", code="output_gone")
         return send_file(out["path"], mimetype="application/octet-stream", as_attachment=True,
                          download_name=name, conditional=True, etag=out.get("sha256"))
-    return _from_peer(out["url"] + request.full_path)
+    return _from_peer(out["host"])
 
 
-def _from_peer(url: str) -> Response:
-    """Stream an output another web node holds, passing Range through."""
+def _from_peer(host: str) -> Response:
+    """Stream an output another web node holds, passing Range through.
+
+    The peer's address comes from its presence key in etcd, never from the
+    task record: a record cannot send a user's credentials elsewhere.
+    """
+    base = nodes.web_url(res().store, host)
+    if not base:
+        raise Unavailable(f"the web node holding this output ({host}) is down; try again once it is back")
+    url = base.rstrip("/") + request.full_path
     headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Range", "Cookie")}
     try:
         upstream = requests.get(url, headers=headers, stream=True, timeout=30,
