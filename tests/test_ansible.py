@@ -145,7 +145,7 @@ def test_units_run_pink_with_the_config_file():
 
 def test_router_streams_uploads():
     text = (ANSIBLE / "roles" / "nginx" / "templates" / "pink.conf.j2").read_text()
-    for directive in ("proxy_request_buffering off;", "client_max_body_size 0;",
+    for directive in ("proxy_request_buffering off;", "client_max_body_size {{ nginx_max_body_size }};",
                       "proxy_buffering off;", "proxy_ssl_verify on;"):
         assert directive in text
 
@@ -173,6 +173,7 @@ def render_pink_toml(**overrides) -> dict:
         "pink_ssh_dir": "/var/lib/pink/ssh", "pink_xfer_chroot": "/var/lib/pink/runner/chroot",
         "pink_xfer_port": 22, "pink_xfer_user": "pink-xfer",
         "groups": {"web": ["web1"], "processing": ["web1"]},  # one host in both roles, as the example
+        "common_web_max_upload_bytes": 68719476736,  # group_vars' pink_max_upload_bytes
     }
     defaults = (ANSIBLE / "roles" / "common" / "defaults" / "main.yml").read_text()
     for key, value in re.findall(r"(?m)^(common_\w+):\s*(.+)$", defaults):
