@@ -1,6 +1,6 @@
 # PINK's entry points for people and CI: install what a fresh Debian 12 machine
 # lacks, build the venv, make dev certificates, run the demo, tests and bench.
-# The one-machine cluster itself is managed by pink/localcluster.py.
+# The one-machine cluster itself is managed by devcluster/local.py.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -47,23 +47,23 @@ certs:
 
 # Services and PINK's processes, left running (stop with `make down`).
 up: deps venv certs
-	$(PY) -m pink.localcluster up --base $(DEMO_BASE) --with-pink
+	$(PY) -m devcluster.local up --base $(DEMO_BASE) --with-pink
 
 demo: deps venv certs
-	$(PY) -m pink.localcluster demo --base $(DEMO_BASE)
+	$(PY) -m devcluster.local demo --base $(DEMO_BASE)
 
 down:
-	@if [ -x $(PY) ]; then $(PY) -m pink.localcluster down --base $(DEMO_BASE); fi
+	@if [ -x $(PY) ]; then $(PY) -m devcluster.local down --base $(DEMO_BASE); fi
 
 status:
-	$(PY) -m pink.localcluster status --base $(DEMO_BASE)
+	$(PY) -m devcluster.local status --base $(DEMO_BASE)
 
 test: deps venv
-	$(PY) -m pink.localcluster dockerd
+	$(PY) -m devcluster.local dockerd
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: deps venv
-	$(PY) -m pink.localcluster dockerd
+	$(PY) -m devcluster.local dockerd
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Ansible deployment (see ansible/README.md): INVENTORY=path/to/hosts make deploy

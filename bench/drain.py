@@ -89,7 +89,7 @@ def _errors(config, name: str) -> dict:
 
 
 def measure(api, client, workdir, config, tasks: int, baseline: int, log, etcd_status=None) -> dict:
-    """`etcd_status`: called once a second while the long queue drains (pink.localcluster's)."""
+    """`etcd_status`: called once a second while the long queue drains (devcluster.local's)."""
     tag, archive = hello_image(client, workdir)
     try:
         pink_once(api, archive)  # one task first, so that both batches find the image cached

@@ -1,7 +1,7 @@
 """etcd's database through a benchmark run: its size at each checkpoint.
 
 etcd keeps every revision of every key until it is compacted; PINK's cluster
-runs it with periodic auto-compaction (pink.localcluster), and a finished
+runs it with periodic auto-compaction (devcluster.local), and a finished
 task leaves etcd once archived. So the database should stay flat however
 many tasks pass through: what it holds is the live state plus the last
 retention period's changes. `checkpoint` reads etcd's own status (file size,
@@ -15,7 +15,7 @@ import time
 import urllib.error
 
 from pink import db
-from pink.localcluster import ETCD_COMPACTION_RETENTION, b64
+from devcluster.local import ETCD_COMPACTION_RETENTION, b64
 
 SETTLE_TIMEOUT = 240.0  # seconds to wait: compaction runs once per retention period (1 min here)
 

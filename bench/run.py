@@ -14,7 +14,7 @@
    the leader, with 1,000 runner records and 10,000 waiting tasks.
 And etcd's database size at each step, then once its history is compacted.
 
-Starts its own cluster under /var/lib/pink-bench (pink.localcluster) and
+Starts its own cluster under /var/lib/pink-bench (devcluster.local) and
 removes it, the namespace and the images it built at the end.
 """
 
@@ -37,7 +37,7 @@ import docker  # noqa: E402
 from bench import drain, etcdsize, loaded, measure, placement, throughput  # noqa: E402
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
-from pink.localcluster import Cluster  # noqa: E402
+from devcluster.local import Cluster  # noqa: E402
 from tests import images  # noqa: E402
 from tests.helpers import Api  # noqa: E402
 

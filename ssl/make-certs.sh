@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Development certificates for a PINK cluster: a dev CA and the web servers'
 # certificate (ssl/), and MariaDB's own CA and server certificate (ssl_db/).
-# Called by `make certs` and by pink.localcluster (tests point it at private
+# Called by `make certs` and by devcluster.local (tests point it at private
 # directories). Idempotent: a file that exists is kept; delete it to renew.
 #
 # usage: ssl/make-certs.sh [--web-dir DIR] [--db-dir DIR] [--days N] [SAN ...]

@@ -1,6 +1,6 @@
 """Session fixtures: one real local cluster (etcd, Redis, MariaDB, sshd) per run.
 
-`cluster` starts the services once, through pink.localcluster, under
+`cluster` starts the services once, through devcluster.local, under
 /var/lib/pink-test/<random> (not /tmp: sshd's chroot needs root-owned parents).
 `pink_config` gives every test its own namespace in them (etcd prefix, Redis
 database, MariaDB schema, spool dirs) and a config file; `pink_processes`
@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from pink import config as pink_config_module
-from pink.localcluster import TEST_BASE, Cluster, free_port
+from devcluster.local import TEST_BASE, Cluster, free_port
 from tests import images
 
 REDIS_DBS = 127  # databases 1..127 of the cluster's Redis (started with 128)

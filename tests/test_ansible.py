@@ -260,7 +260,7 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
     settings and reports compaction as configured."""
     if not shutil.which("etcd"):
         pytest.skip("etcd is not installed (apt-get install etcd-server)")
-    from pink.localcluster import free_port, wait_until
+    from devcluster.local import free_port, wait_until
 
     client, peer = free_port(), free_port()
     env = render_etcd_default(etcd_address="127.0.0.1", etcd_client_port=client, etcd_peer_port=peer,

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from pink.errors import PinkError
-from pink.localcluster import wait_until
+from devcluster.local import wait_until
 from pink.store import Store
 from pink.tasks import Params, new_record
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pink import config as pink_config_module
-from pink.localcluster import dump_toml, free_port, wait_until
+from devcluster.local import dump_toml, free_port, wait_until
 from pink.store import Store
 from tests import images
 from tests.helpers import Api, archived, make_user

@@ -10,7 +10,7 @@ import pytest
 
 from pink import archive
 from pink import config as pink_config_module
-from pink.localcluster import free_port
+from devcluster.local import free_port
 from pink.store import Store
 from tests import images
 from tests.helpers import Api, files_in_output, make_user

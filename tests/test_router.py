@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from pink import config as pink_config_module
-from pink.localcluster import free_port, wait_until
+from devcluster.local import free_port, wait_until
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 

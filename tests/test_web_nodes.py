@@ -11,7 +11,7 @@ import pytest
 
 from pink import archive
 from pink import config as pink_config_module
-from pink.localcluster import free_port
+from devcluster.local import free_port
 from pink.store import Store
 from pink.tasks import Params, State, new_record
 from tests import images

@@ -4,7 +4,7 @@
 sshd per runner, and pink-web/worker/leader/runner, each in its own session,
 with pid files in base/run/, logs in base/log/ and its choices (ports,
 passwords, paths) in base/cluster.json, so a second `up` reuses what runs.
-Called by `make demo`/`make test` (`python -m pink.localcluster`) and by
+Called by `make demo`/`make test` (`python -m devcluster.local`) and by
 tests/conftest.py. Imports no Flask, RQ or Docker: a cluster can be started
 before anything else is importable.
 """
@@ -673,7 +673,7 @@ class Cluster:
         rdir = self.runner_dir(runner)
         config = rdir / "sshd_config"
         config.write_text(f"""\
-# Written by pink.localcluster: the image-transfer account of runner {runner}.
+# Written by devcluster.local: the image-transfer account of runner {runner}.
 Port {port}
 ListenAddress 127.0.0.1
 HostKey {rdir / 'ssh_host_ed25519_key'}
@@ -764,7 +764,7 @@ Match User {XFER_USER}
             Path(data["web"][key]).mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write("# Written by pink.localcluster for the cluster in "
+            fh.write("# Written by devcluster.local for the cluster in "
                      f"{self.base}\n" + dump_toml(data))
         return path
 
@@ -965,7 +965,7 @@ def read_demo_result(download: Path, into: Path) -> str:
 # ---------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pink.localcluster",
+    parser = argparse.ArgumentParser(prog="python -m devcluster.local",
                                      description="Start or stop a one-machine PINK cluster.")
     parser.add_argument("command", choices=["up", "down", "status", "config", "dockerd", "demo"])
     parser.add_argument("--base", default=str(DEMO_BASE),

@@ -1,5 +1,5 @@
 """The local cluster's services answer, are locked down as promised, and `up`
-and `down` manage exactly their own processes (pink/localcluster.py)."""
+and `down` manage exactly their own processes (devcluster/local.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pymysql
 import pytest
 import redis
 
-from pink.localcluster import (ETCD_COMPACTION_RETENTION, TEST_BASE, Cluster, b64, pid_alive,
+from devcluster.local import (ETCD_COMPACTION_RETENTION, TEST_BASE, Cluster, b64, pid_alive,
                                tcp_answers, wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,9 +184,9 @@ def test_ssh_refuses_root(cluster):
 # ---------------------------------------------------------------- up, down, namespaces
 
 def test_second_up_reuses_running_services(cluster):
-    """`python -m pink.localcluster up` on a running cluster changes nothing."""
+    """`python -m devcluster.local up` on a running cluster changes nothing."""
     before = json.loads(cluster.state_file.read_text())
-    out = subprocess.run([sys.executable, "-m", "pink.localcluster", "up", "--base",
+    out = subprocess.run([sys.executable, "-m", "devcluster.local", "up", "--base",
                           str(cluster.base)], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
