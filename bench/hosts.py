@@ -15,16 +15,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from devcluster.netns import NetnsHost
+
 NETNS = "pinkbench"  # the namespace's name
 HOST_VETH = "veth-pinkb"  # host end of the link; the namespace end is eth0
 HOST_ADDR = "10.78.0.1"
 NS_ADDR = "10.78.0.11"
 PREFIX = 24
 SSH_PORT = 22
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
 
 
 class RunnerHost:
@@ -37,6 +35,7 @@ class RunnerHost:
         self.known_hosts = cluster.base / "bench-known_hosts"
         self.log = cluster.log_path("bench-sshd")
         self.proc: subprocess.Popen | None = None
+        self.netns = NetnsHost(NETNS, HOST_VETH, HOST_ADDR, NS_ADDR, PREFIX)
 
     @property
     def node(self) -> dict:
@@ -46,13 +45,7 @@ class RunnerHost:
 
     def up(self) -> None:
         self.down()  # a previous run that was killed may have left them
-        _ip("netns", "add", NETNS)
-        _ip("link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", NETNS)
-        _ip("addr", "add", f"{HOST_ADDR}/{PREFIX}", "dev", HOST_VETH)
-        _ip("link", "set", HOST_VETH, "up")
-        _ip("netns", "exec", NETNS, "ip", "addr", "add", f"{NS_ADDR}/{PREFIX}", "dev", "eth0")
-        _ip("netns", "exec", NETNS, "ip", "link", "set", "eth0", "up")
-        _ip("netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
+        self.netns.up()
         self._start_sshd()
 
     def _start_sshd(self) -> None:
@@ -75,7 +68,7 @@ class RunnerHost:
         self.known_hosts.write_text(f"{NS_ADDR} {kind} {blob}\n")
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", NETNS, "/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)],
+                self.netns.argv("/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)),
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         deadline = time.monotonic() + 15
@@ -97,7 +90,6 @@ class RunnerHost:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
-        _ip("link", "del", HOST_VETH, check=False)  # removes the peer too
-        _ip("netns", "del", NETNS, check=False)
+        self.netns.down()
         for path in (self.config, self.known_hosts):
             Path(path).unlink(missing_ok=True)

@@ -12,15 +12,15 @@ epoch or its container.
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from pink import config as pink_config_module
 from devcluster.local import dump_toml, free_port, wait_until
+from devcluster.netns import NetnsHost
+from pink import config as pink_config_module
 from pink.store import Store
 from tests import images
 from tests.helpers import Api, archived, make_user
@@ -34,16 +34,11 @@ NS_ADDR = f"{SUBNET}.2"  # the namespaced runner's host
 NS_SSH_PORT = 2222
 RUNNER = "runp"
 HOST_RUNNER = "runh"  # the retry's runner, on the machine itself
-FORWARD_RULE = ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT"]
 TASK_SECONDS = 12  # long enough that attempt 1 is still running when the runner is cut off
 
 
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), check=check, capture_output=True, text=True)
-
-
-def _in_ns(*argv: str) -> list[str]:
-    return ["ip", "netns", "exec", NETNS, *argv]
+LINK = NetnsHost(NETNS, HOST_VETH, HOST_ADDR, NS_ADDR, bridge=BRIDGE)
+_in_ns = LINK.argv
 
 
 def _answers(host: str, port: int, banner: bytes = b"") -> bool:
@@ -78,39 +73,21 @@ class NamespacedHost:
     # -- network -----------------------------------------------------------
 
     def up(self) -> None:
-        self._remove_network()  # what a killed earlier run may have left
-        _run("ip", "netns", "add", NETNS)
-        _run("ip", "link", "add", BRIDGE, "type", "bridge")
-        _run("ip", "addr", "add", f"{HOST_ADDR}/24", "dev", BRIDGE)
-        _run("ip", "link", "set", BRIDGE, "up")
-        _run("ip", "link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", NETNS)
-        _run("ip", "link", "set", HOST_VETH, "master", BRIDGE, "up")
-        _run(*_in_ns("ip", "addr", "add", f"{NS_ADDR}/24", "dev", "eth0"))
-        _run(*_in_ns("ip", "link", "set", "eth0", "up"))
-        _run(*_in_ns("ip", "link", "set", "lo", "up"))
-        # dockerd's FORWARD policy is DROP; bridged traffic would vanish silently.
-        _run("iptables", "-I", *FORWARD_RULE)
+        LINK.up()  # removes first what a killed earlier run may have left
         self._start_etcd()
         self._start_sshd()
         self._write_configs()
 
     def partition(self) -> None:
-        _run("ip", "link", "set", HOST_VETH, "down")
+        LINK.partition()
 
     def heal(self) -> None:
-        _run("ip", "link", "set", HOST_VETH, "up")
+        LINK.heal()
 
     def down(self) -> None:
         for name in reversed(self.procs):
             self.cluster.stop(name)
-        self._remove_network()
-
-    def _remove_network(self) -> None:
-        while _run("iptables", "-C", *FORWARD_RULE, check=False).returncode == 0:
-            _run("iptables", "-D", *FORWARD_RULE)
-        _run("ip", "link", "del", HOST_VETH, check=False)  # removes its peer too
-        _run("ip", "link", "del", BRIDGE, check=False)
-        _run("ip", "netns", "del", NETNS, check=False)
+        LINK.down()
 
     # -- services ------------------------------------------------------------
 
