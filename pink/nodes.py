@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pink import lifecycle
-from pink.errors import BadRequest
+from pink.errors import BadRequest, Unavailable
 from pink.store import Record, Store
 from pink.tasks import State, requeue
 
@@ -79,9 +79,16 @@ class WebPresence:
             self.lease = self.store.lease(self.ttl)
         rec = self.store.get(key)
         if rec is None or rec.lease != self.lease.id:
-            self.store.txn().put(key, {"host": self.host, "url": self.url, "since": time.time()},
-                                 self.lease.id).commit()
+            try:
+                self._put(key)
+            except Unavailable:  # the lease may have expired before we noticed: take a new one
+                self.lease = self.store.lease(self.ttl)
+                self._put(key)
         self._checked = time.monotonic()
+
+    def _put(self, key: str) -> None:
+        self.store.txn().put(key, {"host": self.host, "url": self.url, "since": time.time()},
+                             self.lease.id).commit()
 
     def stop(self) -> None:
         if self.lease is not None:

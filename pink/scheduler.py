@@ -24,7 +24,7 @@ class Snapshot:
     nodes: dict[str, Record]  # runner records by name (their create_revision is the epoch)
     allocs: dict[str, Record]  # reservations by runner name
     live: list[nodes.NodeView]  # runners with epoch, operator state and reservations
-    webs: set[str]  # web nodes up (their presence key exists)
+    webs: set[str] | None  # web nodes up (their presence key exists); None: not read, assume all
 
     @classmethod
     def of(cls, keys: Keys, parts: dict[str, list[Record]]) -> "Snapshot":
@@ -35,7 +35,7 @@ class Snapshot:
         runners, allocs = by_name(keys.nodes), by_name(keys.allocs)
         wishes = {name: r.value for name, r in by_name(keys.controls).items()}
         live = nodes.merge(list(runners.values()), wishes, {n: r.value for n, r in allocs.items()})
-        webs = set(by_name(keys.webs)) if keys.webs in parts else set()
+        webs = set(by_name(keys.webs)) if keys.webs in parts else None
         return cls(tasks=parts[keys.tasks], nodes=runners, allocs=allocs, live=live, webs=webs)
 
 
@@ -46,7 +46,8 @@ def limits(config) -> placement.Limits:
 def snapshot(store: Store) -> Snapshot:
     """Read straight from etcd, tasks first: any epoch a task carries already exists when runners are read."""
     keys = store.keys
-    parts = {prefix: store.list(prefix) for prefix in (keys.tasks, keys.nodes, keys.allocs, keys.controls)}
+    parts = {prefix: store.list(prefix) for prefix in (keys.tasks, keys.nodes, keys.allocs, keys.controls,
+                                                       keys.webs)}
     return Snapshot.of(keys, parts)
 
 
@@ -59,7 +60,8 @@ def gpus_in_use(tasks: list[Task]) -> dict[str, int]:
 
 
 def plan(config, snap: Snapshot) -> placement.Plan:
+    """The plan of the queue; a task whose web node (its upload) is not up waits unplanned."""
     tasks = [r.value for r in snap.tasks]
-    queued = [t for t in tasks if t.state == State.QUEUED]
+    queued = [t for t in tasks if t.state == State.QUEUED and (snap.webs is None or t.web_host in snap.webs)]
     return placement.plan(queued, snap.live, {n: r.value for n, r in snap.allocs.items()}, gpus_in_use(tasks),
                           limits(config))

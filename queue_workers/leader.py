@@ -64,6 +64,7 @@ class Leader:
         self.presence = pink_nodes.WebPresence(self.store, config.host, config.web.url, config.node_ttl)
         self._written: list[tuple[str, int]] = []  # (task key, mod_revision before) placed by the last pass
         self._checked: dict[str, int] = {}  # task key -> mod_revision whose job was last made sure of
+        self._webs_missing: dict[str, float] = {}  # web host -> when this leader first missed its key
 
     def run_forever(self, stop: threading.Event) -> None:
         try:
@@ -140,6 +141,8 @@ class Leader:
         self.presence.ensure()
         self.mirror.fresh()
         snap = scheduler.Snapshot.of(self.store.keys, self.mirror.snapshot())
+        for host in [h for h in self._webs_missing if h in snap.webs]:
+            del self._webs_missing[host]  # back (or its leader restarted): its tasks wait no more
         started = time.monotonic()
         plan = scheduler.plan(self.config, snap)
         planned = time.monotonic()
@@ -192,15 +195,17 @@ class Leader:
 
     def _settle(self, rec: Record, snap: scheduler.Snapshot) -> bool:
         """Retire a final record, fail a task whose upload went with its web
-        node, or re-queue one whose runner is gone; True if it did any."""
+        node, or re-queue one whose runner is gone. True when the task needs
+        nothing more this pass (also while its web node is briefly missing:
+        its transfer could not run anyway)."""
         task = rec.value
         state = task.state
         if state in FINAL:
             self._retire_final(rec)
             return True
-        if (state in UPLOAD_NEEDED and task.web_host not in snap.webs
-                and time.time() - task.created_at > self.config.node_ttl):  # not a node still starting
-            self._upload_lost(rec)
+        if state in UPLOAD_NEEDED and snap.webs is not None and task.web_host not in snap.webs:
+            if self._web_gone(task.web_host):
+                self._upload_lost(rec)
             return True
         if state in ON_RUNNER:
             node = snap.nodes.get(task.node)
@@ -369,14 +374,30 @@ class Leader:
         new = replace(task, job_failures={**task.job_failures, stage: failures})
         return not lifecycle.move(self.store, rec, new, fence=self.fence)
 
+    def _web_gone(self, host: str) -> bool:
+        """Has web node `host` been missing for a lease (`node_ttl`) as this
+        leader saw it? Counted on this leader's own clock from the first pass
+        that missed it (not from the task's submit, stamped by another
+        host's clock), and read again from etcd before saying so: its key
+        vanishes a lease after the node dies, so a restart of its leader
+        process (which does not revoke the lease) is never a loss."""
+        missing = self._webs_missing.setdefault(host, time.monotonic())
+        if time.monotonic() - missing < self.config.node_ttl:
+            return False
+        if self.store.get(self.store.keys.web(host)) is not None:
+            self._webs_missing.pop(host, None)
+            return False
+        return True
+
     def _upload_lost(self, rec: Record) -> None:
-        """The task's upload was on a web node that is gone (its presence
-        lease expired, or it never announced itself within a lease of the
-        submit): it cannot reach a runner, so it fails now, releasing its
-        reservation, instead of waiting for ever on that node's queue."""
+        """The task's upload was on a web node that is gone: it cannot reach a
+        runner, so it fails (or ends cancelled, if its user asked) now,
+        releasing its reservation, instead of waiting for ever on that node's
+        queue."""
         task = rec.value
         why = f"upload lost with {task.web_host}; submit again"
-        new = exported(task, State.FAILED, why, error=why)
+        result = State.CANCELLED if task.cancel_requested else State.FAILED
+        new = exported(task, result, why, error=why)
         if lifecycle.move(self.store, rec, new, release=task.node, unassign=task.node, fence=self.fence):
             log.warning("task %s: %s", task.id, why)
 
