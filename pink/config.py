@@ -107,6 +107,8 @@ class RetentionConfig:
 class Config:
     host: str = ""  # this web node's name: its transfer queue is named after it
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_sentinels: list[str] = field(default_factory=list)  # host:port of Redis Sentinels; empty: none
+    redis_master: str = "pink"  # the master's name the sentinels monitor
     node_ttl: int = defaults.NODE_TTL
     leader_ttl: int = defaults.LEADER_TTL
     reconcile_interval: float = defaults.RECONCILE_INTERVAL

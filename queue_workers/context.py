@@ -12,6 +12,7 @@ import functools
 from redis import Redis
 
 from pink import config as pink_config
+from pink import redisconn
 from pink import sftp as pink_sftp
 from pink.store import Store
 
@@ -39,7 +40,7 @@ def store() -> Store:
 
 @functools.cache
 def redis() -> Redis:
-    return Redis.from_url(config().redis_url)
+    return redisconn.connect(config())
 
 
 @functools.cache

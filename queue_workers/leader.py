@@ -24,14 +24,13 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import click
-from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from pink import archive, defaults, lifecycle, pipeline, scheduler
+from pink import archive, defaults, lifecycle, pipeline, redisconn, scheduler
 from pink import config as pink_config
 from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
@@ -54,7 +53,7 @@ class Leader:
     def __init__(self, config: pink_config.Config):
         self.config = config
         self.store = Store.from_config(config)
-        self.redis = Redis.from_url(config.redis_url)
+        self.redis = redisconn.connect(config)
         self.identity = f"{config.host}/{socket.gethostname()}/{os.getpid()}"
         self.changed = threading.Event()
         self.fence: tuple[str, int] | None = None

@@ -174,6 +174,7 @@ def render_pink_toml(**overrides) -> dict:
         "pink_xfer_port": 22, "pink_xfer_user": "pink-xfer",
         "groups": {"web": ["web1"], "processing": ["web1"]},  # one host in both roles, as the example
         "common_web_max_upload_bytes": 68719476736,  # group_vars' pink_max_upload_bytes
+        "pink_redis_sentinels": [], "pink_redis_master": "pink",
     }
     defaults = (ANSIBLE / "roles" / "common" / "defaults" / "main.yml").read_text()
     for key, value in re.findall(r"(?m)^(common_\w+):\s*(.+)$", defaults):

@@ -12,7 +12,7 @@ import functools
 from flask import current_app, g
 from redis import Redis
 
-from pink import db
+from pink import db, redisconn
 from pink.config import Config
 from pink.store import Store
 
@@ -28,7 +28,7 @@ class Resources:
 
     @functools.cached_property
     def redis(self) -> Redis:
-        return Redis.from_url(self.config.redis_url)
+        return redisconn.connect(self.config)
 
     def db(self):
         if "pink_db" not in g:
