@@ -140,7 +140,7 @@ class Leader:
         self.presence.ensure()
         self.mirror.fresh()
         snap = scheduler.Snapshot.of(self.store.keys, self.mirror.snapshot())
-        for host in [h for h in self._webs_missing if h in snap.webs]:
+        for host in [h for h in self._webs_missing if snap.webs is None or h in snap.webs]:
             del self._webs_missing[host]  # back (or its leader restarted): its tasks wait no more
         started = time.monotonic()
         plan = scheduler.plan(self.config, snap)
