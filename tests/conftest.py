@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from pink import config as pink_config_module
 from devcluster.local import TEST_BASE, Cluster, free_port
+from pink import config as pink_config_module
 from tests import images
 
 REDIS_DBS = 127  # databases 1..127 of the cluster's Redis (started with 128)
@@ -212,3 +212,14 @@ def pink_processes(cluster, pink_config):
     procs = PinkProcesses(cluster, pink_config)
     yield procs
     procs.stop_all()
+
+
+@pytest.fixture
+def control_plane(pink_processes, pink_config):
+    """pink-web, a worker and the leader (which announces web1), no runner;
+    an Api for user alice."""
+    from tests.helpers import Api, make_user
+
+    for start in (pink_processes.web, pink_processes.worker, pink_processes.leader):
+        start()
+    return Api(pink_config, make_user(pink_config, "alice"))

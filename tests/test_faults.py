@@ -24,11 +24,8 @@ def slow_archive(docker_client, tmp_path_factory):
 
 
 @pytest.fixture
-def api(pink_processes, pink_config):
-    pink_processes.web()
-    pink_processes.worker()
-    pink_processes.leader()
-    return Api(pink_config, make_user(pink_config, "alice"))
+def api(control_plane):
+    return control_plane
 
 
 def test_runner_killed_mid_task_is_retried(api, pink_processes, slow_archive, docker_client):

@@ -381,14 +381,6 @@ def test_an_unsatisfiable_request_is_refused_once_runners_are_known(pink_process
     assert os.listdir(pink_config.web.spool_dir) == [f"{task_id}.tar"]  # nothing left of the refused one
 
 
-@pytest.fixture
-def control_plane(pink_processes, pink_config):
-    """Web, worker and leader, no runner."""
-    for start in (pink_processes.web, pink_processes.worker, pink_processes.leader):
-        start()
-    return Api(pink_config, make_user(pink_config, "alice"))
-
-
 def _gone_from_etcd(store, *task_ids: str) -> None:
     deadline = time.monotonic() + 20
     while any(etcd_record(store, t) is not None for t in task_ids):

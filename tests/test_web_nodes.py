@@ -15,16 +15,13 @@ from devcluster.local import free_port
 from pink.store import Store
 from pink.tasks import Params, State, new_record
 from tests import images
-from tests.helpers import Api, make_user
+from tests.helpers import Api
 
 
 @pytest.fixture
-def web1(pink_processes, pink_config):
+def web1(control_plane):
     """web1 with its worker and leader (which announces web1); no runner."""
-    pink_processes.web()
-    pink_processes.worker()
-    pink_processes.leader()
-    return Api(pink_config, make_user(pink_config, "alice"))
+    return control_plane
 
 
 def test_web_nodes_announce_themselves(web1):
