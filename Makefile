@@ -19,7 +19,8 @@ DEB_PACKAGES := docker.io etcd-server etcd-client redis-server mariadb-server \
 DEB_BINARIES := docker dockerd etcd etcdctl redis-server mariadbd mariadb-install-db sshd \
 	ssh-keygen nginx busybox zstd openssl ip iptables useradd
 
-.PHONY: all deps venv certs up demo down status test bench deploy clean
+.PHONY: all deps venv certs up demo down status test bench deploy cluster cluster-down \
+	test-cluster clean
 
 all: test
 
@@ -65,6 +66,22 @@ test: deps venv
 bench: deps venv
 	$(PY) -m devcluster.local dockerd
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The multi-host lab (devcluster/lab.py): six systemd containers deployed by
+# the Ansible roles below; `make cluster-down` removes them (KEEP_IMAGE=1
+# keeps their image for the next `make cluster`).
+cluster: deps venv
+	@command -v mmdebstrap >/dev/null || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap; }
+	$(PY) -m devcluster.local dockerd
+	$(PY) -m devcluster.lab up
+
+cluster-down:
+	@if [ -x $(PY) ]; then $(PY) -m devcluster.lab down $(if $(KEEP_IMAGE),--keep-image); fi
+
+# The fault matrix against the lab (tests/cluster), after `make cluster`.
+test-cluster: cluster
+	PINK_LAB=1 $(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
 # Ansible deployment (see ansible/README.md): INVENTORY=path/to/hosts make deploy
 deploy: venv certs

@@ -23,6 +23,12 @@ CONFIG_ENV = "PINK_CONFIG"
 class EtcdConfig:
     endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:2379"])
     prefix: str = defaults.ETCD_PREFIX
+    # TLS: the CA of etcd's members, and this host's client certificate and
+    # key, whose CN etcd takes as the user's name. Empty: plain HTTP (the
+    # one-machine dev cluster, on loopback).
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
 
 
 @dataclass

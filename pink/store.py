@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
@@ -22,7 +23,7 @@ import pyetcd
 from pyetcd import exceptions as etcd_exc
 from pyetcd.events import DeleteEvent
 
-from pink.errors import PinkError, Unavailable
+from pink.errors import ConfigError, PinkError, Unavailable
 from pink.tasks import Task
 
 
@@ -213,11 +214,29 @@ class Lease:
         self._stop.set()
 
 
+def _tls_credentials(ca: str, cert: str, key: str) -> grpc.ChannelCredentials | None:
+    """gRPC credentials for etcd's TLS (None: plain HTTP). With a client
+    certificate, etcd's authentication takes the user from its CN."""
+    if not ca:
+        if cert or key:
+            raise ConfigError("[etcd] cert and key need ca (etcd's CA certificate)")
+        return None
+    if bool(cert) != bool(key):
+        raise ConfigError("[etcd] cert and key go together (the client certificate and its key)")
+    try:
+        files = [Path(p).read_bytes() if p else None for p in (ca, key, cert)]
+    except OSError as exc:
+        raise ConfigError(f"[etcd] cannot read a TLS file: {exc}") from exc
+    return grpc.ssl_channel_credentials(*files)
+
+
 class Store:
-    def __init__(self, endpoints: list[str], prefix: str, timeout: float = 5.0):
+    def __init__(self, endpoints: list[str], prefix: str, timeout: float = 5.0,
+                 ca: str = "", cert: str = "", key: str = ""):
         self.keys = Keys(prefix)
         self._timeout = timeout
         self._endpoints = endpoints
+        self._credentials = _tls_credentials(ca, cert, key)
         self._client = self._connect()
 
     def _connect(self):
@@ -227,12 +246,14 @@ class Store:
         endpoints = []
         for ep in self._endpoints:
             host, port = ep.rsplit(":", 1)
-            endpoints.append(pyetcd.Endpoint(host, int(port), secure=False, time_retry=ENDPOINT_RETRY))
+            endpoints.append(pyetcd.Endpoint(host, int(port), secure=self._credentials is not None,
+                                             creds=self._credentials, time_retry=ENDPOINT_RETRY))
         return pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=self._timeout, failover=True)
 
     @classmethod
     def from_config(cls, config) -> "Store":
-        return cls(config.etcd.endpoints, config.etcd.prefix)
+        etcd = config.etcd
+        return cls(etcd.endpoints, etcd.prefix, ca=etcd.ca, cert=etcd.cert, key=etcd.key)
 
     def close(self):
         self._client.close()

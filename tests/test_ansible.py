@@ -174,7 +174,7 @@ def render_pink_toml(**overrides) -> dict:
         "pink_xfer_port": 22, "pink_xfer_user": "pink-xfer",
         "groups": {"web": ["web1"], "processing": ["web1"]},  # one host in both roles, as the example
         "common_web_max_upload_bytes": 68719476736,  # group_vars' pink_max_upload_bytes
-        "pink_redis_sentinels": [], "pink_redis_master": "pink",
+        "pink_redis_sentinels": [], "pink_redis_master": "pink", "common_etcd_user": "pink-web",
     }
     defaults = (ANSIBLE / "roles" / "common" / "defaults" / "main.yml").read_text()
     for key, value in re.findall(r"(?m)^(common_\w+):\s*(.+)$", defaults):
@@ -211,7 +211,8 @@ def test_a_processing_host_gets_no_secret_it_does_not_need():
     the runner, and holds no database password, Flask secret, Redis password
     or SSH key; a web-only host gets no [runner]."""
     groups = {"web": ["web1"], "processing": ["run1"]}
-    runner = render_pink_toml(inventory_hostname="run1", common_pink_host="run1", groups=groups)
+    runner = render_pink_toml(inventory_hostname="run1", common_pink_host="run1", groups=groups,
+                              common_etcd_user="pink-runner")
     assert set(runner) == {"host", "node_ttl", "leader_ttl", "reconcile_interval", "max_attempts",
                            "etcd", "runner"}
     assert "p" * 32 not in json.dumps(runner) and "s" * 48 not in json.dumps(runner)
@@ -258,14 +259,22 @@ def test_etcd_compacts_its_history():
 
 def test_etcd_starts_with_the_rendered_environment(tmp_path):
     """etcd itself, given exactly what etcd.service would read, accepts the
-    settings and reports compaction as configured."""
+    settings (TLS, compaction); the role's auth script then turns
+    authentication on, after which PINK's store reaches its prefix only with
+    its client certificate, and nothing else gets in."""
     if not shutil.which("etcd"):
         pytest.skip("etcd is not installed (apt-get install etcd-server)")
     from devcluster.local import free_port, wait_until
+    from pink.errors import PinkError
+    from pink.store import Store
 
+    pki = tmp_path / "pki"
+    subprocess.run([str(REPO / "ssl" / "make-certs.sh"), "--web-dir", str(tmp_path / "ssl"),
+                    "--db-dir", str(tmp_path / "ssl_db"), "--etcd-dir", str(pki)],
+                   check=True, capture_output=True)
     client, peer = free_port(), free_port()
     env = render_etcd_default(etcd_address="127.0.0.1", etcd_client_port=client, etcd_peer_port=peer,
-                              etcd_data_dir=str(tmp_path / "data"),
+                              etcd_data_dir=str(tmp_path / "data"), etcd_pki_dir=str(pki),
                               hostvars={"etcd1": {"pink_address": "127.0.0.1"}})
     log = tmp_path / "etcd.log"
     with open(log, "wb") as fh:  # zap: etcd 3.4 logs its whole configuration as JSON at start
@@ -278,6 +287,27 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
         retention = re.search(r'"auto-compaction-retention":"([^"]+)"', text).group(1)
         assert go_seconds(retention) == go_seconds(env["ETCD_AUTO_COMPACTION_RETENTION"])
         assert proc.poll() is None, text
+
+        script = ANSIBLE / "roles" / "etcd" / "files" / "etcd-auth.sh"
+        argv = [str(script), f"https://127.0.0.1:{client}", str(pki / "ca.pem"), str(pki), "member",
+                "/pink/", "pink-web", "pink-runner"]
+        assert wait_until(lambda: subprocess.run(argv, capture_output=True).returncode == 0, 30)
+        again = subprocess.run(argv, capture_output=True, text=True, check=True)
+        assert again.stdout == "", "the auth script changed things on its second run"
+
+        def store(user: str | None, prefix: str = "/pink") -> Store:
+            files = {"cert": str(pki / f"{user}.pem"), "key": str(pki / f"{user}.key")} if user else {}
+            return Store([f"127.0.0.1:{client}"], prefix, timeout=3, ca=str(pki / "ca.pem"), **files)
+
+        web, runner = store("pink-web"), store("pink-runner")
+        assert web.create(web.keys.node("probe"), {"by": "web"})
+        assert runner.get(runner.keys.node("probe")).value == {"by": "web"}
+        for intruder in (store("member"), store(None), store("pink-web", prefix="/other")):
+            with pytest.raises(PinkError):
+                intruder.get(intruder.keys.node("probe"))
+        with pytest.raises(PinkError, match="ca"):
+            Store([f"127.0.0.1:{client}"], "/pink", cert=str(pki / "pink-web.pem"),
+                  key=str(pki / "pink-web.key"))
     finally:
         proc.terminate()
         proc.wait(15)

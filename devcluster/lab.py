@@ -1,0 +1,510 @@
+"""The multi-host lab (`make cluster`): PINK's real topology on one machine.
+
+Six Debian 12 machines as systemd containers on one Docker network with fixed
+addresses (router, web1, web2, run1, run2, db; etcd on all but the router),
+deployed by the very roles and playbook a lab applies to its own machines
+(`make deploy INVENTORY=build/cluster/inventory.ini`), twice: the second run
+must change nothing. Then an admin user, the CLI's config pointing at the
+router, and build/cluster/hosts.json for scripts and tests.
+
+Everything it makes on the Docker engine is named `pinklab-*` and removed by
+name (`down`); nothing is pruned, since other work shares the engine. A second
+`up` reuses the image, network and containers that are there.
+
+The image is built without a registry: mmdebstrap makes a Debian 12 root
+filesystem with the packages the roles install already in it (the roles still
+install them on real machines that lack them), and PINK's Python dependencies
+wait in a venv and a wheelhouse, so a deploy needs no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_DIR = REPO / "build" / "cluster"  # inventory, keys, certificates, hosts.json
+CACHE_DIR = LAB_DIR / "cache"  # root filesystem and wheels: kept by `down`
+DOCKER_DIRS = Path("/var/lib/pinklab")  # runners' /var/lib/docker (overlay2 needs a host dir)
+PREFIX = "pinklab-"
+NETWORK = PREFIX + "net"
+SUBNET = "10.77.0.0/24"
+ROUTER_URL = "https://10.77.0.10"
+BOOT_TIMEOUT = 60.0
+WHEELHOUSE = "/opt/pink-wheelhouse"  # in the image
+CLI_CONFIG = Path(os.environ.get("PINK_CLI_CONFIG", "~/.config/pink/config.toml")).expanduser()
+
+# What the roles install, baked in so that a deploy installs nothing; plus
+# what Ansible itself needs on a target (python3-apt for the apt module).
+PACKAGES = (
+    "systemd systemd-sysv dbus openssh-server sudo python3 python3-apt python3-venv "
+    "python3-packaging ca-certificates iproute2 iptables procps curl openssl "
+    "etcd-server etcd-client redis-server redis-sentinel mariadb-server mariadb-client "
+    "nginx docker.io"
+).split()
+# Services the packages enable on install: each role enables its own where it
+# belongs, so a web node does not run MariaDB.
+DISABLED_UNITS = ("docker.service docker.socket containerd.service etcd.service "
+                  "redis-server.service redis-sentinel.service mariadb.service nginx.service")
+NODE_DOCKERFILE = f"""\
+FROM {{base}}
+COPY wheels {WHEELHOUSE}
+RUN python3 -m venv /opt/pink \\
+ && /opt/pink/bin/pip install -q --no-index --find-links {WHEELHOUSE} pink \\
+ && systemctl disable {DISABLED_UNITS} \\
+ && systemctl mask getty@.service console-getty.service systemd-udevd.service \\
+      systemd-modules-load.service systemd-firstboot.service systemd-remount-fs.service \\
+ && rm -f /etc/ssh/ssh_host_* \\
+ && printf '%s\\n' '[Unit]' 'Description=Host keys of this machine' 'Before=ssh.service' \\
+      'ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key' '[Service]' 'Type=oneshot' \\
+      'ExecStart=/usr/bin/ssh-keygen -A' '[Install]' 'WantedBy=multi-user.target' \\
+      > /etc/systemd/system/pinklab-hostkeys.service \\
+ && systemctl enable pinklab-hostkeys.service ssh.service
+STOPSIGNAL SIGRTMIN+3
+CMD ["/sbin/init"]
+"""
+TARGET_PYTHON = "3.11.2"  # Debian 12's
+TARGET_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+TARGET_EXTRA_WHEELS = ("async-timeout>=4.0.3",)  # redis's, on Python < 3.11.3
+SYSTEMD_FLAGS = ("--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined",
+                 "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+                 "--tmpfs", "/run", "--tmpfs", "/run/lock")
+# A processing host runs its own Docker engine.
+ENGINE_FLAGS = ("--cap-add", "NET_ADMIN", "--security-opt", "apparmor=unconfined")
+
+
+class LabError(RuntimeError):
+    """The lab could not be built, deployed or reached."""
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """One machine of the lab: its name (hostname and inventory name), its
+    address on the lab network, and its inventory groups."""
+
+    name: str
+    ip: str
+    groups: tuple[str, ...]
+
+    @property
+    def container(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def processing(self) -> bool:
+        return "processing" in self.groups
+
+    @property
+    def docker_dir(self) -> Path:
+        return DOCKER_DIRS / f"{self.name}-docker"
+
+
+HOSTS = (
+    LabHost("router", "10.77.0.10", ("router",)),
+    LabHost("web1", "10.77.0.11", ("web", "etcd", "redis")),
+    LabHost("web2", "10.77.0.12", ("web", "etcd", "redis")),
+    LabHost("run1", "10.77.0.21", ("processing", "etcd")),
+    LabHost("run2", "10.77.0.22", ("processing", "etcd")),
+    LabHost("db", "10.77.0.30", ("db", "etcd", "redis")),
+)
+GROUPS = ("router", "web", "processing", "db", "etcd", "redis")
+GPUS_PER_RUNNER = 2
+
+
+def host(name: str) -> LabHost:
+    for h in HOSTS:
+        if h.name == name:
+            return h
+    raise LabError(f"no lab host {name!r}; hosts: {', '.join(h.name for h in HOSTS)}")
+
+
+# ---------------------------------------------------------------- helpers
+
+def run(*argv: str, **kw) -> subprocess.CompletedProcess:
+    """Run a command, raising LabError with its output when it fails."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    out = subprocess.run(argv, **kw)
+    if out.returncode:
+        raise LabError(f"{' '.join(argv[:4])}... failed ({out.returncode}):\n"
+                       f"{(out.stdout or '')[-3000:]}{(out.stderr or '')[-3000:]}")
+    return out
+
+
+def docker_exists(kind: str, name: str) -> bool:
+    return subprocess.run(["docker", kind, "inspect", name], capture_output=True).returncode == 0
+
+
+def say(message: str) -> None:
+    print(f"lab: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the image
+
+def requirements() -> str:
+    """PINK's install_requires: the image's venv depends on nothing else."""
+    text = (REPO / "setup.cfg").read_text()
+    return re.search(r"install_requires =\n((?:[ \t]+.*\n)+)", text).group(1)
+
+
+def image_names() -> tuple[str, str]:
+    """(base, node) image names, tagged by what goes into them: a change of
+    packages, Dockerfile or dependencies builds new ones."""
+    digest = hashlib.sha256("\0".join([*PACKAGES, NODE_DOCKERFILE, requirements()])
+                            .encode()).hexdigest()[:12]
+    return f"{PREFIX}base:{digest}", f"{PREFIX}node:{digest}"
+
+
+def host_apt_sources() -> list[str]:
+    """The host's own apt sources (its mirror may be the only one reachable)."""
+    found = [str(p) for p in [Path("/etc/apt/sources.list"),
+                              *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+             if p.is_file() and p.suffix in (".list", ".sources") and p.stat().st_size]
+    return found or ["http://deb.debian.org/debian"]
+
+
+def collect_wheels(into: Path) -> None:
+    """PINK's wheel and its dependencies' binary wheels for the image's Python
+    (Debian 12's 3.11.2, whatever this machine runs). pip evaluates markers
+    with the running interpreter's full version, so the one dependency that
+    only Pythons before 3.11.3 need is named explicitly."""
+    say("collecting PINK's wheels for the image")
+    pip = [sys.executable, "-m", "pip"]
+    run(*pip, "wheel", "-q", "--no-deps", "--wheel-dir", str(into), str(REPO), timeout=600)
+    wheel = next(into.glob("pink-*.whl"))
+    run(*pip, "download", "-q", "--dest", str(into), "--only-binary=:all:",
+        "--python-version", TARGET_PYTHON, "--implementation", "cp", "--abi", "cp311",
+        *(f"--platform={p}" for p in TARGET_PLATFORMS), str(wheel), *TARGET_EXTRA_WHEELS,
+        timeout=1200)
+
+
+def build_image() -> str:
+    base, node = image_names()
+    if docker_exists("image", node):
+        return node
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    if not docker_exists("image", base):
+        rootfs = CACHE_DIR / f"rootfs-{base.split(':')[1]}.tar"
+        if not rootfs.exists():
+            if not shutil.which("mmdebstrap"):
+                raise LabError("mmdebstrap is not installed (apt-get install mmdebstrap)")
+            say(f"building the Debian 12 root filesystem ({len(PACKAGES)} packages, ~1 min)")
+            partial = rootfs.with_name(rootfs.name + ".part")
+            run("mmdebstrap", "--variant=minbase", "--format=tar", f"--include={','.join(PACKAGES)}",
+                "--aptopt=Acquire::Check-Valid-Until \"false\"", "--skip=cleanup/apt/lists",
+                "bookworm", str(partial), *host_apt_sources(), timeout=1800)
+            partial.rename(rootfs)
+        run("docker", "import", str(rootfs), base, timeout=600)
+    context = CACHE_DIR / "image"
+    shutil.rmtree(context, ignore_errors=True)
+    (context / "wheels").mkdir(parents=True)
+    collect_wheels(context / "wheels")
+    (context / "Dockerfile").write_text(NODE_DOCKERFILE.format(base=base))
+    say(f"building {node}")
+    run("docker", "build", "-q", "-t", node, str(context), timeout=1200,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    shutil.rmtree(context, ignore_errors=True)
+    return node
+
+
+# ---------------------------------------------------------------- network and machines
+
+def ensure_network() -> None:
+    if not docker_exists("network", NETWORK):
+        run("docker", "network", "create", "--subnet", SUBNET, "--label", "pinklab=1", NETWORK)
+
+
+def ensure_host(h: LabHost, image: str) -> None:
+    """Start the machine unless it runs; a stopped one is started again."""
+    state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", h.container],
+                           capture_output=True, text=True)
+    if state.returncode == 0:
+        if state.stdout.strip() != "true":
+            run("docker", "start", h.container)
+        return
+    argv = ["docker", "run", "-d", "--name", h.container, "--hostname", h.name,
+            "--network", NETWORK, "--ip", h.ip, "--network-alias", h.name,
+            "--label", "pinklab=1", *SYSTEMD_FLAGS]
+    if h.processing:
+        h.docker_dir.mkdir(parents=True, exist_ok=True)
+        argv += [*ENGINE_FLAGS, "-v", f"{h.docker_dir}:/var/lib/docker"]
+    run(*argv, image, "/sbin/init")
+
+
+def root_key() -> Path:
+    """The control host's key for root on every lab machine (Ansible's login)."""
+    key = LAB_DIR / "id_ed25519"
+    if not key.exists():
+        LAB_DIR.mkdir(parents=True, exist_ok=True)
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pinklab-control", "-f", str(key))
+    return key
+
+
+def authorize(h: LabHost, key: Path) -> str:
+    """Install the control key for root once systemd is up, and return the
+    machine's own SSH host key (read over `docker exec`, never from the network)."""
+    script = ("mkdir -p -m 700 /root/.ssh && cat > /root/.ssh/authorized_keys && "
+              "systemctl is-active ssh >/dev/null && cat /etc/ssh/ssh_host_ed25519_key.pub")
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        out = subprocess.run(["docker", "exec", "-i", h.container, "sh", "-c", script],
+                             input=key.with_suffix(".pub").read_text(), capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.startswith("ssh-ed25519 "):
+            return " ".join(out.stdout.split()[:2])
+        if time.monotonic() > deadline:
+            raise LabError(f"{h.name} did not boot to a running sshd within {BOOT_TIMEOUT:.0f}s:\n"
+                           f"{out.stdout}{out.stderr}")
+        time.sleep(1)
+
+
+def write_known_hosts(hostkeys: dict[str, str]) -> Path:
+    path = LAB_DIR / "known_hosts"
+    path.write_text("".join(f"{host(name).ip} {key}\n" for name, key in hostkeys.items()))
+    return path
+
+
+# ---------------------------------------------------------------- certificates and inventory
+
+def make_certs() -> None:
+    """The lab's own certificates (ssl/make-certs.sh, as `make certs`), naming
+    every lab address so the router, web nodes and MariaDB verify."""
+    sans = [f"IP:{h.ip}" for h in HOSTS] + [f"DNS:{h.name}" for h in HOSTS]
+    run(str(REPO / "ssl" / "make-certs.sh"), "--web-dir", str(LAB_DIR / "ssl"),
+        "--db-dir", str(LAB_DIR / "ssl_db"), *sans)
+
+
+def host_vars(h: LabHost) -> str:
+    """Inline inventory variables (INI host lines take Python literals)."""
+    pairs = [f"ansible_host={h.ip}"]
+    if h.processing:
+        index = int(h.name.removeprefix("run"))
+        gpus = [f"GPU-lab-{h.name}-{i}" for i in range(GPUS_PER_RUNNER)]
+        engine = {"bip": f"172.30.{index}.1/24",
+                  "default-address-pools": [{"base": f"172.31.{index * 16}.0/20", "size": 24}]}
+        pairs += [f"pink_runner_gpus='{json.dumps(gpus)}'",
+                  f"docker_daemon_config='{json.dumps(engine)}'"]
+    return " ".join(pairs)
+
+
+def write_inventory(known_hosts: Path, key: Path) -> Path:
+    lines = [
+        "# Written by `make cluster` (devcluster/lab.py): the lab's machines, deployed",
+        "# by the same roles as a real lab (`make deploy INVENTORY=this file`).",
+        "",
+    ]
+    for group in GROUPS:
+        lines.append(f"[{group}]")
+        lines += [f"{h.name} {host_vars(h)}" if group == h.groups[0] else h.name
+                  for h in HOSTS if group in h.groups]
+        lines.append("")
+    ssh_args = f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes"
+    lines += [
+        "[all:vars]",
+        "ansible_user=root",
+        f"ansible_ssh_private_key_file={key}",
+        f"ansible_ssh_common_args={ssh_args}",
+        f"pink_credentials_dir={LAB_DIR / 'credentials'}",
+        f"pink_tls_dir={LAB_DIR / 'ssl'}",
+        f"pink_db_tls_dir={LAB_DIR / 'ssl_db'}",
+        # The image holds PINK's dependencies: a deploy fetches nothing.
+        f"common_pip_extra_args=--no-index --find-links {WHEELHOUSE}",
+        "",
+    ]
+    path = LAB_DIR / "inventory.ini"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_hosts_json() -> Path:
+    path = LAB_DIR / "hosts.json"
+    path.write_text(json.dumps({h.name: {"ip": h.ip, "container": h.container,
+                                         "groups": list(h.groups)} for h in HOSTS}, indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- deploying
+
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def deploy(inventory: Path, run_number: int) -> dict[str, int]:
+    """`make deploy` on the lab's inventory; returns changed tasks per host.
+
+    The output goes to the terminal and to build/cluster/deploy-N.log.
+    """
+    log = LAB_DIR / f"deploy-{run_number}.log"
+    say(f"deploy {run_number}: make deploy INVENTORY={inventory.relative_to(REPO)} (log {log})")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(["make", "-C", str(REPO), "deploy", f"INVENTORY={inventory}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
+        for line in proc.stdout:
+            fh.write(line)
+            if line.startswith(("PLAY ", "TASK ", "changed:", "fatal:", "failed:")) or RECAP.match(line):
+                sys.stderr.write(line)
+        proc.wait()
+    text = log.read_text()
+    recap = {m.group(1): (int(m.group(3)), int(m.group(4)) + int(m.group(5)))
+             for m in RECAP.finditer(text)}
+    if proc.returncode or not recap or any(bad for _, bad in recap.values()):
+        raise LabError(f"deploy {run_number} failed; see {log}:\n{text[-4000:]}")
+    return {name: changed for name, (changed, _) in recap.items()}
+
+
+def changed_tasks(log: Path) -> list[str]:
+    """The tasks a deploy log reports as changed (for a second run's error)."""
+    found, task = [], ""
+    for line in log.read_text().splitlines():
+        if line.startswith("TASK ["):
+            task = line
+        elif line.startswith("changed:"):
+            found.append(f"{task} {line}")
+    return found
+
+
+# ---------------------------------------------------------------- after the deploy
+
+def load_state() -> dict:
+    path = LAB_DIR / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_state(state: dict) -> None:
+    path = LAB_DIR / "state.json"
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def pink_on(h: LabHost, *args: str) -> str:
+    """Run the `pink` CLI on a lab machine with that machine's config."""
+    return run("docker", "exec", h.container, "/opt/pink/bin/pink", *args,
+               "--config", "/etc/pink/pink.toml").stdout
+
+
+def ensure_admin() -> str:
+    """The lab's admin user's API token (created once, kept in state.json, mode 0600)."""
+    state = load_state()
+    if "admin_token" not in state:
+        web1 = host("web1")
+        try:
+            created = json.loads(pink_on(web1, "admin", "create-user", "admin", "--admin", "--json"))
+            say(f"admin user created: password {created['password']} (shown once)")
+            state["admin_token"] = created["token"]
+        except LabError:  # the user exists (state.json was lost): a new token
+            state["admin_token"] = json.loads(pink_on(web1, "admin", "create-token", "admin",
+                                                      "--json"))["token"]
+        save_state(state)
+    return state["admin_token"]
+
+
+def login(token: str) -> None:
+    """Point the CLI of this machine (~/.config/pink/config.toml) at the router."""
+    pink = Path(sys.executable).with_name("pink")
+    run(str(pink), "login", "--url", ROUTER_URL, "--token", token,
+        "--ca", str(LAB_DIR / "ssl" / "ca.pem"))
+
+
+# ---------------------------------------------------------------- commands
+
+def up() -> None:
+    """`make cluster`: build or reuse everything, deploy twice, log the CLI in."""
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (Docker, /var/lib/pinklab)")
+    image = build_image()
+    ensure_network()
+    for h in HOSTS:
+        ensure_host(h, image)
+    key = root_key()
+    known_hosts = write_known_hosts({h.name: authorize(h, key) for h in HOSTS})
+    make_certs()
+    inventory = write_inventory(known_hosts, key)
+    write_hosts_json()
+    deploy(inventory, 1)
+    changed = deploy(inventory, 2)
+    if any(changed.values()):
+        raise LabError("the second deploy changed things (it must report changed=0): "
+                       f"{changed}\n" + "\n".join(changed_tasks(LAB_DIR / "deploy-2.log")))
+    login(ensure_admin())
+    say(f"up: PINK answers at {ROUTER_URL} (CA {LAB_DIR / 'ssl' / 'ca.pem'}); "
+        f"`pink` is logged in ({CLI_CONFIG}); hosts in {LAB_DIR / 'hosts.json'}; "
+        "remove with `make cluster-down`")
+
+
+def down() -> None:
+    """`make cluster-down`: remove by name the machines, network, runners'
+    engines and files `up` made (images: remove_images); build/cluster/cache
+    stays, so the next image takes a minute instead of three."""
+    names = [h.container for h in HOSTS if docker_exists("container", h.container)]
+    if names:
+        run("docker", "rm", "-f", *names, timeout=300)
+    if docker_exists("network", NETWORK):
+        run("docker", "network", "rm", NETWORK)
+    for h in HOSTS:
+        if h.processing:
+            shutil.rmtree(h.docker_dir, ignore_errors=True)
+    if DOCKER_DIRS.exists() and not any(DOCKER_DIRS.iterdir()):
+        DOCKER_DIRS.rmdir()
+    if CLI_CONFIG.exists() and ROUTER_URL in CLI_CONFIG.read_text():
+        CLI_CONFIG.unlink()
+    if LAB_DIR.exists():
+        for entry in LAB_DIR.iterdir():
+            if entry != CACHE_DIR:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    say(f"down: removed {len(names)} machines and {NETWORK}")
+
+
+def remove_images() -> None:
+    for name in image_names():
+        if docker_exists("image", name):
+            run("docker", "image", "rm", name)
+
+
+def status() -> dict[str, str]:
+    """Each machine's state as Docker sees it ("absent" when not made)."""
+    found = {}
+    for h in HOSTS:
+        out = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}}", h.container],
+                             capture_output=True, text=True)
+        found[h.name] = out.stdout.strip() if out.returncode == 0 else "absent"
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devcluster.lab", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="build, start and deploy the lab (make cluster)")
+    down_cmd = sub.add_parser("down", help="remove the lab (make cluster-down)")
+    down_cmd.add_argument("--keep-image", action="store_true",
+                          help="keep the machines' image for the next `up`")
+    sub.add_parser("status", help="each machine's state")
+    sub.add_parser("image", help="build the machines' image only")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            up()
+        elif args.command == "down":
+            down()
+            if not args.keep_image:
+                remove_images()
+        elif args.command == "image":
+            print(build_image())
+        else:
+            for name, state in status().items():
+                print(f"{name:8} {host(name).ip:12} {state}")
+    except LabError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
