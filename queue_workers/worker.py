@@ -69,10 +69,18 @@ class PinkWorker(SimpleWorker):
         self._beats.start()
 
     def register_death(self) -> None:
-        """Stop beating before RQ marks the key dead, or a beat could outlive it."""
+        """Stop beating before RQ marks the key dead, or a beat could outlive it.
+
+        A stop that interrupted the blocking dequeue leaves that command's
+        reply unread on its connection, and redis-py's Sentinel connections
+        are not dropped on an interrupted read: the next command would read
+        the stale reply or wait for it (minutes). Closing the pool's
+        connections first gives RQ's last writes a clean one.
+        """
         self._stop_beats.set()
         if self._beats is not None:
             self._beats.join(timeout=5)
+        self.connection.connection_pool.disconnect()
         super().register_death()
 
     def _beat_forever(self) -> None:

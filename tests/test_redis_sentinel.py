@@ -86,3 +86,26 @@ def test_without_sentinels_the_url_is_used_as_it_is(pink_config):
     assert client.connection_pool.connection_kwargs["port"] == int(pink_config.redis_url.rsplit(":", 1)[1]
                                                                   .split("/")[0])
     assert client.ping()
+
+
+def test_a_worker_through_sentinel_stops_when_asked(sentinel_redis, config_variant, cluster, tmp_path):
+    """SIGTERM (systemd's stop, a deploy's restart) ends an idle pink-worker
+    through Sentinel at once: the interrupted dequeue must not leave its
+    reply in the way of the worker's last writes (it waited for minutes)."""
+    _, _, _, sentinel_port = sentinel_redis
+    config = config_variant("sentinel-worker", redis_url=f"redis://:{PASSWORD}@127.0.0.1:1/4",
+                            redis_sentinels=[f"127.0.0.1:{sentinel_port}"], redis_master="pink")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([cluster.executable("pink-worker"), "--config", config, "--name", "sentinel-w"],
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        assert wait_until(lambda: "Listening on" in log.read_text(), 30), log.read_text()
+        time.sleep(1)  # inside the blocking dequeue
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)  # RQ's dequeue would have blocked for minutes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
