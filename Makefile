@@ -86,7 +86,8 @@ test-cluster: cluster
 # Ansible deployment (see ansible/README.md): INVENTORY=path/to/hosts make deploy
 deploy: venv certs
 	$(VENV)/bin/pip install -q -e '.[deploy]'
-	$(VENV)/bin/ansible-playbook -i $(INVENTORY) ansible/site.yml $(ANSIBLE_ARGS)
+	ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) \
+		ansible/site.yml $(ANSIBLE_ARGS)
 
 # Build outputs only: certificates and $(DEMO_BASE) stay (`make down` first).
 clean:

@@ -51,6 +51,8 @@ PACKAGES = (
     "etcd-server etcd-client redis-server redis-sentinel mariadb-server mariadb-client "
     "nginx docker.io"
 ).split()
+# Redis's units ask for a private user namespace, which a container cannot
+# make (status 217/USER): the lab's image turns that off for them.
 # Services the packages enable on install: each role enables its own where it
 # belongs, so a web node does not run MariaDB.
 DISABLED_UNITS = ("docker.service docker.socket containerd.service etcd.service "
@@ -68,7 +70,11 @@ RUN python3 -m venv /opt/pink \\
       'ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key' '[Service]' 'Type=oneshot' \\
       'ExecStart=/usr/bin/ssh-keygen -A' '[Install]' 'WantedBy=multi-user.target' \\
       > /etc/systemd/system/pinklab-hostkeys.service \\
- && systemctl enable pinklab-hostkeys.service ssh.service
+ && systemctl enable pinklab-hostkeys.service ssh.service \\
+ && for unit in redis-server redis-sentinel; do \\
+      mkdir -p /etc/systemd/system/$unit.service.d \\
+      && printf '%s\\n' '[Service]' 'PrivateUsers=false' > /etc/systemd/system/$unit.service.d/lab.conf; \\
+    done
 STOPSIGNAL SIGRTMIN+3
 CMD ["/sbin/init"]
 """
@@ -157,11 +163,13 @@ def requirements() -> str:
 
 
 def image_names() -> tuple[str, str]:
-    """(base, node) image names, tagged by what goes into them: a change of
-    packages, Dockerfile or dependencies builds new ones."""
-    digest = hashlib.sha256("\0".join([*PACKAGES, NODE_DOCKERFILE, requirements()])
-                            .encode()).hexdigest()[:12]
-    return f"{PREFIX}base:{digest}", f"{PREFIX}node:{digest}"
+    """(base, node) image names, tagged by what goes into them: new packages
+    make a new base; a new Dockerfile or new dependencies a new node image."""
+    def digest(*parts: str) -> str:
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+    return (f"{PREFIX}base:{digest(*PACKAGES)}",
+            f"{PREFIX}node:{digest(*PACKAGES, NODE_DOCKERFILE, requirements())}")
 
 
 def host_apt_sources() -> list[str]:
@@ -296,9 +304,14 @@ def host_vars(h: LabHost) -> str:
 
 
 def write_inventory(known_hosts: Path, key: Path) -> Path:
+    """inventory.ini, and group_vars/pinklab.yml beside it: Ansible reads an
+    inventory's group_vars/<group> after the playbook's group_vars/all.yml,
+    so the lab's own certificates and credentials win over the defaults
+    (an INI file's [all:vars] would not)."""
     lines = [
         "# Written by `make cluster` (devcluster/lab.py): the lab's machines, deployed",
         "# by the same roles as a real lab (`make deploy INVENTORY=this file`).",
+        "# The lab's settings are in group_vars/pinklab.yml beside this file.",
         "",
     ]
     for group in GROUPS:
@@ -306,21 +319,23 @@ def write_inventory(known_hosts: Path, key: Path) -> Path:
         lines += [f"{h.name} {host_vars(h)}" if group == h.groups[0] else h.name
                   for h in HOSTS if group in h.groups]
         lines.append("")
-    ssh_args = f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes"
-    lines += [
-        "[all:vars]",
-        "ansible_user=root",
-        f"ansible_ssh_private_key_file={key}",
-        f"ansible_ssh_common_args={ssh_args}",
-        f"pink_credentials_dir={LAB_DIR / 'credentials'}",
-        f"pink_tls_dir={LAB_DIR / 'ssl'}",
-        f"pink_db_tls_dir={LAB_DIR / 'ssl_db'}",
-        # The image holds PINK's dependencies: a deploy fetches nothing.
-        f"common_pip_extra_args=--no-index --find-links {WHEELHOUSE}",
-        "",
-    ]
+    lines += ["[pinklab:children]", *GROUPS, ""]
     path = LAB_DIR / "inventory.ini"
     path.write_text("\n".join(lines))
+    settings = {
+        "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(key),
+        "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes",
+        "pink_credentials_dir": str(LAB_DIR / "credentials"),
+        "pink_tls_dir": str(LAB_DIR / "ssl"),
+        "pink_db_tls_dir": str(LAB_DIR / "ssl_db"),
+        # The image holds PINK's dependencies: a deploy fetches nothing.
+        "common_pip_extra_args": f"--no-index --find-links {WHEELHOUSE}",
+    }
+    (LAB_DIR / "group_vars").mkdir(exist_ok=True)
+    (LAB_DIR / "group_vars" / "pinklab.yml").write_text(
+        "# Written by `make cluster` (devcluster/lab.py).\n"
+        + "".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
     return path
 
 
@@ -346,7 +361,7 @@ def deploy(inventory: Path, run_number: int) -> dict[str, int]:
     with open(log, "w") as fh:
         proc = subprocess.Popen(["make", "-C", str(REPO), "deploy", f"INVENTORY={inventory}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
+                                env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             fh.write(line)
             if line.startswith(("PLAY ", "TASK ", "changed:", "fatal:", "failed:")) or RECAP.match(line):
@@ -364,7 +379,7 @@ def changed_tasks(log: Path) -> list[str]:
     """The tasks a deploy log reports as changed (for a second run's error)."""
     found, task = [], ""
     for line in log.read_text().splitlines():
-        if line.startswith("TASK ["):
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
             task = line
         elif line.startswith("changed:"):
             found.append(f"{task} {line}")
@@ -463,9 +478,12 @@ def down() -> None:
 
 
 def remove_images() -> None:
-    for name in image_names():
-        if docker_exists("image", name):
-            run("docker", "image", "rm", name)
+    """Every pinklab-node and pinklab-base image, whichever build made it."""
+    listed = run("docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}",
+                 "--filter", f"reference={PREFIX}node", "--filter", f"reference={PREFIX}base").stdout
+    names = listed.split()
+    if names:
+        run("docker", "image", "rm", *names)
 
 
 def status() -> dict[str, str]:

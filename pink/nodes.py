@@ -101,6 +101,12 @@ def web_url(store: Store, host: str) -> str | None:
     return rec.value.get("url") if rec else None
 
 
+def web_urls(store: Store) -> dict[str, str]:
+    """{host: base URL} of every web node that is up (one read of a few keys)."""
+    return {r.key.rsplit("/", 1)[1]: r.value["url"] for r in store.list(store.keys.webs)
+            if isinstance(r.value, dict) and r.value.get("url")}
+
+
 def controls(store: Store) -> dict[str, dict]:
     return {r.key.rsplit("/", 1)[1]: r.value for r in store.list(store.keys.controls)}
 

@@ -8,14 +8,13 @@ on the way out is what makes a job that runs twice harmless.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 
-from pink import archive, control, defaults, lifecycle, sftp
+from pink import archive, control, defaults, lifecycle, outputs, sftp
 from pink.errors import Unavailable
-from pink.tasks import State, Task, advance, output_filename, requeue, retries_left, spool_file
+from pink.tasks import State, Task, advance, requeue, retries_left, spool_file
 from queue_workers import context
 from queue_workers.queues import enqueue, enqueue_next
 
@@ -182,26 +181,20 @@ def _fetch(task: Task) -> tuple[dict | None, bytes, int]:
 
 
 def _fetch_output(conn, task: Task) -> dict:
+    """The export in this node's output store, and a copy on another web node
+    (see pink.outputs) before the task may be final."""
     config = context.config()
     remote = task.export
     os.makedirs(config.web.output_dir, exist_ok=True)
-    suffix = output_filename(task)[len(task.id):]
-    local = os.path.join(config.web.output_dir, f"{task.id}-{task.attempt}{suffix}")
+    local = os.path.join(config.web.output_dir, outputs.stored_name(task))
     if os.path.exists(local) and os.path.getsize(local) == remote.get("size"):
         os.utime(local)  # fresh again: the sweep leaves young files alone
-        size, digest = os.path.getsize(local), _sha256(local)
+        size, digest = os.path.getsize(local), outputs.sha256_of(local)
     else:
         size, digest = sftp.get(conn, remote["path"], local)
+    peer = outputs.replicate(config, context.store(), local, size, digest)
     return {"stored": True, "host": config.host, "url": config.web.url, "path": local,
-            "size": size, "sha256": digest}
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+            "size": size, "sha256": digest, "copies": [config.host] + ([peer] if peer else [])}
 
 
 def _runner_gone_for_good(task: Task) -> bool:
@@ -307,8 +300,8 @@ def _output_needed(conn, store, path: str) -> bool:
     task_id = os.path.basename(path).split("-", 1)[0]
     if store.get(store.keys.task(task_id)) is not None:
         return True
-    stored = archive.stored_output(conn, task_id)
-    return stored is not None and os.path.realpath(stored) == os.path.realpath(path)
+    stored = archive.stored_output(conn, task_id)  # the name is the same in every store holding a copy
+    return stored is not None and os.path.basename(stored) == os.path.basename(path)
 
 
 def _files_before(directory: str, cutoff: float) -> list[str]:

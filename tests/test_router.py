@@ -123,3 +123,6 @@ def test_uploads_and_outputs_go_through_the_router_to_either_web_node(router, tw
     for _ in range(6):  # safe to repeat: each goes to web1, the first tries on web2 fail over
         r = api("GET", f"/tasks/{ids[0]}")
         assert r.status_code == 200 and r.json()["task"]["state"] == "succeeded", r.text
+    r = api.http.put(url.rstrip("/") + f"/internal/v1/outputs/{ids[0]}-1.tar.zst", data=b"x",
+                     verify=api.ca, timeout=30)
+    assert r.status_code == 404 and "pink" not in r.text.lower()  # the router's own answer

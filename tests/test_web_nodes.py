@@ -5,9 +5,12 @@ address it announced, never at one a task record names."""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import pytest
+import requests
 
 from pink import archive
 from pink import config as pink_config_module
@@ -60,3 +63,45 @@ def test_an_output_is_fetched_only_from_a_web_node_that_is_up(web1):
         assert archive.archive_task(conn, record, b"", expires_at=now + 3600)
     r = web1("GET", f"/tasks/{record.id}/output")
     assert r.status_code == 503 and "web9" in r.json()["message"], r.text
+
+
+def test_an_output_is_kept_on_two_web_nodes_and_served_by_either(web1, pink_processes, config_variant,
+                                                                tmp_path, docker_client):
+    """The finalize on web1 pushes a copy to web2 before the task is final;
+    web1 without its copy serves web2's, and web2 serves its own once web1
+    is gone. A push not signed with the cluster's secret is refused."""
+    out2 = tmp_path / "out2"
+    path = config_variant("web2", host="web2", web_port=free_port(),
+                          web={"spool_dir": str(tmp_path / "spool2"), "output_dir": str(out2)})
+    web2_procs = [pink_processes.web(path, role="web2"), pink_processes.leader(path, role="leader2")]
+    web2 = Api(pink_config_module.load(path), web1.token)
+    store = Store.from_config(web1.config)
+    deadline = time.monotonic() + 20
+    while store.get(store.keys.web("web2")) is None:
+        assert time.monotonic() < deadline, "web2 never announced itself"
+        time.sleep(0.2)
+    pink_processes.runner()
+    archive_path = images.save_image(docker_client, images.ensure_busybox_image(docker_client),
+                                     tmp_path / "bb.tar")
+    task_id = web1.submit(archive_path, cmd="sh -c 'echo hi > /hi.txt'").json()["task"]["id"]
+    assert web1.wait(task_id, timeout=120)["state"] == "succeeded"
+    with archive.connection(web1.config.db) as conn:
+        output = archive.get_record(conn, task_id).output
+    assert output["copies"] == ["web1", "web2"], output
+    name = f"{task_id}-1.tar.zst"
+    first, second = Path(web1.config.web.output_dir) / name, out2 / name
+    assert hashlib.sha256(first.read_bytes()).hexdigest() == output["sha256"]
+    assert hashlib.sha256(second.read_bytes()).hexdigest() == output["sha256"]
+
+    first.unlink()  # web1 lost its copy: it streams web2's
+    r = web1("GET", f"/tasks/{task_id}/output")
+    assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == output["sha256"], r.text
+    for process in [n for n in pink_processes.started if n not in web2_procs]:
+        pink_processes.stop(process)  # web1 is gone (and the runner)
+    r = web2("GET", f"/tasks/{task_id}/output")
+    assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == output["sha256"]
+
+    forged = requests.put(f"{web2.url}/internal/v1/outputs/{task_id}-2.tar.zst", data=b"x",
+                          headers={"X-Pink-Peer-Signature": "0" * 64, "X-Pink-SHA256": "0" * 64},
+                          verify=web2.ca, timeout=30)
+    assert forged.status_code == 403 and not (out2 / f"{task_id}-2.tar.zst").exists()

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
-from pink import archive, control, lifecycle, nodes, sftp
+from pink import archive, control, lifecycle, nodes, outputs, sftp
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PinkError, Unavailable
 from pink.store import Record
 from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
@@ -29,6 +29,7 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 FOLLOW_POLL = 0.5  # seconds between reads of a followed log
 WAIT_POLL = 0.05  # seconds between reads of a task someone long-polls
 MAX_WAIT = 30.0  # seconds a long poll of a task may last
+PEER_HOP = "X-Pink-Peer-Hop"  # on a request one web node passes to another: never passed on again
 
 
 @bp.post("/tasks")
@@ -190,34 +191,55 @@ def output(task_id: str):
     if not out.get("stored"):
         raise Conflict(f"task {task_id} has no output yet (state {task.state.value})", code="no_output")
     name = public_view(task)["output"]["filename"]
-    if out["host"] == res().config.host:
-        if not control.inside(out["path"], res().config.web.output_dir) or not os.path.exists(out["path"]):
-            raise NotFound(f"the output of task {task_id} is no longer stored", code="output_gone")
-        return send_file(out["path"], mimetype="application/octet-stream", as_attachment=True,
-                         download_name=name, conditional=True, etag=out.get("sha256"))
-    return _from_peer(out["host"])
+    config = res().config
+    holders = outputs.holders(out)
+    if config.host in holders:
+        path = outputs.local_path(config.web.output_dir, out)
+        if path and os.path.exists(path):
+            return send_file(path, mimetype="application/octet-stream", as_attachment=True,
+                             download_name=name, conditional=True, etag=out.get("sha256"))
+        holders.remove(config.host)
+    if not holders or request.headers.get(PEER_HOP):  # a peer's request: this node's copy or nothing
+        raise NotFound(f"the output of task {task_id} is no longer stored", code="output_gone")
+    return _from_peers(holders)
 
 
-def _from_peer(host: str) -> Response:
-    """Stream an output another web node holds, passing Range through.
+def _from_peers(hosts: list[str]) -> Response:
+    """Stream an output from the first live web node holding a copy, passing
+    Range through.
 
-    The peer's address comes from its presence key in etcd, never from the
+    Peers' addresses come from their presence keys in etcd, never from the
     task record: a record cannot send a user's credentials elsewhere.
     """
-    base = nodes.web_url(res().store, host)
-    if not base:
-        raise Unavailable(f"the web node holding this output ({host}) is down; try again once it is back")
+    urls = nodes.web_urls(res().store)
+    problems = []
+    for host in hosts:
+        if host not in urls:
+            problems.append(f"{host} is down")
+            continue
+        try:
+            upstream = _get_from(urls[host])
+        except requests.RequestException as exc:
+            problems.append(f"{host} is unreachable ({type(exc).__name__})")
+            continue
+        if upstream.status_code == 404 or upstream.status_code >= 500:  # lost its copy, or failing
+            problems.append(f"{host} answered {upstream.status_code}")
+            upstream.close()
+            continue
+        passed = {k: v for k, v in upstream.headers.items()
+                  if k in ("Content-Length", "Content-Range", "Content-Disposition", "Accept-Ranges",
+                           "Content-Type", "ETag")}
+        return Response(upstream.iter_content(1 << 20), status=upstream.status_code, headers=passed)
+    raise Unavailable(f"no web node holding this output answers ({'; '.join(problems)}); "
+                      "try again once one is back")
+
+
+def _get_from(base: str) -> requests.Response:
+    """The same request, the user's credentials and Range included, to a peer."""
     url = base.rstrip("/") + request.full_path
     headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Range", "Cookie")}
-    try:
-        upstream = requests.get(url, headers=headers, stream=True, timeout=30,
-                                verify=res().config.web.ca or True)
-    except requests.RequestException as exc:
-        raise Unavailable(f"the web node holding this output is unreachable: {exc}") from exc
-    passed = {k: v for k, v in upstream.headers.items()
-              if k in ("Content-Length", "Content-Range", "Content-Disposition", "Accept-Ranges",
-                       "Content-Type", "ETag")}
-    return Response(upstream.iter_content(1 << 20), status=upstream.status_code, headers=passed)
+    headers[PEER_HOP] = "1"
+    return requests.get(url, headers=headers, stream=True, timeout=30, verify=res().config.web.ca or True)
 
 
 @bp.get("/tasks/<task_id>/logs")

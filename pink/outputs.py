@@ -1,0 +1,140 @@
+"""Where outputs live: each web node's output store, and a second copy on a peer.
+
+A task's output is fetched from its runner by the finalize job into the
+output store of the web node that runs it, then pushed to one other live web
+node before the task is final, so that losing a web node loses no output.
+The record lists both holders (`output.copies`); any web node serves a copy
+it holds, or streams one from a live holder at the address that holder
+announced in etcd.
+
+Peers push to each other over HTTPS (`PUT /internal/v1/outputs/<name>`),
+signed with the web nodes' shared secret key: the signature covers the file's
+name, size and digest, and the receiver checks the bytes against them before
+the file appears under its name. Names are checked against one pattern, so a
+push can only ever write `<task>-<attempt>.tar.<ext>` inside the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+from typing import BinaryIO
+
+import requests
+
+from pink import nodes
+from pink.errors import BadRequest, Forbidden, PinkError, Unavailable
+from pink.store import Store
+from pink.tasks import COMPRESSIONS, Task
+
+log = logging.getLogger("pink.outputs")
+
+PEER_PATH = "/internal/v1/outputs/"
+NAME = re.compile(r"^[0-9a-f]{12}-[0-9]{1,4}(" + "|".join(re.escape(s) for s in COMPRESSIONS.values()) + r")$")
+SIGNATURE_HEADER = "X-Pink-Peer-Signature"
+DIGEST_HEADER = "X-Pink-SHA256"
+PUSH_TIMEOUT = (5.0, 120.0)  # connect, and seconds without progress
+CHUNK = 1 << 20
+
+
+def stored_name(task: Task) -> str:
+    """The file name of this attempt's output in every output store."""
+    return f"{task.id}-{task.attempt}{COMPRESSIONS[task.params.compression]}"
+
+
+def holders(output: dict) -> list[str]:
+    """The web nodes holding a copy (records before copies name one host)."""
+    return list(output.get("copies") or [output["host"]])
+
+
+def local_path(output_dir: str, output: dict) -> str | None:
+    """This node's copy of a recorded output: inside its store, by the name
+    the record gives, whatever directory the record says (None: not a name
+    an output can have)."""
+    name = os.path.basename(output.get("path") or "")
+    return os.path.join(output_dir, name) if NAME.match(name) else None
+
+
+def signature(secret: str, name: str, size: int, sha256: str) -> str:
+    return hmac.new(secret.encode(), f"{name}\n{size}\n{sha256}".encode(), hashlib.sha256).hexdigest()
+
+
+def replicate(config, store: Store, path: str, size: int, sha256: str) -> str | None:
+    """Push the output at `path` to one other live web node; returns its name.
+
+    None when no other web node is up (a single-node cluster keeps one copy).
+    Raises Unavailable when peers are up but none took it: the finalize is
+    tried again rather than leave a task final with one copy it could have
+    had two of.
+    """
+    name = os.path.basename(path)
+    peers = {host: url for host, url in nodes.web_urls(store).items() if host != config.host}
+    if not peers:
+        return None
+    errors = []
+    for host in _order(peers, name):
+        try:
+            _push(config, peers[host], path, name, size, sha256)
+            return host
+        except (requests.RequestException, PinkError) as exc:
+            errors.append(f"{host}: {exc}")
+            log.warning("pushing %s to %s failed: %s", name, host, exc)
+    raise Unavailable(f"no other web node took a copy of {name}: " + "; ".join(errors))
+
+
+def _order(peers: dict[str, str], name: str) -> list[str]:
+    """Peers in an order fixed per output: copies spread over the web nodes."""
+    return sorted(peers, key=lambda host: hashlib.sha256(f"{host}/{name}".encode()).digest())
+
+
+def _push(config, url: str, path: str, name: str, size: int, sha256: str) -> None:
+    headers = {SIGNATURE_HEADER: signature(config.web.secret_key, name, size, sha256),
+               "Content-Type": "application/octet-stream", DIGEST_HEADER: sha256,
+               "Content-Length": str(size)}
+    with open(path, "rb") as body:
+        resp = requests.put(url.rstrip("/") + PEER_PATH + name, data=body, headers=headers,
+                            timeout=PUSH_TIMEOUT, verify=config.web.ca or True)
+    if resp.status_code not in (200, 201):
+        raise PinkError(f"answered {resp.status_code}: {resp.text[:200]}", code="peer_refused")
+
+
+def receive(config, name: str, size: int, sha256: str, signed: str, body: BinaryIO) -> bool:
+    """Store a peer's copy of an output; False if one with that digest was
+    there already. Raises Forbidden (not signed with the cluster's secret) or
+    BadRequest (not an output's name, or bytes that do not match)."""
+    expected = signature(config.web.secret_key, name, size, sha256)
+    if not config.web.secret_key or not hmac.compare_digest(expected, signed or ""):
+        raise Forbidden("the copy is not signed by a web node of this cluster", code="not_a_peer")
+    if not NAME.match(name):
+        raise BadRequest(f"{name!r} is not the name of an output", code="bad_copy")
+    final = os.path.join(config.web.output_dir, name)
+    if os.path.exists(final) and os.path.getsize(final) == size and sha256_of(final) == sha256:
+        return False
+    os.makedirs(config.web.output_dir, exist_ok=True)
+    part = final + ".part"
+    digest, received = hashlib.sha256(), 0
+    try:
+        with open(part, "wb") as out:
+            while chunk := body.read(CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+        if received != size or digest.hexdigest() != sha256:
+            raise BadRequest(f"the copy of {name} arrived as {received} of {size} bytes, or with "
+                             "another digest", code="bad_copy")
+        os.replace(part, final)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    return True
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,91 @@
+"""The deployed lab is what the seed describes, and a user's task goes through it.
+
+`make cluster` deployed it with the Ansible roles; these tests read what the
+roles left on the machines and use PINK through the router, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from devcluster import lab as devlab
+from tests.helpers import files_in_output
+
+
+def pink_cli(*args: str) -> subprocess.CompletedProcess:
+    """The `pink` CLI as `make cluster` left it logged in (its config file)."""
+    pink = str(Path(sys.executable).parent / "pink")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PINK_")}
+    out = subprocess.run([pink, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, f"pink {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def test_submit_through_the_router_and_download_the_output(lab, archive, tmp_path):
+    out = pink_cli("submit", archive, "--env", "SECONDS=1", "--env", "TOKEN_IN_QUERY=s3cret",
+                   "--wait", "--download", str(tmp_path / "out"))
+    outputs = sorted((tmp_path / "out").rglob("*.tar.zst"))
+    assert outputs, out.stdout + out.stderr
+    files = files_in_output(outputs[0].read_bytes())
+    assert files.get("result.txt") == b"done\n", sorted(files)
+    log = lab.sh("router", "cat /var/log/nginx/pink-access.log")
+    assert "POST /api/v1/tasks" in log and "s3cret" not in log and "TOKEN_IN_QUERY" not in log
+
+
+def test_a_runner_holds_no_secret_of_the_web_side(lab):
+    credentials = devlab.LAB_DIR / "credentials"
+    secrets = {p.name: p.read_text().strip() for p in credentials.iterdir()
+               if p.is_file() and not p.name.endswith(".pub")}
+    assert {"db_pink", "redis", "web_secret_key", "pink_workers_id_ed25519"} <= set(secrets)
+    for runner in ("run1", "run2"):
+        config = lab.sh(runner, "cat /etc/pink/pink.toml")
+        assert "[db]" not in config and "[web]" not in config and "redis_url" not in config
+        for name, secret in secrets.items():
+            needle = secret.splitlines()[1] if "PRIVATE KEY" in secret else secret
+            found = lab.sh(runner, f"grep -rlF -- {json.dumps(needle)} /etc /var/lib/pink /opt/pink "
+                                   "2>/dev/null || true")
+            assert not found.strip(), f"{runner} holds {name} in {found}"
+        subject = lab.sh(runner, "openssl x509 -noout -subject -in /etc/pink/etcd/client.pem")
+        assert "CN = pink-runner" in subject
+        assert lab.sh(runner, "test -e /etc/etcd/pki/root.key && echo yes || echo no").strip() == "no"
+
+
+def test_etcd_is_five_members_over_tls_with_authentication(lab):
+    pki = "/etc/etcd/pki"
+    ctl = f"ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:2379 --cacert={pki}/ca.pem"
+    members = lab.sh("web2", f"{ctl} --cert={pki}/member.pem --key={pki}/member.key member list -w json")
+    assert len(json.loads(members)["members"]) == 5
+    health = lab.sh("web2", f"{ctl} --cert={pki}/member.pem --key={pki}/member.key "
+                            "--endpoints=" + ",".join(f"https://{lab.hosts[h]['ip']}:2379"
+                                                      for h in ("web1", "web2", "run1", "run2", "db"))
+                    + " endpoint health 2>&1")
+    assert health.count("is healthy") == 5, health
+    plain = lab.sh("web2", "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:2379/version || true")
+    assert plain.strip() in ("000", ""), f"etcd answered plain HTTP: {plain}"
+    no_user = lab.sh("web2", f"{ctl} --cert={pki}/member.pem --key={pki}/member.key get /pink/ --prefix "
+                             "--keys-only 2>&1 || true")
+    assert "permission denied" in no_user or "user name not found" in no_user, no_user
+    runner = lab.sh("run1", f"{ctl} --cert=/etc/pink/etcd/client.pem --key=/etc/pink/etcd/client.key "
+                            "get /pink/nodes/ --prefix --keys-only 2>&1")
+    assert "/pink/nodes/run1" in runner, runner
+    elsewhere = lab.sh("run1", f"{ctl} --cert=/etc/pink/etcd/client.pem --key=/etc/pink/etcd/client.key "
+                               "put /elsewhere x 2>&1 || true")
+    assert "permission denied" in elsewhere, elsewhere
+
+
+def test_redis_is_replicated_under_sentinel(lab):
+    password = (devlab.LAB_DIR / "credentials" / "redis").read_text().strip()
+    cli = f"REDISCLI_AUTH={password} redis-cli"
+    master = lab.sh("db", f"{cli} -p 26379 SENTINEL get-master-addr-by-name pink").split()
+    assert master and master[0] in {lab.hosts[h]["ip"] for h in ("web1", "web2", "db")}
+    info = lab.sh("db", f"{cli} -h {master[0]} INFO replication")
+    assert "role:master" in info and "connected_slaves:2" in info, info
+    sentinels = lab.sh("db", f"{cli} -p 26379 SENTINEL sentinels pink")
+    assert sentinels.count("26379") == 2, sentinels  # the other two
+    for host in ("web1", "web2", "db"):
+        bind = lab.sh(host, "ss -Htln '( sport = :6379 )'")
+        assert "0.0.0.0" not in bind and "*:6379" not in bind, bind
