@@ -218,6 +218,38 @@ def pink_processes(cluster, pink_config):
 
 
 @pytest.fixture
+def web(pink_processes, pink_config):
+    """pink-web alone for this test's config (nothing picks tasks up)."""
+    pink_processes.web()
+    return pink_config
+
+
+@pytest.fixture
+def api(pink_processes, pink_config):
+    """A running one-machine PINK (web, worker, leader, runner) and user alice on it."""
+    from tests.helpers import Api, make_user
+
+    for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
+        start()
+    return Api(pink_config, make_user(pink_config, "alice"))
+
+
+@pytest.fixture(scope="session")
+def writer_archive(docker_client, tmp_path_factory):
+    """An image whose task writes /result.txt ("hello from pink") and says done."""
+    return images.build_archive(docker_client, "pink/test-writer:1", images.WRITER,
+                                tmp_path_factory.mktemp("writer") / "writer.tar")
+
+
+@pytest.fixture(scope="session")
+def slow_archive(docker_client, tmp_path_factory):
+    """An image whose task takes a few seconds, saying when it starts and ends."""
+    return images.build_archive(docker_client, "pink/test-slow:1",
+                                'CMD ["sh", "-c", "echo start; sleep 4; echo finished > /done.txt"]\n',
+                                tmp_path_factory.mktemp("slow") / "slow.tar")
+
+
+@pytest.fixture
 def control_plane(pink_processes, pink_config):
     """pink-web, a worker and the leader (which announces web1), no runner;
     an Api for user alice."""

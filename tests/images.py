@@ -34,6 +34,9 @@ MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
+# The task most tests run: writes a file into its filesystem and a line to its log.
+WRITER = 'CMD ["sh", "-c", "echo hello from pink > /result.txt; echo done"]\n'
+
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
 

@@ -6,7 +6,6 @@ import json
 import os
 import time
 
-import pytest
 
 from pink import archive
 from pink import config as pink_config_module
@@ -15,23 +14,6 @@ from pink.store import Store
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 
-WRITER = 'CMD ["sh", "-c", "echo hello from pink > /result.txt; echo done"]\n'
-
-
-@pytest.fixture
-def api(pink_processes, pink_config):
-    """A running one-machine PINK (web, worker, leader, runner) and a user on it."""
-    pink_processes.web()
-    pink_processes.worker()
-    pink_processes.leader()
-    pink_processes.runner()
-    return Api(pink_config, make_user(pink_config, "alice"))
-
-
-@pytest.fixture(scope="module")
-def writer_archive(docker_client, tmp_path_factory):
-    return images.build_archive(docker_client, "pink/test-writer:1", WRITER,
-                                tmp_path_factory.mktemp("img") / "writer.tar")
 
 
 def _archived(config, task_id):
@@ -73,7 +55,7 @@ def test_docker25_oci_layout_runs(api, writer_archive, tmp_path):
 
 
 def test_second_task_with_same_image_skips_the_copy(api, docker_client, tmp_path):
-    archive_path = images.fresh_archive(docker_client, "fresh", tmp_path / "fresh.tar", WRITER)
+    archive_path = images.fresh_archive(docker_client, "fresh", tmp_path / "fresh.tar", images.WRITER)
     first = api.wait(api.submit(archive_path).json()["task"]["id"])
     second = api.wait(api.submit(archive_path).json()["task"]["id"])
     assert first["timings"]["transfer_bytes"] > 0
@@ -207,7 +189,7 @@ def test_image_cache_evicts_the_least_recently_used(pink_processes, pink_config,
     for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
         start(config_path=path)
     api = Api(pink_config_module.load(path), make_user(c, "alice"))
-    archives = [images.fresh_archive(docker_client, "cache", tmp_path / f"c{n}.tar", WRITER) for n in range(2)]
+    archives = [images.fresh_archive(docker_client, "cache", tmp_path / f"c{n}.tar", images.WRITER) for n in range(2)]
     first = api.wait(api.submit(archives[0]).json()["task"]["id"])
     again = api.wait(api.submit(archives[0]).json()["task"]["id"])
     assert first["timings"]["image_load_seconds"] > 0 and first["timings"]["transfer_bytes"] > 0

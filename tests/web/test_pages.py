@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import requests
 
 from pink import users
 from tests.helpers import Api, make_user
-
-
-@pytest.fixture
-def web(pink_processes, pink_config):
-    pink_processes.web()
-    return pink_config
 
 
 def browser(config, name, admin=False):

@@ -19,7 +19,7 @@ import redis
 from devcluster.local import (ETCD_COMPACTION_RETENTION, TEST_BASE, Cluster, b64, pid_alive,
                                tcp_answers, wait_until)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sftp_client(cluster: Cluster, known_hosts: Path) -> paramiko.SSHClient:

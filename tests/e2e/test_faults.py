@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
 from redis import Redis
 
 from pink import archive, db
@@ -15,34 +14,21 @@ from tests import images
 from tests.helpers import Api, make_user
 
 
-@pytest.fixture(scope="module")
-def slow_archive(docker_client, tmp_path_factory):
-    """An image whose task takes a few seconds and counts its own runs."""
-    return images.build_archive(docker_client, "pink/test-slow:1",
-                                'CMD ["sh", "-c", "echo start; sleep 4; echo finished > /done.txt"]\n',
-                                tmp_path_factory.mktemp("slow") / "slow.tar")
-
-
-@pytest.fixture
-def api(control_plane):
-    return control_plane
-
-
-def test_runner_killed_mid_task_is_retried(api, pink_processes, slow_archive, docker_client):
+def test_runner_killed_mid_task_is_retried(control_plane, pink_processes, slow_archive, docker_client):
     runner = pink_processes.runner()
-    task_id = api.submit(slow_archive).json()["task"]["id"]
-    api.wait(task_id, states={"running"})
+    task_id = control_plane.submit(slow_archive).json()["task"]["id"]
+    control_plane.wait(task_id, states={"running"})
     pink_processes.kill(runner)
-    store = Store.from_config(api.config)
+    store = Store.from_config(control_plane.config)
     # The lease expires (node_ttl=3 s) and the leader sends the task back.
     deadline = time.monotonic() + 30
     while store.get(store.keys.task(task_id)).value.attempt == 1:
         assert time.monotonic() < deadline, "the task was never re-queued"
         time.sleep(0.2)
     pink_processes.runner()  # the same runner, back with a new epoch
-    task = api.wait(task_id, timeout=120)
+    task = control_plane.wait(task_id, timeout=120)
     assert task["state"] == "succeeded" and task["attempt"] == 2
-    conn = db.connect(api.config.db)
+    conn = db.connect(control_plane.config.db)
     try:
         row = archive.get_record(conn, task_id)
     finally:
@@ -54,11 +40,11 @@ def test_runner_killed_mid_task_is_retried(api, pink_processes, slow_archive, do
     assert docker_client.containers.list(all=True, filters={"label": f"pink.task={task_id}"}) == []
 
 
-def test_redis_flushed_while_tasks_wait(api, pink_processes, slow_archive):
+def test_redis_flushed_while_tasks_wait(control_plane, pink_processes, slow_archive):
     pink_processes.stop(next(n for n in pink_processes.started if "worker" in n))
     pink_processes.runner()
-    ids = [api.submit(slow_archive, cmd="echo quick").json()["task"]["id"] for _ in range(3)]
-    redis = Redis.from_url(api.config.redis_url)
+    ids = [control_plane.submit(slow_archive, cmd="echo quick").json()["task"]["id"] for _ in range(3)]
+    redis = Redis.from_url(control_plane.config.redis_url)
     deadline = time.monotonic() + 20
     while len(redis.keys("rq:job:*")) < 3:  # placed by the leader, their transfers wait for a worker
         assert time.monotonic() < deadline, "the leader placed nothing"
@@ -67,13 +53,13 @@ def test_redis_flushed_while_tasks_wait(api, pink_processes, slow_archive):
     assert not redis.keys("rq:job:*")
     pink_processes.worker(n=2)
     for task_id in ids:
-        assert api.wait(task_id, timeout=120)["state"] == "succeeded"
+        assert control_plane.wait(task_id, timeout=120)["state"] == "succeeded"
 
 
-def test_database_outage_delays_the_archive_but_loses_nothing(api, pink_processes, slow_archive, cluster):
+def test_database_outage_delays_the_archive_but_loses_nothing(control_plane, pink_processes, slow_archive, cluster):
     pink_processes.runner()
-    task_id = api.submit(slow_archive, cmd="echo during the outage").json()["task"]["id"]
-    store = Store.from_config(api.config)
+    task_id = control_plane.submit(slow_archive, cmd="echo during the outage").json()["task"]["id"]
+    store = Store.from_config(control_plane.config)
     state = lambda: store.get(store.keys.task(task_id)).value.state  # noqa: E731
     cluster.stop("mariadb")
     try:
@@ -85,9 +71,9 @@ def test_database_outage_delays_the_archive_but_loses_nothing(api, pink_processe
         assert state() == "exported"  # finished running, but not acknowledged as archived
     finally:
         cluster.start_mariadb()
-    task = api.wait(task_id, timeout=120)
+    task = control_plane.wait(task_id, timeout=120)
     assert task["state"] == "succeeded"
-    conn = db.connect(api.config.db)
+    conn = db.connect(control_plane.config.db)
     try:
         assert archive.get_record(conn, task_id).state == "succeeded"
         assert b"during the outage" in archive.get_logs(conn, task_id)
@@ -95,9 +81,9 @@ def test_database_outage_delays_the_archive_but_loses_nothing(api, pink_processe
         conn.close()
 
 
-def test_leader_killed_another_takes_over(api, pink_processes, slow_archive):
+def test_leader_killed_another_takes_over(control_plane, pink_processes, slow_archive):
     pink_processes.leader(role="leader2")
-    store = Store.from_config(api.config)
+    store = Store.from_config(control_plane.config)
     deadline = time.monotonic() + 20
     while store.get(store.keys.leader) is None:
         assert time.monotonic() < deadline
@@ -107,11 +93,11 @@ def test_leader_killed_another_takes_over(api, pink_processes, slow_archive):
     name = next(n for n in pink_processes.started
                 if "leader" in n and pink_processes.cluster.pid(n) == holder_pid)
     pink_processes.kill(name)
-    ids = [api.submit(slow_archive, cmd="echo quick").json()["task"]["id"] for _ in range(2)]
-    Redis.from_url(api.config.redis_url).flushdb()  # only a leader can bring these jobs back
+    ids = [control_plane.submit(slow_archive, cmd="echo quick").json()["task"]["id"] for _ in range(2)]
+    Redis.from_url(control_plane.config.redis_url).flushdb()  # only a leader can bring these jobs back
     pink_processes.runner()
     for task_id in ids:
-        assert api.wait(task_id, timeout=120)["state"] == "succeeded"
+        assert control_plane.wait(task_id, timeout=120)["state"] == "succeeded"
     second = store.get(store.keys.leader)
     assert second.create_revision != first.create_revision
 
@@ -122,12 +108,12 @@ def test_a_transfer_that_keeps_failing_fails_its_task(pink_processes, pink_confi
     archive_path = images.fresh_archive(docker_client, "lost", tmp_path / "lost.tar")  # no runner holds it
     path = config_variant("gives-up", max_job_failures=2)
     pink_processes.web(path)
-    api = Api(c, make_user(c, "alice"))
-    task_id = api.submit(archive_path).json()["task"]["id"]
+    control_plane = Api(c, make_user(c, "alice"))
+    task_id = control_plane.submit(archive_path).json()["task"]["id"]
     os.remove(spool_file(c.web.spool_dir, task_id))  # the upload is lost before its transfer
     for start in (pink_processes.worker, pink_processes.leader, pink_processes.runner):
         start(config_path=path)
-    task = api.wait(task_id, timeout=60)
+    task = control_plane.wait(task_id, timeout=60)
     assert task["state"] == "failed" and "transfer failed 2 times" in task["error"], task
     assert "No such file" in task["error"]
     store = Store.from_config(c)

@@ -27,7 +27,7 @@ import pytest
 from pink import config as pink_config
 from tests import images
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
 ROLES = sorted(p for p in (ANSIBLE / "roles").iterdir() if p.is_dir())
 EXPECTED_ROLES = {"common", "etcd", "mariadb", "redis", "pink_web", "pink_workers",

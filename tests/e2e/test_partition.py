@@ -180,7 +180,7 @@ def ns_host(cluster, pink_config, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slow_archive(docker_client, tmp_path_factory):
+def partition_archive(docker_client, tmp_path_factory):
     return images.build_archive(
         docker_client, f"pink/test-partition:{TASK_SECONDS}",
         f'CMD ["sh", "-c", "echo start; sleep {TASK_SECONDS}; echo finished > /done.txt"]\n',
@@ -197,7 +197,7 @@ def _wait_for(what: str, check, timeout: float, logs=lambda: ""):
         time.sleep(0.2)
 
 
-def test_partitioned_runner_is_fenced_and_its_task_retried(ns_host, pink_processes, slow_archive,
+def test_partitioned_runner_is_fenced_and_its_task_retried(ns_host, pink_processes, partition_archive,
                                                            docker_client):
     config = pink_config_module.load(ns_host.host_config)
     pink_processes.web(str(ns_host.host_config))
@@ -220,7 +220,7 @@ def test_partitioned_runner_is_fenced_and_its_task_retried(ns_host, pink_process
     # Only the namespaced runner exists, so placement must choose it.
     ns_host.start_runner()
     first = _wait_for("runp never registered", lambda: store.get(node_key), 30, logs)
-    task_id = api.submit(slow_archive).json()["task"]["id"]
+    task_id = api.submit(partition_archive).json()["task"]["id"]
     task = api.wait(task_id, states={"running"}, timeout=60)
     running_at = time.monotonic()
     assert (task["node"], task["attempt"]) == (RUNNER, 1)

@@ -16,14 +16,7 @@ from pink.tasks import Params, Task, new_record
 from tests import images
 from tests.helpers import Api, etcd_record, make_user
 
-WRITER = 'CMD ["sh", "-c", "echo hello from pink > /result.txt; echo done"]\n'
 T0 = 1_700_000_000.0  # archived rows in these tests were submitted from here on
-
-
-@pytest.fixture(scope="module")
-def writer_archive(docker_client, tmp_path_factory):
-    return images.build_archive(docker_client, "pink/test-history:1", WRITER,
-                                tmp_path_factory.mktemp("img") / "writer.tar")
 
 
 def _record(task_id: str, user: str, name: str, state: str, submitted: float, gpus: int = 0,
@@ -67,12 +60,6 @@ def _pages(api: Api, **params) -> list[list[dict]]:
         cursor = body["next"]
         if cursor is None:
             return pages
-
-
-@pytest.fixture
-def web(pink_processes, pink_config):
-    pink_processes.web()
-    return pink_config
 
 
 def test_pages_merge_live_and_archived_tasks_newest_first(web):

@@ -22,7 +22,7 @@ from devcluster.local import free_port, wait_until
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SITE = REPO / "ansible" / "roles" / "nginx" / "templates" / "pink.conf.j2"
 WRITER = 'CMD ["sh", "-c", "echo routed > /result.txt"]\n'
 
