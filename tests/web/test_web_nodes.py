@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pink import archive
+from pink import archive, outputs
 from pink import config as pink_config_module
 from devcluster.local import free_port
 from pink.store import Store
@@ -92,6 +92,9 @@ def test_an_output_is_kept_on_two_web_nodes_and_served_by_either(web1, pink_proc
     first, second = Path(web1.config.web.output_dir) / name, out2 / name
     assert hashlib.sha256(first.read_bytes()).hexdigest() == output["sha256"]
     assert hashlib.sha256(second.read_bytes()).hexdigest() == output["sha256"]
+
+    # A finalize tried again pushes the same copy again: web2 takes it as there already.
+    assert outputs.replicate(web1.config, store, str(first), output["size"], output["sha256"]) == "web2"
 
     first.unlink()  # web1 lost its copy: it streams web2's
     r = web1("GET", f"/tasks/{task_id}/output")
