@@ -135,6 +135,28 @@ class Lab:
         """The host of the elected queue leader."""
         return json.loads(self.etcd_get("/pink/leader") or "{}").get("holder", "").split("/")[0]
 
+    def lead_from(self, host: str, tries: int = 4) -> bool:
+        """Move the queue leader to `host`: restart the leader candidate that
+        holds it elsewhere (another candidate wins; `host`'s, eventually)."""
+        for _ in range(tries):
+            holder = self.leader()
+            if holder == host:
+                return True
+            if holder:
+                self.sh(holder, "systemctl restart pink-leader")
+            time.sleep(15)  # the old lease lapses, a candidate takes over
+        return self.leader() == host
+
+    def redis_master_on(self, host: str, tries: int = 4) -> bool:
+        """Ask Sentinel to fail over until `host`'s Redis is the master."""
+        password = (devlab.LAB_DIR / "credentials" / "redis").read_text().strip()
+        for _ in range(tries):
+            if self.redis_master() == self.hosts[host]["ip"]:
+                return True
+            self.sh("db", f"REDISCLI_AUTH={password} redis-cli -p 26379 SENTINEL failover pink")
+            time.sleep(10)
+        return self.redis_master() == self.hosts[host]["ip"]
+
     def db(self, sql: str) -> list[list[str]]:
         """Rows of a query on the archive (as MariaDB's root, on the db machine)."""
         out = self.sh("db", f"mariadb --batch --skip-column-names pink -e {json.dumps(sql)}")

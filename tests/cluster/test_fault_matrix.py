@@ -57,7 +57,7 @@ def test_worker_killed_while_copying_a_256mib_image(healed, archive, big_archive
         assert time.monotonic() < deadline, "the big image's copy never started"
         time.sleep(0.2)
     fault_at = time.monotonic()
-    lab.sh(holder, "pkill -KILL -f pink-worker")  # systemd starts them again
+    lab.sh(holder, "pkill -KILL -f '[p]ink-worker --config'")  # systemd starts them again
     stream.ids.append(big["id"])
     stream.submitted_at[big["id"]] = fault_at
     counts = stream.finish(fault_at)
@@ -68,7 +68,7 @@ def test_worker_killed_while_copying_a_256mib_image(healed, archive, big_archive
 
 def test_web1_killed_while_it_leads_and_holds_redis_uploads_and_outputs(healed, archive, tmp_path):
     lab = healed
-    roles = {"leader": lab.leader() == "web1", "redis master": lab.redis_master() == lab.hosts["web1"]["ip"]}
+    roles = {"leader": lab.lead_from("web1"), "Redis master": lab.redis_master_on("web1")}
     done_before = Stream(lab, archive, total=4, interval=0.2).start()
     before = done_before.finish(time.monotonic())
     counts = stream_with_fault(lab, archive, lambda: lab.kill("web1"), lambda: None, hold=30)
