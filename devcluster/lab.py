@@ -205,7 +205,7 @@ def build_image() -> str:
         if not rootfs.exists():
             if not shutil.which("mmdebstrap"):
                 raise LabError("mmdebstrap is not installed (apt-get install mmdebstrap)")
-            say(f"building the Debian 12 root filesystem ({len(PACKAGES)} packages, ~1 min)")
+            say(f"building the Debian 12 root filesystem ({len(PACKAGES)} packages, a few minutes)")
             partial = rootfs.with_name(rootfs.name + ".part")
             run("mmdebstrap", "--variant=minbase", "--format=tar", f"--include={','.join(PACKAGES)}",
                 "--aptopt=Acquire::Check-Valid-Until \"false\"", "--skip=cleanup/apt/lists",
@@ -233,10 +233,13 @@ def ensure_network() -> None:
 
 def ensure_host(h: LabHost, image: str) -> None:
     """Start the machine unless it runs; a stopped one is started again."""
-    state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", h.container],
+    state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}} {{.Config.Image}}", h.container],
                            capture_output=True, text=True)
     if state.returncode == 0:
-        if state.stdout.strip() != "true":
+        running, made_from = state.stdout.split()
+        if made_from != image:
+            say(f"{h.container} runs {made_from}, not {image}: kept (`make cluster-down` to rebuild)")
+        if running != "true":
             run("docker", "start", h.container)
         return
     argv = ["docker", "run", "-d", "--name", h.container, "--hostname", h.name,
@@ -414,7 +417,10 @@ def ensure_admin() -> str:
             created = json.loads(pink_on(web1, "admin", "create-user", "admin", "--admin", "--json"))
             say(f"admin user created: password {created['password']} (shown once)")
             state["admin_token"] = created["token"]
-        except LabError:  # the user exists (state.json was lost): a new token
+        except LabError as exc:
+            if "already exists" not in str(exc):
+                raise
+            # state.json was lost, not the user: a new token for it
             state["admin_token"] = json.loads(pink_on(web1, "admin", "create-token", "admin",
                                                       "--json"))["token"]
         save_state(state)

@@ -21,6 +21,7 @@ import hmac
 import logging
 import os
 import re
+import uuid
 from typing import BinaryIO
 
 import requests
@@ -50,20 +51,21 @@ def holders(output: dict) -> list[str]:
     return list(output.get("copies") or [output["host"]])
 
 
-def local_path(output_dir: str, output: dict) -> str | None:
-    """This node's copy of a recorded output: inside its store, by the name
-    the record gives, whatever directory the record says (None: not a name
-    an output can have)."""
-    name = os.path.basename(output.get("path") or "")
-    return os.path.join(output_dir, name) if NAME.match(name) else None
+def local_path(output_dir: str, task: Task) -> str:
+    """This node's copy of the task's output: named after the task and its
+    attempt inside this node's store, whatever path the record holds."""
+    return os.path.join(output_dir, stored_name(task))
 
 
 def signature(secret: str, name: str, size: int, sha256: str) -> str:
-    return hmac.new(secret.encode(), f"{name}\n{size}\n{sha256}".encode(), hashlib.sha256).hexdigest()
+    """HMAC over what the receiver checks, with a key of its own derived from
+    the web nodes' secret (the same secret also signs Flask's sessions)."""
+    key = hmac.new(secret.encode(), b"pink-peer-copy-v1", hashlib.sha256).digest()
+    return hmac.new(key, f"{name}\n{size}\n{sha256}".encode(), hashlib.sha256).hexdigest()
 
 
 def replicate(config, store: Store, path: str, size: int, sha256: str) -> str | None:
-    """Push the output at `path` to one other live web node; returns its name.
+    """Push the output at `path` to one other live web node; returns that node's name.
 
     None when no other web node is up (a single-node cluster keeps one copy).
     Raises Unavailable when peers are up but none took it: the finalize is
@@ -116,7 +118,7 @@ def receive(config, name: str, size: int, sha256: str, signed: str, body: Binary
             pass
         return False
     os.makedirs(config.web.output_dir, exist_ok=True)
-    part = final + ".part"
+    part = f"{final}.{uuid.uuid4().hex[:12]}.part"  # two pushes of one name never share a file
     digest, received = hashlib.sha256(), 0
     try:
         with open(part, "wb") as out:

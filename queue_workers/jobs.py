@@ -186,7 +186,7 @@ def _fetch_output(conn, task: Task) -> dict:
     config = context.config()
     remote = task.export
     os.makedirs(config.web.output_dir, exist_ok=True)
-    local = os.path.join(config.web.output_dir, outputs.stored_name(task))
+    local = outputs.local_path(config.web.output_dir, task)
     if os.path.exists(local) and os.path.getsize(local) == remote.get("size"):
         os.utime(local)  # fresh again: the sweep leaves young files alone
         size, digest = os.path.getsize(local), outputs.sha256_of(local)

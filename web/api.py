@@ -30,6 +30,7 @@ FOLLOW_POLL = 0.5  # seconds between reads of a followed log
 WAIT_POLL = 0.05  # seconds between reads of a task someone long-polls
 MAX_WAIT = 30.0  # seconds a long poll of a task may last
 PEER_HOP = "X-Pink-Peer-Hop"  # on a request one web node passes to another: never passed on again
+PEER_TIMEOUT = (3.0, 30.0)  # seconds to connect to a peer (a silent one is dead), and between bytes
 
 
 @bp.post("/tasks")
@@ -194,8 +195,8 @@ def output(task_id: str):
     config = res().config
     holders = outputs.holders(out)
     if config.host in holders:
-        path = outputs.local_path(config.web.output_dir, out)
-        if path and os.path.exists(path):
+        path = outputs.local_path(config.web.output_dir, task)
+        if os.path.exists(path):
             return send_file(path, mimetype="application/octet-stream", as_attachment=True,
                              download_name=name, conditional=True, etag=out.get("sha256"))
         holders.remove(config.host)
@@ -239,7 +240,7 @@ def _get_from(base: str) -> requests.Response:
     url = base.rstrip("/") + request.full_path
     headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Range", "Cookie")}
     headers[PEER_HOP] = "1"
-    return requests.get(url, headers=headers, stream=True, timeout=30, verify=res().config.web.ca or True)
+    return requests.get(url, headers=headers, stream=True, timeout=PEER_TIMEOUT, verify=res().config.web.ca or True)
 
 
 @bp.get("/tasks/<task_id>/logs")

@@ -289,8 +289,9 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
         assert proc.poll() is None, text
 
         script = ANSIBLE / "roles" / "etcd" / "files" / "etcd-auth.sh"
+        runner_prefixes = ",".join(f"readwrite:/pink/{p}/" for p in ("tasks", "nodes", "alloc", "assign"))
         argv = [str(script), f"https://127.0.0.1:{client}", str(pki / "ca.pem"), str(pki), "member",
-                "/pink/", "pink-web", "pink-runner"]
+                "pink-web=readwrite:/pink/", f"pink-runner={runner_prefixes}"]
         assert wait_until(lambda: subprocess.run(argv, capture_output=True).returncode == 0, 30)
         again = subprocess.run(argv, capture_output=True, text=True, check=True)
         assert again.stdout == "", "the auth script changed things on its second run"
@@ -305,6 +306,9 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
         for intruder in (store("member"), store(None), store("pink-web", prefix="/other")):
             with pytest.raises(PinkError):
                 intruder.get(intruder.keys.node("probe"))
+        with pytest.raises(PinkError):  # a runner may not say where web nodes are
+            runner.create(runner.keys.web("web9"), {"url": "https://192.0.2.1"})
+        assert web.create(web.keys.web("web9"), {"url": "https://10.0.0.9"})
         with pytest.raises(PinkError, match="ca"):
             Store([f"127.0.0.1:{client}"], "/pink", cert=str(pki / "pink-web.pem"),
                   key=str(pki / "pink-web.key"))

@@ -27,7 +27,7 @@ def archive(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def big_archive(tmp_path_factory) -> str:
+def big_lab_archive(tmp_path_factory) -> str:
     """The stream's image with 256 MiB more: its copy to a runner takes seconds."""
     return workload_archive(tmp_path_factory.mktemp("lab-big"), extra_bytes=256 << 20)
 

@@ -8,6 +8,7 @@ A fault is injected the way a lab loses a machine: `docker kill`, a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -33,8 +34,6 @@ def workload_archive(into: Path, extra_bytes: int = 0) -> str:
     data too (a big image whose copy takes a while)."""
     dockerfile, files = WORKLOAD_DOCKERFILE, {}
     if extra_bytes:
-        import os
-
         files = {"blob": os.urandom(extra_bytes)}
         dockerfile = "COPY blob /blob\n" + dockerfile
     client = docker.from_env()
@@ -109,12 +108,22 @@ class Lab:
             time.sleep(2)
         raise AssertionError(f"the lab is not healthy after {timeout:.0f}s: {last}")
 
+    def redis_cli(self, host: str, args: str) -> str:
+        """redis-cli on a machine with the lab's Redis password (`-p 26379`: Sentinel)."""
+        password = (devlab.LAB_DIR / "credentials" / "redis").read_text().strip()
+        return self.sh(host, f"REDISCLI_AUTH={password} redis-cli {args}")
+
     def redis_master(self) -> str:
         """The master's address, as the sentinel on db sees it."""
-        password = (devlab.LAB_DIR / "credentials" / "redis").read_text().strip()
-        out = self.sh("db", f"REDISCLI_AUTH={password} redis-cli -p 26379 "
-                            "SENTINEL get-master-addr-by-name pink")
-        return out.split()[0]
+        return self.redis_cli("db", "-p 26379 SENTINEL get-master-addr-by-name pink").split()[0]
+
+    def etcdctl(self, host: str, args: str, identity: str = "/etc/pink/etcd/client",
+                endpoints: str = "https://127.0.0.1:2379") -> str:
+        """etcdctl on a machine as one of its etcd identities (a cert/key pair
+        without the suffix); stderr is kept, for refusals."""
+        ca = "/etc/etcd/pki/ca.pem" if identity.startswith("/etc/etcd/") else "/etc/pink/etcd/ca.pem"
+        return self.sh(host, f"ETCDCTL_API=3 etcdctl --endpoints={endpoints} --cacert={ca} "
+                             f"--cert={identity}.pem --key={identity}.key {args} 2>&1", check=False)
 
     def copying(self, task_id: str) -> bool:
         """Is the task's image arriving at its runner (a part file in its spool)?"""
@@ -127,9 +136,7 @@ class Lab:
 
     def etcd_get(self, key: str) -> str:
         """A key's value, read on web2 with the web side's etcd identity."""
-        return self.sh("web2", "ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:2379 "
-                               "--cacert=/etc/pink/etcd/ca.pem --cert=/etc/pink/etcd/client.pem "
-                               f"--key=/etc/pink/etcd/client.key get --print-value-only {key}").strip()
+        return self.etcdctl("web2", f"get --print-value-only {key}").strip()
 
     def leader(self) -> str:
         """The host of the elected queue leader."""
@@ -149,11 +156,10 @@ class Lab:
 
     def redis_master_on(self, host: str, tries: int = 4) -> bool:
         """Ask Sentinel to fail over until `host`'s Redis is the master."""
-        password = (devlab.LAB_DIR / "credentials" / "redis").read_text().strip()
         for _ in range(tries):
             if self.redis_master() == self.hosts[host]["ip"]:
                 return True
-            self.sh("db", f"REDISCLI_AUTH={password} redis-cli -p 26379 SENTINEL failover pink")
+            self.redis_cli("db", "-p 26379 SENTINEL failover pink")
             time.sleep(10)
         return self.redis_master() == self.hosts[host]["ip"]
 
@@ -276,7 +282,11 @@ def report(fault: str, counts: Counts) -> None:
         fh.write(row + "\n")
 
 
-def assert_nothing_lost(counts: Counts) -> None:
+def assert_nothing_lost(counts: Counts, explained: tuple[str, ...] = ()) -> None:
+    """No task lost or accepted twice, every task archived, and a task failed
+    only for a reason the fault explains (`explained`: words of its error)."""
     assert counts.lost == 0, counts
     assert counts.accepted_twice == 0, counts
     assert counts.archived == counts.submitted, counts
+    unexplained = [r for r in counts.failed if not any(words in r for words in explained)]
+    assert not unexplained, counts.failed

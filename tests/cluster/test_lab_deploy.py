@@ -56,35 +56,27 @@ def test_a_runner_holds_no_secret_of_the_web_side(lab):
 
 
 def test_etcd_is_five_members_over_tls_with_authentication(lab):
-    pki = "/etc/etcd/pki"
-    ctl = f"ETCDCTL_API=3 etcdctl --endpoints=https://127.0.0.1:2379 --cacert={pki}/ca.pem"
-    members = lab.sh("web2", f"{ctl} --cert={pki}/member.pem --key={pki}/member.key member list -w json")
-    assert len(json.loads(members)["members"]) == 5
+    member = "/etc/etcd/pki/member"  # a CN that is no etcd user
+    assert len(json.loads(lab.etcdctl("web2", "member list -w json", member))["members"]) == 5
     endpoints = ",".join(f"https://{lab.hosts[h]['ip']}:2379" for h in ("web1", "web2", "run1", "run2", "db"))
-    health = lab.sh("web2", f"ETCDCTL_API=3 etcdctl --endpoints={endpoints} --cacert={pki}/ca.pem "
-                            f"--cert={pki}/member.pem --key={pki}/member.key endpoint health 2>&1")
+    health = lab.etcdctl("web2", "endpoint health", member, endpoints=endpoints)
     assert health.count("is healthy") == 5, health
     plain = lab.sh("web2", "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:2379/version || true")
     assert plain.strip() in ("000", ""), f"etcd answered plain HTTP: {plain}"
-    no_user = lab.sh("web2", f"{ctl} --cert={pki}/member.pem --key={pki}/member.key get /pink/ --prefix "
-                             "--keys-only 2>&1 || true")
+    no_user = lab.etcdctl("web2", "get /pink/ --prefix --keys-only", member)
     assert "permission denied" in no_user or "user name not found" in no_user, no_user
-    runner = lab.sh("run1", f"{ctl} --cert=/etc/pink/etcd/client.pem --key=/etc/pink/etcd/client.key "
-                            "get /pink/nodes/ --prefix --keys-only 2>&1")
-    assert "/pink/nodes/run1" in runner, runner
-    elsewhere = lab.sh("run1", f"{ctl} --cert=/etc/pink/etcd/client.pem --key=/etc/pink/etcd/client.key "
-                               "put /elsewhere x 2>&1 || true")
-    assert "permission denied" in elsewhere, elsewhere
+    assert "/pink/nodes/run1" in lab.etcdctl("run1", "get /pink/nodes/ --prefix --keys-only")
+    for refused in ("put /elsewhere x", "put /pink/web/web9 x", "get /pink/leader"):
+        assert "permission denied" in lab.etcdctl("run1", refused), f"a runner may {refused}"
+    assert "/pink/web/web1" in lab.etcdctl("web2", "get /pink/web/ --prefix --keys-only")
 
 
 def test_redis_is_replicated_under_sentinel(lab):
-    password = (devlab.LAB_DIR / "credentials" / "redis").read_text().strip()
-    cli = f"REDISCLI_AUTH={password} redis-cli"
-    master = lab.sh("db", f"{cli} -p 26379 SENTINEL get-master-addr-by-name pink").split()
+    master = lab.redis_cli("db", "-p 26379 SENTINEL get-master-addr-by-name pink").split()
     assert master and master[0] in {lab.hosts[h]["ip"] for h in ("web1", "web2", "db")}
-    info = lab.sh("db", f"{cli} -h {master[0]} INFO replication")
+    info = lab.redis_cli("db", f"-h {master[0]} INFO replication")
     assert "role:master" in info and "connected_slaves:2" in info, info
-    sentinels = lab.sh("db", f"{cli} -p 26379 SENTINEL sentinels pink")
+    sentinels = lab.redis_cli("db", "-p 26379 SENTINEL sentinels pink")
     assert sentinels.count("26379") == 2, sentinels  # the other two
     for host in ("web1", "web2", "db"):  # loopback and the cluster network only
         bound = {line.split()[3] for line in lab.sh(host, "ss -Htln '( sport = :6379 )'").splitlines()}

@@ -48,7 +48,8 @@ def _site(directory: Path, https_port: int, upstreams: list[str]) -> str:
     text = env.from_string(SITE.read_text()).render(
         ansible_managed="test", nginx_upstreams=upstreams, nginx_http_port=free_port(),
         nginx_https_port=https_port, nginx_server_name="_", nginx_conf_dir=str(directory),
-        nginx_upstream_ssl_name="localhost", nginx_proxy_timeout=3600, nginx_max_body_size=2**30,
+        nginx_upstream_ssl_name="localhost", nginx_proxy_timeout=3600, nginx_proxy_connect_timeout=3,
+        nginx_max_body_size=2**30,
         nginx_access_log=str(directory / "access.log"))
     # This machine may have no IPv6; the role listens on both.
     return "\n".join(line for line in text.splitlines() if "listen [::]" not in line) + "\n"
