@@ -289,7 +289,8 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
         assert proc.poll() is None, text
 
         script = ANSIBLE / "roles" / "etcd" / "files" / "etcd-auth.sh"
-        runner_prefixes = ",".join(f"readwrite:/pink/{p}/" for p in ("tasks", "nodes", "alloc", "assign"))
+        runner_prefixes = ",".join([f"readwrite:/pink/{p}/" for p in ("tasks", "nodes", "alloc", "assign")]
+                                   + ["read:/pink/control/"])
         argv = [str(script), f"https://127.0.0.1:{client}", str(pki / "ca.pem"), str(pki), "member",
                 "pink-web=readwrite:/pink/", f"pink-runner={runner_prefixes}"]
         assert wait_until(lambda: subprocess.run(argv, capture_output=True).returncode == 0, 30)
@@ -308,6 +309,10 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
                 intruder.get(intruder.keys.node("probe"))
         with pytest.raises(PinkError):  # a runner may not say where web nodes are
             runner.create(runner.keys.web("web9"), {"url": "https://192.0.2.1"})
+        assert web.create(web.keys.control("probe"), {"state": "draining"})
+        assert runner.get(runner.keys.control("probe")).value == {"state": "draining"}
+        with pytest.raises(PinkError):  # nor give itself orders
+            runner.delete(runner.keys.control("probe"))
         assert web.create(web.keys.web("web9"), {"url": "https://10.0.0.9"})
         with pytest.raises(PinkError, match="ca"):
             Store([f"127.0.0.1:{client}"], "/pink", cert=str(pki / "pink-web.pem"),
