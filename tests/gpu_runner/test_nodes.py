@@ -11,15 +11,7 @@ import pytest
 
 from pink import nodes
 from pink.store import Store
-from tests import images
 from tests.helpers import Api, archived, make_user
-
-
-@pytest.fixture(scope="module")
-def sleeper(docker_client, tmp_path_factory):
-    return images.build_archive(docker_client, "pink/test-sleeper:1",
-                                'CMD ["sh", "-c", "echo start; sleep 3; echo done > /done.txt"]\n',
-                                tmp_path_factory.mktemp("sleeper") / "sleeper.tar")
 
 
 @pytest.fixture
@@ -48,13 +40,13 @@ def wait_for(check, timeout=30):
         time.sleep(0.2)
 
 
-def test_drain_lets_running_work_finish_and_takes_no_more(cluster_api, sleeper):
+def test_drain_lets_running_work_finish_and_takes_no_more(cluster_api, slow_archive):
     api = cluster_api
-    first = api.submit(sleeper).json()["task"]["id"]
+    first = api.submit(slow_archive).json()["task"]["id"]
     api.wait(first, states={"running"})
     out = api.cli("node", "drain", "run1", "--json")
     assert json.loads(out.stdout)["node"]["state"] == "draining"
-    second = api.submit(sleeper).json()["task"]["id"]
+    second = api.submit(slow_archive).json()["task"]["id"]
     assert api.wait(first)["state"] == "succeeded"
     time.sleep(1.5)
     waiting = api.task(second)
@@ -64,9 +56,9 @@ def test_drain_lets_running_work_finish_and_takes_no_more(cluster_api, sleeper):
     assert api.wait(second)["state"] == "succeeded"
 
 
-def test_stop_moves_running_tasks_to_another_runner(cluster_api, sleeper):
+def test_stop_moves_running_tasks_to_another_runner(cluster_api, slow_archive):
     api = cluster_api
-    task_id = api.submit(sleeper).json()["task"]["id"]
+    task_id = api.submit(slow_archive).json()["task"]["id"]
     api.wait(task_id, states={"running"})
     api.start_run2()
     api.cli("node", "stop", "run1", "--yes")
@@ -87,14 +79,14 @@ def test_node_control_is_for_admins(cluster_api):
     assert cluster_api("POST", "/nodes/run1/explode").status_code == 404
 
 
-def test_drain_now_moves_tasks_waiting_there(cluster_api, sleeper, pink_processes):
+def test_drain_now_moves_tasks_waiting_there(cluster_api, slow_archive, pink_processes):
     api = cluster_api
     api.start_run2()
     runner = next(n for n in pink_processes.started if n.endswith("runner-run1"))
     pid = pink_processes.cluster.pid(runner)
     os.kill(pid, signal.SIGSTOP)  # for a moment run1 stays registered but takes up nothing
     try:
-        task_id = api.submit(sleeper).json()["task"]["id"]
+        task_id = api.submit(slow_archive).json()["task"]["id"]
         assert api.wait(task_id, states={"assigned"}, timeout=20)["node"] == "run1"
         out = json.loads(api.cli("node", "drain", "run1", "--now", "--json").stdout)
         assert out["moved"] == 1 and out["node"]["state"] == "draining"
