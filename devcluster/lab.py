@@ -414,15 +414,19 @@ def ensure_admin() -> str:
     if "admin_token" not in state:
         web1 = host("web1")
         try:
-            created = json.loads(pink_on(web1, "admin", "create-user", "admin", "--admin", "--json"))
+            created = json.loads(pink_on(web1, "admin", "user", "create", "admin", "--admin", "--json"))
             say(f"admin user created: password {created['password']} (shown once)")
             state["admin_token"] = created["token"]
         except LabError as exc:
             if "already exists" not in str(exc):
                 raise
-            # state.json was lost, not the user: a new token for it
-            state["admin_token"] = json.loads(pink_on(web1, "admin", "create-token", "admin",
-                                                      "--json"))["token"]
+            # state.json was lost, not the user: a new password, and a token made with it
+            from pink.cli.client import Client
+
+            password = json.loads(pink_on(web1, "admin", "user", "reset-password", "admin", "--json"))["password"]
+            say(f"admin password reset: {password} (shown once)")
+            state["admin_token"] = Client(ROUTER_URL, ca=str(LAB_DIR / "ssl" / "ca.pem")).login(
+                "admin", password)["token"]
         save_state(state)
     return state["admin_token"]
 

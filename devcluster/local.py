@@ -931,7 +931,7 @@ def run_demo(base: Path | str) -> None:
     config = cluster.up(with_pink=True)
     url = tomllib.loads(config.read_text())["web"]["url"]
     if "admin_token" not in cluster.state:
-        created = json.loads(pink_cli(cluster, "admin", "create-user", "admin", "--admin",
+        created = json.loads(pink_cli(cluster, "admin", "user", "create", "admin", "--admin",
                                       "--json", "--config", str(config), capture=True))
         print(f"admin user created: name {created['name']} password {created['password']}\n"
               "(shown once: it is not stored anywhere)", file=sys.stderr)

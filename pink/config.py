@@ -54,6 +54,7 @@ class WebConfig:
     bind: str = "127.0.0.1:8443"
     workers: int = 4
     dashboard: bool = True  # mount rq-dashboard under /rq for admins
+    trusted_proxies: list[str] = field(default_factory=list)  # routers whose X-Real-IP names the client
 
 
 @dataclass

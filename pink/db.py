@@ -84,7 +84,22 @@ SCHEMA_V2 = [
         expired_at = deleted_at""",
 ]
 
-MIGRATIONS = [SCHEMA_V1, SCHEMA_V2]  # MIGRATIONS[n - 1] brings a database to version n
+# Version 3: accounts people manage. Tokens have a name, a scope (`user`: the
+# API as that user; `metrics`: only /metrics), an expiry and a last use;
+# users can be disabled. Revoked and expired tokens are deleted, not kept.
+SCHEMA_V3 = [
+    """ALTER TABLE users
+        ADD COLUMN IF NOT EXISTS disabled_at DOUBLE,
+        ADD COLUMN IF NOT EXISTS last_used_at DOUBLE""",
+    """ALTER TABLE tokens
+        ADD COLUMN IF NOT EXISTS name VARCHAR(128) NOT NULL DEFAULT 'token',
+        ADD COLUMN IF NOT EXISTS scope VARCHAR(16) NOT NULL DEFAULT 'user',
+        ADD COLUMN IF NOT EXISTS last_used_at DOUBLE,
+        ADD COLUMN IF NOT EXISTS expires_at DOUBLE,
+        ADD INDEX IF NOT EXISTS by_expiry (expires_at)""",
+]
+
+MIGRATIONS = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3]  # MIGRATIONS[n - 1] brings a database to version n
 VERSION = len(MIGRATIONS)
 
 

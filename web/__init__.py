@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from pink import config as pink_config
 from pink.errors import PinkError
-from web import api, auth, pages, peers
+from web import accounts, api, auth, pages, peers
 from web.resources import Resources
 
 
@@ -30,6 +30,7 @@ def create_app(config: pink_config.Config | str | None = None) -> Flask:
     app.extensions["pink"] = Resources(config)
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(accounts.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(peers.bp)
     if config.web.dashboard:
@@ -73,6 +74,8 @@ def _error_handlers(app: Flask) -> None:
     @app.errorhandler(PinkError)
     def pink_error(exc: PinkError):
         response = jsonify(error=exc.code, message=exc.message)
+        if getattr(exc, "retry_after", None):
+            response.headers["Retry-After"] = str(exc.retry_after)
         if request.method in ("POST", "PUT") and not _drain_body():
             response.headers["Connection"] = "close"
         return response, exc.status

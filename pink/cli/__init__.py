@@ -2,8 +2,9 @@
 
 `main` is the click group: it takes the connection options once and hands
 subcommands a `CliContext`. The commands live in `pink.cli.commands` (the
-REST API, through `pink.cli.client.Client`) and `pink.cli.admin` (server-side
-accounts); settings in `pink.cli.settings`.
+REST API, through `pink.cli.client.Client`), `pink.cli.accounts` (tokens) and
+`pink.cli.admin` (users, through the API or on a server machine); settings
+in `pink.cli.settings`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.metadata
 
 import click
 
+from pink.cli.accounts import token
 from pink.cli.admin import admin
 from pink.cli.commands import COMMANDS
 from pink.cli.context import CliContext, PinkGroup, connection_options
@@ -39,4 +41,5 @@ def main(ctx: click.Context, url, token, ca):
 
 for _command in COMMANDS:
     main.add_command(_command)
+main.add_command(token)
 main.add_command(admin)

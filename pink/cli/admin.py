@@ -1,8 +1,10 @@
-"""`pink admin`: server-side account management, run where the config is.
+"""`pink admin`: users (create, list, disable, enable, reset-password) and the schema.
 
-These commands talk to MariaDB through `pink.users` with the cluster's own
-config file (`--config` or $PINK_CONFIG), not to the REST API, so they work
-before any user exists. Secrets they create are printed once, never stored
+`pink admin user ...` goes through the REST API as the logged-in admin, or,
+with `--config` (or $PINK_CONFIG) on a server machine, straight to MariaDB:
+that is how the first admin is made and the way back for an admin who lost
+their password. Both paths run the same `pink.users` functions and print the
+same answer. Generated passwords and tokens are printed once, never stored
 in clear. Registered on the group by `pink.cli`.
 """
 
@@ -10,13 +12,18 @@ from __future__ import annotations
 
 import click
 
-from pink.cli.output import to_json
-
-_config_option = click.option(
-    "--config", "config_path", envvar="PINK_CONFIG", show_envvar=True, required=True,
-    type=click.Path(dir_okay=False), help="The cluster's PINK config file (its [db] section).")
+from pink.cli import output
+from pink.cli.context import CliContext, pass_cli
 
 SHOWN_ONCE = "Keep these now: they are not stored in clear and cannot be shown again."
+
+
+def _config_option(required: bool):
+    text = ("The cluster's PINK config file (its [db] section)." if required else
+            "Work on the database with this server config instead of through the API "
+            "(on a server machine: the first admin, a lost admin password).")
+    return click.option("--config", "config_path", envvar="PINK_CONFIG", show_envvar=True, required=required,
+                        type=click.Path(dir_okay=False), help=text)
 
 
 def _load(config_path: str):
@@ -25,47 +32,117 @@ def _load(config_path: str):
     return config.load(config_path)
 
 
-@click.group()
-def admin():
-    """Manage users, tokens and the database schema (on a server machine, with its config file)."""
-
-
-@admin.command("create-user")
-@click.argument("name")
-@click.option("--admin", "is_admin", is_flag=True, help="Let the user see and manage every task.")
-@click.option("--json", "as_json", is_flag=True, help="Print name, password, token and admin as JSON.")
-@_config_option
-def create_user(name, is_admin, as_json, config_path):
-    """Create user NAME with a generated password and a first API token."""
+def _direct(config_path: str, work):
+    """Run `work(conn)` on the database the server config names."""
     config = _load(config_path)
     from pink import users  # after the config: a bad --config needs no database driver
 
-    created = users.create_user(config, name, admin=is_admin)
+    with users.database(config) as conn:
+        return work(users, conn)
+
+
+def _show(answer: dict, as_json: bool) -> None:
     if as_json:
-        click.echo(to_json(created))
-    else:
-        click.echo(f"user:     {created['name']}{' (admin)' if created.get('admin') else ''}")
-        click.echo(f"password: {created['password']}")
-        click.echo(f"token:    {created['token']}")
-    click.echo(SHOWN_ONCE, err=True)
+        click.echo(output.to_json(answer))
+        return
+    user = answer["user"]
+    state = "disabled" if user.get("disabled") else "active"
+    click.echo(f"user:     {user['name']}{' (admin)' if user.get('admin') else ''}, {state}")
+    for secret in ("password", "token"):
+        if answer.get(secret):
+            click.echo(f"{secret + ':':<9} {answer[secret]}")
+    if answer.get("password") or answer.get("token"):
+        click.echo(SHOWN_ONCE, err=True)
 
 
-@admin.command("create-token")
+@click.group()
+def admin():
+    """Manage users and the database schema (admins)."""
+
+
+@admin.group()
+def user():
+    """Create, list, disable, enable users and reset passwords."""
+
+
+@user.command("create")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print {\"name\", \"token\"} as JSON.")
-@_config_option
-def create_token(name, as_json, config_path):
-    """Create another API token for the existing user NAME."""
-    config = _load(config_path)
-    from pink import users
+@click.option("--admin", "is_admin", is_flag=True, help="Let the user see and manage every task.")
+@click.option("--json", "as_json", is_flag=True, help="Print the user, password (and token) as JSON.")
+@_config_option(required=False)
+@pass_cli
+def create(cli: CliContext, name, is_admin, as_json, config_path):
+    """Create user NAME with a generated password (with --config, also a first API token)."""
+    if config_path:
+        from pink import users
 
-    token = users.create_token(config, name)
-    click.echo(to_json({"name": name, "token": token}) if as_json else token)
-    click.echo("Keep this token now: it is not stored in clear and cannot be shown again.", err=True)
+        answer = users.create_user(_load(config_path), name, admin=is_admin)
+    else:
+        answer = cli.client().create_user(name, is_admin)
+    _show(answer, as_json)
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the users as JSON.")
+@_config_option(required=False)
+@pass_cli
+def list_(cli: CliContext, as_json, config_path):
+    """Every user: admin, state, created, last used."""
+    if config_path:
+        found = _direct(config_path, _all_users)
+    else:
+        found = list(cli.client().users())
+    click.echo(output.to_json(found) if as_json else output.users_table(found))
+
+
+def _all_users(users, conn) -> list[dict]:
+    found, after = [], ""
+    while after is not None:
+        page, after = users.list_users(conn, after)
+        found += [users.user_view(u) for u in page]
+    return found
+
+
+def _change(cli: CliContext, name: str, action: str, as_json: bool, config_path: str | None) -> None:
+    if config_path:
+        answer = _direct(config_path, lambda users, conn: users.change(conn, name, action))
+    else:
+        answer = cli.client().user_action(name, action)
+    _show(answer, as_json)
+
+
+def _user_options(func):
+    func = _config_option(required=False)(func)
+    func = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")(func)
+    return click.argument("name")(func)
+
+
+@user.command("disable")
+@_user_options
+@pass_cli
+def disable(cli: CliContext, name, as_json, config_path):
+    """Disable NAME: no login, and none of their tokens work, until `enable`."""
+    _change(cli, name, "disable", as_json, config_path)
+
+
+@user.command("enable")
+@_user_options
+@pass_cli
+def enable(cli: CliContext, name, as_json, config_path):
+    """Let NAME log in and use their tokens again."""
+    _change(cli, name, "enable", as_json, config_path)
+
+
+@user.command("reset-password")
+@_user_options
+@pass_cli
+def reset_password(cli: CliContext, name, as_json, config_path):
+    """Give NAME a new generated password (printed once); the old one stops working."""
+    _change(cli, name, "reset-password", as_json, config_path)
 
 
 @admin.command("migrate")
-@_config_option
+@_config_option(required=True)
 def migrate(config_path):
     """Upgrade the database schema in place (web nodes and workers also do it at start)."""
     config = _load(config_path)

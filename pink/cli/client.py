@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -189,7 +190,8 @@ class Client:
     def login(self, username: str, password: str) -> dict:
         """Exchange a password for a token: returns `{"token", "user": {"name", "admin"}}`.
         The token is also adopted by this client."""
-        body = self._json("POST", "/login", json={"username": username, "password": password},
+        body = self._json("POST", "/login", json={"username": username, "password": password,
+                                                  "token_name": f"pink login on {socket.gethostname()}"},
                           auth_hint=False)
         if not isinstance(body, dict) or not body.get("token"):
             raise PinkError("the server's login answer carries no token", code="bad_response")
@@ -202,6 +204,34 @@ class Client:
         if not self.token:
             raise errors.Unauthorized(NOT_LOGGED_IN)
         self._request("GET", "/tasks").close()
+
+    def me(self) -> dict:
+        return self._json("GET", "/me")
+
+    def tokens(self) -> list[dict]:
+        return self._json("GET", "/tokens", "tokens")
+
+    def create_token(self, name: str, days: float | None, scope: str = "user") -> dict:
+        """A new token: `{"token": {...}, "secret"}`; the secret is shown only in this answer."""
+        return self._json("POST", "/tokens", json={"name": name, "expires_days": days, "scope": scope},
+                          expect=(201,))
+
+    def revoke_token(self, token_id: int) -> None:
+        self._request("DELETE", f"/tokens/{int(token_id)}").close()
+
+    def users(self) -> Iterator[dict]:
+        """Every user (admins), page by page."""
+        after = ""
+        while after is not None:
+            body = self._json("GET", "/users", params={"after": after})
+            yield from body.get("users") or []
+            after = body.get("next")
+
+    def create_user(self, name: str, admin: bool = False) -> dict:
+        return self._json("POST", "/users", json={"name": name, "admin": admin}, expect=(201,))
+
+    def user_action(self, name: str, action: str) -> dict:
+        return self._json("POST", f"/users/{_id(name, 'user name')}/{action}")
 
     # -- tasks ---------------------------------------------------------------
 

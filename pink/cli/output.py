@@ -87,6 +87,20 @@ def nodes_table(nodes: list[dict]) -> str:
     return table(["NAME", "HOST", "STATE", "GPUS", "TASKS", "EPOCH"], rows)
 
 
+def tokens_table(tokens: list[dict], now: datetime | None = None) -> str:
+    rows = [[t.get("id"), t.get("name"), t.get("scope"), age(t.get("created_at"), now),
+             age(t.get("last_used_at"), now) if t.get("last_used_at") else "never",
+             (t.get("expires_at") or "never")[:10]] for t in tokens]
+    return table(["ID", "NAME", "SCOPE", "CREATED", "LAST USED", "EXPIRES"], rows)
+
+
+def users_table(users: list[dict], now: datetime | None = None) -> str:
+    rows = [[u.get("name"), "yes" if u.get("admin") else "", "disabled" if u.get("disabled") else "active",
+             age(u.get("created_at"), now),
+             age(u.get("last_used_at"), now) if u.get("last_used_at") else "never"] for u in users]
+    return table(["NAME", "ADMIN", "STATE", "CREATED", "LAST USED"], rows)
+
+
 def _words(value) -> str:
     if isinstance(value, list):
         return " ".join(value)

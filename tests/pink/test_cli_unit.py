@@ -289,17 +289,19 @@ def test_cancel_confirms_before_anything(runner, closed_url):
     assert "Cancel task abc" in result.stderr and "cannot reach" not in result.stderr
 
 
-def test_admin_needs_config(runner, tmp_path):
-    result = runner.invoke(main, ["admin", "create-user", "alice"])
-    assert result.exit_code == 2 and "--config" in result.stderr
-    result = runner.invoke(main, ["admin", "create-user", "alice", "--config", str(tmp_path / "none.toml")])
+def test_admin_user_goes_to_the_api_or_the_config(clean_env, runner, tmp_path):
+    result = runner.invoke(main, ["admin", "user", "create", "alice"])
+    assert result.exit_code == 1 and "pink login" in result.stderr
+    result = runner.invoke(main, ["admin", "user", "create", "alice", "--config", str(tmp_path / "none.toml")])
     assert result.exit_code == 1 and "does not exist" in result.stderr
+    result = runner.invoke(main, ["admin", "migrate"])
+    assert result.exit_code == 2 and "--config" in result.stderr
 
 
 def test_help_and_version(runner):
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0
-    for name in ("login", "submit", "status", "logs", "download", "cancel", "nodes", "admin"):
+    for name in ("login", "submit", "status", "logs", "download", "cancel", "nodes", "token", "admin"):
         assert name in result.stdout
     assert runner.invoke(main, ["--version"]).stdout.startswith("pink ")
 

@@ -1,0 +1,167 @@
+"""Accounts: named tokens that expire and can be revoked, users admins manage, and
+the login endpoint's throttle, through a running pink-web and the `pink` CLI."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import requests
+
+from pink import db, users
+from tests.helpers import Api, make_user
+from tests.web.test_pages import browser
+
+
+def _login(api: Api, name: str, password: str) -> requests.Response:
+    return requests.post(api.url + "/api/v1/login", json={"username": name, "password": password},
+                         verify=api.ca, timeout=30)
+
+
+def _days_left(iso_time: str) -> float:
+    moment = datetime.fromisoformat(iso_time.replace("Z", "+00:00"))
+    return (moment - datetime.now(timezone.utc)).total_seconds() / 86400
+
+
+def test_tokens_are_named_listed_expire_and_are_revoked(web):
+    created = users.create_user(web, "hana")
+    api = Api(web, created["token"])
+    login = _login(api, "hana", created["password"])
+    assert login.status_code == 200
+    assert 29 < _days_left(login.json()["expires_at"]) <= 30  # `pink login` tokens do not live for ever
+
+    made = api("POST", "/tokens", json={"name": "laptop", "expires_days": 7})
+    assert made.status_code == 201, made.text
+    laptop, secret = made.json()["token"], made.json()["secret"]
+    assert laptop["name"] == "laptop" and laptop["scope"] == "user" and 6 < _days_left(laptop["expires_at"]) <= 7
+    assert Api(web, secret)("GET", "/tasks").status_code == 200
+
+    listed = api("GET", "/tokens").json()["tokens"]
+    assert [t["name"] for t in listed] == ["laptop", "pink login", "created with the account"]
+    assert "secret" not in listed[0] and listed[0]["last_used_at"] is not None  # it was just used
+
+    assert api("DELETE", f"/tokens/{laptop['id']}").json() == {"revoked": laptop["id"]}
+    refused = Api(web, secret)("GET", "/tasks")
+    assert refused.status_code == 401 and "revoked" in refused.json()["message"]
+
+    # another user's token is not yours to revoke: 404 like a missing one
+    other = Api(web, make_user(web, "ivan"))
+    assert other("DELETE", f"/tokens/{listed[1]['id']}").status_code == 404
+    assert len(api("GET", "/tokens").json()["tokens"]) == 2
+
+    # an expired token is refused and deleted when its owner next lists tokens
+    expired_secret = api("POST", "/tokens", json={"name": "old"}).json()["secret"]
+    _sql(web, "UPDATE tokens SET expires_at=1 WHERE name='old'")
+    assert Api(web, expired_secret)("GET", "/tasks").status_code == 401
+    assert "old" not in [t["name"] for t in api("GET", "/tokens").json()["tokens"]]
+    assert _sql(web, "SELECT COUNT(*) AS n FROM tokens WHERE name='old'")[0]["n"] == 0
+
+
+def test_token_input_is_checked_and_metrics_tokens_are_for_admins(web):
+    api = Api(web, make_user(web, "jo"))
+    for body, word in (({"name": ""}, "name"), ({"name": "x", "expires_days": "soon"}, "expires_days"),
+                       ({"name": "x", "expires_days": 0}, "days"), ({"name": "x", "scope": "root"}, "scope")):
+        r = api("POST", "/tokens", json=body)
+        assert r.status_code == 400 and word in r.json()["message"], (body, r.text)
+    assert api("POST", "/tokens", json={"name": "prom", "scope": "metrics"}).status_code == 403
+
+    admin = Api(web, make_user(web, "kim", admin=True))
+    scrape = admin("POST", "/tokens", json={"name": "prometheus", "scope": "metrics", "expires_days": None})
+    assert scrape.status_code == 201 and scrape.json()["token"]["expires_at"] is None
+    r = Api(web, scrape.json()["secret"])("GET", "/tasks")
+    assert r.status_code == 403 and r.json()["error"] == "scope"
+
+
+def test_admins_create_disable_enable_and_reset_users(web):
+    admin = Api(web, make_user(web, "lena", admin=True))
+    made = admin("POST", "/users", json={"name": "mo", "admin": False})
+    assert made.status_code == 201 and made.json()["user"]["name"] == "mo"
+    password = made.json()["password"]
+    token = _login(admin, "mo", password).json()["token"]
+    mo = Api(web, token)
+    assert mo("GET", "/users").status_code == 403
+    assert mo("POST", "/users", json={"name": "eve"}).status_code == 403
+    assert admin("POST", "/users", json={"name": "mo"}).status_code == 409
+    assert admin("POST", "/users", json={"name": "../x"}).status_code == 400
+
+    assert admin("POST", "/users/mo/disable").json()["user"]["disabled"] is True
+    r = _login(admin, "mo", password)
+    assert r.status_code == 403 and "disabled" in r.json()["message"]
+    assert mo("GET", "/tasks").status_code == 401  # every web process forgot the token at once
+    assert admin("POST", "/users/lena/disable").status_code == 403  # not yourself
+
+    assert admin("POST", "/users/mo/enable").json()["user"]["disabled"] is False
+    assert mo("GET", "/tasks").status_code == 200
+    new = admin("POST", "/users/mo/reset-password").json()["password"]
+    assert _login(admin, "mo", password).status_code == 401 and _login(admin, "mo", new).status_code == 200
+
+    names = {u["name"]: u for u in admin("GET", "/users").json()["users"]}
+    assert set(names) == {"lena", "mo"} and names["mo"]["last_used_at"] and names["lena"]["admin"]
+    page = admin("GET", "/users", params={"limit": 1}).json()
+    assert [u["name"] for u in page["users"]] == ["lena"] and page["next"] == "lena"
+    assert admin("POST", "/users/nobody/disable").status_code == 404
+
+
+def test_cli_tokens_and_admin_users(web):
+    admin = Api(web, make_user(web, "nora", admin=True))
+    secret = admin.cli("token", "create", "ci", "--days", "3").stdout.strip()
+    assert secret.startswith("pink_") and Api(web, secret)("GET", "/tasks").status_code == 200
+    listed = admin.cli("token", "list").stdout
+    assert "ci" in listed and "LAST USED" in listed
+    token_id = next(t["id"] for t in admin("GET", "/tokens").json()["tokens"] if t["name"] == "ci")
+    admin.cli("token", "revoke", str(token_id))
+    assert Api(web, secret)("GET", "/tasks").status_code == 401
+
+    out = admin.cli("admin", "user", "create", "otto").stdout
+    assert "user:     otto" in out and "password:" in out
+    assert "otto" in admin.cli("admin", "user", "list").stdout
+    admin.cli("admin", "user", "disable", "otto")
+    assert "disabled" in admin.cli("admin", "user", "list").stdout
+    # on a server machine, with its config, without any login: the way back for a lost password
+    direct = admin.cli("admin", "user", "reset-password", "nora", "--json", "--config", web.path)
+    assert '"password"' in direct.stdout
+
+
+def test_logins_are_throttled_by_user_and_by_address(web):
+    created = users.create_user(web, "pia")
+    api = Api(web, created["token"])
+    for _ in range(10):
+        assert _login(api, "pia", "wrong").status_code == 401
+    r = _login(api, "pia", created["password"])  # right, but the account is under attack
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0 and "pia" in r.json()["message"]
+    page = requests.post(api.url + "/login", data={"username": "pia", "password": created["password"]},
+                         verify=api.ca, timeout=30)
+    assert page.status_code == 429 and "too many failed logins" in page.text
+
+    for n in range(30):  # names that do not exist cost no scrypt: a client spraying names
+        assert _login(api, f"ghost{n}", "x").status_code in (401, 429)
+    r = _login(api, "quinn", "x")
+    assert r.status_code == 429 and "from" in r.json()["message"]
+
+
+def test_login_redirects_only_within_the_site(web):
+    created = users.create_user(web, "rita")
+    api = Api(web, "")
+    for target, expected in (("/tasks/abc", "/tasks/abc"), ("/\\evil.com", "/"), ("//evil.com", "/"),
+                             ("https://evil.com/", "/"), ("/\\/evil.com", "/"), ("/\t/evil.com", "/")):
+        r = requests.post(api.url + "/login", params={"next": target}, verify=api.ca, allow_redirects=False,
+                          data={"username": "rita", "password": created["password"]}, timeout=30)
+        assert r.status_code == 302 and r.headers["Location"] == expected, (target, r.headers["Location"])
+
+
+def test_rq_dashboard_rechecks_the_admin_flag(web):
+    api, session, _, _ = browser(web, "sam", admin=True)
+    assert session.get(api.url + "/rq/", verify=api.ca).status_code == 200
+    _sql(web, "UPDATE users SET is_admin=0 WHERE name='sam'")
+    assert session.get(api.url + "/rq/", verify=api.ca).status_code == 403
+
+
+def _sql(config, statement: str) -> list[dict]:
+    conn = db.connect(config.db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+            rows = cur.fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()

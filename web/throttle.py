@@ -1,0 +1,122 @@
+"""Login throttling: each password check is a 16 MiB scrypt, so an open login
+endpoint is a memory and CPU denial of service, and a password guesser's tool.
+
+Three limits. Failed attempts per user name (someone guessing one account's
+password from many addresses) and attempts per client address (one client
+trying many names) are counted in Redis, so every web node shares them, in
+fixed windows that expire by themselves. Concurrent password checks per
+process are bounded by a semaphore, so memory stays bounded even when the
+counters cannot be read: with Redis unreachable the counters let the attempt
+through (logging in must not depend on Redis), the semaphore still holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+from contextlib import contextmanager
+
+from flask import request
+from redis.exceptions import RedisError
+
+from pink.errors import PinkError, Unavailable
+from web.resources import res
+
+log = logging.getLogger("pink.web")
+
+USER_FAILURES = (10, 900)  # failed attempts per user name, per window of seconds
+ADDRESS_ATTEMPTS = (30, 300)  # attempts (failed or not) per client address, per window
+CONCURRENT_CHECKS = 2  # password checks a web process computes at once
+CHECK_WAIT = 10.0  # seconds an attempt waits for a free check before it is refused
+_checks = threading.BoundedSemaphore(CONCURRENT_CHECKS)
+
+
+class Throttled(PinkError):
+    code = "throttled"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def client_address() -> str:
+    """The client's address: the router's X-Real-IP when the peer is a trusted router."""
+    peer = request.remote_addr or "unknown"
+    forwarded = request.headers.get("X-Real-IP", "")
+    if forwarded and peer in res().config.web.trusted_proxies:
+        try:
+            return str(ipaddress.ip_address(forwarded.strip()))
+        except ValueError:
+            return peer
+    return peer
+
+
+def _key(kind: str, value: str) -> str:
+    return f"pink:login:{kind}:{hashlib.sha256(value.encode()).hexdigest()[:32]}"
+
+
+def _count(key: str, window: int) -> int | None:
+    try:
+        pipe = res().redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, window, nx=True)
+        return pipe.execute()[0]
+    except RedisError as exc:
+        log.warning("login throttle: Redis unreachable, not counting: %s", exc)
+        return None
+
+
+def _ttl(key: str, default: int) -> int:
+    try:
+        ttl = res().redis.ttl(key)
+    except RedisError:
+        return default
+    return ttl if ttl and ttl > 0 else default
+
+
+def _seen(key: str, window: int, count: bool) -> int:
+    """The key's count, first adding this attempt when `count`; 0 when Redis cannot say."""
+    if count:
+        return _count(key, window) or 0
+    try:
+        return int(res().redis.get(key) or 0)
+    except RedisError:
+        return 0
+
+
+@contextmanager
+def attempt(name: str):
+    """Wrap one password check for `name`; raises Throttled before it when over a limit.
+
+    The body reports a failure by raising or by calling `failed()` on the
+    yielded object; each failure counts against the user name.
+    """
+    address = client_address()
+    address_key, user_key = _key("addr", address), _key("user", name.lower())
+    limit, window = ADDRESS_ATTEMPTS
+    if _seen(address_key, window, count=True) > limit:
+        raise Throttled(f"too many login attempts from {address}: wait and try again",
+                        _ttl(address_key, window))
+    limit, window = USER_FAILURES
+    if _seen(user_key, window, count=False) >= limit:
+        raise Throttled(f"too many failed logins for {name}: wait and try again, or ask an admin "
+                        "to reset the password", _ttl(user_key, window))
+    if not _checks.acquire(timeout=CHECK_WAIT):
+        raise Unavailable("too many logins at once: try again in a few seconds", code="busy")
+    outcome = _Outcome()
+    try:
+        yield outcome
+    finally:
+        _checks.release()
+        if outcome.failure:
+            _count(user_key, window)
+
+
+class _Outcome:
+    failure = False
+
+    def failed(self) -> None:
+        self.failure = True
