@@ -33,6 +33,7 @@ import pymysql
 REPO = Path(__file__).resolve().parent.parent
 MAKE_CERTS = REPO / "ssl" / "make-certs.sh"
 DEMO_BASE = Path("/var/lib/pink-demo")  # `make demo`'s cluster
+WEB_PORT = 8443  # the demo's pages, at an address people bookmark (another if taken)
 TEST_BASE = Path("/var/lib/pink-test")  # tests' clusters, one random subdir each
 XFER_USER = "pink-xfer"  # the runners' image-transfer account (SFTP only)
 DOCKERD_LOG = Path("/var/log/pink-dockerd.log")  # a dockerd no cluster owns
@@ -249,15 +250,18 @@ class Cluster:
             self._save()
         return self.state[key]
 
-    def port(self, key: str) -> int:
-        """The port recorded for `key`, or a newly chosen free one.
+    def port(self, key: str, prefer: int | None = None) -> int:
+        """The port recorded for `key`, or `prefer` when free, or a newly chosen free one.
 
         A recorded port that something else took meanwhile is replaced, so a
-        restart after a reboot does not fail on a stranger's listener.
+        restart after a reboot does not fail on a stranger's listener; one
+        recorded while `prefer` was taken moves back to `prefer` once it is free.
         """
         port = self.state["ports"].get(key)
-        if port is None or (not self._owner_alive(key) and not port_is_free(port)):
-            port = free_port()
+        idle = port is not None and not self._owner_alive(key)
+        if port is None or (idle and not port_is_free(port)) or (
+                idle and prefer and port != prefer and port_is_free(prefer)):
+            port = prefer if prefer and port_is_free(prefer) else free_port()
             self.state["ports"][key] = port
             self._save()
         return port
@@ -734,7 +738,7 @@ Match User {XFER_USER}
         if missing or "db_password" not in self.state:
             raise ClusterError(f"start the cluster first (`up`): no {', '.join(sorted(missing))}")
         path = Path(path) if path else self.config_path
-        port = web_port or self.port("web")
+        port = web_port or self.port("web", prefer=WEB_PORT)
         web = self.base / "web"
         data = {
             "host": host,
@@ -926,15 +930,15 @@ def pink_cli(cluster: Cluster, *args: str, capture: bool = False) -> str:
 
 
 def run_demo(base: Path | str) -> None:
-    """`make demo`: a whole cluster, an admin, and one task end to end."""
+    """`make demo`: a whole cluster, an admin, and one task end to end; then how to use it."""
     cluster = Cluster(base)
     config = cluster.up(with_pink=True)
     url = tomllib.loads(config.read_text())["web"]["url"]
+    password = None
     if "admin_token" not in cluster.state:
         created = json.loads(pink_cli(cluster, "admin", "user", "create", "admin", "--admin",
                                       "--json", "--config", str(config), capture=True))
-        print(f"admin user created: name {created['name']} password {created['password']}\n"
-              "(shown once: it is not stored anywhere)", file=sys.stderr)
+        password = created["password"]
         cluster.state["admin_token"] = created["token"]  # cluster.json is mode 0600
         cluster._save()
     pink_cli(cluster, "login", "--url", url, "--token", cluster.state["admin_token"],
@@ -944,8 +948,26 @@ def run_demo(base: Path | str) -> None:
     shutil.rmtree(download, ignore_errors=True)
     pink_cli(cluster, "submit", image, "--wait", "--download", str(download))
     print(read_demo_result(download, cluster.base / "demo" / "fs"))
-    print(f"\nPINK runs at {url} (CA {cluster.ssl_dir / 'ca.pem'}); "
-          f"config {config}; stop with `make down`.", file=sys.stderr)
+    print(demo_welcome(cluster, config, password), file=sys.stderr)
+
+
+def demo_welcome(cluster: Cluster, config: Path, password: str | None) -> str:
+    """What a person needs after `make demo`, last on the screen where it is not lost."""
+    port = int(tomllib.loads(config.read_text())["web"]["bind"].rsplit(":", 1)[1])
+    pink = cluster.executable("pink")
+    moved = "" if port == WEB_PORT else f"  (port {WEB_PORT} is taken, so the demo chose {port})"
+    login = (f"Log in as admin with password {password}\n  (shown once: it is stored nowhere)" if password else
+             "Log in as admin with the password the first `make demo` showed.")
+    return "\n".join([
+        "",
+        f"PINK runs at https://localhost:{port}{moved}",
+        f"  its certificate is signed by {cluster.ssl_dir / 'ca.pem'}: import that CA into the browser,",
+        "  or accept the warning once.",
+        login,
+        f"  Lost it? {pink} admin user reset-password admin --config {config}",
+        f"The CLI is logged in as admin: try `{pink} status`.",
+        "Stop everything with `make down`.",
+    ])
 
 
 def read_demo_result(download: Path, into: Path) -> str:

@@ -239,3 +239,25 @@ def test_pink_config_is_a_private_namespace(cluster, pink_config):
     assert Path(pink_config.web.spool_dir).is_dir()
     assert pink_config.runner.spool_dir == str(cluster.spool_dir("run1"))
     assert not any(Path(pink_config.runner.spool_dir).iterdir())
+
+
+# ---------------------------------------------------------------- the demo's address
+
+def test_demo_web_port_is_the_bookmarked_one_unless_taken(tmp_path):
+    """`make demo` serves https://localhost:8443 when it can, says which port it chose when not,
+    and moves back to 8443 once it is free again."""
+    import socket
+
+    from devcluster.local import WEB_PORT, port_is_free
+
+    if not port_is_free(WEB_PORT):
+        pytest.skip(f"port {WEB_PORT} is in use on this machine")
+    cl = Cluster(tmp_path / "demo")
+    assert cl.port("web", prefer=WEB_PORT) == WEB_PORT
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", WEB_PORT))
+        squatter.listen()
+        moved = cl.port("web", prefer=WEB_PORT)
+        assert moved != WEB_PORT and Cluster(tmp_path / "demo").state["ports"]["web"] == moved
+    assert cl.port("web", prefer=WEB_PORT) == WEB_PORT
