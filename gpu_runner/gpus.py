@@ -3,7 +3,10 @@
 Three modes, reported in the node record: `nvml` (real NVIDIA GPUs found
 through nvidia-ml-py: the container gets exactly its devices through a Docker
 DeviceRequest), `declared` (UUIDs from the config, for hosts without GPUs and
-for tests: only NVIDIA_VISIBLE_DEVICES is set), and `none`.
+for tests: only the environment says which), and `none`. Every container, with
+GPUs or not, gets `pink.gpu_env.container_env` over the image's and the user's
+NVIDIA variables: with nvidia as Docker's default runtime, an image's
+NVIDIA_VISIBLE_DEVICES=all would otherwise expose every GPU of the host.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import logging
 
 from docker.types import DeviceRequest
+
+from pink import gpu_env
 
 log = logging.getLogger("pink.runner")
 
@@ -57,9 +62,10 @@ class GPUs:
     def uuids(self) -> list[str]:
         return [g["uuid"] for g in self.inventory]
 
-    def container_args(self, assigned: list[str], env: dict) -> dict:
-        """Docker arguments for a container given `assigned`; sets env to match."""
-        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(assigned) if assigned else "void"
+    def container_args(self, assigned: list[str], env: dict[str, str]) -> dict:
+        """Docker arguments for a container given `assigned`; overrides the
+        NVIDIA variables in `env` (the user's) to match, over any the image sets."""
+        env.update(gpu_env.container_env(assigned))
         if self.mode == "nvml" and assigned:
             return {"device_requests": [DeviceRequest(device_ids=assigned, capabilities=[["gpu"]])]}
         return {}

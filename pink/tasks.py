@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from pink import defaults
+from pink import defaults, gpu_env
 from pink.errors import BadRequest, Conflict
 
 
@@ -86,6 +86,11 @@ class Params:
             if not sep or not key:
                 raise BadRequest(f"env must be KEY=VALUE, got {item!r}", code="bad_param")
             env[key] = value
+        # The variables PINK sets from the assignment (gpu_env.ASSIGNED) are
+        # accepted and overridden at run time; these others could only widen it.
+        if refused := gpu_env.widening(env):
+            raise BadRequest(f"env {', '.join(refused)} not allowed: it would give the task GPU "
+                             "devices or controls beyond the GPUs PINK assigns it", code="bad_param")
         params = cls(name=(get("name") or "")[:200], env=env,
                      cmd=_words(get("cmd"), "cmd"), entrypoint=_words(get("entrypoint"), "entrypoint"),
                      gpus=_int(get("gpus"), "gpus", 0, 0, 64),
@@ -276,6 +281,7 @@ def public_view(task: Task) -> dict:
     out["expires_at"] = iso(task.expires_at)
     out["expired_at"] = iso(task.expired_at)
     out["logs_truncated"] = task.logs_truncated or 0
+    out["history"] = [{"at": iso(at), "state": state, "detail": detail} for at, state, detail in task.history]
     return out
 
 
