@@ -36,6 +36,7 @@ log = logging.getLogger("pink.runner")
 POLL = 1.0  # seconds between reads of the assignments, in case a watch event is lost
 SPOOL_REPORT_BYTES = 64 * 2**20  # a change in free spool space worth telling the schedulers
 SPOOL_SWEEP_INTERVAL = 30.0  # seconds between sweeps of archives no reservation needs
+GPU_STATS_INTERVAL = 15.0  # seconds between NVML readings published in the node record
 OUTBOX_SWEEP_INTERVAL = 60.0  # seconds between sweeps of outbox files no live task needs
 OUTBOX_GRACE = defaults.SWEEP_GRACE  # seconds an outbox file no task needs may stay (it may be being written)
 
@@ -59,6 +60,7 @@ class Agent:
         self._image_locks: dict[str, threading.Lock] = {}
         self._swept = 0.0
         self._outbox_swept: float | None = None  # None: sweep at the first refresh
+        self._read_gpus = float("-inf")
 
     # -- registration ----------------------------------------------------------
 
@@ -98,15 +100,23 @@ class Agent:
         return {"spool_free": st.f_bavail * st.f_frsize, "spool_images": waiting}
 
     def refresh(self) -> None:
-        """Publish the spool's state when it changed (images arrive and are loaded)."""
+        """Publish the spool's state when it changed (images arrive and are loaded),
+        and real GPUs' readings every GPU_STATS_INTERVAL."""
         if time.monotonic() - self._swept > SPOOL_SWEEP_INTERVAL:
             self._sweep_spool()
         if self._outbox_swept is None or time.monotonic() - self._outbox_swept > OUTBOX_SWEEP_INTERVAL:
             self._sweep_outbox()
         spool = self._spool()
-        if spool["spool_images"] != self._record.get("spool_images") or \
-                abs(spool["spool_free"] - self._record.get("spool_free", 0)) > SPOOL_REPORT_BYTES:
+        changed = spool["spool_images"] != self._record.get("spool_images") or \
+            abs(spool["spool_free"] - self._record.get("spool_free", 0)) > SPOOL_REPORT_BYTES
+        if changed:
             self._record.update(spool)
+        if time.monotonic() - self._read_gpus > GPU_STATS_INTERVAL:
+            self._read_gpus = time.monotonic()
+            stats = self.gpus.readings()
+            changed = changed or bool(stats)
+            self._record["gpu_stats"] = stats
+        if changed:
             self._publish()
 
     def _sweep_spool(self) -> None:

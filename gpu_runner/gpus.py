@@ -42,6 +42,34 @@ def nvml_inventory() -> list[dict]:
         pynvml.nvmlShutdown()
 
 
+def nvml_readings() -> dict[str, dict]:
+    """Each GPU's utilisation (0..1) and memory used and total (bytes), by UUID; {} without NVML.
+
+    Published in the node record every STATS_INTERVAL for the nodes page and
+    /metrics (see pink.metrics for why through etcd).
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver or no library: nothing to read
+        return {}
+    try:
+        readings = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            readings[_text(pynvml.nvmlDeviceGetUUID(handle))] = {
+                "utilization": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100,
+                "memory_used": memory.used, "memory_total": memory.total}
+        return readings
+    except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus must not stop the runner
+        log.warning("NVML readings failed: %s", exc)
+        return {}
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -57,6 +85,10 @@ class GPUs:
             self.inventory = nvml_inventory()
             self.mode = "nvml" if self.inventory else "none"
             log.info("GPU mode %s: %d GPUs", self.mode, len(self.inventory))
+
+    def readings(self) -> dict[str, dict]:
+        """Live readings of real GPUs (`nvml` mode); declared GPUs have none."""
+        return nvml_readings() if self.mode == "nvml" else {}
 
     @property
     def uuids(self) -> list[str]:

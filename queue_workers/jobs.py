@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from pink import archive, control, defaults, lifecycle, outputs, sftp
+from pink import archive, control, defaults, lifecycle, metrics, outputs, sftp
 from pink.errors import Unavailable
 from pink.tasks import State, Task, advance, requeue, retries_left, spool_file
 from queue_workers import context
@@ -69,6 +69,9 @@ def _copy_image(rec) -> str:
                 local = spool_file(context.config().web.spool_dir, task.id)  # we run on its web host
                 sent = sftp.put_parallel(conn, ssh, node, local, remote)
     elapsed = time.time() - started
+    if sent:
+        metrics.count(context.redis(), "transfer_bytes", "to_runner", sent)
+        metrics.count(context.redis(), "transfer_seconds", "to_runner", elapsed)
     detail = f"copied {sent} bytes in {elapsed:.2f}s" if sent else "runner already holds the image"
     new = advance(task, State.TRANSFERRED, detail)
     new.timings.update(transfer_bytes=sent, transfer_seconds=round(elapsed, 3))
@@ -103,14 +106,32 @@ class ExportLost(Exception):
     """The runner no longer has the export (or is gone for good)."""
 
 
+FINALIZE_TRIED = "pink:finalize-tried:"  # Redis: a finalize job ran for this task and attempt (a day)
+
+
 def finalize(task_id: str, attempt: int) -> str:
     """Pull the export and log into the output store, archive, then leave etcd.
 
     The archive row is written once per task (keyed by id, holding this
     attempt); the etcd record goes only after it commits. A finalize that
     crashes in between is run again by the leader and finds the row: it
-    removes the record without archiving twice.
+    removes the record without archiving twice. Runs, retries and failures
+    are counted for /metrics.
     """
+    redis = context.redis()
+    try:
+        first = redis.set(f"{FINALIZE_TRIED}{task_id}:{attempt}", 1, nx=True, ex=86400)
+    except Exception:  # noqa: BLE001 - counting must not stop a finalize
+        first = True
+    metrics.count(redis, "finalize", "run" if first else "retry")
+    try:
+        return _finalize(task_id, attempt)
+    except Exception:
+        metrics.count(redis, "finalize", "failed")
+        raise
+
+
+def _finalize(task_id: str, attempt: int) -> str:
     rec = _load(task_id, attempt, State.EXPORTED)
     if rec is None:
         return "nothing to do"
@@ -127,6 +148,8 @@ def finalize(task_id: str, attempt: int) -> str:
                     return "re-queued"
             archive.archive_task(conn, final, logs, expires_at=_expiry(config),
                                  deleted=task.delete_requested)
+            metrics.count(context.redis(), "finished", final.state.value)
+            metrics.observe_start(context.redis(), final)
         elif archived != attempt:
             log.warning("task %s: attempt %d is archived, not %d; keeping the archived one",
                         task_id, archived, attempt)
@@ -191,7 +214,10 @@ def _fetch_output(conn, task: Task) -> dict:
         os.utime(local)  # fresh again: the sweep leaves young files alone
         size, digest = os.path.getsize(local), outputs.sha256_of(local)
     else:
+        started = time.time()
         size, digest = sftp.get(conn, remote["path"], local)
+        metrics.count(context.redis(), "transfer_bytes", "from_runner", size)
+        metrics.count(context.redis(), "transfer_seconds", "from_runner", time.time() - started)
     peer = outputs.replicate(config, context.store(), local, size, digest)
     return {"stored": True, "host": config.host, "url": config.web.url, "path": local,
             "size": size, "sha256": digest, "copies": [config.host] + ([peer] if peer else [])}

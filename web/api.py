@@ -309,7 +309,8 @@ NODE_FIELDS = ("name", "state", "epoch", "gpus", "max_containers", "tasks")
 
 
 def _node_public(node: nodes.NodeView) -> dict:
-    registered = {k: node.record.get(k) for k in ("gpu_mode", "gpu_inventory", "started_at")}
+    registered = {k: node.record.get(k) for k in ("gpu_mode", "gpu_inventory", "gpu_stats", "started_at",
+                                                  "spool_free", "spool_images")}
     return {**{k: getattr(node, k) for k in NODE_FIELDS}, **registered, "host": node.record["ssh_host"],
             "images": len(node.images)}
 
