@@ -86,11 +86,13 @@ SCHEMA_V2 = [
 
 # Version 3: accounts people manage. Tokens have a name, a scope (`user`: the
 # API as that user; `metrics`: only /metrics), an expiry and a last use;
-# users can be disabled. Revoked and expired tokens are deleted, not kept.
+# users can be disabled; a new password ends the sessions opened before it.
+# Revoked and expired tokens are deleted, not kept.
 SCHEMA_V3 = [
     """ALTER TABLE users
         ADD COLUMN IF NOT EXISTS disabled_at DOUBLE,
-        ADD COLUMN IF NOT EXISTS last_used_at DOUBLE""",
+        ADD COLUMN IF NOT EXISTS last_used_at DOUBLE,
+        ADD COLUMN IF NOT EXISTS password_changed_at DOUBLE""",
     """ALTER TABLE tokens
         ADD COLUMN IF NOT EXISTS name VARCHAR(128) NOT NULL DEFAULT 'token',
         ADD COLUMN IF NOT EXISTS scope VARCHAR(16) NOT NULL DEFAULT 'user',

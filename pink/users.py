@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import re
@@ -30,6 +31,7 @@ SCOPES = ("user", "metrics")  # user: the API as its owner; metrics: only GET /m
 TOKEN_DAYS = 90  # a new token's life unless its creator says otherwise
 MAX_TOKEN_NAME = 128
 USER_PAGE = 200
+MIN_PASSWORD = 12
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class User:
     disabled: bool = False
     created_at: float | None = None
     last_used_at: float | None = None
+    password_changed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,18 +73,23 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, base64.b64decode(digest))
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(18))
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-_USER_COLUMNS = "u.id, u.name, u.is_admin, u.disabled_at, u.created_at, u.last_used_at"
+_USER_COLUMNS = "u.id, u.name, u.is_admin, u.disabled_at, u.created_at, u.last_used_at, u.password_changed_at"
 _TOKEN_COLUMNS = "t.id, t.user_id, t.name, t.scope, t.created_at, t.last_used_at, t.expires_at"
 
 
 def _user(row) -> User:
     return User(id=row["id"], name=row["name"], admin=bool(row["is_admin"]),
                 disabled=row["disabled_at"] is not None, created_at=row["created_at"],
-                last_used_at=row["last_used_at"])
+                last_used_at=row["last_used_at"], password_changed_at=row["password_changed_at"])
 
 
 def _token(row) -> Token:
@@ -154,13 +162,22 @@ def set_disabled(conn, name: str, disabled: bool, by: User | None = None) -> Use
 
 
 def reset_password(conn, name: str) -> tuple[User, str]:
-    """A new generated password for `name` (the old one stops working); returns (user, password)."""
-    user = by_name(conn, name)
+    """A new generated password for `name`; returns (user, password)."""
     password = secrets.token_urlsafe(18)
+    return set_password(conn, name, password), password
+
+
+def set_password(conn, name: str, password: str) -> User:
+    """Give `name` this password: the old one stops working, and so do browser
+    sessions opened before (a reset is often after a leak). Tokens stay: revoke those."""
+    if len(password) < MIN_PASSWORD:
+        raise BadRequest(f"a password has at least {MIN_PASSWORD} characters", code="bad_param")
+    user = by_name(conn, name)
     with conn.cursor() as cur:
-        cur.execute("UPDATE users SET password_hash=%s WHERE id=%s", (hash_password(password), user.id))
+        cur.execute("UPDATE users SET password_hash=%s, password_changed_at=%s WHERE id=%s",
+                    (hash_password(password), time.time(), user.id))
     conn.commit()
-    return user, password
+    return by_name(conn, name)
 
 
 def by_password(conn, name: str, password: str) -> User | None:
@@ -169,7 +186,8 @@ def by_password(conn, name: str, password: str) -> User | None:
         cur.execute(f"SELECT {_USER_COLUMNS}, u.password_hash FROM users u WHERE u.name=%s", (name,))
         row = cur.fetchone()
     conn.commit()
-    if not row or not verify_password(password, row["password_hash"]):
+    # An unknown name costs the same scrypt as a wrong password, so timing does not tell which.
+    if not verify_password(password, row["password_hash"] if row else _dummy_hash()) or not row:
         return None
     user = _user(row)
     if user.disabled:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from pink import users
-from pink.errors import BadRequest
-from web.auth import current_token, forget, require_admin, require_user
+from pink.errors import BadRequest, Forbidden
+from web.auth import check_password, current_token, forget, require_admin, require_user, start_session
 from web.resources import res
 
 bp = Blueprint("accounts", __name__, url_prefix="/api/v1")
@@ -34,6 +34,23 @@ def me():
     user = require_user()
     token = current_token()
     return jsonify(user=users.user_view(user), token=users.token_view(token) if token else None)
+
+
+@bp.post("/me/password")
+def change_password():
+    """{"current", "new"}: change your own password. Other browser sessions end; this one stays."""
+    user = require_user()
+    body = _body()
+    current, new = body.get("current"), body.get("new")
+    if not isinstance(current, str) or not isinstance(new, str):
+        raise BadRequest('send JSON {"current": ..., "new": ...}', code="bad_param")
+    if check_password(user.name, current) is None:
+        raise Forbidden("the current password is wrong", code="wrong_password")
+    changed = users.set_password(res().db(), user.name, new)
+    forget()
+    if current_token() is None:
+        start_session(changed)
+    return jsonify(user=users.user_view(changed))
 
 
 @bp.get("/tokens")

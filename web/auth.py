@@ -116,6 +116,9 @@ def _from_session(remembered: dict, fresh: bool = False) -> users.User:
     if user is None or user.id != remembered["id"] or user.disabled:
         session.clear()
         raise Unauthorized("this account no longer exists or is disabled: log in again")
+    if (user.password_changed_at or 0) > remembered.get("since", 0):
+        session.clear()
+        raise Unauthorized("the password was changed since this session began: log in again")
     _remember(key, user, None)
     return user
 
@@ -245,11 +248,16 @@ def login_page():
             if user is None:
                 error, status = "Wrong user name or password.", 401
         if user:
-            session.clear()
-            session["user"] = {"id": user.id, "name": user.name, "admin": user.admin}
-            session["csrf"] = secrets.token_urlsafe(24)
+            start_session(user)
             return redirect(safe_next(request.args.get("next", "")))
     return render_template("login.html", error=error), status
+
+
+def start_session(user: users.User) -> None:
+    """Log the browser in as `user` (after a password check)."""
+    session.clear()
+    session["user"] = {"id": user.id, "name": user.name, "admin": user.admin, "since": time.time()}
+    session["csrf"] = secrets.token_urlsafe(24)
 
 
 @bp.post("/logout")

@@ -13,7 +13,7 @@ import importlib.metadata
 
 import click
 
-from pink.cli.accounts import token
+from pink.cli.accounts import password, token
 from pink.cli.admin import admin
 from pink.cli.commands import COMMANDS
 from pink.cli.context import CliContext, PinkGroup, connection_options
@@ -42,4 +42,5 @@ def main(ctx: click.Context, url, token, ca):
 for _command in COMMANDS:
     main.add_command(_command)
 main.add_command(token)
+main.add_command(password)
 main.add_command(admin)

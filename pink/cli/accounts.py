@@ -1,4 +1,5 @@
-"""`pink token`: a user's own API tokens (create, list, revoke), through the REST API.
+"""`pink token` (a user's own API tokens: create, list, revoke) and `pink password`,
+through the REST API.
 
 Each laptop, notebook or script gets its own named token that expires, so
 one can be revoked without logging out everywhere. The secret is printed
@@ -56,3 +57,14 @@ def revoke(cli: CliContext, token_id):
     """Revoke your token TOKEN_ID (see `pink token list`); it stops working at once."""
     cli.client().revoke_token(token_id)
     click.echo(f"token {token_id} revoked", err=True)
+
+
+@click.command()
+@pass_cli
+def password(cli: CliContext):
+    """Change your password (prompted). Your tokens keep working; browser sessions end."""
+    current = click.prompt("Current password", hide_input=True, err=True)
+    new = click.prompt("New password (12 characters or more)", hide_input=True, confirmation_prompt=True,
+                       err=True)
+    cli.client().change_password(current, new)
+    click.echo("password changed", err=True)

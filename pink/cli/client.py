@@ -208,6 +208,9 @@ class Client:
     def me(self) -> dict:
         return self._json("GET", "/me")
 
+    def change_password(self, current: str, new: str) -> dict:
+        return self._json("POST", "/me/password", json={"current": current, "new": new})
+
     def tokens(self) -> list[dict]:
         return self._json("GET", "/tokens", "tokens")
 

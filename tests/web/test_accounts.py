@@ -3,6 +3,7 @@ the login endpoint's throttle, through a running pink-web and the `pink` CLI."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 import requests
@@ -132,7 +133,7 @@ def test_logins_are_throttled_by_user_and_by_address(web):
                          verify=api.ca, timeout=30)
     assert page.status_code == 429 and "too many failed logins" in page.text
 
-    for n in range(30):  # names that do not exist cost no scrypt: a client spraying names
+    for n in range(30):  # a client spraying names (unknown ones cost a scrypt too: no timing oracle)
         assert _login(api, f"ghost{n}", "x").status_code in (401, 429)
     r = _login(api, "quinn", "x")
     assert r.status_code == 429 and "from" in r.json()["message"]
@@ -165,3 +166,35 @@ def _sql(config, statement: str) -> list[dict]:
         return rows
     finally:
         conn.close()
+
+
+def test_a_new_password_ends_older_browser_sessions(web):
+    api, session, csrf, _ = browser(web, "tom")
+    token_api = Api(web, make_user(web, "una", admin=True))
+    new = token_api("POST", "/users/tom/reset-password").json()["password"]
+    r = session.get(api.url + "/api/v1/tasks", verify=api.ca)
+    assert r.status_code == 401 and "password was changed" in r.json()["message"]
+    assert _login(api, "tom", new).status_code == 200
+
+
+def test_people_change_their_own_password(web):
+    created = users.create_user(web, "vera")
+    api = Api(web, created["token"])
+    session = requests.Session()
+    assert session.post(api.url + "/login", data={"username": "vera", "password": created["password"]},
+                        verify=api.ca, allow_redirects=False).status_code == 302
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', session.get(api.url + "/", verify=api.ca).text)[1]
+
+    def change(current: str, new: str) -> requests.Response:
+        return session.post(api.url + "/api/v1/me/password", json={"current": current, "new": new},
+                            headers={"X-CSRF-Token": csrf}, verify=api.ca)
+
+    wrong = change("guess", "a-new-long-password")
+    assert wrong.status_code == 403 and wrong.json()["error"] == "wrong_password"
+    short = change(created["password"], "short")
+    assert short.status_code == 400 and "12 characters" in short.json()["message"]
+    assert change(created["password"], "a-new-long-password").status_code == 200
+    assert session.get(api.url + "/api/v1/tasks", verify=api.ca).status_code == 200  # this browser stays in
+    assert api("GET", "/tasks").status_code == 200  # and tokens keep working
+    assert _login(api, "vera", created["password"]).status_code == 401
+    assert _login(api, "vera", "a-new-long-password").status_code == 200
