@@ -1,15 +1,27 @@
-"""Exporting a finished container's filesystem (or one path) compressed.
+"""Exporting a finished container's filesystem, one path of it, or only what
+the task changed, compressed.
 
 The tar stream from Docker goes straight through the compressor into the
 outbox, so memory stays flat whatever the size. The file is created through
 `outbox.create` (the transfer account may have planted a link at its name)
 and measured by descriptor. Called by execution.
+
+`changes` keeps what `docker diff` says the task added or modified, and adds
+CHANGES_MANIFEST: the deleted paths and each kept file's size and sha256.
+The diff is the container's own layer, so it is the same whatever the end
+(succeeded, failed, timed out or cancelled): a 10 GB CUDA base is read once
+through, but neither compressed, stored nor sent.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
+import json
 import os
+import tarfile
+import time
 
 import zstandard
 
@@ -18,6 +30,8 @@ from docker.errors import NotFound
 from gpu_runner import outbox
 
 CHUNK = 1 << 20
+CHANGES_MANIFEST = ".pink-changes.json"  # in a `changes` output, after the files
+DIFF_KINDS = {0: "modified", 1: "added", 2: "deleted"}  # docker diff's Kind
 
 
 def _compressor(raw, compression: str):
@@ -25,6 +39,81 @@ def _compressor(raw, compression: str):
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3)
     return zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(raw, closefd=False)
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file over Docker's iterator of chunks, for tarfile's stream mode."""
+
+    def __init__(self, chunks):
+        self._chunks, self._rest = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._rest:
+            try:
+                self._rest = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._rest))
+        buffer[:n], self._rest = self._rest[:n], self._rest[n:]
+        return n
+
+
+def _container_path(name: str) -> str:
+    """`/etc/x` for a member named `etc/x`, `./etc/x` or `etc/x/`."""
+    return "/" + (name[2:] if name.startswith("./") else name).strip("/")
+
+
+class _Hashing:
+    """Reads through to `src`, hashing what passes (tarfile copies a member's data with it)."""
+
+    def __init__(self, src):
+        self.src, self.digest = src, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.src.read(size)
+        self.digest.update(block)
+        return block
+
+
+def write_changes(container, writer) -> None:
+    """Write, as a tar into `writer`, what the task changed and CHANGES_MANIFEST.
+
+    Both tars are streams, and their member lists are emptied as they go, so
+    memory stays flat over a base image of a million files.
+    """
+    diff = container.diff() or []
+    kept = {d["Path"]: DIFF_KINDS.get(d["Kind"], "modified") for d in diff if d["Kind"] in (0, 1)}
+    manifest = {"changed": [], "deleted": sorted(d["Path"] for d in diff if d["Kind"] == 2)}
+    with tarfile.open(fileobj=_ChunkReader(container.export(chunk_size=CHUNK)), mode="r|") as source, \
+            tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as out:
+        while (member := source.next()) is not None:
+            source.members.clear()
+            path = _container_path(member.name)
+            if path not in kept:
+                continue
+            entry = {"path": path, "change": kept[path], "type": _kind(member)}
+            if member.isfile():
+                data = _Hashing(source.extractfile(member))
+                out.addfile(member, data)
+                entry.update(size=member.size, sha256=data.digest.hexdigest())
+            else:
+                out.addfile(member)
+                if member.issym() or member.islnk():
+                    entry["target"] = member.linkname
+            out.members.clear()
+            manifest["changed"].append(entry)
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        info = tarfile.TarInfo(CHANGES_MANIFEST)
+        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+        out.addfile(info, io.BytesIO(data))
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    return ("file" if member.isfile() else "dir" if member.isdir() else "symlink" if member.issym()
+            else "hardlink" if member.islnk() else "other")
 
 
 def _stream(container, output: str):
@@ -40,12 +129,15 @@ def _stream(container, output: str):
 def export(container, output: str, compression: str, path: str, uid_gid: tuple[int, int]) -> int:
     """Write the export to `path`, owned by `uid_gid`; returns its size.
     Raises ValueError if `output` is missing."""
-    stream = _stream(container, output)
+    stream = None if output == "changes" else _stream(container, output)
     with os.fdopen(outbox.create(path + ".part", uid_gid), "wb") as raw:
         writer = _compressor(raw, compression)
         try:
-            for chunk in stream:
-                writer.write(chunk)
+            if stream is None:
+                write_changes(container, writer)
+            else:
+                for chunk in stream:
+                    writer.write(chunk)
         finally:
             writer.close()
         raw.flush()

@@ -62,6 +62,9 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
+OUTPUTS = ("full", "changes")  # besides an absolute path in the container
+
+
 @dataclass
 class Params:
     """What the user asked for; validated before anything is stored."""
@@ -97,8 +100,9 @@ class Params:
                      timeout=_int(get("timeout"), "timeout", defaults.DEFAULT_TIMEOUT, 1, 30 * 86400),
                      output=get("output") or "full", compression=get("compression") or "zstd",
                      priority=_int(get("priority"), "priority", 0, -10, 10))
-        if params.output != "full" and not params.output.startswith("/"):
-            raise BadRequest("output must be 'full' or an absolute path inside the container",
+        if params.output not in OUTPUTS and not params.output.startswith("/"):
+            raise BadRequest("output must be 'full' (the whole filesystem), 'changes' (only what the task "
+                             "added or changed, with a manifest) or an absolute path inside the container",
                              code="bad_param")
         if params.compression not in COMPRESSIONS:
             raise BadRequest(f"compression must be one of {', '.join(COMPRESSIONS)}", code="bad_param")

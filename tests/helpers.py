@@ -77,7 +77,7 @@ def files_in_output(data: bytes, compression: str = "zstd") -> dict[str, bytes]:
     else:
         mode = "r:gz"
     with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as tar:
-        return {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
 def archived(config, task_id: str) -> dict | None:

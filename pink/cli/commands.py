@@ -18,7 +18,7 @@ from pink.cli import settings as settings_mod
 from pink.cli.client import Client, normalize_url
 from pink.cli.context import CliContext, connection_options, pass_cli
 from pink.errors import PinkError
-from pink.tasks import State
+from pink.tasks import OUTPUTS, State
 
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
@@ -71,9 +71,10 @@ class Duration(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def check_output_path(ctx, param, value):
-    if value and value != "full" and not value.startswith("/"):
-        raise click.BadParameter("must be an absolute path inside the container, or 'full'", ctx, param)
+def check_output(ctx, param, value):
+    if value and value not in OUTPUTS and not value.startswith("/"):
+        raise click.BadParameter("must be 'full', 'changes' or an absolute path inside the container",
+                                 ctx, param)
     return value
 
 
@@ -121,8 +122,9 @@ def login(cli: CliContext, url, token, ca, username, password):
               help="Environment variable for the container (repeatable).")
 @click.option("--cmd", help="Command, as shell words (replaces the image's CMD).")
 @click.option("--entrypoint", help="Entrypoint, as shell words (replaces the image's ENTRYPOINT).")
-@click.option("--output-path", callback=check_output_path, metavar="PATH",
-              help="Return only this path of the container.  [default: full filesystem]")
+@click.option("--output", "output_path", callback=check_output, metavar="full|changes|PATH",
+              help="What to return: the whole filesystem, only the files the task added or changed "
+                   "(with a manifest of those and of deleted paths), or one path.  [default: full]")
 @click.option("--gzip", is_flag=True, help="Compress the output with gzip instead of zstd.")
 @click.option("--wait", is_flag=True, help="Wait for the task to finish; exit 1 unless it succeeded.")
 @click.option("--download", type=click.Path(file_okay=False), metavar="DIR",

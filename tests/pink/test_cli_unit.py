@@ -245,7 +245,7 @@ def test_parse_duration_rejects(bad):
         commands.parse_duration(bad)
 
 
-@pytest.mark.parametrize("args", [["--timeout", "soon"], ["--gpus", "-1"], ["--output-path", "rel/path"]])
+@pytest.mark.parametrize("args", [["--timeout", "soon"], ["--gpus", "-1"], ["--output", "rel/path"]])
 def test_bad_submit_options_are_usage_errors(runner, tmp_path, args):
     archive = tmp_path / "a.tar"
     archive.write_bytes(b"")
