@@ -161,7 +161,8 @@ def test_sftp_account_is_chrooted_sftp_only():
 def render_pink_toml(**overrides) -> dict:
     """Render common's pink.toml template as Ansible would, with stand-in vars."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True)
-    env.filters.update(to_json=json.dumps, bool=lambda v: str(v).lower() in ("1", "true", "yes", "on"))
+    env.filters.update(to_json=json.dumps, bool=lambda v: str(v).lower() in ("1", "true", "yes", "on"),
+                       extract=lambda name, found, attr: found[name][attr])
     variables = {
         "ansible_managed": "test", "inventory_hostname": "web1", "pink_address": "10.0.0.11",
         "pink_config_file": "/etc/pink/pink.toml", "pink_redis_url": "redis://:x@10.0.0.11:6379/0",
@@ -202,6 +203,10 @@ def test_pink_toml_template_covers_every_setting():
             assert not missing, f"[{key}] lacks {missing}"
         else:
             assert key in data, key
+    routed = render_pink_toml(groups={"web": ["web1"], "processing": ["web1"], "router": ["router"]},
+                              hostvars={"db1": {"pink_address": "10.0.0.20"},
+                                        "router": {"pink_address": "10.0.0.10"}})
+    assert routed["web"]["trusted_proxies"] == ["10.0.0.10"]  # the client's address for login throttling
     assert render_pink_toml(common_runner_gpus="nvml")["runner"]["gpus"] == []
     assert render_pink_toml(common_runner_gpus=["GPU-1"])["runner"]["gpus"] == ["GPU-1"]
 
