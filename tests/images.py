@@ -429,3 +429,42 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
     info = directory(name)
     info.mtime = 0
     tar.addfile(info)
+
+
+# ---------------------------------------------------------------- gzip-compressed OCI layers
+
+MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def to_gzip_oci_archive(classic_path, out_path) -> str:
+    """The layout of `to_oci_archive` with every layer gzip-compressed, as an
+    OCI export from a registry or buildx holds them: each layer blob is named
+    by its compressed digest, while the config keeps the uncompressed
+    diff_ids. Holds the layers in memory: for small test images."""
+    import gzip
+
+    with tarfile.open(classic_path, "r:") as src:
+        entry = json.load(src.extractfile(_member(src, "manifest.json")))[0]
+        config = src.extractfile(_member(src, entry["Config"])).read()
+        layers = [gzip.compress(src.extractfile(_member(src, name)).read(), mtime=0)
+                  for name in entry["Layers"]]
+    tags = entry.get("RepoTags") or []
+    config_d = _descriptor(MEDIA_CONFIG, config)
+    layer_ds = [_descriptor(MEDIA_LAYER_GZIP, data) for data in layers]
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "config": config_d,
+                           "layers": layer_ds}, separators=(",", ":")).encode()
+    blobs = {config_d["digest"][7:]: config, _sha(manifest): manifest}
+    blobs.update({d["digest"][7:]: data for d, data in zip(layer_ds, layers)})
+    with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT) as out:
+        _add_dir(out, "blobs")
+        _add_dir(out, "blobs/sha256")
+        for hexdigest in sorted(blobs):
+            _add_bytes(out, f"blobs/sha256/{hexdigest}", blobs[hexdigest])
+        _add_bytes(out, "index.json", _oci_index(_descriptor(MEDIA_MANIFEST, manifest), tags))
+        _add_bytes(out, "manifest.json", json.dumps([{
+            "Config": f"blobs/sha256/{config_d['digest'][7:]}",
+            "RepoTags": tags,
+            "Layers": [f"blobs/sha256/{d['digest'][7:]}" for d in layer_ds],
+        }], separators=(",", ":")).encode())
+        _add_bytes(out, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+    return os.fspath(out_path)
