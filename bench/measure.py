@@ -145,14 +145,14 @@ def _scp(archive: Path, host, cipher: str, remote: str) -> float:
 def _pink_put(archive: Path, ssh_config, node: dict, remote: str) -> float:
     t = time.perf_counter()  # the login is part of a transfer job too
     with sftp.session(ssh_config, node) as conn:
-        sftp.put(conn, str(archive), remote)
+        sftp.put(conn, sftp.local_file(str(archive)), remote)
     return time.perf_counter() - t
 
 
 def _pink_parallel(archive: Path, ssh_config, node: dict, remote: str, streams: int = 2) -> float:
     t = time.perf_counter()  # as the transfer job does it: one session, a second stream beside it
     with sftp.session(ssh_config, node) as conn:
-        sftp.put_parallel(conn, ssh_config, node, str(archive), remote, streams)
+        sftp.put_parallel(conn, ssh_config, node, sftp.local_file(str(archive)), remote, streams)
     return time.perf_counter() - t
 
 

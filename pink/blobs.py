@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -440,7 +441,7 @@ class BlobStore:
 
     # -------------------------------------------------------- collecting
 
-    def collect(self, keep: set[str], now: float | None = None) -> list[str]:
+    def collect(self, keep: set[str], now: float | None = None, grace: float = 0.0) -> list[str]:
         """Delete least recently used blobs not in `keep` until the store fits
         its budget, and part files untouched for PART_GRACE seconds that no
         writer holds. A blob in `keep` stays even when that leaves the store
@@ -449,7 +450,9 @@ class BlobStore:
         Costs one scan of the blobs present, however many came and went.
         Callers put in `keep` every blob of a live task and of an upload in
         progress: a blob renamed into place during this pass may be measured
-        before it was used, and only `keep` protects it for certain.
+        before it was used, and only `keep` protects it for certain. Blobs
+        used within `grace` seconds stay too (an upload stored them and is
+        about to record its task).
         """
         now = time.time() if now is None else now
         entries = sorted(self._scan())
@@ -458,7 +461,7 @@ class BlobStore:
         for mtime, digest, size in entries:
             if total <= self.budget:
                 break
-            if digest in keep:
+            if digest in keep or mtime > (now - grace) * 1e9:
                 continue
             path = os.path.join(self.blob_dir, digest)
             try:
@@ -728,6 +731,15 @@ def open_archive(recipe: Recipe, store: BlobStore) -> "ArchiveReader":
     """A seekable, read-only file of the `docker load`-able tar rebuilt from
     `recipe`'s blobs in `store`, assembled as it is read (nothing is written)."""
     return ArchiveReader(recipe, store)
+
+
+def archive_opener(recipe: Recipe, store: BlobStore):
+    """A picklable callable opening the rebuilt archive: for senders in other processes."""
+    return functools.partial(_open_in_process, recipe.to_dict(), store.root, store.budget)
+
+
+def _open_in_process(recipe: dict, root: str, budget: int) -> "ArchiveReader":
+    return open_archive(Recipe.from_dict(recipe), BlobStore(root, budget))
 
 
 def read_archive(recipe: Recipe, store: BlobStore, offset: int, length: int) -> bytes:

@@ -20,6 +20,7 @@ PUBLISHED_POSITIONS = 5000  # waiting tasks whose queue position the leader publ
 
 MAX_UPLOAD_BYTES = 64 * 2**30  # bytes: largest image archive accepted
 UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling
+WEB_BLOB_BUDGET = 200 * 2**30  # bytes of image blobs a web node keeps for dedup (those in use stay)
 
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL at a deadline or cancel
 DEFAULT_TIMEOUT = 24 * 3600  # seconds a task may run when it names no timeout

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import multiprocessing
 import os
 import socket
 import threading
 import uuid
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import paramiko
 
@@ -130,12 +131,25 @@ def remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
         return None
 
 
-def put(sftp: paramiko.SFTPClient, local: str, remote: str,
+Source = Callable[[], BinaryIO]  # opens what to send: a file, or an archive rebuilt from blobs
+
+
+def local_file(path: str) -> Source:
+    """A Source for a file on disk (picklable, for put_parallel's other processes)."""
+    return functools.partial(open, path, "rb")
+
+
+def source_size(source: Source) -> int:
+    with source() as fh:
+        return fh.seek(0, os.SEEK_END)
+
+
+def put(sftp: paramiko.SFTPClient, source: Source, remote: str,
         progress: Callable[[int], None] | None = None) -> int:
-    """Copy `local` to `remote` atomically: write a part file of its own, then rename."""
+    """Copy `source` to `remote` atomically: write a part file of its own, then rename."""
     part = _part_name(remote)
     with sftp.open(part, "wb") as dst:
-        sent = _write_range(sftp, dst, local, 0, os.path.getsize(local), progress)
+        sent = _write_range(sftp, dst, source, 0, source_size(source), progress)
     sftp.posix_rename(part, remote)
     return sent
 
@@ -146,7 +160,7 @@ def _part_name(remote: str) -> str:
     return f"{remote}.{uuid.uuid4().hex[:12]}.part"
 
 
-def put_parallel(conn: paramiko.SFTPClient, ssh_config, node: dict, local: str, remote: str,
+def put_parallel(conn: paramiko.SFTPClient, ssh_config, node: dict, source: Source, remote: str,
                  streams: int = 2) -> int:
     """`put` over `streams` connections: `conn` sends the first share, each
     other share goes from its own process and connection, writing at its
@@ -156,17 +170,17 @@ def put_parallel(conn: paramiko.SFTPClient, ssh_config, node: dict, local: str, 
     second process is what lets a transfer use a second core. Files under
     PARALLEL_MIN, or streams < 2, go over `conn` alone.
     """
-    size = os.path.getsize(local)
+    size = source_size(source)
     if streams < 2 or size < PARALLEL_MIN:
-        return put(conn, local, remote)
+        return put(conn, source, remote)
     part = _part_name(remote)
     bounds = [size * i // streams for i in range(streams + 1)]
     conn.open(part, "wb").close()  # created and emptied once, before any stream writes
     ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads (gRPC)
     with concurrent.futures.ProcessPoolExecutor(streams - 1, mp_context=ctx) as pool:
-        others = [pool.submit(_put_range, ssh_config, node, local, part, bounds[i], bounds[i + 1])
+        others = [pool.submit(_put_range, ssh_config, node, source, part, bounds[i], bounds[i + 1])
                   for i in range(1, streams)]
-        sent = _put_range_on(conn, local, part, bounds[0], bounds[1])
+        sent = _put_range_on(conn, source, part, bounds[0], bounds[1])
         sent += sum(f.result() for f in others)
     if sent != size or conn.stat(part).st_size != size:
         raise Unavailable(f"parallel SFTP to runner {node['name']} wrote {sent} of {size} bytes")
@@ -174,21 +188,21 @@ def put_parallel(conn: paramiko.SFTPClient, ssh_config, node: dict, local: str, 
     return sent
 
 
-def _put_range(ssh_config, node: dict, local: str, part: str, start: int, end: int) -> int:
+def _put_range(ssh_config, node: dict, source: Source, part: str, start: int, end: int) -> int:
     """One stream of put_parallel, in its own process and connection."""
     with session(ssh_config, node) as conn:
-        return _put_range_on(conn, local, part, start, end)
+        return _put_range_on(conn, source, part, start, end)
 
 
-def _put_range_on(conn: paramiko.SFTPClient, local: str, part: str, start: int, end: int) -> int:
+def _put_range_on(conn: paramiko.SFTPClient, source: Source, part: str, start: int, end: int) -> int:
     with conn.open(part, "r+") as dst:  # r+: neither creates nor truncates
         dst.seek(start)
-        return _write_range(conn, dst, local, start, end)
+        return _write_range(conn, dst, source, start, end)
 
 
-def _write_range(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile, local: str, start: int,
+def _write_range(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile, source: Source, start: int,
                  end: int, progress: Callable[[int], None] | None = None) -> int:
-    """Write bytes [start, end) of `local` into the open `dst` at the same offsets.
+    """Write bytes [start, end) of `source` into the open `dst` at the same offsets.
 
     paramiko's 32 KiB write requests, framed as SFTP messages, each overflow
     one SSH packet (the server's 32 KiB maximum less paramiko's 64-byte
@@ -203,12 +217,12 @@ def _write_range(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile, local: str, 
     dst.MAX_REQUEST_SIZE = request  # the instance's own limit, read by SFTPFile._write
     read = request * max(1, defaults.SFTP_CHUNK // request)
     sent = 0
-    with open(local, "rb") as src:
+    with source() as src:
         src.seek(start)
         while sent < end - start:
             chunk = src.read(min(read, end - start - sent))
             if not chunk:
-                raise Unavailable(f"{local} shrank while being copied")
+                raise Unavailable("the image being copied shrank (a blob vanished?)")
             dst.write(chunk)
             sent += len(chunk)
             if progress:

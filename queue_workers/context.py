@@ -14,6 +14,7 @@ from redis import Redis
 from pink import config as pink_config
 from pink import redisconn
 from pink import sftp as pink_sftp
+from pink.blobs import BlobStore
 from pink.store import Store
 
 _config_path: str | None = None
@@ -26,6 +27,7 @@ def configure(path: str) -> None:
     store.cache_clear()
     redis.cache_clear()
     sftp.cache_clear()
+    blobs.cache_clear()
 
 
 @functools.cache
@@ -41,6 +43,12 @@ def store() -> Store:
 @functools.cache
 def redis() -> Redis:
     return redisconn.connect(config())
+
+
+@functools.cache
+def blobs() -> BlobStore:
+    web = config().web
+    return BlobStore(web.blob_root, web.blob_budget_bytes)
 
 
 @functools.cache

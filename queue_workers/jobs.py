@@ -12,9 +12,9 @@ import logging
 import os
 import time
 
-from pink import archive, control, defaults, lifecycle, metrics, outputs, sftp
+from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp
 from pink.errors import Unavailable
-from pink.tasks import State, Task, advance, requeue, retries_left, spool_file
+from pink.tasks import State, Task, advance, exported, requeue, retries_left, spool_file
 from queue_workers import context
 from queue_workers.queues import enqueue, enqueue_next
 
@@ -62,12 +62,19 @@ def _copy_image(rec) -> str:
     started = time.time()
     sent = 0
     if sha not in node.get("images", []):
+        source = _image_source(task)
+        if source is None:
+            why = (f"the image's layers are no longer on web node {context.config().host}, "
+                   "where it was uploaded: submit it again")
+            new = exported(task, State.FAILED, why, error=why)
+            if lifecycle.move(store, rec, new, release=task.node):
+                enqueue_next(context.redis(), new)
+            return why
         remote = f"{node['ssh_spool']}/{sha}.tar"
         ssh = context.config().ssh
         with context.sftp().session(node) as conn:
             if sftp.remote_size(conn, remote) != task.image["size"]:
-                local = spool_file(context.config().web.spool_dir, task.id)  # we run on its web host
-                sent = sftp.put_parallel(conn, ssh, node, local, remote)
+                sent = sftp.put_parallel(conn, ssh, node, source, remote)
     elapsed = time.time() - started
     if sent:
         metrics.count(context.redis(), "transfer_bytes", "to_runner", sent)
@@ -79,6 +86,22 @@ def _copy_image(rec) -> str:
         return "task moved during transfer"
     enqueue_next(context.redis(), new)
     return detail
+
+
+def _image_source(task: Task) -> sftp.Source | None:
+    """The `docker load` archive to send, rebuilt from this host's blob store
+    (tasks recorded before the store: their upload in the spool); None when
+    a blob is gone."""
+    if "recipe" not in task.image:
+        path = spool_file(context.config().web.spool_dir, task.id)
+        return sftp.local_file(path) if os.path.exists(path) else None
+    recipe = blobs.Recipe.from_dict(task.image["recipe"])
+    store = context.blobs()
+    if store.missing(recipe.blobs):
+        return None
+    for digest in recipe.blobs:
+        store.touch(digest)
+    return blobs.archive_opener(recipe, store)
 
 
 # -- run ---------------------------------------------------------------------
@@ -313,7 +336,21 @@ def sweep() -> str:
             orphans.append(path)
     for path in orphans:
         _remove(path)
-    return f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed"
+    collected = context.blobs().collect(_blobs_in_use(store), grace=defaults.SWEEP_GRACE)
+    return (f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed, "
+            f"{len(collected)} image blobs collected")
+
+
+def _blobs_in_use(store) -> set[str]:
+    """Every blob a live task's image needs: its transfer may still read them.
+    (Reads every live task: etcd holds the live queue, not the history.)"""
+    keep = set()
+    for rec in store.list(store.keys.tasks):
+        recipe = rec.value.image.get("recipe")
+        if recipe:
+            keep.add(recipe["config"])
+            keep.update(recipe["layers"])
+    return keep
 
 
 def _output_needed(conn, store, path: str) -> bool:

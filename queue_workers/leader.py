@@ -345,7 +345,8 @@ class Leader:
                                          self.config.retention.output_days)
             if expired:
                 log.info("retention: %d outputs expired", expired)
-            for host in transfer_hosts(self.redis):
+            # Web hosts present in etcd, and any with a transfer queue (one that is down still has files).
+            for host in sorted(set(transfer_hosts(self.redis)) | set(pink_nodes.web_urls(self.store))):
                 enqueue_sweep(self.redis, host)
         except (PinkError, RedisError) as exc:
             log.warning("retention sweep: %s", exc)

@@ -17,7 +17,7 @@ import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
 from pink import archive, control, lifecycle, nodes, outputs, sftp
-from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PinkError, Unavailable
+from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unavailable
 from pink.store import Record
 from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
 from web import uploads
@@ -43,14 +43,17 @@ def submit():
     store = res().store
     control.check_submit(store, config, user.name, params.gpus, request.content_length or 0)
     task_id = new_id()
-    upload = uploads.receive(config.web.spool_dir, task_id, config.web.max_upload_bytes)
-    record = new_record(task_id, user.name, params, upload.image(), config.host)
-    try:
-        control.check_submit(store, config, user.name, params.gpus, upload.size)
-        store.create(store.keys.task(task_id), record)
-    except PinkError:
-        os.remove(upload.path)
-        raise
+    upload = uploads.receive(config.web.spool_dir, res().blobs, task_id, config.web.max_upload_bytes)
+    return _create(user, task_id, params, upload.image(), upload.received)
+
+
+def _create(user, task_id: str, params: Params, image: dict, received: int):
+    """Record a new task whose image's blobs are in this node's store; answers 201."""
+    config, store = res().config, res().store
+    record = new_record(task_id, user.name, params, image, config.host)
+    record.timings["upload_bytes"] = received
+    control.check_submit(store, config, user.name, params.gpus, image["size"])
+    store.create(store.keys.task(task_id), record)
     return jsonify(task=public_view(record)), 201
 
 

@@ -13,6 +13,7 @@ from flask import current_app, g
 from redis import Redis
 
 from pink import db, redisconn
+from pink.blobs import BlobStore
 from pink.config import Config
 from pink.store import Store
 
@@ -25,6 +26,11 @@ class Resources:
     @functools.cached_property
     def store(self) -> Store:
         return Store.from_config(self.config)
+
+    @functools.cached_property
+    def blobs(self) -> BlobStore:
+        web = self.config.web
+        return BlobStore(web.blob_root, web.blob_budget_bytes)
 
     @functools.cached_property
     def redis(self) -> Redis:

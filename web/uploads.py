@@ -1,34 +1,40 @@
-"""Receiving an image archive: streamed to the spool, hashed, validated.
+"""Receiving a whole image archive (`curl --data-binary @image.tar`, the web page).
 
-The body is read in fixed-size chunks straight into a spool file while its
-SHA-256 is computed, so memory stays flat whatever the size. Anything wrong
-(too large, cut off, not a valid image archive) removes the partial file
-before the error is raised: a failed upload leaves nothing behind.
+The body is read in fixed-size chunks straight into a spool file, so memory
+stays flat whatever the size; once inspected, its config and layers go into
+the web node's blob store (`pink.blobs`) and the archive is deleted: the
+task keeps the image's recipe, and the next upload sharing those layers
+can skip them (`web.blob_uploads`). Anything wrong (too large, cut off, not
+a valid image archive) removes the partial file before the error is raised:
+a failed upload leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
 from flask import request
 from werkzeug.exceptions import ClientDisconnected
 
-from pink import defaults, image_archive
+from pink import blobs, defaults, image_archive
 from pink.errors import BadRequest, TooLarge
-from pink.tasks import spool_file
 
 
 @dataclass
 class Upload:
-    path: str
-    sha256: str
-    size: int
+    recipe: blobs.Recipe
+    received: int  # bytes of the request body
     info: image_archive.ImageInfo
 
     def image(self) -> dict:
-        return {"sha256": self.sha256, "size": self.size, **self.info.to_dict()}
+        return image_record(self.recipe, self.info.layout)
+
+
+def image_record(recipe: blobs.Recipe, layout: str) -> dict:
+    """A task's `image`: named by its recipe's key, sized as the archive a runner loads."""
+    return {"sha256": recipe.key, "size": blobs.archive_size(recipe), "image_id": recipe.image_id,
+            "repo_tags": list(recipe.repo_tags), "layout": layout, "recipe": recipe.to_dict()}
 
 
 def _source():
@@ -41,16 +47,15 @@ def _source():
     return request.stream
 
 
-def receive(spool_dir: str, task_id: str, max_bytes: int) -> Upload:
+def receive(spool_dir: str, store: blobs.BlobStore, task_id: str, max_bytes: int) -> Upload:
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise TooLarge(f"the archive is {declared} bytes; the limit is {max_bytes} bytes")
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     part = os.path.join(spool_dir, f".{task_id}.part")
-    final = spool_file(spool_dir, task_id)
     try:
         raw = request.mimetype != "multipart/form-data"
-        sha, size = _spool(_source(), part, max_bytes)
+        size = _spool(_source(), part, max_bytes)
         if raw and declared is not None and size != declared:
             raise BadRequest(f"the upload was cut off after {size} of {declared} bytes; send it again",
                              code="truncated")
@@ -58,18 +63,18 @@ def receive(spool_dir: str, task_id: str, max_bytes: int) -> Upload:
             raise BadRequest("the request body is empty: send the `docker save` archive as the body",
                              code="empty")
         info = image_archive.inspect(part)
-        os.replace(part, final)
+        recipe, ranges = blobs.Recipe.from_archive(part, info)
+        for digest, (offset, length) in ranges.items():
+            if not store.touch(digest):
+                store.ingest(digest, part, offset, length)
     except ClientDisconnected:
-        _discard(part)
         raise BadRequest("the upload was cut off before the end; send it again", code="truncated") from None
-    except BaseException:
+    finally:
         _discard(part)
-        raise
-    return Upload(path=final, sha256=sha, size=size, info=info)
+    return Upload(recipe=recipe, received=size, info=info)
 
 
-def _spool(stream, path: str, max_bytes: int) -> tuple[str, int]:
-    digest = hashlib.sha256()
+def _spool(stream, path: str, max_bytes: int) -> int:
     size = 0
     with open(path, "wb") as out:
         os.chmod(path, 0o600)
@@ -77,9 +82,8 @@ def _spool(stream, path: str, max_bytes: int) -> tuple[str, int]:
             size += len(chunk)
             if size > max_bytes:
                 raise TooLarge(f"the archive is over the limit of {max_bytes} bytes")
-            digest.update(chunk)
             out.write(chunk)
-    return digest.hexdigest(), size
+    return size
 
 
 def _discard(path: str) -> None:

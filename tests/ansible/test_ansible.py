@@ -175,6 +175,7 @@ def render_pink_toml(**overrides) -> dict:
         "pink_xfer_port": 22, "pink_xfer_user": "pink-xfer",
         "groups": {"web": ["web1"], "processing": ["web1"]},  # one host in both roles, as the example
         "common_web_max_upload_bytes": 68719476736,  # group_vars' pink_max_upload_bytes
+        "common_web_blob_budget_bytes": 214748364800,  # group_vars' pink_web_blob_budget_bytes
         "pink_redis_sentinels": [], "pink_redis_master": "pink", "common_etcd_user": "pink-web",
     }
     defaults = (ANSIBLE / "roles" / "common" / "defaults" / "main.yml").read_text()

@@ -9,7 +9,6 @@ from redis import Redis
 
 from pink import archive, db
 from pink.store import Store
-from pink.tasks import spool_file
 from tests import images
 from tests.helpers import Api, make_user
 
@@ -110,11 +109,35 @@ def test_a_transfer_that_keeps_failing_fails_its_task(pink_processes, pink_confi
     pink_processes.web(path)
     control_plane = Api(c, make_user(c, "alice"))
     task_id = control_plane.submit(archive_path).json()["task"]["id"]
-    os.remove(spool_file(c.web.spool_dir, task_id))  # the upload is lost before its transfer
+    recipe = _recipe(c, task_id)
+    with open(os.path.join(c.web.blob_root, "sha256", recipe["layers"][-1]), "r+b") as layer:
+        layer.truncate(10)  # the upload is damaged before its transfer
     for start in (pink_processes.worker, pink_processes.leader, pink_processes.runner):
         start(config_path=path)
     task = control_plane.wait(task_id, timeout=60)
     assert task["state"] == "failed" and "transfer failed 2 times" in task["error"], task
-    assert "No such file" in task["error"]
+    assert recipe["layers"][-1] in task["error"]
     store = Store.from_config(c)
     assert store.get(store.keys.alloc("run1")) is None  # its reservation was released
+
+
+def _recipe(config, task_id: str) -> dict:
+    store = Store.from_config(config)
+    try:
+        return store.get(store.keys.task(task_id)).value.image["recipe"]
+    finally:
+        store.close()
+
+
+def test_an_image_whose_layers_are_gone_fails_at_once(pink_processes, pink_config, docker_client, tmp_path):
+    """Blobs live tasks need are never collected; if one is lost anyway, the task fails saying so."""
+    c = pink_config
+    archive_path = images.fresh_archive(docker_client, "gone", tmp_path / "gone.tar")
+    pink_processes.web()
+    control_plane = Api(c, make_user(c, "alice"))
+    task_id = control_plane.submit(archive_path).json()["task"]["id"]
+    os.remove(os.path.join(c.web.blob_root, "sha256", _recipe(c, task_id)["layers"][-1]))
+    for start in (pink_processes.worker, pink_processes.leader, pink_processes.runner):
+        start()
+    task = control_plane.wait(task_id, timeout=60)
+    assert task["state"] == "failed" and "no longer on web node" in task["error"], task

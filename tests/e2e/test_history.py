@@ -365,7 +365,7 @@ def test_an_unsatisfiable_request_is_refused_once_runners_are_known(pink_process
     refused = api.submit(writer_archive, gpus=64)
     assert refused.status_code == 400 and refused.json()["error"] == "unsatisfiable"
     assert refused.json()["message"] == "no runner has 64 GPUs; the largest has 0"
-    assert os.listdir(pink_config.web.spool_dir) == [f"{task_id}.tar"]  # nothing left of the refused one
+    assert os.listdir(pink_config.web.spool_dir) == []  # nothing left of the refused one
 
 
 def _gone_from_etcd(store, *task_ids: str) -> None:

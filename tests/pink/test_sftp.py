@@ -31,7 +31,7 @@ def test_parallel_put_of_a_big_file_arrives_whole(pink_config, node, tmp_path):
         for _ in range(sftp.PARALLEL_MIN // (1 << 20) + 3):
             fh.write(os.urandom(1 << 20))
     with sftp.session(pink_config.ssh, node) as conn:
-        sent = sftp.put_parallel(conn, pink_config.ssh, node, str(local), "/spool/big.tar")
+        sent = sftp.put_parallel(conn, pink_config.ssh, node, sftp.local_file(str(local)), "/spool/big.tar")
         assert sorted(conn.listdir("/spool")) == ["big.tar"]  # no .part left behind
     arrived = os.path.join(pink_config.runner.spool_dir, "big.tar")
     assert sent == os.path.getsize(local) == os.path.getsize(arrived)

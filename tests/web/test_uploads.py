@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import pytest
 from redis import Redis
 
+from pink import blobs, image_archive
 from pink import config as pink_config_module
 from pink.store import Store
 from tests import images
@@ -154,8 +155,14 @@ def test_a_good_upload_is_recorded(small_api, good_archive):
     r = small_api.submit(good_archive, name="ok")
     assert r.status_code == 201, r.text
     task = r.json()["task"]
-    assert task["state"] == "queued" and task["image"]["size"] == os.path.getsize(good_archive)
-    assert list(Path(small_api.config.web.spool_dir).iterdir()) == [Path(small_api.config.web.spool_dir) / f"{task['id']}.tar"]
+    assert task["state"] == "queued" and task["timings"]["upload_bytes"] == os.path.getsize(good_archive)
+    assert list(Path(small_api.config.web.spool_dir).iterdir()) == []  # the archive went into the blob store
+    info = image_archive.inspect(good_archive)
+    recipe, _ = blobs.Recipe.from_archive(good_archive, info)
+    assert task["image"]["sha256"] == recipe.key and task["image"]["image_id"] == info.image_id
+    assert task["image"]["size"] == blobs.archive_size(recipe)
+    store = blobs.BlobStore(small_api.config.web.blob_root, 2**40)
+    assert store.missing(recipe.blobs) == []
 
 
 def test_multipart_upload_from_a_form(small_api, good_archive):
@@ -163,7 +170,7 @@ def test_multipart_upload_from_a_form(small_api, good_archive):
         r = small_api("POST", "/tasks", params={"name": "form"}, files={"image": ("image.tar", fh)})
     assert r.status_code == 201, r.text
     task = r.json()["task"]
-    assert task["name"] == "form" and task["image"]["size"] == os.path.getsize(good_archive)
+    assert task["name"] == "form" and task["timings"]["upload_bytes"] == os.path.getsize(good_archive)
 
 
 def test_multipart_without_the_file_field(small_api):
