@@ -15,9 +15,9 @@ ANSIBLE_ARGS ?=
 
 # Debian packages of the services PINK runs, and a binary that proves each.
 DEB_PACKAGES := docker.io etcd-server etcd-client redis-server mariadb-server \
-	openssh-server nginx busybox-static zstd openssl iproute2 iptables python3-venv
+	openssh-server nginx busybox-static zstd openssl iproute2 iptables python3-venv chromium
 DEB_BINARIES := docker dockerd etcd etcdctl redis-server mariadbd mariadb-install-db sshd \
-	ssh-keygen nginx busybox zstd openssl ip iptables useradd
+	ssh-keygen nginx busybox zstd openssl ip iptables useradd chromium
 
 .PHONY: all deps venv certs up demo down status test bench deploy cluster cluster-down \
 	test-cluster clean

@@ -25,7 +25,7 @@ def browser(config, name, admin=False):
 
 def test_login_then_pages_use_the_api_with_csrf(web):
     api, session, csrf, page = browser(web, "carol")
-    assert page.status_code == 200 and "Submit an image" in page.text and "carol" in page.text
+    assert page.status_code == 200 and "Submit a task" in page.text and "carol" in page.text
     listed = session.get(api.url + "/api/v1/tasks", verify=api.ca)
     assert listed.status_code == 200 and listed.json() == {"tasks": [], "next": None}
     no_csrf = session.delete(api.url + "/api/v1/tasks/abc", verify=api.ca)
