@@ -243,7 +243,7 @@ def requeue(task: Task, why: str, lost: bool = True) -> Task:
     """
     return advance(task, State.QUEUED, why, attempt=task.attempt + 1, node=None,
                    epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
-                   job_failures={}, losses=task.losses + (1 if lost else 0))
+                   logfile=None, job_failures={}, losses=task.losses + (1 if lost else 0))
 
 
 def retries_left(task: Task, max_attempts: int) -> bool:

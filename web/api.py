@@ -279,9 +279,11 @@ def _logs_now(task: Task):
 
 
 def _follow(task_id: str):
-    """Yield the log as it grows until the task is final."""
+    """Yield the log as it grows until the task is final; a new attempt's log
+    follows the old one's after a line saying so (it starts from its beginning)."""
     offset = 0
     conn = client = None
+    following = None  # the logfile being read
     try:
         while True:
             rec = _live(task_id)
@@ -290,14 +292,21 @@ def _follow(task_id: str):
                 yield _archived_logs(task_id)[offset:]
                 return
             logfile = task.logfile
-            if logfile and conn is None:
+            if logfile != following and logfile:
+                if following is not None:
+                    yield f"\n[pink: attempt {task.attempt} started on {task.node}]\n".encode()
+                if client is not None:
+                    client.close()
+                conn = client = None
+                following, offset = logfile, 0
+            if following and conn is None:
                 try:
-                    client = sftp.connect(res().config.ssh, logfile["ssh"])
+                    client = sftp.connect(res().config.ssh, following["ssh"])
                     conn = client.open_sftp()
                 except Unavailable:
                     client = None
             if conn is not None:
-                data = sftp.read_from(conn, logfile["path"], offset)
+                data = sftp.read_from(conn, following["path"], offset)
                 if data:
                     offset += len(data)
                     yield data

@@ -25,9 +25,11 @@ from pink import users
 from pink.tasks import Task
 from pink.errors import BadRequest, Forbidden, NotFound, PinkError, Unauthorized
 from web import throttle
+from web.pages import security_headers
 from web.resources import res
 
 bp = Blueprint("auth", __name__)
+bp.after_request(security_headers)
 log = logging.getLogger("pink.web")
 
 CACHE_SECONDS = 30.0  # how long a token or session user is trusted without asking MariaDB

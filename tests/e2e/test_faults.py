@@ -17,6 +17,9 @@ def test_runner_killed_mid_task_is_retried(control_plane, pink_processes, slow_a
     runner = pink_processes.runner()
     task_id = control_plane.submit(slow_archive).json()["task"]["id"]
     control_plane.wait(task_id, states={"running"})
+    followed = control_plane("GET", f"/tasks/{task_id}/logs", params={"follow": 1}, stream=True)
+    lines = followed.iter_lines()
+    assert next(lines) == b"start"  # attempt 1 is running
     pink_processes.kill(runner)
     store = Store.from_config(control_plane.config)
     # The lease expires (node_ttl=3 s) and the leader sends the task back.
@@ -27,6 +30,8 @@ def test_runner_killed_mid_task_is_retried(control_plane, pink_processes, slow_a
     pink_processes.runner()  # the same runner, back with a new epoch
     task = control_plane.wait(task_id, timeout=120)
     assert task["state"] == "succeeded" and task["attempt"] == 2
+    # One followed log carries on into the new attempt, from its beginning.
+    assert [line for line in lines if line] == [b"[pink: attempt 2 started on run1]", b"start"]
     conn = db.connect(control_plane.config.db)
     try:
         row = archive.get_record(conn, task_id)
