@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp
+from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions
 from pink.errors import Unavailable
 from pink.tasks import State, Task, advance, exported, requeue, retries_left, spool_file
 from queue_workers import context
@@ -336,7 +336,10 @@ def sweep() -> str:
             orphans.append(path)
     for path in orphans:
         _remove(path)
-    collected = context.blobs().collect(_blobs_in_use(store), grace=defaults.SWEEP_GRACE)
+    blob_root = config.web.blob_root
+    upload_sessions.expire(blob_root)
+    keep = _blobs_in_use(store) | upload_sessions.in_use(blob_root)
+    collected = context.blobs().collect(keep, grace=defaults.SWEEP_GRACE)
     return (f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed, "
             f"{len(collected)} image blobs collected")
 

@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from pink import config as pink_config
 from pink.errors import PinkError
-from web import accounts, api, auth, metrics, pages, peers
+from web import accounts, api, auth, blob_uploads, metrics, pages, peers
 from web.resources import Resources
 
 
@@ -31,6 +31,7 @@ def create_app(config: pink_config.Config | str | None = None) -> Flask:
     app.register_blueprint(auth.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(accounts.bp)
+    app.register_blueprint(blob_uploads.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(peers.bp)

@@ -44,10 +44,10 @@ def submit():
     control.check_submit(store, config, user.name, params.gpus, request.content_length or 0)
     task_id = new_id()
     upload = uploads.receive(config.web.spool_dir, res().blobs, task_id, config.web.max_upload_bytes)
-    return _create(user, task_id, params, upload.image(), upload.received)
+    return create_task(user, task_id, params, upload.image(), upload.received)
 
 
-def _create(user, task_id: str, params: Params, image: dict, received: int):
+def create_task(user, task_id: str, params: Params, image: dict, received: int):
     """Record a new task whose image's blobs are in this node's store; answers 201."""
     config, store = res().config, res().store
     record = new_record(task_id, user.name, params, image, config.host)

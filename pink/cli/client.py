@@ -21,6 +21,7 @@ from urllib.parse import unquote
 import requests
 
 from pink import errors
+from pink.cli import layer_upload
 from pink.errors import PinkError
 from pink.tasks import FINAL_NAMES
 
@@ -242,13 +243,21 @@ class Client:
                cmd: str | None = None, entrypoint: str | None = None,
                env: dict[str, str] | list[str] | None = None, gpus: int | None = None,
                timeout: int | None = None, output: str | None = None,
-               compression: str | None = None, progress: Progress | None = None) -> dict:
-        """Upload a `docker save` archive from disk and create a task; returns the task.
+               compression: str | None = None, progress: Progress | None = None,
+               on_plan: Callable[[int, int, int], None] | None = None) -> dict:
+        """Create a task from a `docker save` archive on disk; returns the task.
 
-        `cmd` and `entrypoint` are shell words (the server splits them).
+        Only the layers the server lacks are sent (`pink.cli.layer_upload`;
+        `on_plan` hears how many); a server without layer uploads gets the
+        whole archive. `cmd` and `entrypoint` are shell words (the server
+        splits them).
         """
         params = submit_params(name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,
                                timeout=timeout, output=output, compression=compression)
+        try:
+            return layer_upload.submit(self, archive, params, progress, on_plan)
+        except layer_upload.NoLayerUploads:
+            pass
         with ProgressFile(archive, progress) as body:
             return self._json("POST", "/tasks", "task", params=params, data=body,
                               headers={"Content-Type": "application/x-tar"}, expect=(200, 201),

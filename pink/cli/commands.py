@@ -144,10 +144,15 @@ def submit(cli: CliContext, source, name, gpus, timeout, env, cmd, entrypoint, o
              f"to a temporary file")
 
     with images.archive_for(source, on_saving=saving, progress=output.ProgressBar("saving")) as path:
+        def plan(sending: int, layers: int, size: int) -> None:
+            if sending < layers:
+                _err(f"{layers - sending} of {layers} layers are already on the server; "
+                     f"sending {sending} ({output.size(size)})")
+
         with output.ProgressBar("uploading") as bar:
             task = client.submit(path, name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,
                                  timeout=timeout, output=output_path,
-                                 compression="gzip" if gzip else None, progress=bar)
+                                 compression="gzip" if gzip else None, progress=bar, on_plan=plan)
     if not as_json:
         click.echo(task["id"])
     if not (wait or download):

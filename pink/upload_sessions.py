@@ -1,0 +1,138 @@
+"""Blob upload sessions on a web node: which image a client is sending, and
+what it has proved so far.
+
+A session is a directory `<blob_root>/uploads/<id>/`: `session.json`,
+written once when the client sends its manifest (the user, the image's
+recipe, which blobs the store lacked and the challenges for those it had),
+and one marker file per event after that: `done-<digest>` when this
+session's upload of a blob completed, `challenge-<digest>.json` when a blob
+it was sending turned up in the store meanwhile. Files, not a record
+rewritten in place, so parallel blob uploads of one session never race.
+The web API (`web.blob_uploads`) drives sessions; the sweep keeps their
+blobs (`in_use`) and removes sessions nobody committed (`expire`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+
+from pink.blobs import Recipe
+from pink.errors import NotFound
+
+SESSIONS = "uploads"
+SESSION_LIFE = 24 * 3600.0  # seconds a session may wait for its commit
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Session:
+    root: str  # this session's directory
+    id: str
+    user: str
+    recipe: Recipe
+    layout: str
+    challenges: dict  # digest -> challenge, for blobs the store held when the session began
+    created: float
+
+    def _marker(self, kind: str, digest: str) -> str:
+        return os.path.join(self.root, f"{kind}-{digest}")
+
+    def mark_done(self, digest: str) -> None:
+        """This session uploaded `digest` whole (the store verified it)."""
+        with open(self._marker("done", digest), "w"):
+            pass
+
+    def done(self, digest: str) -> bool:
+        return os.path.exists(self._marker("done", digest))
+
+    def add_challenge(self, digest: str, challenge: dict) -> None:
+        """A blob that arrived from elsewhere while this session sent it: prove it instead."""
+        path = self._marker("challenge", digest) + ".json"
+        with open(path + ".tmp", "w") as fh:
+            json.dump(challenge, fh)
+        os.replace(path + ".tmp", path)
+
+    def challenge(self, digest: str) -> dict | None:
+        try:
+            with open(self._marker("challenge", digest) + ".json") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return self.challenges.get(digest)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _dir(blob_root: str) -> str:
+    return os.path.join(blob_root, SESSIONS)
+
+
+def create(blob_root: str, user: str, recipe: Recipe, layout: str, challenges: dict) -> Session:
+    session_id = secrets.token_hex(16)
+    root = os.path.join(_dir(blob_root), session_id)
+    os.makedirs(root, mode=0o700)
+    data = {"user": user, "recipe": recipe.to_dict(), "layout": layout, "challenges": challenges,
+            "created": time.time()}
+    with open(os.path.join(root, "session.json.tmp"), "w") as fh:
+        json.dump(data, fh)
+    os.replace(os.path.join(root, "session.json.tmp"), os.path.join(root, "session.json"))
+    return _session(root, session_id, data)
+
+
+def load(blob_root: str, session_id: str, user: str) -> Session:
+    """The user's session `session_id`; 404 for another user's, like a missing one."""
+    root = os.path.join(_dir(blob_root), session_id) if _ID.fullmatch(session_id or "") else None
+    try:
+        with open(os.path.join(root, "session.json")) as fh:
+            data = json.load(fh)
+    except (TypeError, FileNotFoundError, ValueError):
+        data = None
+    if data is None or data.get("user") != user or time.time() - data["created"] > SESSION_LIFE:
+        raise NotFound(f"no upload {session_id} (uploads not committed within a day are dropped): "
+                       "submit again", code="unknown_upload")
+    return _session(root, session_id, data)
+
+
+def _session(root: str, session_id: str, data: dict) -> Session:
+    return Session(root=root, id=session_id, user=data["user"], recipe=Recipe.from_dict(data["recipe"]),
+                   layout=data["layout"], challenges=data["challenges"], created=data["created"])
+
+
+def in_use(blob_root: str) -> set[str]:
+    """Blobs of sessions still open: an upload may be about to commit them."""
+    keep: set[str] = set()
+    for root, data in _all(blob_root):
+        if time.time() - data["created"] <= SESSION_LIFE:
+            keep.add(data["recipe"]["config"])
+            keep.update(data["recipe"]["layers"])
+    return keep
+
+
+def expire(blob_root: str) -> int:
+    """Remove sessions older than SESSION_LIFE; returns how many."""
+    gone = 0
+    for root, data in _all(blob_root):
+        if time.time() - data["created"] > SESSION_LIFE:
+            shutil.rmtree(root, ignore_errors=True)
+            gone += 1
+    return gone
+
+
+def _all(blob_root: str):
+    try:
+        entries = list(os.scandir(_dir(blob_root)))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        try:
+            with open(os.path.join(entry.path, "session.json")) as fh:
+                yield entry.path, json.load(fh)
+        except (OSError, ValueError):
+            if time.time() - entry.stat().st_mtime > SESSION_LIFE:  # a session that never got its file
+                shutil.rmtree(entry.path, ignore_errors=True)

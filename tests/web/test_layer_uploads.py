@@ -1,0 +1,176 @@
+"""Layer uploads: `pink submit` sends only the layers the web node lacks, a cut
+layer upload resumes, and nobody can claim a layer they do not hold."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import ssl
+import time
+import uuid
+from urllib.parse import urlparse
+
+import pytest
+
+from pink import blobs, image_archive
+from tests import images
+from tests.helpers import Api, make_user
+
+BASE_BYTES = 4 * 2**20
+NEW_BYTES = 2**20
+
+
+@pytest.fixture(scope="module")
+def layered(docker_client, tmp_path_factory):
+    """Archives of image A (busybox + a 4 MiB layer + a small one) and B (A + a new 1 MiB layer)."""
+    where = tmp_path_factory.mktemp("layers")
+    run = uuid.uuid4().hex[:8]
+    tag_a, tag_b = f"pink/test-layers-a:{run}", f"pink/test-layers-b:{run}"
+    images.build_image(docker_client, tag_a, 'COPY base.bin /base.bin\nCOPY small.txt /small.txt\n'
+                       'CMD ["sh", "-c", "sleep 2; ls -l /base.bin"]\n',
+                       files={"base.bin": os.urandom(BASE_BYTES), "small.txt": run.encode()})
+    images.build_image(docker_client, tag_b, f'FROM {tag_a}\nCOPY new.bin /new.bin\n'
+                       'CMD ["sh", "-c", "sleep 2; ls -l /new.bin"]\n', files={"new.bin": os.urandom(NEW_BYTES)})
+    return images.save_image(docker_client, tag_a, where / "a.tar"), images.save_image(docker_client, tag_b,
+                                                                                        where / "b.tar")
+
+
+def _recipe(archive) -> tuple[blobs.Recipe, dict, image_archive.ImageInfo]:
+    info = image_archive.inspect(archive)
+    recipe, where = blobs.Recipe.from_archive(archive, info)
+    return recipe, where, info
+
+
+def _begin(api: Api, archive) -> dict:
+    recipe, where, info = _recipe(archive)
+    with open(archive, "rb") as fh:
+        fh.seek(where[recipe.config][0])
+        config = fh.read(where[recipe.config][1])
+    r = api("POST", "/uploads", json={"config": base64.b64encode(config).decode(), "layout": info.layout,
+                                      "layers": [{"digest": d, "size": recipe.sizes[d]} for d in recipe.layers],
+                                      "repo_tags": list(recipe.repo_tags)})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _bytes(archive, where: tuple[int, int]) -> bytes:
+    with open(archive, "rb") as fh:
+        fh.seek(where[0])
+        return fh.read(where[1])
+
+
+def test_the_second_image_sends_only_its_new_layer(api, layered):
+    archive_a, archive_b = layered
+    first = json.loads(api.cli("submit", str(archive_a), "--json").stdout)
+    second = api.cli("submit", str(archive_b), "--json")
+    task_b = json.loads(second.stdout)
+    assert "layers are already on the server" in second.stderr
+    a, b = api.wait(first["id"]), api.wait(task_b["id"])
+    assert a["state"] == b["state"] == "succeeded", (a, b)
+    recipe_b, _, _ = _recipe(archive_b)
+    new_layer = recipe_b.sizes[recipe_b.layers[-1]]
+    assert a["timings"]["upload_bytes"] >= BASE_BYTES
+    # B's new layer and its config, nothing of A's: at most 1.05x the new layer
+    assert new_layer <= b["timings"]["upload_bytes"] <= 1.05 * new_layer, b["timings"]
+    assert b"new.bin" in api("GET", f"/tasks/{b['id']}/logs").content
+
+
+def test_images_sharing_layers_run_on_one_runner_at_once(api, layered):
+    archive_a, archive_b = layered
+    ids = [api.submit(archive).json()["task"]["id"] for archive in (archive_a, archive_b)]
+    done = [api.wait(task_id) for task_id in ids]
+    assert [t["state"] for t in done] == ["succeeded", "succeeded"] and {t["node"] for t in done} == {"run1"}
+    spans = [(_at(t, "running"), _at(t, "exported")) for t in done]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # they overlapped
+
+
+def _at(task: dict, state: str) -> str:
+    return next(h["at"] for h in task["history"] if h["state"] == state)
+
+
+def test_a_cut_layer_upload_resumes_where_it_stopped(web, layered):
+    api = Api(web, make_user(web, "rosa"))
+    archive_a, _ = layered
+    recipe, where, _ = _recipe(archive_a)
+    plan = _begin(api, archive_a)
+    big = max(plan["missing"], key=lambda d: recipe.sizes[d])
+    data = _bytes(archive_a, where[big])
+    url = urlparse(api.url)
+    conn = http.client.HTTPSConnection(url.hostname, url.port,
+                                       context=ssl.create_default_context(cafile=api.ca))
+    conn.putrequest("PUT", f"/api/v1/uploads/{plan['upload']}/blobs/{big}")
+    for name, value in (("Authorization", f"Bearer {api.token}"), ("Content-Length", str(len(data))),
+                        ("Upload-Offset", "0")):
+        conn.putheader(name, value)
+    conn.endheaders()
+    conn.send(data[:len(data) // 2])
+    conn.close()  # the connection is cut half way
+    path = f"/uploads/{plan['upload']}/blobs/{big}"
+    deadline = time.monotonic() + 20
+    while not 0 < (held := int(api("HEAD", path).headers["Upload-Offset"])):
+        assert time.monotonic() < deadline, "the server kept nothing of the cut upload"
+        time.sleep(0.2)
+    assert held <= len(data) // 2
+    for _ in range(50):  # the server may still be finishing the cut request
+        r = api("PUT", path, data=data[held:], headers={"Upload-Offset": str(held)})
+        if r.status_code != 409:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 201, r.text
+    wrong = api("PUT", f"/uploads/{plan['upload']}/blobs/{big}", data=b"x", headers={"Upload-Offset": "1"})
+    assert wrong.status_code == 201  # done: later retries are answered, not written
+    for digest in plan["missing"]:
+        if digest != big:
+            assert api("PUT", f"/uploads/{plan['upload']}/blobs/{digest}",
+                       data=_bytes(archive_a, where[digest])).status_code == 201
+    r = api("POST", f"/uploads/{plan['upload']}/commit", json={"proofs": {}})
+    assert r.status_code == 201, r.text
+    task = r.json()["task"]
+    assert task["image"]["image_id"] == recipe.image_id
+    store = blobs.BlobStore(web.web.blob_root, 2**40)
+    assert store.missing(recipe.blobs) == []
+
+
+def test_a_layer_is_claimed_only_by_someone_holding_it(web, layered):
+    archive_a, _ = layered
+    owner = Api(web, make_user(web, "sara"))
+    assert owner.cli("submit", str(archive_a), "--json").returncode == 0  # A's layers are now on the server
+    recipe, where, _ = _recipe(archive_a)
+    thief = Api(web, make_user(web, "tim"))
+    plan = _begin(thief, archive_a)  # a manifest naming sara's layers, read from somewhere
+    assert plan["missing"] == [] and set(plan["challenges"]) == set(recipe.layers)
+    commit = f"/uploads/{plan['upload']}/commit"
+    refused = thief("POST", commit, json={"proofs": {}})
+    assert refused.status_code == 409 and refused.json()["error"] == "blobs_missing"
+    guesses = {d: "0" * 64 for d in recipe.layers}
+    assert thief("POST", commit, json={"proofs": guesses}).status_code == 409
+    junk = thief("PUT", f"/uploads/{plan['upload']}/blobs/{recipe.layers[-1]}", data=b"not the layer")
+    assert junk.status_code == 200 and "challenge" in junk.json()  # sending bytes is no proof either
+    assert thief("POST", commit, json={"proofs": guesses}).status_code == 409
+
+    # Whoever holds the layers proves it without sending them: ranges hashed with the nonce
+    holder = Api(web, make_user(web, "uli"))
+    plan = _begin(holder, archive_a)
+    proofs = {d: blobs.proof(lambda o, n, d=d: _bytes(archive_a, (where[d][0] + o, n)), c)
+              for d, c in plan["challenges"].items()}
+    r = holder("POST", f"/uploads/{plan['upload']}/commit", json={"proofs": proofs})
+    assert r.status_code == 201, r.text
+    assert r.json()["task"]["timings"]["upload_bytes"] == recipe.sizes[recipe.config]
+
+
+def test_bad_manifests_are_refused(web, layered):
+    api = Api(web, make_user(web, "vik"))
+    archive_a, _ = layered
+    recipe, where, info = _recipe(archive_a)
+    config = base64.b64encode(_bytes(archive_a, where[recipe.config])).decode()
+    layers = [{"digest": d, "size": recipe.sizes[d]} for d in recipe.layers]
+    for body, word in (({"config": "%%%", "layers": layers}, "base64"),
+                       ({"config": config, "layers": layers[:-1]}, "diff_ids"),
+                       ({"config": config, "layers": [*layers[:-1], {"digest": "a" * 64, "size": 1}]}, "diff_id"),
+                       ({"config": config, "layers": layers, "repo_tags": ["pink/cache:x"]}, "pink/cache"),
+                       ({"config": config, "layers": layers, "layout": "zip"}, "layout")):
+        r = api("POST", "/uploads", json=body)
+        assert r.status_code == 400 and word in r.json()["message"], (body.keys(), r.text)
+    assert api("POST", "/uploads/0123/commit").status_code == 404
