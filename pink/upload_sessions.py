@@ -27,7 +27,7 @@ from pink.errors import NotFound
 
 SESSIONS = "uploads"
 SESSION_LIFE = 24 * 3600.0  # seconds a session may wait for its commit
-_ID = re.compile(r"[0-9a-f]{32}")
+_ID = re.compile(r"([A-Za-z0-9_.-]{1,64})\.[0-9a-f]{32}")  # <web host>.<random>: the router sends it home
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,9 @@ def _dir(blob_root: str) -> str:
     return os.path.join(blob_root, SESSIONS)
 
 
-def create(blob_root: str, user: str, recipe: Recipe, layout: str, challenges: dict) -> Session:
-    session_id = secrets.token_hex(16)
+def create(blob_root: str, host: str, user: str, recipe: Recipe, layout: str, challenges: dict) -> Session:
+    """A new session on web host `host`, whose name starts its id (`host_of`)."""
+    session_id = f"{host}.{secrets.token_hex(16)}"
     root = os.path.join(_dir(blob_root), session_id)
     os.makedirs(root, mode=0o700)
     data = {"user": user, "recipe": recipe.to_dict(), "layout": layout, "challenges": challenges,
@@ -83,6 +84,12 @@ def create(blob_root: str, user: str, recipe: Recipe, layout: str, challenges: d
         json.dump(data, fh)
     os.replace(os.path.join(root, "session.json.tmp"), os.path.join(root, "session.json"))
     return _session(root, session_id, data)
+
+
+def host_of(session_id: str) -> str | None:
+    """The web host an upload id belongs to, or None for a malformed id."""
+    match = _ID.fullmatch(session_id or "")
+    return match.group(1) if match else None
 
 
 def load(blob_root: str, session_id: str, user: str) -> Session:

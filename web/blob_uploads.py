@@ -19,7 +19,9 @@ commits the task with its proofs.
            -> 201 {"task"}
     DELETE /api/v1/uploads/<id>
 
-A whole archive (`POST /api/v1/tasks`) still works and fills the same store.
+An upload lives on the web node that began it: its id starts with that
+node's name, and the router sends the upload's requests there. A whole
+archive (`POST /api/v1/tasks`) still works and fills the same store.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
 from pink import blobs, upload_sessions
-from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge
+from pink.errors import BadRequest, Conflict, Forbidden, NotFound, PinkError, TooLarge
 from pink.tasks import Params, new_id
 from web.api import create_task
 from web.auth import require_user
@@ -71,7 +73,7 @@ def begin():
     store.write(f"cfg-{new_id()}", config_digest, io.BytesIO(config_bytes), len(config_bytes))
     missing = store.missing(recipe.layers)
     challenges = {d: blobs.challenge(recipe.sizes[d]) for d in dict.fromkeys(recipe.layers) if d not in missing}
-    session = upload_sessions.create(web.blob_root, user.name, recipe, layout, challenges)
+    session = upload_sessions.create(web.blob_root, res().config.host, user.name, recipe, layout, challenges)
     return jsonify(upload=session.id, missing=missing, challenges=challenges), 201
 
 
@@ -107,7 +109,12 @@ def _check_diff_ids(recipe: blobs.Recipe, config: dict, layout: str) -> None:
 
 
 def _session(upload_id: str) -> upload_sessions.Session:
-    return upload_sessions.load(res().config.web.blob_root, upload_id, require_user().name)
+    user = require_user()
+    home = upload_sessions.host_of(upload_id)
+    if home and home != res().config.host:
+        raise PinkError(f"upload {upload_id} lives on web node {home}, not {res().config.host}: send its "
+                        "requests through the router, which takes them there", code="misdirected", status=421)
+    return upload_sessions.load(res().config.web.blob_root, upload_id, user.name)
 
 
 def _blob_of(session: upload_sessions.Session, digest: str) -> int:

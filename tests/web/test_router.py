@@ -8,6 +8,7 @@ it); losing a web node does not fail requests that are safe to repeat."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 import subprocess
@@ -45,8 +46,10 @@ http {{
 
 def _site(directory: Path, https_port: int, upstreams: list[str]) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True)
+    env.filters["regex_escape"] = re.escape
     text = env.from_string(SITE.read_text()).render(
         ansible_managed="test", nginx_upstreams=upstreams, nginx_http_port=free_port(),
+        nginx_upload_nodes={f"web{n}": upstream for n, upstream in enumerate(upstreams, 1)},
         nginx_https_port=https_port, nginx_server_name="_", nginx_conf_dir=str(directory),
         nginx_upstream_ssl_name="localhost", nginx_proxy_timeout=3600, nginx_proxy_connect_timeout=3,
         nginx_max_body_size=2**30,
@@ -127,3 +130,22 @@ def test_uploads_and_outputs_go_through_the_router_to_either_web_node(router, tw
     r = api.http.put(url.rstrip("/") + f"/internal/v1/outputs/{ids[0]}-1.tar.zst", data=b"x",
                      verify=api.ca, timeout=30)
     assert r.status_code == 404 and "pink" not in r.text.lower()  # the router's own answer
+
+
+def test_a_layer_upload_stays_on_the_web_node_that_began_it(router, two_web_nodes, docker_client, tmp_path):
+    """`pink submit` through the router: each upload's blob and commit requests reach
+    the node named in its id, wherever the router sent the request that began it."""
+    config1, config2 = two_web_nodes
+    url = router([config1.web.bind, config2.web.bind])
+    routed = dataclasses.replace(config1, web=dataclasses.replace(config1.web, url=url))
+    api = Api(routed, make_user(config1, "bea"))
+    archive = images.fresh_archive(docker_client, "routed-layers", tmp_path / "layers.tar")
+    ids = [json.loads(api.cli("submit", archive, "--json").stdout)["id"] for _ in range(4)]
+    assert all(api.wait(task_id, timeout=180)["state"] == "succeeded" for task_id in ids)
+    log = (router.directory / "access.log").read_text()
+    node = {"web1": config1.web.bind, "web2": config2.web.bind}
+    begun = re.findall(r'"POST /api/v1/uploads HTTP\S+ 201 .* (\S+)$', log, re.M)
+    assert len(begun) == 4 and set(begun) == set(node.values()), begun  # both nodes began uploads
+    followed = re.findall(r'"(?:PUT|HEAD|POST) /api/v1/uploads/([\w.-]+?)\.[0-9a-f]{32}/\S* HTTP\S+ \d+ .* (\S+)$',
+                          log, re.M)
+    assert len(followed) >= 4 and all(node[host] == served for host, served in followed), followed
