@@ -48,6 +48,9 @@ class Agent:
         self.docker = docker.DockerClient(base_url=config.runner.docker_url) if config.runner.docker_url \
             else docker.from_env()
         self.gpus = GPUs(config.runner.gpus)
+        r = config.runner
+        self.blobs = images.RunnerBlobs(r.spool_dir, r.blob_root, r.blob_budget_bytes)
+        self.blobs.sync_markers()
         self.lease = None
         self.epoch: int | None = None
         self.running: dict[str, threading.Thread] = {}
@@ -124,6 +127,21 @@ class Agent:
         keep = self._reserved_images()
         for name in images.sweep_spool(self.config.runner.spool_dir, keep, self.config.runner.spool_grace):
             log.info("removed %s from the spool: no task here needs it", name)
+        gone = self.blobs.collect(self._reserved_blobs(), self.config.runner.spool_grace)
+        if gone:
+            log.info("collected %d image blobs no task here needs (over the budget)", len(gone))
+
+    def _reserved_blobs(self) -> set[str]:
+        """Blobs of the images of tasks reserved here (their records name them)."""
+        alloc = self.store.get(self.store.keys.alloc(self.config.runner.name))
+        keep: set[str] = set()
+        for task_id in (alloc.value if alloc else {}):
+            rec = self.store.get(self.store.keys.task(task_id))
+            recipe = rec.value.image.get("recipe") if rec is not None else None
+            if recipe:
+                keep.add(recipe["config"])
+                keep.update(recipe["layers"])
+        return keep
 
     def _reserved_images(self) -> set[str]:
         """Archive digests of every task with a reservation here, started or not.

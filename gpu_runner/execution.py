@@ -123,7 +123,7 @@ class Execution:
             self.agent.images_in_use[self.task_id] = task.image["sha256"]
             started = time.time()
             with self.agent.image_lock(task.image["sha256"]):
-                loaded = images.ensure_loaded(client, self.config.spool_dir, task.image)
+                loaded = images.ensure_loaded(client, self.config.spool_dir, task.image, self.agent.blobs)
             load_seconds = round(time.time() - started, 3) if loaded else 0.0
             if loaded:
                 self.agent.images_changed()

@@ -1,4 +1,4 @@
-"""The runner's image cache: archives arriving in the spool, loaded into Docker.
+"""The runner's image cache: blobs arriving in the spool, verified, loaded into Docker.
 
 A loaded archive is tagged `pink/cache:<archive sha256>`, so the cache
 survives runner restarts and the node record can tell transfer jobs which
@@ -16,7 +16,8 @@ import time
 import docker
 from docker.errors import APIError, ImageNotFound
 
-from pink import defaults
+from pink import blobs, defaults
+from pink.errors import PinkError
 
 CACHE_REPO = defaults.IMAGE_CACHE_REPO
 
@@ -27,30 +28,38 @@ def cached(client: docker.DockerClient) -> list[str]:
     return sorted(t.split(":", 1)[1] for t in tags if t.startswith(CACHE_REPO + ":"))
 
 
-def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> bool:
-    """Load the task's archive unless it is cached; True when it was loaded now.
+def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict, held: "RunnerBlobs") -> bool:
+    """Load the task's image unless Docker holds it; True when it was loaded now.
 
     Callers hold the image's lock (`Agent.image_lock`): tasks sharing an
-    image start together, and only one of them may load it and remove the
-    archive from the spool.
+    image start together, and only one of them may load it.
 
-    The archive was validated on upload; Docker must still agree on the image
-    id, or the archive is not what the web node inspected.
+    An image with a recipe is loaded from the archive rebuilt from its
+    verified blobs (`RunnerBlobs`); one recorded before blobs, from its
+    archive in the spool. Docker must agree on the image id, or the bytes are
+    not what the web node inspected.
     """
     sha = image["sha256"]
     path = os.path.join(spool_dir, f"{sha}.tar")
     try:
-        cached_image = client.images.get(f"{CACHE_REPO}:{sha}")
+        cached_image = client.images.get(image["image_id"])
     except ImageNotFound:
         cached_image = None
-    if cached_image is not None and cached_image.id == image["image_id"]:
-        cached_image.tag(CACHE_REPO, sha)  # marks the use
+    if cached_image is not None:
+        cached_image.tag(CACHE_REPO, sha)  # marks the use (and names an image Docker had anyway)
         if os.path.exists(path):
             os.remove(path)  # copied again before the node record listed the image
         return False
+    names = [t for t in image.get("repo_tags") or [] if not _has(client, t)]
     try:
-        with open(path, "rb") as fh:
-            client.images.load(fh)
+        if "recipe" in image:
+            recipe = blobs.Recipe.from_dict(image["recipe"])
+            held.adopt(recipe)
+            with blobs.open_archive(recipe, held.store) as archive:
+                client.images.load(archive)
+        else:
+            with open(path, "rb") as fh:
+                client.images.load(fh)
     except FileNotFoundError:
         raise RuntimeError(f"image archive {sha}.tar is not in the spool") from None
     except APIError as exc:
@@ -60,8 +69,22 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict) -> b
     except ImageNotFound:
         raise RuntimeError(f"docker load did not produce image {image['image_id']}") from None
     loaded.tag(CACHE_REPO, sha)
-    os.remove(path)
+    for name in names:  # the load named it: only the cache's tag stays, so eviction frees its disk
+        try:
+            client.images.remove(name)
+        except (APIError, ImageNotFound):
+            pass
+    if os.path.exists(path):
+        os.remove(path)
     return True
+
+
+def _has(client: docker.DockerClient, name: str) -> bool:
+    try:
+        client.images.get(name)
+        return True
+    except (ImageNotFound, APIError):
+        return False
 
 
 def evict(client: docker.DockerClient, budget: int, spared: set[str]) -> list[str]:
@@ -112,3 +135,88 @@ def sweep_spool(spool_dir: str, keep: set[str], grace: float) -> list[str]:
         except FileNotFoundError:
             pass  # loaded (and removed) meanwhile
     return removed
+
+
+# ---------------------------------------------------------------- blobs
+
+INCOMING = defaults.SPOOL_INCOMING  # blobs as the transfer account wrote them, not trusted yet
+HELD = defaults.SPOOL_HELD  # an empty marker per verified blob, which transfer jobs look for
+
+
+class RunnerBlobs:
+    """The runner's image blobs: verified copies outside the SFTP chroot, where
+    the transfer account cannot touch them, and markers inside it.
+
+    A transfer job sends only the blobs without a marker in `held/`, into
+    `incoming/`; the runner copies each one it needs into its store with its
+    sha256 checked (a copy, not a rename: the account could still write to a
+    file it sent) and marks it held. A marker the account fakes only makes a
+    transfer skip a blob, and the load then fails saying so: it can never
+    make the runner use bytes it did not check. The store is collected by
+    LRU under its budget, sparing the blobs of tasks reserved here.
+    """
+
+    def __init__(self, spool_dir: str, root: str, budget: int):
+        self.store = blobs.BlobStore(root, budget)
+        self.incoming = os.path.join(spool_dir, INCOMING)
+        self.held = os.path.join(spool_dir, HELD)
+        owner = os.stat(spool_dir)
+        os.makedirs(self.incoming, exist_ok=True)
+        os.chown(self.incoming, owner.st_uid, owner.st_gid)  # the transfer account writes here
+        os.makedirs(self.held, mode=0o755, exist_ok=True)
+        os.chown(self.held, 0, 0)
+        os.chmod(self.held, 0o755)
+
+    def sync_markers(self) -> None:
+        """Markers exactly for the blobs the store holds (at start: either may have changed)."""
+        present = {e.name for e in os.scandir(self.store.blob_dir) if not e.name.startswith(".")}
+        for entry in os.scandir(self.held):
+            if entry.name not in present:
+                _unlink(entry.path)
+        for digest in present:
+            self._mark(digest)
+
+    def _mark(self, digest: str) -> None:
+        path = os.path.join(self.held, digest)
+        if not os.path.exists(path):
+            with open(path, "w"):
+                pass
+
+    def adopt(self, recipe: blobs.Recipe) -> None:
+        """Have every blob of `recipe` verified in the store; RuntimeError for one not sent."""
+        for digest in recipe.blobs:
+            if self.store.touch(digest):
+                self._mark(digest)
+                continue
+            path = os.path.join(self.incoming, digest)
+            if not os.path.exists(path):
+                raise RuntimeError(f"layer sha256:{digest} of image {recipe.image_id} never reached this "
+                                   "runner; the task will be placed again")
+            try:
+                self.store.ingest(digest, path, 0, recipe.sizes[digest])
+            except PinkError as exc:
+                raise RuntimeError(f"layer sha256:{digest} arrived damaged: {exc.message}") from None
+            finally:
+                _unlink(path)
+            self._mark(digest)
+
+    def collect(self, keep: set[str], grace: float) -> list[str]:
+        """Collect the store (sparing `keep`) and incoming blobs older than `grace` no reservation needs."""
+        gone = self.store.collect(keep, grace=grace)
+        for digest in gone:
+            _unlink(os.path.join(self.held, digest))
+        now = time.time()
+        for entry in os.scandir(self.incoming):
+            try:
+                if entry.name.split(".", 1)[0] not in keep and now - entry.stat().st_mtime > grace:
+                    _unlink(entry.path)
+            except FileNotFoundError:
+                pass
+        return gone
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

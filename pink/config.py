@@ -95,6 +95,13 @@ class RunnerConfig:
     max_spool_images: int = 8  # archives waiting in the spool to be loaded; 0: no limit
     spool_grace: float = 600.0  # seconds an archive no task here needs stays before it is swept
     container_disk: str = ""  # e.g. "20g": writable layer size, where the storage driver allows
+    blob_dir: str = ""  # verified image blobs, outside the SFTP chroot; "" means `blobs` beside it
+    blob_budget_bytes: int = defaults.RUNNER_BLOB_BUDGET
+
+    @property
+    def blob_root(self) -> str:
+        chroot = os.path.dirname(self.spool_dir.rstrip("/"))
+        return self.blob_dir or os.path.join(os.path.dirname(chroot), "blobs")
 
 
 @dataclass

@@ -20,6 +20,9 @@ PUBLISHED_POSITIONS = 5000  # waiting tasks whose queue position the leader publ
 
 MAX_UPLOAD_BYTES = 64 * 2**30  # bytes: largest image archive accepted
 UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling
+SPOOL_INCOMING = "incoming"  # in a runner's spool: blobs the transfer account wrote, not trusted yet
+SPOOL_HELD = "held"  # in a runner's spool: an empty marker per blob the runner verified and keeps
+RUNNER_BLOB_BUDGET = 200 * 2**30  # bytes of verified image blobs a runner keeps (reserved ones stay)
 WEB_BLOB_BUDGET = 200 * 2**30  # bytes of image blobs a web node keeps for dedup (those in use stay)
 
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL at a deadline or cancel

@@ -13,7 +13,7 @@ import os
 import time
 
 from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions
-from pink.errors import Unavailable
+from pink.errors import NotFound, Unavailable
 from pink.tasks import State, Task, advance, exported, requeue, retries_left, spool_file
 from queue_workers import context
 from queue_workers.queues import enqueue, enqueue_next
@@ -62,19 +62,17 @@ def _copy_image(rec) -> str:
     started = time.time()
     sent = 0
     if sha not in node.get("images", []):
-        source = _image_source(task)
-        if source is None:
-            why = (f"the image's layers are no longer on web node {context.config().host}, "
+        recipe = blobs.Recipe.from_dict(task.image["recipe"]) if "recipe" in task.image else None
+        if recipe is None and not os.path.exists(spool_file(context.config().web.spool_dir, task.id)) or \
+                recipe is not None and _damaged(recipe):
+            why = (f"the image's layers are missing or damaged on web node {context.config().host}, "
                    "where it was uploaded: submit it again")
             new = exported(task, State.FAILED, why, error=why)
             if lifecycle.move(store, rec, new, release=task.node):
                 enqueue_next(context.redis(), new)
             return why
-        remote = f"{node['ssh_spool']}/{sha}.tar"
-        ssh = context.config().ssh
         with context.sftp().session(node) as conn:
-            if sftp.remote_size(conn, remote) != task.image["size"]:
-                sent = sftp.put_parallel(conn, ssh, node, source, remote)
+            sent = _send_blobs(conn, node, recipe) if recipe else _send_archive(conn, node, task)
     elapsed = time.time() - started
     if sent:
         metrics.count(context.redis(), "transfer_bytes", "to_runner", sent)
@@ -88,20 +86,37 @@ def _copy_image(rec) -> str:
     return detail
 
 
-def _image_source(task: Task) -> sftp.Source | None:
-    """The `docker load` archive to send, rebuilt from this host's blob store
-    (tasks recorded before the store: their upload in the spool); None when
-    a blob is gone."""
-    if "recipe" not in task.image:
-        path = spool_file(context.config().web.spool_dir, task.id)
-        return sftp.local_file(path) if os.path.exists(path) else None
-    recipe = blobs.Recipe.from_dict(task.image["recipe"])
+def _damaged(recipe: blobs.Recipe) -> bool:
+    """Is a blob of `recipe` missing from this host's store, or of the wrong size?"""
     store = context.blobs()
-    if store.missing(recipe.blobs):
-        return None
+    try:
+        return any(store.size(d) != recipe.sizes[d] for d in recipe.blobs)
+    except NotFound:
+        return True
+
+
+def _send_blobs(conn, node: dict, recipe: blobs.Recipe) -> int:
+    """Send the blobs the runner lacks (neither held nor already in its incoming
+    directory, see gpu_runner.images.RunnerBlobs); returns the bytes sent."""
+    store, ssh = context.blobs(), context.config().ssh
+    incoming, held = f"{node['ssh_spool']}/{defaults.SPOOL_INCOMING}", f"{node['ssh_spool']}/{defaults.SPOOL_HELD}"
+    sent = 0
     for digest in recipe.blobs:
         store.touch(digest)
-    return blobs.archive_opener(recipe, store)
+        if sftp.remote_size(conn, f"{held}/{digest}") is not None or \
+                sftp.remote_size(conn, f"{incoming}/{digest}") == recipe.sizes[digest]:
+            continue
+        sent += sftp.put_parallel(conn, ssh, node, sftp.local_file(store.path(digest)), f"{incoming}/{digest}")
+    return sent
+
+
+def _send_archive(conn, node: dict, task: Task) -> int:
+    """A task recorded before blob stores: its uploaded archive, whole."""
+    remote = f"{node['ssh_spool']}/{task.image['sha256']}.tar"
+    if sftp.remote_size(conn, remote) == task.image["size"]:
+        return 0
+    local = spool_file(context.config().web.spool_dir, task.id)
+    return sftp.put_parallel(conn, context.config().ssh, node, sftp.local_file(local), remote)
 
 
 # -- run ---------------------------------------------------------------------

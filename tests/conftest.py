@@ -106,8 +106,9 @@ def pink_config(cluster, tmp_path):
     if rds.dbsize():
         raise RuntimeError(f"Redis database {db_number} holds data: refusing to use it")
     cluster.create_database(database)
-    for path in (cluster.spool_dir("run1"), cluster.outbox_dir("run1")):
-        _empty_dir(path)
+    for path in (cluster.spool_dir("run1"), cluster.outbox_dir("run1"), cluster.runner_dir("run1") / "blobs"):
+        if path.exists():
+            _empty_dir(path)
     web = tmp_path / "web"
     path = cluster.write_config(
         path=tmp_path / "pink.toml", host="web1", runner_name="run1", web_port=free_port(),

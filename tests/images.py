@@ -153,10 +153,13 @@ def build_archive(client, tag: str, dockerfile_text: str, path) -> str:
 
 
 def fresh_archive(client, name: str, path, dockerfile_text: str = "") -> str:
-    """Like build_archive, with a label no other image has: its archive digest
-    is new, so no runner holds it yet."""
+    """Like build_archive, with a label no other image has: its digest is new,
+    and the image is removed from Docker once saved, so no runner holds it yet
+    (runners here share this machine's Docker, and skip loading an image it has)."""
     tag = f"pink/test-{name}:{uuid.uuid4().hex[:8]}"
-    return build_archive(client, tag, dockerfile_text + f"LABEL pink.test.nonce={tag}\n", path)
+    archive = build_archive(client, tag, dockerfile_text + f"LABEL pink.test.nonce={tag}\n", path)
+    client.images.remove(tag)
+    return archive
 
 
 # ---------------------------------------------------------------- what was made here, and its removal

@@ -72,8 +72,10 @@ def test_the_second_image_sends_only_its_new_layer(api, layered):
     recipe_b, _, _ = _recipe(archive_b)
     new_layer = recipe_b.sizes[recipe_b.layers[-1]]
     assert a["timings"]["upload_bytes"] >= BASE_BYTES
-    # B's new layer and its config, nothing of A's: at most 1.05x the new layer
+    # B's new layer and its config, nothing of A's: at most 1.05x the new layer, on both hops
     assert new_layer <= b["timings"]["upload_bytes"] <= 1.05 * new_layer, b["timings"]
+    assert a["node"] == b["node"] and a["timings"]["transfer_bytes"] >= BASE_BYTES
+    assert new_layer <= b["timings"]["transfer_bytes"] <= 1.05 * new_layer, b["timings"]
     assert b"new.bin" in api("GET", f"/tasks/{b['id']}/logs").content
 
 
@@ -174,3 +176,19 @@ def test_bad_manifests_are_refused(web, layered):
         r = api("POST", "/uploads", json=body)
         assert r.status_code == 400 and word in r.json()["message"], (body.keys(), r.text)
     assert api("POST", "/uploads/0123/commit").status_code == 404
+
+
+def test_the_runner_loads_only_blobs_it_checked(api, docker_client, tmp_path):
+    """Bytes in the spool under a layer's name are not trusted: the runner hashes
+    what it adopts, and a task whose layer arrived damaged fails saying so."""
+    archive = images.fresh_archive(docker_client, "planted", tmp_path / "planted.tar", images.WRITER)
+    recipe, _, _ = _recipe(archive)
+    layer = recipe.layers[-1]
+    planted = os.path.join(api.config.runner.spool_dir, "incoming", layer)
+    with open(planted, "wb") as fh:  # what a transfer account gone bad could leave there
+        fh.write(b"\0" * recipe.sizes[layer])
+    task = api.wait(api.submit(archive).json()["task"]["id"])
+    assert task["state"] == "failed" and "arrived damaged" in task["error"], task
+    assert not os.path.exists(planted)
+    again = api.wait(api.submit(archive).json()["task"]["id"])  # sent again, checked, run
+    assert again["state"] == "succeeded" and again["timings"]["transfer_bytes"] >= recipe.sizes[layer]
