@@ -12,6 +12,10 @@
 7. drain: a queue of 2,000 trivial tasks (500 by default) vs one of 50.
 8. placement-live: placements per second through etcd, the queue workers and
    the leader, with 1,000 runner records and 10,000 waiting tasks.
+9. layers: image B = image A (a 512 MiB base) + a new 4 MiB layer, after A:
+   bytes received by the web node and sent to the runner x the new layer.
+10. changes: `--output changes` x `full` for a task writing 1 MiB into a
+   512 MiB image: output bytes and time.
 And etcd's database size at each step, then once its history is compacted.
 
 Starts its own cluster under /var/lib/pink-bench (devcluster.local) and
@@ -34,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import docker  # noqa: E402
 
-from bench import drain, etcdsize, loaded, measure, placement, throughput  # noqa: E402
+from bench import drain, etcdsize, layers, loaded, measure, placement, throughput  # noqa: E402
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
 from devcluster.local import Cluster  # noqa: E402
@@ -44,7 +48,7 @@ from tests.helpers import Api  # noqa: E402
 BASE = Path("/var/lib/pink-bench")  # not /tmp: sshd's chroot needs root-owned parents
 RUNNERS = ("run1", "run2")  # the throughput figure needs two; the others use whichever is placed
 NAMES = ["latency", "transfer", "memory", "placement", "throughput", "loaded", "drain", "placement-live",
-         "compaction"]
+         "compaction", "layers", "changes"]
 TARGETS = {"latency": 1.3, "transfer": 1.0, "memory": 100}  # x docker run; x scp; MiB
 
 
@@ -158,6 +162,13 @@ def main(argv=None) -> int:
                 api, client, work, config, sizes["drain_tasks"], sizes["drain_baseline"], log,
                 cluster.etcd_status))
             checkpoint("after 7. drain")
+        base_mib = 64 if quick else 512
+        if "layers" in only:
+            log("9. layers")
+            measured("layers", "layers", lambda: layers.measure_layers(api, client, work, base_mib, log))
+        if "changes" in only:
+            log("10. output=changes")
+            measured("changes", "changes", lambda: layers.measure_changes(api, client, work, base_mib, log))
         tasks_done = etcdsize.mark(cluster)
         big = None
         if {"transfer", "memory"} & set(only):
@@ -240,6 +251,18 @@ def summary(r: dict) -> list[str]:
         p = r["placement_live"]
         rows.append((f"8. placements/s end to end ({p['runners']:,} runners, {p['tasks']:,} tasks)",
                      f"{p['per_second']:.0f}", f">= {placement.TARGET}"))
+    if "layers" in r:
+        la = r["layers"]
+        for key, what in (("upload_bytes", "received by the web node"), ("transfer_bytes", "sent to the runner")):
+            rows.append((f"9. image B's bytes {what}, x its new {la['new_layer'] / 2**20:.1f} MiB layer",
+                         f"{la['b'][key] / la['new_layer']:.3f}", f"<= {layers.TARGET}"))
+        rows.append(("9. B's submit-to-finished x A's", f"{la['b']['seconds'] / la['a']['seconds']:.2f}", ""))
+    if "changes" in r:
+        ch = r["changes"]
+        rows.append((f"10. output bytes, changes x full ({ch['base_mib']} MiB image, 1 MiB written)",
+                     f"{ch['changes']['bytes'] / ch['full']['bytes']:.4f}", ""))
+        rows.append(("10. submit-to-finished, changes x full", f"{ch['changes']['seconds'] / ch['full']['seconds']:.2f}",
+                     ""))
     flat = drain.etcd_flat(r["drain"]) if "drain" in r else None
     if flat is not None:
         rows.append((f"etcd database file, all {r['drain']['long']['tasks']:,} tasks of 7. drained x half of them",
@@ -309,6 +332,8 @@ def report(r: dict) -> str:
         out += drain.report(r["drain"])
     if "placement_live" in r:
         out += placement.report_live(r["placement_live"])
+    if "layers" in r or "changes" in r:
+        out += layers.report(r.get("layers"), r.get("changes"))
     if len(r.get("etcd", [])) > 2:
         out += etcdsize.report(r["etcd"], r.get("etcd_settled"))
     if r.get("failed"):
