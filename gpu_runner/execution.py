@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tarfile
 import threading
 import time
 
 import requests
+import zstandard
 from docker.errors import APIError, DockerException
 
 from gpu_runner import export, images, outbox, retry
@@ -243,7 +245,7 @@ class Execution:
         try:
             size = export.export(self.container, task.params.output, task.params.compression,
                                  self._local(suffix), self.agent.outbox_owner())
-        except (ValueError, OSError, DockerException) as exc:
+        except (ValueError, OSError, DockerException, tarfile.TarError, zstandard.ZstdError) as exc:
             return {**fields, "export_error": str(exc)}
         info.update(path=self._remote(suffix), size=size)
         return {**fields, "export_seconds": round(time.time() - started, 3)}

@@ -45,7 +45,7 @@ class _ChunkReader(io.RawIOBase):
     """A file over Docker's iterator of chunks, for tarfile's stream mode."""
 
     def __init__(self, chunks):
-        self._chunks, self._rest = iter(chunks), b""
+        self._chunks, self._rest = iter(chunks), memoryview(b"")
 
     def readable(self) -> bool:
         return True
@@ -53,11 +53,11 @@ class _ChunkReader(io.RawIOBase):
     def readinto(self, buffer) -> int:
         while not self._rest:
             try:
-                self._rest = next(self._chunks)
+                self._rest = memoryview(next(self._chunks))
             except StopIteration:
                 return 0
         n = min(len(buffer), len(self._rest))
-        buffer[:n], self._rest = self._rest[:n], self._rest[n:]
+        buffer[:n], self._rest = self._rest[:n], self._rest[n:]  # views: no copy of the rest
         return n
 
 

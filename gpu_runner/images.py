@@ -11,6 +11,7 @@ execution (load, evict).
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 import docker
@@ -189,14 +190,16 @@ class RunnerBlobs:
                 self._mark(digest)
                 continue
             path = os.path.join(self.incoming, digest)
-            if not os.path.exists(path):
+            fd = _open_sent(path)
+            if fd is None:
                 raise RuntimeError(f"layer sha256:{digest} of image {recipe.image_id} never reached this "
-                                   "runner; the task will be placed again")
-            try:
-                self.store.ingest(digest, path, 0, recipe.sizes[digest])
+                                   "runner (or not as a plain file): submit the task again")
+            try:  # read through the descriptor: the account cannot swap the file under us
+                self.store.ingest(digest, f"/proc/self/fd/{fd}", 0, recipe.sizes[digest])
             except PinkError as exc:
                 raise RuntimeError(f"layer sha256:{digest} arrived damaged: {exc.message}") from None
             finally:
+                os.close(fd)
                 _unlink(path)
             self._mark(digest)
 
@@ -213,6 +216,19 @@ class RunnerBlobs:
             except FileNotFoundError:
                 pass
         return gone
+
+
+def _open_sent(path: str) -> int | None:
+    """A descriptor of the regular file at `path`, never following a link the
+    transfer account planted (to a device, or a secret of this host); None otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _unlink(path: str) -> None:

@@ -36,7 +36,7 @@ from pink.errors import ArchiveError, BadRequest, Conflict, NotFound, PinkError
 
 log = logging.getLogger("pink.blobs")
 
-MAX_LAYERS = 1000  # layers a recipe may list; overlay2 mounts at most 128, so any real image fits
+MAX_LAYERS = 128  # layers a recipe may list: overlay2 mounts no more; each task record in etcd lists them
 MAX_TAGS = 100  # repo tags a recipe may carry
 MAX_TAG_CHARS = 512  # characters in one repo tag (Docker: 255 for the name, 128 for the tag)
 MAX_BLOB_BYTES = defaults.MAX_UPLOAD_BYTES  # bytes: largest blob, and largest sum of a recipe's blobs
@@ -338,7 +338,7 @@ class BlobStore:
             return 0
 
     def write(self, owner: str, digest: str, stream, size: int, offset: int = 0,
-              limit: int | None = None) -> int:
+              limit: int | None = None, present_ok: bool = True) -> int:
         """Receive bytes of blob `digest` (`size` bytes in all) from `stream`, at `offset`.
 
         Appends to `owner`'s part file, which must hold exactly `offset` bytes
@@ -347,7 +347,9 @@ class BlobStore:
         When the part is complete its sha256 is checked and it is renamed into
         place; a mismatch deletes it (BadRequest `digest_mismatch`). Returns
         the bytes now held: `size` once the blob is in the store. A blob
-        already here is not written again and the stream is left unread.
+        already here is not written again and the stream is left unread
+        (with `present_ok` False, that raises Conflict `present`: a caller
+        that counts the write as proof the sender holds the blob must know).
 
         Hashing: bytes are hashed as they are received. When a write ends
         short of `size`, this process keeps the running sha256 (at most
@@ -365,6 +367,8 @@ class BlobStore:
         _check_blob_size(size)
         if self.has(digest):
             _remove_unless_locked(self._part(owner, digest))  # left by an upload another finished
+            if not present_ok:
+                raise Conflict(f"blob sha256:{digest} is already here", code="present")
             return self.size(digest)
         if type(offset) is not int or not 0 <= offset <= size:
             raise BadRequest(f"offset {offset!r} is outside blob sha256:{digest} of {size} bytes",
@@ -396,10 +400,14 @@ class BlobStore:
         """Copy bytes [offset, offset + size) of local file `path` (a member of
         an uploaded archive) into the store as blob `digest`, verified as
         `write` verifies (hashed while copied). Returns `size`; a blob already
-        here is left as it is."""
+        here is left as it is, once the range is shown to hold the same bytes:
+        a digest an archive names is a claim, not a proof (it could be another
+        user's layer)."""
         _check_hex(digest, "blob", code="bad_digest")
         _check_blob_size(size)
         if self.has(digest):
+            _check_range(path, offset, size, digest)
+            self.touch(digest)
             return self.size(digest)
         part = os.path.join(self.partial_dir, INGEST_OWNER, f"{digest}.{uuid.uuid4().hex[:12]}.part")
         fd = _open_locked(part, create=True)
@@ -511,6 +519,23 @@ class BlobStore:
                         os.rmdir(owner.path)  # fails, as it should, unless empty
                 except OSError:
                     pass
+
+
+def _check_range(path, offset: int, size: int, digest: str) -> None:
+    """BadRequest (digest_mismatch) unless bytes [offset, offset + size) of `path` hash to `digest`."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as src:
+        src.seek(offset)
+        left = size
+        while left:
+            block = src.read(min(COPY_CHUNK, left))
+            if not block:
+                break
+            hasher.update(block)
+            left -= len(block)
+    if left or hasher.hexdigest() != digest:
+        raise BadRequest(f"the archive's blob sha256:{digest} does not hold those bytes; the archive is "
+                         "corrupt or forged", code="digest_mismatch")
 
 
 def _check_owner(owner) -> str:

@@ -99,6 +99,8 @@ SCHEMA_V3 = [
         ADD COLUMN IF NOT EXISTS last_used_at DOUBLE,
         ADD COLUMN IF NOT EXISTS expires_at DOUBLE,
         ADD INDEX IF NOT EXISTS by_expiry (expires_at)""",
+    # Tokens made before expiry existed would otherwise live for ever: 90 days from the upgrade.
+    "UPDATE tokens SET expires_at = UNIX_TIMESTAMP() + 90 * 86400 WHERE expires_at IS NULL",
 ]
 
 MIGRATIONS = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3]  # MIGRATIONS[n - 1] brings a database to version n

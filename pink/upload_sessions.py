@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass
 
 from pink.blobs import Recipe
-from pink.errors import NotFound
+from pink.errors import NotFound, TooManyRequests
 
 SESSIONS = "uploads"
 SESSION_LIFE = 24 * 3600.0  # seconds a session may wait for its commit
+MAX_OPEN = 8  # sessions a user may have open at once (each may hold parts of up to an image)
 _ID = re.compile(r"([A-Za-z0-9_.-]{1,64})\.[0-9a-f]{32}")  # <web host>.<random>: the router sends it home
 
 
@@ -75,6 +76,11 @@ def _dir(blob_root: str) -> str:
 
 def create(blob_root: str, host: str, user: str, recipe: Recipe, layout: str, challenges: dict) -> Session:
     """A new session on web host `host`, whose name starts its id (`host_of`)."""
+    now = time.time()
+    if sum(1 for _, data in _all(blob_root) if data.get("user") == user and now - data["created"] <= SESSION_LIFE) \
+            >= MAX_OPEN:
+        raise TooManyRequests(f"you have {MAX_OPEN} uploads in progress on this web node: let them finish, "
+                              "or abandon one (DELETE /api/v1/uploads/<id>)", code="uploads_open")
     session_id = f"{host}.{secrets.token_hex(16)}"
     root = os.path.join(_dir(blob_root), session_id)
     os.makedirs(root, mode=0o700)

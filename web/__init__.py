@@ -37,6 +37,7 @@ def create_app(config: pink_config.Config | str | None = None) -> Flask:
     app.register_blueprint(peers.bp)
     if config.web.dashboard:
         _mount_dashboard(app, config)
+    app.before_request(_limit_body)
     _error_handlers(app)
     app.teardown_appcontext(lambda _exc: app.extensions["pink"].close_request())
     return app
@@ -51,6 +52,18 @@ def _mount_dashboard(app: Flask, config: pink_config.Config) -> None:
     rq_dashboard.web.setup_rq_connection(app)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix="/rq")
     app.before_request(auth.require_admin_for_dashboard)
+
+
+SMALL_BODY = 64 * 2**10  # bytes: forms and JSON bodies (login, tokens, users, commits)
+STREAMED = {"api.submit", "blob_uploads.put_blob", "peers.put_output"}  # bodies streamed to disk, capped there
+BODY_LIMITS = {"blob_uploads.begin": 24 * 2**20}  # an image config (16 MiB) in base64
+
+
+def _limit_body() -> None:
+    """Cap what a request may send before anything reads it: a body parsed in
+    memory (JSON, a form) is small, and the login endpoint answers anyone."""
+    if request.endpoint not in STREAMED:
+        request.max_content_length = BODY_LIMITS.get(request.endpoint, SMALL_BODY)
 
 
 DRAIN_LIMIT = 64 * 2**20  # bytes of an unread request body we read to deliver an error

@@ -37,8 +37,7 @@ PEER_TIMEOUT = (3.0, 30.0)  # seconds to connect to a peer (a silent one is dead
 def submit():
     user = require_user()
     params = Params.parse(request.args)
-    if params.priority > 0 and not user.admin:
-        raise Forbidden("only admins may submit with a priority above 0", code="priority")
+    _check_priority(user, params)
     config = res().config
     store = res().store
     control.check_submit(store, config, user.name, params.gpus, request.content_length or 0)
@@ -47,8 +46,14 @@ def submit():
     return create_task(user, task_id, params, upload.image(), upload.received)
 
 
+def _check_priority(user, params: Params) -> None:
+    if params.priority > 0 and not user.admin:
+        raise Forbidden("only admins may submit with a priority above 0", code="priority")
+
+
 def create_task(user, task_id: str, params: Params, image: dict, received: int):
     """Record a new task whose image's blobs are in this node's store; answers 201."""
+    _check_priority(user, params)
     config, store = res().config, res().store
     record = new_record(task_id, user.name, params, image, config.host)
     record.timings["upload_bytes"] = received

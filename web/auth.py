@@ -110,18 +110,21 @@ def _from_session(remembered: dict, fresh: bool = False) -> users.User:
     key = f"session:{remembered['id']}"
     hit = None if fresh else _cached(key)
     if hit:
-        return hit[0]
-    try:
-        user = users.by_name(res().db(), remembered["name"])
-    except NotFound:
-        user = None
-    if user is None or user.id != remembered["id"] or user.disabled:
-        session.clear()
-        raise Unauthorized("this account no longer exists or is disabled: log in again")
+        user = hit[0]
+    else:
+        try:
+            user = users.by_name(res().db(), remembered["name"])
+        except NotFound:
+            user = None
+        if user is None or user.id != remembered["id"] or user.disabled:
+            session.clear()
+            raise Unauthorized("this account no longer exists or is disabled: log in again")
+        _remember(key, user, None)
+    # Checked on every request, cached user or not: an old cookie replayed after
+    # a password change must fail while the new session keeps the cache warm.
     if (user.password_changed_at or 0) > remembered.get("since", 0):
         session.clear()
         raise Unauthorized("the password was changed since this session began: log in again")
-    _remember(key, user, None)
     return user
 
 

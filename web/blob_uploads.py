@@ -35,8 +35,8 @@ import json
 from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
-from pink import blobs, upload_sessions
-from pink.errors import BadRequest, Conflict, Forbidden, NotFound, PinkError, TooLarge
+from pink import blobs, control, upload_sessions
+from pink.errors import BadRequest, Conflict, NotFound, PinkError, TooLarge
 from pink.tasks import Params, new_id
 from web.api import create_task
 from web.auth import require_user
@@ -69,6 +69,7 @@ def begin():
     web = res().config.web
     if blobs.archive_size(recipe) > web.max_upload_bytes:
         raise TooLarge(f"the image is {blobs.archive_size(recipe)} bytes; the limit is {web.max_upload_bytes}")
+    control.check_submit(res().store, res().config, user.name, 0, blobs.archive_size(recipe))
     store = res().blobs
     store.write(f"cfg-{new_id()}", config_digest, io.BytesIO(config_bytes), len(config_bytes))
     missing = store.missing(recipe.layers)
@@ -138,16 +139,20 @@ def put_blob(upload_id: str, digest: str):
     store = res().blobs
     if session.done(digest):
         return jsonify(offset=size), 201
-    if store.has(digest):  # another upload stored it meanwhile: reading ours would prove nothing
-        challenge = session.challenge(digest) or blobs.challenge(size)
-        session.add_challenge(digest, challenge)
-        return jsonify(offset=size, challenge=challenge), 200, {"Connection": "close"}
     try:
         offset = int(request.headers.get("Upload-Offset", "0"))
     except ValueError:
         raise BadRequest("Upload-Offset is a number of bytes", code="bad_param") from None
     try:
-        held = store.write(session.id, digest, request.stream, size, offset, limit=request.content_length)
+        held = store.write(session.id, digest, request.stream, size, offset, limit=request.content_length,
+                           present_ok=False)
+    except Conflict as exc:
+        if exc.code != "present":
+            raise
+        # Another upload stored it meanwhile: reading ours would prove nothing.
+        challenge = session.challenge(digest) or blobs.challenge(size)
+        session.add_challenge(digest, challenge)
+        return jsonify(offset=size, challenge=challenge), 200, {"Connection": "close"}
     except ClientDisconnected:
         raise BadRequest("the blob upload was cut off: HEAD it for the offset and send the rest",
                          code="truncated") from None
@@ -163,10 +168,11 @@ def commit(upload_id: str):
     user = require_user()
     session = _session(upload_id)
     params = Params.parse(request.args)
-    if params.priority > 0 and not user.admin:
-        raise Forbidden("only admins may submit with a priority above 0", code="priority")
     body = request.get_json(silent=True) or {}
-    proofs = body.get("proofs") or {}
+    proofs = body.get("proofs") if isinstance(body, dict) else None
+    if not isinstance(proofs or {}, dict):
+        raise BadRequest('send JSON {"proofs": {digest: hex}}', code="bad_json")
+    proofs = proofs or {}
     store = res().blobs
     unproven = [d for d in dict.fromkeys(session.recipe.layers)
                 if not (store.has(d) and (session.done(d) or _proved(store, session, d, proofs.get(d))))]

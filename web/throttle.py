@@ -12,9 +12,11 @@ through (logging in must not depend on Redis), the semaphore still holds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
+import socket
 import threading
 from contextlib import contextmanager
 
@@ -46,12 +48,24 @@ def client_address() -> str:
     """The client's address: the router's X-Real-IP when the peer is a trusted router."""
     peer = request.remote_addr or "unknown"
     forwarded = request.headers.get("X-Real-IP", "")
-    if forwarded and peer in res().config.web.trusted_proxies:
+    if forwarded and peer in _trusted(tuple(res().config.web.trusted_proxies)):
         try:
             return str(ipaddress.ip_address(forwarded.strip()))
         except ValueError:
             return peer
     return peer
+
+
+@functools.lru_cache(maxsize=4)
+def _trusted(proxies: tuple[str, ...]) -> frozenset[str]:
+    """The routers' addresses: an inventory may name them, and the peer is an address."""
+    found = set()
+    for proxy in proxies:
+        try:
+            found.update(info[4][0] for info in socket.getaddrinfo(proxy, None))
+        except OSError:
+            log.warning("trusted proxy %s does not resolve: its clients count as it", proxy)
+    return frozenset(found)
 
 
 def _key(kind: str, value: str) -> str:

@@ -65,8 +65,7 @@ def receive(spool_dir: str, store: blobs.BlobStore, task_id: str, max_bytes: int
         info = image_archive.inspect(part)
         recipe, ranges = blobs.Recipe.from_archive(part, info)
         for digest, (offset, length) in ranges.items():
-            if not store.touch(digest):
-                store.ingest(digest, part, offset, length)
+            store.ingest(digest, part, offset, length)  # checked even when the store holds it
     except ClientDisconnected:
         raise BadRequest("the upload was cut off before the end; send it again", code="truncated") from None
     finally:

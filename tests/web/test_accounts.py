@@ -198,3 +198,33 @@ def test_people_change_their_own_password(web):
     assert api("GET", "/tasks").status_code == 200  # and tokens keep working
     assert _login(api, "vera", created["password"]).status_code == 401
     assert _login(api, "vera", "a-new-long-password").status_code == 200
+
+
+def test_an_old_cookie_fails_after_a_password_change_even_with_the_cache_warm(web):
+    created = users.create_user(web, "yara")
+    api = Api(web, created["token"])
+
+    def login(password: str) -> tuple[requests.Session, str]:
+        session = requests.Session()
+        assert session.post(api.url + "/login", data={"username": "yara", "password": password},
+                            verify=api.ca, allow_redirects=False).status_code == 302
+        page = session.get(api.url + "/", verify=api.ca).text
+        return session, re.search(r'name="csrf-token" content="([^"]+)"', page)[1]
+
+    old, csrf = login(created["password"])
+    stolen = dict(old.cookies)  # what someone copied from this browser
+    r = old.post(api.url + "/api/v1/me/password", json={"current": created["password"], "new": "n" * 14},
+                 headers={"X-CSRF-Token": csrf}, verify=api.ca)
+    assert r.status_code == 200
+    new, _ = login("n" * 14)
+    for _ in range(3):  # the new session keeps the cache of this user warm
+        assert new.get(api.url + "/api/v1/tasks", verify=api.ca).status_code == 200
+    replayed = requests.get(api.url + "/api/v1/tasks", cookies=stolen, verify=api.ca)
+    assert replayed.status_code == 401 and "password was changed" in replayed.json()["message"]
+
+
+def test_bodies_read_into_memory_are_capped(web):
+    api = Api(web, "")
+    r = requests.post(api.url + "/api/v1/login", data=b"{" + b" " * (100 * 2**10) + b"}",
+                      headers={"Content-Type": "application/json"}, verify=api.ca)
+    assert r.status_code == 413

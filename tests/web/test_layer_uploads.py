@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import ssl
+import tarfile
 import time
 import uuid
 from urllib.parse import urlparse
@@ -192,3 +193,16 @@ def test_the_runner_loads_only_blobs_it_checked(api, docker_client, tmp_path):
     assert not os.path.exists(planted)
     again = api.wait(api.submit(archive).json()["task"]["id"])  # sent again, checked, run
     assert again["state"] == "succeeded" and again["timings"]["transfer_bytes"] >= recipe.sizes[layer]
+
+
+def test_a_whole_archive_cannot_claim_a_layer_it_does_not_hold(web, layered, tmp_path):
+    """`curl --data-binary @image.tar` names its layers too: a forged archive naming
+    another user's layer with other bytes is refused, not matched by name."""
+    archive_a, _ = layered
+    owner = Api(web, make_user(web, "wendy"))
+    assert owner.submit(archive_a).status_code == 201  # A's layers are in the store
+    with tarfile.open(archive_a) as tar:
+        layer = max((m for m in tar.getmembers() if m.name.endswith("layer.tar")), key=lambda m: m.size)
+    forged = images.copy_tar(archive_a, tmp_path / "forged.tar", replace={layer.name: b"\0" * layer.size})
+    r = Api(web, make_user(web, "xavi")).submit(forged)
+    assert r.status_code == 400 and r.json()["error"] == "digest_mismatch", r.text

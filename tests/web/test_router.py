@@ -47,6 +47,7 @@ http {{
 def _site(directory: Path, https_port: int, upstreams: list[str]) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True)
     env.filters["regex_escape"] = re.escape
+    env.filters["regex_replace"] = lambda value, pattern, replacement: re.sub(pattern, replacement, value)
     text = env.from_string(SITE.read_text()).render(
         ansible_managed="test", nginx_upstreams=upstreams, nginx_http_port=free_port(),
         nginx_upload_nodes={f"web{n}": upstream for n, upstream in enumerate(upstreams, 1)},
