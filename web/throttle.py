@@ -1,9 +1,10 @@
 """Login throttling: each password check is a 16 MiB scrypt, so an open login
 endpoint is a memory and CPU denial of service, and a password guesser's tool.
 
-Three limits. Failed attempts per user name (someone guessing one account's
-password from many addresses) and attempts per client address (one client
-trying many names) are counted in Redis, so every web node shares them, in
+Four limits. Failed attempts per user name from one address, the same
+from anywhere (a higher limit: a guess spread over many addresses), and
+attempts per client address (one client trying many names; IPv6 by /64) are
+counted in Redis, so every web node shares them, in
 fixed windows that expire by themselves. Concurrent password checks per
 process are bounded by a semaphore, so memory stays bounded even when the
 counters cannot be read: with Redis unreachable the counters let the attempt
@@ -28,7 +29,8 @@ from web.resources import res
 
 log = logging.getLogger("pink.web")
 
-USER_FAILURES = (10, 900)  # failed attempts per user name, per window of seconds
+USER_FAILURES = (10, 900)  # failed attempts per user name from one address, per window of seconds
+ACCOUNT_FAILURES = (100, 900)  # failed attempts per user name from anywhere (a distributed guess)
 ADDRESS_ATTEMPTS = (30, 300)  # attempts (failed or not) per client address, per window
 CONCURRENT_CHECKS = 2  # password checks a web process computes at once
 CHECK_WAIT = 10.0  # seconds an attempt waits for a free check before it is refused
@@ -101,23 +103,36 @@ def _seen(key: str, window: int, count: bool) -> int:
         return 0
 
 
+def _network(address: str) -> str:
+    """An IPv6 client is its /64 (one machine holds a whole one); IPv4 as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+
 @contextmanager
 def attempt(name: str):
     """Wrap one password check for `name`; raises Throttled before it when over a limit.
 
-    The body reports a failure by raising or by calling `failed()` on the
-    yielded object; each failure counts against the user name.
+    The body reports a failure by calling `failed()` on the yielded object.
+    A failure counts against the name from this address, so a stranger
+    guessing cannot lock the owner out from elsewhere, and against the name
+    from anywhere, with a higher limit, for a guess spread over many addresses.
     """
-    address = client_address()
-    address_key, user_key = _key("addr", address), _key("user", name.lower())
+    address = _network(client_address())
+    lowered = name.lower()
+    address_key = _key("addr", address)
+    limits = ((_key("user", f"{lowered}@{address}"), USER_FAILURES), (_key("account", lowered), ACCOUNT_FAILURES))
     limit, window = ADDRESS_ATTEMPTS
     if _seen(address_key, window, count=True) > limit:
         raise Throttled(f"too many login attempts from {address}: wait and try again",
                         _ttl(address_key, window))
-    limit, window = USER_FAILURES
-    if _seen(user_key, window, count=False) >= limit:
-        raise Throttled(f"too many failed logins for {name}: wait and try again, or ask an admin "
-                        "to reset the password", _ttl(user_key, window))
+    for key, (limit, window) in limits:
+        if _seen(key, window, count=False) >= limit:
+            raise Throttled(f"too many failed logins for {name}: wait and try again, or ask an admin "
+                            "to reset the password", _ttl(key, window))
     if not _checks.acquire(timeout=CHECK_WAIT):
         raise Unavailable("too many logins at once: try again in a few seconds", code="busy")
     outcome = _Outcome()
@@ -126,7 +141,8 @@ def attempt(name: str):
     finally:
         _checks.release()
         if outcome.failure:
-            _count(user_key, window)
+            for key, (_, window) in limits:
+                _count(key, window)
 
 
 class _Outcome:
