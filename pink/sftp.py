@@ -26,6 +26,7 @@ from pink.errors import Unavailable
 
 _WINDOW = 64 * 2**20  # bytes: a large window keeps pipelined writes flowing
 PARALLEL_MIN = 64 * 2**20  # bytes: smaller files are not worth a second process and login
+PREFETCH_REQUESTS = 128  # SFTP reads in flight while fetching an export (x 32 KiB)
 _SFTP_PACKETS_PER_WRITE = 8  # SSH packets per SFTP write request (8 x 32 KiB < OpenSSH's 256 KiB limit)
 
 
@@ -236,7 +237,9 @@ def get(sftp: paramiko.SFTPClient, remote: str, local: str) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     with sftp.open(remote, "rb") as src, open(part, "wb") as dst:
-        src.prefetch()
+        # Bounded read-ahead: paramiko's default asks for the whole file at once
+        # and holds what arrives, so a big export would cost its size in memory.
+        src.prefetch(max_concurrent_requests=PREFETCH_REQUESTS)
         while chunk := src.read(defaults.SFTP_CHUNK):
             dst.write(chunk)
             digest.update(chunk)
