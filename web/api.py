@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
-from pink import archive, control, lifecycle, nodes, outputs, sftp
+from pink import archive, blobs, control, lifecycle, nodes, outputs, sftp
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unavailable
 from pink.store import Record
 from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
@@ -60,6 +60,20 @@ def create_task(user, task_id: str, params: Params, image: dict, received: int):
     control.check_submit(store, config, user.name, params.gpus, image["size"])
     store.create(store.keys.task(task_id), record)
     return jsonify(task=public_view(record)), 201
+
+
+@bp.post("/tasks/<task_id>/rerun")
+def rerun(task_id: str):
+    """A new task with the image of `task_id`, while this web node still keeps its
+    layers; with the query's parameters (those of POST /tasks) or, given none, the task's."""
+    user = require_user()
+    task, _ = _task(task_id)
+    recipe = task.image.get("recipe")
+    if not recipe or res().blobs.missing(blobs.Recipe.from_dict(recipe).blobs):
+        raise Gone(f"the image of task {task_id} is no longer kept on web node {res().config.host}: "
+                   "submit its archive again", code="image_gone")
+    params = Params.parse(request.args) if request.args else task.params
+    return create_task(user, new_id(), params, dict(task.image), 0)
 
 
 def _views(tasks: list[Task]) -> list[dict]:

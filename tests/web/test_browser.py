@@ -120,13 +120,17 @@ def test_upload_with_progress_then_follow_the_task_to_the_end(api, slow_archive,
         page.click("#logs-download")
     assert b"start" in open(got.value.path(), "rb").read()
 
-    page.click("#again")  # the same parameters, for a new archive
-    expect(page.locator("#again-note")).to_contain_text("Choose the archive again")
+    page.click("#again")  # the same parameters, and the same image while its layers are kept
+    expect(page.locator("#again-note")).to_contain_text("Run with the same image")
     expect(page.locator("#name")).to_have_value("browser-slow")
     expect(page.locator("#timeout")).to_have_value("5")
     expect(page.locator("#timeout-unit")).to_have_value("60")
     expect(page.locator(".env-key")).to_have_value("GREETING")
     expect(page.locator(".env-value")).to_have_value("hello there")
+    page.fill("#name", "browser-slow-again")
+    page.click("#rerun")
+    expect(page.locator("#task-state")).to_contain_text("succeeded", timeout=RUN_MS)
+    expect(page.locator("h1")).to_contain_text("browser-slow-again")
 
 
 def test_cancel_from_the_task_page_then_delete_from_the_list(api, slow_archive, browse):

@@ -206,3 +206,21 @@ def test_a_whole_archive_cannot_claim_a_layer_it_does_not_hold(web, layered, tmp
     forged = images.copy_tar(archive_a, tmp_path / "forged.tar", replace={layer.name: b"\0" * layer.size})
     r = Api(web, make_user(web, "xavi")).submit(forged)
     assert r.status_code == 400 and r.json()["error"] == "digest_mismatch", r.text
+
+
+def test_a_task_runs_again_with_its_image_while_the_layers_are_kept(api, writer_archive):
+    first = api.wait(api.submit(writer_archive, name="once").json()["task"]["id"])
+    again = api("POST", f"/tasks/{first['id']}/rerun", params={"name": "twice", "cmd": "echo again"})
+    assert again.status_code == 201, again.text
+    task = api.wait(again.json()["task"]["id"])
+    assert task["state"] == "succeeded" and task["name"] == "twice" and task["timings"]["upload_bytes"] == 0
+    assert task["image"]["image_id"] == first["image"]["image_id"]
+    assert api("GET", f"/tasks/{task['id']}/logs").content == b"again\n"
+    same = api.wait(api("POST", f"/tasks/{first['id']}/rerun").json()["task"]["id"])
+    assert same["params"]["name"] == "once" and same["state"] == "succeeded"  # the task's own parameters
+    assert Api(api.config, make_user(api.config, "zed"))("POST", f"/tasks/{first['id']}/rerun").status_code == 404
+    store = blobs.BlobStore(api.config.web.blob_root, 2**40)
+    recipe = blobs.Recipe.from_archive(writer_archive, image_archive.inspect(writer_archive))[0]
+    os.remove(store.path(recipe.config))  # collected: the layers are no longer kept
+    gone = api("POST", f"/tasks/{first['id']}/rerun")
+    assert gone.status_code == 410 and "submit its archive again" in gone.json()["message"]

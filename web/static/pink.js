@@ -419,11 +419,25 @@
         if (form.priority) form.priority.value = p.priority ?? 0;
         envRows.replaceChildren();
         for (const [key, value] of Object.entries(p.env || {})) addEnv(key, value);
+        const same = h('button', {type: 'button', class: 'small', id: 'rerun'}, 'Run with the same image');
         note.replaceChildren('Parameters copied from task ', h('a', {href: taskUrl(task.id)}, task.name),
-                             '. Choose the archive again: PINK does not keep an image once its task has ended.');
+                             '. Change them if you like, then ', same,
+                             ' (while the web node still keeps its layers), or choose an archive.');
         if (task.image && task.image.repo_tags && task.image.repo_tags.length) {
           note.append(` It ran ${task.image.repo_tags.join(', ')}.`);
         }
+        same.addEventListener('click', async () => {
+          let q;
+          try { q = query(); } catch (err) { say(status, err.message, 'error'); return; }
+          same.disabled = true;
+          try {
+            const made = await api(`/tasks/${encodeURIComponent(id)}/rerun?${q}`, {method: 'POST'});
+            location.assign(taskUrl(made.task.id));
+          } catch (err) {
+            say(status, err.message, 'error');  // as the API wrote it, e.g. the image is no longer kept
+            same.disabled = false;
+          }
+        });
       } catch (e) {
         note.textContent = `Could not copy the parameters of task ${id}: ${e.message}`;
         note.classList.add('error');
