@@ -34,15 +34,6 @@ LAYOUTS = ["classic", "oci", "pure_oci", "gzip_oci"]
 ODD_READS = [1, 7, 511, 512, 513, 4099, 65537, 1_048_583]  # bytes per read, in turn
 
 
-@pytest.fixture(scope="session")
-def docker_client():
-    """Docker alone: these tests need none of the cluster's other services."""
-    client = docker.from_env()
-    client.ping()
-    yield client
-    client.close()
-
-
 @pytest.fixture(scope="module")
 def saved(docker_client, tmp_path_factory):
     """A two-layer image in every archive layout; the image itself is removed

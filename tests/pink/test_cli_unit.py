@@ -7,10 +7,13 @@ pretends to be a server (a closed port is a real connection failure).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import socket
 import stat
+import tarfile
 from datetime import datetime, timezone
 
 import pytest
@@ -261,9 +264,29 @@ def test_submit_without_server_fails_cleanly(runner, tmp_path):
     assert "no server URL" in result.stderr and result.stdout == ""
 
 
+def _tiny_archive(path) -> str:
+    """A valid one-layer `docker save` archive, written without Docker."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    layer_bytes = layer.getvalue()
+    config = json.dumps({"rootfs": {"type": "layers",
+                                    "diff_ids": [f"sha256:{hashlib.sha256(layer_bytes).hexdigest()}"]}}).encode()
+    config_name = f"{hashlib.sha256(config).hexdigest()}.json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": ["tiny:1"], "Layers": ["l/layer.tar"]}]).encode()
+    with tarfile.open(path, "w") as tar:
+        for name, data in ((config_name, config), ("l/layer.tar", layer_bytes), ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
 def test_submit_to_unreachable_server_exits_1(runner, tmp_path, closed_url):
     archive = tmp_path / "a.tar"
-    archive.write_bytes(b"x" * 10)
+    _tiny_archive(archive)
     result = runner.invoke(main, ["--url", closed_url, "--token", "t", "submit", str(archive)])
     assert result.exit_code == 1
     assert f"cannot reach the PINK server at {closed_url}" in result.stderr

@@ -8,7 +8,6 @@ back into Docker to prove the conversion is faithful.
 import json
 import tarfile
 
-import docker
 import pytest
 
 from pink.errors import ArchiveError
@@ -17,14 +16,6 @@ from tests import images
 
 TAG = "pink/archive-test:1"
 DOCKERFILE = 'RUN echo hi > /hello.txt\nCMD ["sh", "-c", "echo hello > /out.txt"]\n'
-
-
-@pytest.fixture(scope="session")
-def docker_client():
-    client = docker.from_env()
-    client.ping()
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="session")
