@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pink.metrics import ClusterCollector
 from pink.redisconn import connect as redis_connect
 from pink.store import Store
+from tests import images
 from tests.helpers import Api, make_user
 
 
@@ -38,9 +39,10 @@ def test_metrics_are_for_admins_and_metrics_tokens(web):
     assert _value(samples, "pink_tasks", state="queued") == 0
 
 
-def test_a_finished_task_is_counted(api, writer_archive):
+def test_a_finished_task_is_counted(api, docker_client, tmp_path):
     admin = Api(api.config, make_user(api.config, "wes", admin=True))
-    task_id = api.submit(writer_archive).json()["task"]["id"]
+    archive = images.fresh_archive(docker_client, "counted", tmp_path / "counted.tar", images.WRITER)
+    task_id = api.submit(archive).json()["task"]["id"]  # a new image: it is copied to the runner
     assert api.wait(task_id)["state"] == "succeeded"
     deadline = time.monotonic() + 30
     while _value(samples := _scrape(admin), "pink_tasks_finished_total", state="succeeded") != 1:
