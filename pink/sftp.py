@@ -22,6 +22,7 @@ from typing import BinaryIO, Callable, Iterator
 import paramiko
 
 from pink import defaults
+from pink.batched_channel import BatchedChannel
 from pink.errors import Unavailable
 
 _WINDOW = 64 * 2**20  # bytes: a large window keeps pipelined writes flowing
@@ -52,6 +53,13 @@ def connect(ssh_config, node: dict, timeout: float = 10.0) -> paramiko.SSHClient
     return client
 
 
+def open_sftp(client: paramiko.SSHClient) -> paramiko.SFTPClient:
+    """An SFTP session whose channel sends big writes in batches (pink.batched_channel)."""
+    channel = client.get_transport().open_session()
+    channel.invoke_subsystem("sftp")
+    return paramiko.SFTPClient(BatchedChannel(channel))
+
+
 def _prefer_cipher(cipher: str) -> dict:
     """Leave only the preferred cipher when paramiko knows it."""
     known = paramiko.Transport._preferred_ciphers
@@ -77,7 +85,7 @@ def session(ssh_config, node: dict) -> Iterator[paramiko.SFTPClient]:
     client = connect(ssh_config, node)
     try:
         with _translated(node):
-            yield client.open_sftp()
+            yield open_sftp(client)
     finally:
         client.close()
 
@@ -107,7 +115,7 @@ class Pool:
         if entry is None:
             client = connect(self._ssh, node)
             with _translated(node):
-                entry = (client, client.open_sftp())
+                entry = (client, open_sftp(client))
         try:
             with _translated(node):
                 yield entry[1]

@@ -321,7 +321,7 @@ def _follow(task_id: str):
             if following and conn is None:
                 try:
                     client = sftp.connect(res().config.ssh, following["ssh"])
-                    conn = client.open_sftp()
+                    conn = sftp.open_sftp(client)
                 except Unavailable:
                     client = None
             if conn is not None:

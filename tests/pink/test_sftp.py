@@ -44,3 +44,36 @@ def test_unknown_host_key_is_refused(pink_config, node, tmp_path):
     pink_config.ssh.known_hosts = str(empty)
     with pytest.raises(Unavailable, match="cannot open SFTP"):
         sftp.connect(pink_config.ssh, node)
+
+
+def _random_file(path, mib: int):
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1 << 20))
+
+
+def test_batched_put_survives_key_reexchanges(pink_config, node, tmp_path):
+    """Batches advance paramiko's packet counters: rekeys happen mid-copy and the connection goes on."""
+    assert pink_config.ssh.cipher == "aes128-gcm@openssh.com"
+    local = tmp_path / "rekeyed.bin"
+    _random_file(local, 24)
+    with sftp.session(pink_config.ssh, node) as conn:
+        channel = conn.get_channel()
+        assert channel._batchable()  # the batched path, not paramiko's send
+        transport = channel.get_transport()
+        transport.packetizer.REKEY_BYTES = 4 << 20  # this connection only: a re-exchange every 4 MiB
+        first_exchange = transport.H
+        sftp.put(conn, sftp.local_file(str(local)), "/spool/rekeyed.bin")
+        assert transport.H != first_exchange  # keys changed during the copy
+        assert conn.stat("/spool/rekeyed.bin").st_size == os.path.getsize(local)
+    assert _sha(os.path.join(pink_config.runner.spool_dir, "rekeyed.bin")) == _sha(local)
+
+
+def test_other_ciphers_use_paramikos_send(pink_config, node, tmp_path):
+    local = tmp_path / "ctr.bin"
+    _random_file(local, 3)
+    pink_config.ssh.cipher = "aes128-ctr"
+    with sftp.session(pink_config.ssh, node) as conn:
+        assert not conn.get_channel()._batchable()
+        sftp.put(conn, sftp.local_file(str(local)), "/spool/ctr.bin")
+    assert _sha(os.path.join(pink_config.runner.spool_dir, "ctr.bin")) == _sha(local)
