@@ -2,7 +2,8 @@
 
 assigned -> running (CAS fenced by our epoch) -> docker load/run with the
 reserved GPUs -> wait for exit, deadline or cancel -> export -> exported
-(CAS fenced again, which also releases the reservation and the assignment).
+(CAS fenced again, which also drops the assignment). The reservation (GPUs
+and slot) is released as soon as the container exits, before the export.
 If the runner's lease is lost at any point the task is abandoned: the leader
 has re-queued it, and the fence would refuse our report anyway. Until then an
 etcd blip only delays the report (`retry.while_leased`): a finished task is
@@ -18,6 +19,7 @@ import os
 import tarfile
 import threading
 import time
+from dataclasses import replace
 
 import requests
 import zstandard
@@ -27,7 +29,7 @@ from gpu_runner import export, images, outbox, retry
 from pink import lifecycle
 from pink.errors import Unavailable
 from pink.store import Record
-from pink.tasks import State, Task, advance, exported, requeue
+from pink.tasks import State, Task, advance, exported, now, requeue
 
 log = logging.getLogger("pink.runner")
 
@@ -146,6 +148,7 @@ class Execution:
             if follower.is_alive():
                 log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
         if result != State.QUEUED:
+            self._free_gpus()
             fields.update(self._export(task))
         fields["image_load_seconds"] = load_seconds
         return result, fields
@@ -230,6 +233,25 @@ class Execution:
         except Unavailable:
             pass
         return getattr(self, "_seen", started)
+
+    def _free_gpus(self) -> None:
+        """The container has exited: give its GPUs and slot back before the export.
+
+        Exporting a 10 GB filesystem is minutes of disk work that needs no
+        GPU, and even a trivial task's export is a third of its time on the
+        runner. The task stays running (ours, fenced) until the export is
+        reported; `timings.exited` says when the container ended. Best effort:
+        if etcd cannot take it now, the report releases the reservation.
+        """
+        try:
+            rec = self.store.get(self.store.keys.task(self.task_id))
+            if rec is None or _moved_on(rec.value, self.attempt):
+                return
+            task = rec.value
+            new = replace(task, timings={**task.timings, "exited": now()})
+            lifecycle.move(self.store, rec, new, release=self.config.name, fence=self._fence())
+        except Unavailable as exc:
+            log.warning("task %s: its GPUs are released with the report instead: %s", self.task_id, exc)
 
     def _export_info(self) -> dict:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),

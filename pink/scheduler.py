@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pink import nodes, placement
 from pink.store import Keys, Record, Store
-from pink.tasks import ON_RUNNER, State, Task
+from pink.tasks import State, Task, holds_gpus
 
 
 @dataclass
@@ -54,7 +54,7 @@ def snapshot(store: Store) -> Snapshot:
 def gpus_in_use(tasks: list[Task]) -> dict[str, int]:
     held = Counter()
     for task in tasks:
-        if task.state in ON_RUNNER:
+        if holds_gpus(task):
             held[task.user] += len(task.gpus)
     return dict(held)
 

@@ -241,9 +241,16 @@ def requeue(task: Task, why: str, lost: bool = True) -> Task:
     `lost` counts towards the retry limit (the runner died or was cut off);
     an operator moving work off a node (drain --now, stop) does not.
     """
-    return advance(task, State.QUEUED, why, attempt=task.attempt + 1, node=None,
+    this_attempt_only = {k: v for k, v in task.timings.items() if k != "exited"}
+    return advance(replace(task, timings=this_attempt_only), State.QUEUED, why, attempt=task.attempt + 1, node=None,
                    epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
                    logfile=None, job_failures={}, losses=task.losses + (1 if lost else 0))
+
+
+def holds_gpus(task: Task) -> bool:
+    """On a runner with its container not yet exited (an exited one's export
+    runs after its GPUs went back: gpu_runner.execution)."""
+    return task.state in ON_RUNNER and "exited" not in task.timings
 
 
 def retries_left(task: Task, max_attempts: int) -> bool:

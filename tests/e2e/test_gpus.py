@@ -54,3 +54,24 @@ def test_no_gpu_is_ever_shared(gpu_cluster, docker_client, tmp_path):
         for (s1, e1, t1), (s2, e2, t2) in itertools.combinations(sorted(spans), 2):
             assert e1 <= s2, f"{gpu} held by {t1} ({s1}-{e1}) and {t2} ({s2}-{e2}) at once"
     assert runners == set(RUNNERS), f"tasks ran only on {runners}"
+
+
+def test_gpu_is_free_while_the_previous_task_exports(pink_processes, pink_config, cluster, config_variant,
+                                                      docker_client, tmp_path):
+    """One GPU, one slot: the next task starts while the first one's big output is still exporting."""
+    pink_processes.web()
+    pink_processes.worker()
+    pink_processes.leader()
+    cluster.start_sshd("solo")
+    pink_processes.runner("solo", config_variant("solo", runner_name="solo",
+                                                 runner={"gpus": ["GPU-solo-0"], "max_containers": 1}))
+    api = Api(pink_config, make_user(pink_config, "alice"))
+    archive = images.save_image(docker_client, images.ensure_busybox_image(docker_client), tmp_path / "bb.tar")
+    big = api.submit(archive, gpus=1, output="/o",  # 192 MiB of random bytes: seconds of export
+                     cmd="sh -c 'mkdir /o; head -c 201326592 /dev/urandom > /o/big'").json()["task"]["id"]
+    small = api.submit(archive, gpus=1, cmd="true").json()["task"]["id"]
+    first, second = api.wait(big, timeout=300), api.wait(small, timeout=300)
+    assert first["state"] == second["state"] == "succeeded", json.dumps([first, second])
+    t1, t2 = first["timings"], second["timings"]
+    assert t1["running"] < t1["exited"] <= t2["placed"] < t2["running"] < t1["exported"], json.dumps([t1, t2])
+    assert second["gpus"] == first["gpus"] == ["GPU-solo-0"]
