@@ -22,7 +22,7 @@ STALL_TIMEOUT = 180.0  # seconds without a task finishing before the batch is de
 POLL = 1.0  # seconds between two reads of the archive
 
 
-def _batch(api, config, archive, count: int, log, etcd_status=None) -> dict:
+def batch(api, config, archive, count: int, log, etcd_status=None) -> dict:
     name = f"bench-drain-{uuid.uuid4().hex[:8]}"  # every task of the batch, for the archive query
     started = time.time()
     for _ in range(count):
@@ -94,9 +94,9 @@ def measure(api, client, workdir, config, tasks: int, baseline: int, log, etcd_s
     try:
         pink_once(api, archive)  # one task first, so that both batches find the image cached
         log(f"{baseline} queued tasks")
-        short = _batch(api, config, archive, baseline, log)
+        short = batch(api, config, archive, baseline, log)
         log(f"{tasks} queued tasks")
-        long = _batch(api, config, archive, tasks, log, etcd_status)
+        long = batch(api, config, archive, tasks, log, etcd_status)
     finally:
         forget_image(client, tag, archive)
     return {"short": short, "long": long}

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             log("5. throughput")
             slots = len(RUNNERS) * config.runner.max_containers
             measured("throughput", "throughput", lambda: throughput.measure(
-                api, client, work, 12 if quick else 48, slots, log))
+                api, client, work, config, 12 if quick else 48, slots, log))
             checkpoint("after 5. throughput")
         if "loaded" in only:
             log("6. warm task on a loaded cluster")
