@@ -718,9 +718,11 @@ class _Layout:
     `manifest.json`, then each distinct blob once at `blobs/sha256/<hex>`:
     each a header, the data and zeros to a 512-byte boundary; then two zero
     blocks. Segments are (start, length, bytes or blob digest), in order.
+    A layer in `placeholders` is an empty member: for a loader that holds it
+    already and will not read it (gpu_runner.images.layers_docker_holds).
     """
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, placeholders: frozenset[str] = frozenset()):
         self.segments: list[tuple[int, int, bytes | str]] = []
         self.size = 0
         pending = bytearray()
@@ -737,7 +739,7 @@ class _Layout:
         manifest = recipe.manifest_json()
         literal(_header("manifest.json", len(manifest)) + manifest + bytes(-len(manifest) % _BLOCK))
         for digest in recipe.blobs:
-            size = recipe.sizes[digest]
+            size = 0 if digest in placeholders and digest != recipe.config else recipe.sizes[digest]
             literal(_header(_ARCHIVE_BLOBS + digest, size))
             flush()
             if size:
@@ -754,10 +756,12 @@ def archive_size(recipe: Recipe) -> int:
     return _Layout(recipe).size
 
 
-def open_archive(recipe: Recipe, store: BlobStore) -> "ArchiveReader":
+def open_archive(recipe: Recipe, store: BlobStore,
+                 placeholders: frozenset[str] = frozenset()) -> "ArchiveReader":
     """A seekable, read-only file of the `docker load`-able tar rebuilt from
-    `recipe`'s blobs in `store`, assembled as it is read (nothing is written)."""
-    return ArchiveReader(recipe, store)
+    `recipe`'s blobs in `store`, assembled as it is read (nothing is written);
+    the layers in `placeholders` are left empty (see _Layout)."""
+    return ArchiveReader(recipe, store, placeholders)
 
 
 def archive_opener(recipe: Recipe, store: BlobStore):
@@ -803,12 +807,12 @@ class ArchiveReader(io.RawIOBase):
     Not thread-safe: give each thread or process its own reader.
     """
 
-    def __init__(self, recipe: Recipe, store: BlobStore):
+    def __init__(self, recipe: Recipe, store: BlobStore, placeholders: frozenset[str] = frozenset()):
         super().__init__()
         self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.recipe = recipe
         self.store = store
-        self._layout = _Layout(recipe)
+        self._layout = _Layout(recipe, placeholders)
         self._position = 0
 
     @property
