@@ -23,6 +23,7 @@ POLL = 1.0  # seconds between two reads of the archive
 
 
 def batch(api, config, archive, count: int, log, etcd_status=None) -> dict:
+    """Submit `count` tasks back to back; time them to the last one archived (also 5.'s PINK side)."""
     name = f"bench-drain-{uuid.uuid4().hex[:8]}"  # every task of the batch, for the archive query
     started = time.time()
     for _ in range(count):

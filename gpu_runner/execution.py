@@ -2,8 +2,9 @@
 
 assigned -> running (CAS fenced by our epoch) -> docker load/run with the
 reserved GPUs -> wait for exit, deadline or cancel -> export -> exported
-(CAS fenced again, which also drops the assignment). The reservation (GPUs
-and slot) is released as soon as the container exits, before the export.
+(CAS fenced again, which also releases the reservation and the assignment).
+The reservation's GPUs go back as soon as the container exits, before the
+export; its slot stays until the report.
 If the runner's lease is lost at any point the task is abandoned: the leader
 has re-queued it, and the fence would refuse our report anyway. Until then an
 etcd blip only delays the report (`retry.while_leased`): a finished task is
@@ -144,11 +145,12 @@ class Execution:
         else:
             follower.start()
             result, fields = self._wait(task)
+            if result != State.QUEUED and task.gpus:
+                self._free_gpus()
             follower.join(timeout=LOG_DRAIN)
             if follower.is_alive():
                 log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
         if result != State.QUEUED:
-            self._free_gpus()
             fields.update(self._export(task))
         fields["image_load_seconds"] = load_seconds
         return result, fields
@@ -234,24 +236,29 @@ class Execution:
             pass
         return getattr(self, "_seen", started)
 
-    def _free_gpus(self) -> None:
-        """The container has exited: give its GPUs and slot back before the export.
+    def _free_gpus(self, tries: int = 3) -> None:
+        """The container has exited: give its GPUs back before the log drains and the export runs.
 
         Exporting a 10 GB filesystem is minutes of disk work that needs no
-        GPU, and even a trivial task's export is a third of its time on the
-        runner. The task stays running (ours, fenced) until the export is
-        reported; `timings.exited` says when the container ended. Best effort:
-        if etcd cannot take it now, the report releases the reservation.
+        GPU. The slot stays reserved (the exited container and its export
+        still use this runner's disk) and the task stays running, ours and
+        fenced, until the export is reported; `timings.exited` says when the
+        container ended (usage counts GPU time to it). Best effort: if etcd
+        cannot take it now, the report releases the whole reservation.
         """
-        try:
-            rec = self.store.get(self.store.keys.task(self.task_id))
-            if rec is None or _moved_on(rec.value, self.attempt):
+        exited = now()
+        for _ in range(tries):  # a cancel request may land between the read and the move
+            try:
+                rec = self.store.get(self.store.keys.task(self.task_id))
+                if rec is None or _moved_on(rec.value, self.attempt):
+                    return
+                task = rec.value
+                new = replace(task, timings={**task.timings, "exited": exited})
+                if lifecycle.move(self.store, rec, new, free_gpus=self.config.name, fence=self._fence()):
+                    return
+            except Unavailable as exc:
+                log.warning("task %s: its GPUs go back with the report instead: %s", self.task_id, exc)
                 return
-            task = rec.value
-            new = replace(task, timings={**task.timings, "exited": now()})
-            lifecycle.move(self.store, rec, new, release=self.config.name, fence=self._fence())
-        except Unavailable as exc:
-            log.warning("task %s: its GPUs are released with the report instead: %s", self.task_id, exc)
 
     def _export_info(self) -> dict:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),

@@ -18,7 +18,7 @@ import stat
 import time
 
 import docker
-from docker.errors import APIError, ImageLoadError, ImageNotFound
+from docker.errors import APIError, DockerException, ImageLoadError, ImageNotFound
 
 from pink import blobs, defaults
 from pink.errors import PinkError
@@ -112,8 +112,6 @@ def layers_docker_holds(client: docker.DockerClient, recipe: blobs.Recipe,
     otherwise costs a 10 GB untar to load 10 kB. The containerd image store
     reads every blob, so it is given the whole archive (empty set).
     """
-    if _containerd_store(client):
-        return frozenset()
     try:
         with open(store.path(recipe.config), "rb") as fh:
             diff_ids = json.load(fh)["rootfs"]["diff_ids"]
@@ -121,8 +119,13 @@ def layers_docker_holds(client: docker.DockerClient, recipe: blobs.Recipe,
         return frozenset()
     if not isinstance(diff_ids, list) or len(diff_ids) != len(recipe.layers):
         return frozenset()
-    present = {chain for image in client.images.list(all=True)
-               for chain in _chain_ids((image.attrs.get("RootFS") or {}).get("Layers") or [])}
+    try:  # an image evicted while it is listed: load the whole archive
+        if _containerd_store(client):
+            return frozenset()
+        present = {chain for image in client.images.list()
+                   for chain in _chain_ids((image.attrs.get("RootFS") or {}).get("Layers") or [])}
+    except DockerException:
+        return frozenset()
     chains = _chain_ids(diff_ids)
     needed = {layer for layer, chain in zip(recipe.layers, chains) if chain not in present}
     return frozenset(recipe.layers) - needed

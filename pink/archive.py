@@ -64,7 +64,7 @@ def archive_task(conn, task: Task, logs: bytes, expires_at: float | None = None,
     now = time.time()
     row = (task.id, task.user, task.name, task.state.value, task.attempt, task.node, task.exit_code, task.error,
            task.image["sha256"], task.image["size"], output.get("size"), json.dumps(task.gpus), len(task.gpus),
-           t.get("submitted", task.created_at), t.get("running"), t.get("exported"), t.get(task.state.value),
+           t.get("submitted", task.created_at), t.get("running"), t.get("exited", t.get("exported")), t.get(task.state.value),
            output.get("host"), output.get("path"), expires_at,
            task.logs_truncated, now if deleted else None, now if deleted else None, json.dumps(task.to_json()))
     try:
@@ -249,8 +249,10 @@ def page_statement(query: Query) -> tuple[str, list]:
 def usage(conn, since: float | None, until: float | None, user: str | None) -> list[dict]:
     """Per user, tasks that finished in [since, until): counts, GPU-hours, wall-hours.
 
-    Wall time is the time a task held its runner (running to exported); a
-    task's GPU-hours are that time multiplied by its GPUs.
+    Wall time is the time a task's container ran (running to exited; to
+    exported for tasks archived before runners stamped `exited`, whose GPUs
+    were held through the export); a task's GPU-hours are that time
+    multiplied by its GPUs.
     """
     where, args = ["1=1"], []
     if since is not None:

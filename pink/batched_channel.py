@@ -8,11 +8,12 @@ cores the client spent 6.3 CPU-seconds per GiB where OpenSSH's `scp` spends
 2.7, and the image copy reached 0.75x scp. `BatchedChannel.send` takes as
 much of a write as the peer's window allows, frames and encrypts it as
 full-size packets under paramiko's own locks and counters, and hands the
-socket one buffer (3.9 CPU-seconds per GiB; `docs/benchmarks.md`, 2.).
+socket one buffer (4.1 CPU-seconds per GiB, measured beside `make bench`'s
+transfer figure).
 
 Only AES-GCM (`aes128-gcm@openssh.com`, what PINK asks for) without
 compression takes this path; with any other cipher, or a paramiko whose
-internals differ, `send` is paramiko's. Key re-exchange works as with
+internals differ (setup.cfg keeps it below 6), `send` is paramiko's. Key re-exchange works as with
 paramiko: a batch waits while one is under way, and the packet counters
 that trigger one advance as paramiko's would.
 """
@@ -27,6 +28,7 @@ import time
 import paramiko
 from paramiko.common import cMSG_CHANNEL_DATA
 
+_GCM_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")  # RFC 5647 framing: length in clear
 _GCM_BLOCK = 16  # AES block size: the padded packet is a multiple of it
 _PACKET_RESERVE = 64  # bytes paramiko keeps free in each packet for its headers (Channel._wait_for_send_window)
 _STATE = ("_Packetizer__write_lock", "_Packetizer__block_engine_out", "_Packetizer__iv_out",
@@ -62,7 +64,7 @@ class BatchedChannel:
 
     def _batchable(self) -> bool:
         p = self._packetizer
-        if not all(hasattr(p, name) for name in _STATE):
+        if self._transport.local_cipher not in _GCM_CIPHERS or not all(hasattr(p, name) for name in _STATE):
             return False
         return (p._Packetizer__aead_out and not p._Packetizer__etm_out
                 and p._Packetizer__compress_engine_out is None

@@ -32,7 +32,7 @@ MAX_RUN_SECONDS = 7 * 24 * 3600  # seconds: a runner's cap on any task's timeout
 IMAGE_CACHE_REPO = "pink/cache"  # runners tag loaded images <this>:<archive sha256>
 
 SSH_CIPHER = "aes128-gcm@openssh.com"  # fastest cipher paramiko speaks here
-SFTP_CHUNK = 1 << 20  # bytes per SFTP read/write request when copying
+SFTP_CHUNK = 1 << 20  # bytes read from a file at a time when sending it over SFTP, and per log read
 
 QUEUE_RUN = "pink-run"  # shared: any worker can hand a task to its runner
 QUEUE_FINALIZE = "pink-finalize"  # shared: finalize pulls the export over SFTP

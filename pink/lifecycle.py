@@ -30,13 +30,14 @@ class Placement:
     entry: dict
 
 
-def move(store: Store, rec: Record, new: Task, *, release: str | None = None,
+def move(store: Store, rec: Record, new: Task, *, release: str | None = None, free_gpus: str | None = None,
          fence: tuple[str, int] | None = None,
          assign: dict | None = None, assign_lease: int = 0, unassign: str | None = None,
          attempts: int = 50) -> bool:
     """Commit `new` for the task read as `rec`; False if the task moved first.
 
     release: node whose reservation for this task is dropped.
+    free_gpus: node whose reservation for this task keeps its slot but no GPUs.
     fence: (key, create_revision) that must still be the same incarnation.
     assign / unassign: assignment key to write (for new.node) / node to delete it for.
     """
@@ -48,6 +49,8 @@ def move(store: Store, rec: Record, new: Task, *, release: str | None = None,
             txn.fence(*fence)
         if release:
             _release(store, txn, release, task_id)
+        elif free_gpus:
+            _free_gpus(store, txn, free_gpus, task_id)
         if assign is not None:
             txn.put(keys.assignment(new.node, task_id), assign, assign_lease)
         if unassign:
@@ -132,6 +135,15 @@ def retire(store: Store, rec: Record) -> Record | None:
             return None
         rec = current
     raise Unavailable(f"could not remove task {rec.key} from etcd: it kept changing")
+
+
+def _free_gpus(store: Store, txn, node: str, task_id: str) -> None:
+    key = store.keys.alloc(node)
+    alloc = store.get(key)
+    if alloc is None or not (alloc.value.get(task_id) or {}).get("gpus"):
+        return
+    txn.expect(alloc)
+    txn.put(key, {**alloc.value, task_id: {**alloc.value[task_id], "gpus": []}})
 
 
 def _release(store: Store, txn, node: str, task_id: str) -> None:

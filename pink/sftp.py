@@ -27,7 +27,7 @@ from pink.errors import Unavailable
 
 _WINDOW = 64 * 2**20  # bytes: a large window keeps pipelined writes flowing
 PARALLEL_MIN = 64 * 2**20  # bytes: smaller files are not worth a second process and login
-PREFETCH_REQUESTS = 128  # SFTP reads in flight while fetching an export (x 32 KiB)
+PREFETCH_REQUESTS = 128  # SFTP reads asked for at once while fetching (x 32 KiB: a 4 MiB window)
 _SFTP_PACKETS_PER_WRITE = 8  # SSH packets per SFTP write request (8 x 32 KiB < OpenSSH's 256 KiB limit)
 
 
@@ -245,10 +245,7 @@ def get(sftp: paramiko.SFTPClient, remote: str, local: str) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
     with sftp.open(remote, "rb") as src, open(part, "wb") as dst:
-        # Bounded read-ahead: paramiko's default asks for the whole file at once
-        # and holds what arrives, so a big export would cost its size in memory.
-        src.prefetch(max_concurrent_requests=PREFETCH_REQUESTS)
-        for block in _blocks(src):
+        for block in _blocks(src, src.stat().st_size):
             dst.write(block)
             digest.update(block)
             size += len(block)
@@ -256,15 +253,33 @@ def get(sftp: paramiko.SFTPClient, remote: str, local: str) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _blocks(fh: paramiko.SFTPFile) -> Iterator[bytes]:
-    """`fh` to its end, one SFTP read at a time.
+def _blocks(fh: paramiko.SFTPFile, end: int) -> Iterator[bytes]:
+    """`fh` from its position to its end, read ahead PREFETCH_REQUESTS
+    requests at a time, handed over one SFTP read at a time.
 
     paramiko's `read(n)` for n above one request's size joins the replies by
-    repeated concatenation: a 1 MiB read copied about 16 MiB, and a 512 MiB
-    export took minutes to fetch. A read of one request's size is one
-    prefetched reply, handed over without a copy.
+    repeated concatenation (a 1 MiB read copied about 16 MiB; a 512 MiB
+    export took minutes to fetch); a read of one request's size is one reply,
+    without a copy. Its read-ahead for a whole file asks for all of it at once
+    and holds what arrives (memory = the file); capped with
+    `max_concurrent_requests`, it counts itself done whenever the replies in
+    flight are all in, and the rest of the file then arrives unread into
+    memory while reads go one round trip at a time. So each window of
+    requests is asked for at once and read to its end before the next.
+    Bytes appended after `end` (a log still written) are read after it.
     """
-    while block := fh.read(fh.MAX_REQUEST_SIZE):
+    step = fh.MAX_REQUEST_SIZE
+    position = fh.tell()
+    while position < end:
+        window_end = min(end, position + PREFETCH_REQUESTS * step)
+        fh.prefetch(window_end)
+        while position < window_end:
+            block = fh.read(min(step, window_end - position))
+            if not block:
+                return
+            position += len(block)
+            yield block
+    while block := fh.read(step):
         yield block
 
 
@@ -287,8 +302,7 @@ def stream_from(sftp: paramiko.SFTPClient, remote: str, offset: int = 0) -> Iter
         return
     with fh:
         fh.seek(offset)
-        fh.prefetch(max_concurrent_requests=PREFETCH_REQUESTS)
-        yield from _blocks(fh)
+        yield from _blocks(fh, fh.stat().st_size)
 
 
 def read_tail(sftp: paramiko.SFTPClient, remote: str, limit: int) -> tuple[bytes, int]:
@@ -299,11 +313,12 @@ def read_tail(sftp: paramiko.SFTPClient, remote: str, limit: int) -> tuple[bytes
     """
     size = sftp.stat(remote).st_size
     start = max(0, size - limit)
-    parts = []
+    parts, kept = [], 0
     with sftp.open(remote, "rb") as fh:
         fh.seek(start)
-        while chunk := fh.read(min(defaults.SFTP_CHUNK, limit - sum(map(len, parts)))):
-            parts.append(chunk)
+        for block in _blocks(fh, size):  # to the end: a log that grew meanwhile is cut to `limit`
+            parts.append(block[:limit - kept])
+            kept += len(parts[-1])
     return b"".join(parts), start
 
 

@@ -241,15 +241,15 @@ def requeue(task: Task, why: str, lost: bool = True) -> Task:
     `lost` counts towards the retry limit (the runner died or was cut off);
     an operator moving work off a node (drain --now, stop) does not.
     """
-    this_attempt_only = {k: v for k, v in task.timings.items() if k != "exited"}
-    return advance(replace(task, timings=this_attempt_only), State.QUEUED, why, attempt=task.attempt + 1, node=None,
+    carried = {k: v for k, v in task.timings.items() if k != "exited"}  # the next attempt's container has not exited
+    return advance(replace(task, timings=carried), State.QUEUED, why, attempt=task.attempt + 1, node=None,
                    epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
                    logfile=None, job_failures={}, losses=task.losses + (1 if lost else 0))
 
 
 def holds_gpus(task: Task) -> bool:
     """On a runner with its container not yet exited (an exited one's export
-    runs after its GPUs went back: gpu_runner.execution)."""
+    runs after its GPUs went back: gpu_runner.execution._free_gpus)."""
     return task.state in ON_RUNNER and "exited" not in task.timings
 
 

@@ -58,13 +58,14 @@ def test_no_gpu_is_ever_shared(gpu_cluster, docker_client, tmp_path):
 
 def test_gpu_is_free_while_the_previous_task_exports(pink_processes, pink_config, cluster, config_variant,
                                                       docker_client, tmp_path):
-    """One GPU, one slot: the next task starts while the first one's big output is still exporting."""
+    """One GPU, two slots: the next GPU task starts while the first one's big
+    output is still exporting (the exited container keeps its slot, not its GPU)."""
     pink_processes.web()
     pink_processes.worker()
     pink_processes.leader()
     cluster.start_sshd("solo")
     pink_processes.runner("solo", config_variant("solo", runner_name="solo",
-                                                 runner={"gpus": ["GPU-solo-0"], "max_containers": 1}))
+                                                 runner={"gpus": ["GPU-solo-0"], "max_containers": 2}))
     api = Api(pink_config, make_user(pink_config, "alice"))
     archive = images.save_image(docker_client, images.ensure_busybox_image(docker_client), tmp_path / "bb.tar")
     big = api.submit(archive, gpus=1, output="/o",  # 192 MiB of random bytes: seconds of export

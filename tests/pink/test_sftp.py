@@ -77,3 +77,18 @@ def test_other_ciphers_use_paramikos_send(pink_config, node, tmp_path):
         assert not conn.get_channel()._batchable()
         sftp.put(conn, sftp.local_file(str(local)), "/spool/ctr.bin")
     assert _sha(os.path.join(pink_config.runner.spool_dir, "ctr.bin")) == _sha(local)
+
+
+def test_get_reads_ahead_in_windows_and_hands_over_every_byte(pink_config, node, tmp_path):
+    """A file of several read-ahead windows and a ragged end arrives whole; so does its tail."""
+    size = 3 * sftp.PREFETCH_REQUESTS * 32768 + 12345
+    data = os.urandom(size)
+    with open(os.path.join(pink_config.runner.spool_dir, "windows.bin"), "wb") as fh:
+        fh.write(data)
+    with sftp.session(pink_config.ssh, node) as conn:
+        got, digest = sftp.get(conn, "/spool/windows.bin", str(tmp_path / "got.bin"))
+        tail, skipped = sftp.read_tail(conn, "/spool/windows.bin", 100_000)
+        streamed = b"".join(sftp.stream_from(conn, "/spool/windows.bin", 5))
+    assert (got, digest) == (size, hashlib.sha256(data).hexdigest())
+    assert (tail, skipped) == (data[-100_000:], size - 100_000)
+    assert streamed == data[5:]
