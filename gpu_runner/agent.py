@@ -183,7 +183,7 @@ class Agent:
         self.store.txn().fence(key, self.epoch).put(key, self._record, self.lease.id).commit()
 
     def images_changed(self) -> None:
-        """After a load: keep the cache within its budget, then advertise it.
+        """After a load (or an image found gone): keep the cache within its budget, then advertise it.
 
         Both need etcd (the reservations to spare, the record to publish): a
         blip is waited out while the lease holds; `retry.LeaseLost` after.

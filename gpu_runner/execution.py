@@ -27,7 +27,7 @@ import zstandard
 from docker.errors import APIError, DockerException
 
 from gpu_runner import export, images, outbox, retry
-from pink import lifecycle
+from pink import lifecycle, pipeline
 from pink.errors import Unavailable
 from pink.store import Record
 from pink.tasks import State, Task, advance, exported, now, requeue
@@ -133,6 +133,9 @@ class Execution:
             if loaded:
                 self.agent.images_changed()
             self.container = self.agent.create_container(self._container_args(task))
+        except images.BlobMissing as exc:
+            self.agent.images_changed()  # Docker lacks the image too: the node record must stop listing it
+            return State.QUEUED, {"requeue": (f"{exc}: copying it again", True)}
         except (RuntimeError, DockerException) as exc:
             return State.FAILED, {"error": _docker_message(exc), **self._export_info()}
         follower = threading.Thread(target=self._follow_logs, daemon=True)
@@ -210,7 +213,7 @@ class Execution:
                 return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
             if self.agent.stopping:
                 self._stop(grace)
-                return State.QUEUED, {}  # an operator stopped this node: run it elsewhere
+                return State.QUEUED, {"requeue": (f"node {self.config.name} stopped by an operator", False)}
         if status == 0:
             return State.SUCCEEDED, {"exit_code": 0}
         return State.FAILED, {"exit_code": status, "error": f"container exited with code {status}"}
@@ -298,8 +301,9 @@ class Execution:
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
             return
         task = current.value
-        if result == State.QUEUED:
-            new = requeue(task, f"node {self.config.name} stopped by an operator", lost=False)
+        if result == State.QUEUED:  # elsewhere, or here again; a loss counts toward max_attempts
+            why, lost = fields["requeue"]
+            new = pipeline.after_loss(task, why, self.agent.config.max_attempts, lost=lost)
             lifecycle.move(self.store, current, new, release=self.config.name,
                            unassign=self.config.name, fence=self._fence())
             return

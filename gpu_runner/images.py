@@ -209,6 +209,11 @@ INCOMING = defaults.SPOOL_INCOMING  # blobs as the transfer account wrote them, 
 HELD = defaults.SPOOL_HELD  # an empty marker per verified blob, which transfer jobs look for
 
 
+class BlobMissing(RuntimeError):
+    """A blob the transfer counted on (held here when it looked) is gone: the
+    store collected it in between. Another attempt copies it again."""
+
+
 class RunnerBlobs:
     """The runner's image blobs: verified copies outside the SFTP chroot, where
     the transfer account cannot touch them, and markers inside it.
@@ -257,8 +262,9 @@ class RunnerBlobs:
             path = os.path.join(self.incoming, digest)
             fd = _open_sent(path)
             if fd is None:
-                raise RuntimeError(f"layer sha256:{digest} of image {recipe.image_id} never reached this "
-                                   "runner (or not as a plain file): submit the task again")
+                _unlink(os.path.join(self.held, digest))  # so the next transfer sends it
+                raise BlobMissing(f"layer sha256:{digest} of image {recipe.image_id} is not on this runner "
+                                  "(collected after the transfer looked, or not sent as a plain file)")
             try:  # read through the descriptor: the account cannot swap the file under us
                 self.store.ingest(digest, f"/proc/self/fd/{fd}", 0, recipe.sizes[digest])
             except PinkError as exc:

@@ -8,7 +8,8 @@ import time
 
 from redis import Redis
 
-from pink import archive, db
+from pink import archive, blobs, db
+from pink.image_archive import inspect
 from pink.store import Store
 from tests import images
 from tests.helpers import Api, make_user
@@ -157,3 +158,23 @@ def test_an_image_whose_layers_are_gone_or_damaged_fails_at_once(pink_processes,
     for failed in (task_id, other_id):
         task = control_plane.wait(failed, timeout=60)
         assert task["state"] == "failed" and "missing or damaged on web node" in task["error"], task
+
+
+def test_a_blob_the_runner_lost_after_the_transfer_looked_is_copied_again(pink_processes, pink_config,
+                                                                        docker_client, tmp_path):
+    """The runner's store collected a layer between the transfer's look (its marker said held) and the
+    load: the task goes back to the queue, and the next attempt copies the layer and runs."""
+    c = pink_config
+    archive_path = images.fresh_archive(docker_client, "collected", tmp_path / "collected.tar",
+                                        "RUN echo collected > /layer\n")
+    for start in (pink_processes.web, pink_processes.worker, pink_processes.leader, pink_processes.runner):
+        start()
+    api = Api(c, make_user(c, "alice"))
+    first = api.wait(api.submit(archive_path).json()["task"]["id"], timeout=120)
+    assert first["state"] == "succeeded", first
+    layer = blobs.Recipe.from_archive(archive_path, inspect(archive_path))[0].layers[-1]
+    docker_client.images.remove(first["image"]["image_id"], force=True)  # the next task must load it
+    os.remove(os.path.join(c.runner.blob_root, "sha256", layer))  # the marker in spool/held stays
+    second = api.wait(api.submit(archive_path).json()["task"]["id"], timeout=120)
+    assert second["state"] == "succeeded" and second["attempt"] == 2, second
+    assert any("copying it again" in entry["detail"] for entry in second["history"]), second["history"]

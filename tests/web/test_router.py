@@ -134,19 +134,27 @@ def test_uploads_and_outputs_go_through_the_router_to_either_web_node(router, tw
 
 
 def test_a_layer_upload_stays_on_the_web_node_that_began_it(router, two_web_nodes, docker_client, tmp_path):
-    """`pink submit` through the router: each upload's blob and commit requests reach
-    the node named in its id, wherever the router sent the request that began it."""
+    """`pink submit` through the router: a user's uploads begin on one web node
+    (its layers are there: the second upload sends nothing), and each upload's
+    blob and commit requests reach the node named in its id."""
     config1, config2 = two_web_nodes
     url = router([config1.web.bind, config2.web.bind])
     routed = dataclasses.replace(config1, web=dataclasses.replace(config1.web, url=url))
-    api = Api(routed, make_user(config1, "bea"))
     archive = images.fresh_archive(docker_client, "routed-layers", tmp_path / "layers.tar")
-    ids = [json.loads(api.cli("submit", archive, "--json").stdout)["id"] for _ in range(4)]
-    assert all(api.wait(task_id, timeout=180)["state"] == "succeeded" for task_id in ids)
+    submitted, begun_by = [], {}
+    for name in ("bea", "cai", "dan", "eve"):
+        api = Api(routed, make_user(config1, name))
+        mark = len((router.directory / "access.log").read_text())
+        submitted += [(api, json.loads(api.cli("submit", archive, "--json").stdout)["id"]) for _ in range(2)]
+        begun_by[name] = re.findall(r'"POST /api/v1/uploads HTTP\S+ 201 .* (\S+)$',
+                                    (router.directory / "access.log").read_text()[mark:], re.M)
+    tasks = [api.wait(task_id, timeout=180) for api, task_id in submitted]
+    assert all(t["state"] == "succeeded" for t in tasks), tasks
+    assert all(len(b) == 2 and len(set(b)) == 1 for b in begun_by.values()), begun_by  # one node per user
+    sent = [t["timings"]["upload_bytes"] for t in tasks]
+    assert sent[0] > 2**20 and all(n < 2**14 for n in sent[1::2]), sent  # a user's second upload: its config alone
     log = (router.directory / "access.log").read_text()
     node = {"web1": config1.web.bind, "web2": config2.web.bind}
-    begun = re.findall(r'"POST /api/v1/uploads HTTP\S+ 201 .* (\S+)$', log, re.M)
-    assert len(begun) == 4 and set(begun) == set(node.values()), begun  # both nodes began uploads
     followed = re.findall(r'"(?:PUT|HEAD|POST) /api/v1/uploads/([\w.-]+?)\.[0-9a-f]{32}/\S* HTTP\S+ \d+ .* (\S+)$',
                           log, re.M)
     assert len(followed) >= 4 and all(node[host] == served for host, served in followed), followed
