@@ -16,12 +16,14 @@ import logging
 import os
 import stat
 import time
+import uuid
 
 import docker
+import zstandard
 from docker.errors import APIError, DockerException, ImageLoadError, ImageNotFound
 
-from pink import blobs, defaults
-from pink.errors import PinkError
+from pink import blobs, defaults, wire
+from pink.errors import BadRequest, PinkError
 
 CACHE_REPO = defaults.IMAGE_CACHE_REPO
 log = logging.getLogger("pink.runner")
@@ -256,23 +258,44 @@ class RunnerBlobs:
     def adopt(self, recipe: blobs.Recipe) -> None:
         """Have every blob of `recipe` verified in the store; RuntimeError for one not sent."""
         for digest in recipe.blobs:
-            if self.store.touch(digest):
-                self._mark(digest)
-                continue
-            path = os.path.join(self.incoming, digest)
+            if not self.store.touch(digest):
+                self._take(digest, recipe)
+            self._mark(digest)
+
+    def _take(self, digest: str, recipe: blobs.Recipe) -> None:
+        """Copy a sent blob (as it is, or zstd-compressed: pink.wire) into the store, its sha256 checked."""
+        size = recipe.sizes[digest]
+        for name in (digest, digest + wire.SUFFIX):
+            path = os.path.join(self.incoming, name)
             fd = _open_sent(path)
             if fd is None:
-                _unlink(os.path.join(self.held, digest))  # so the next transfer sends it
-                raise BlobMissing(f"layer sha256:{digest} of image {recipe.image_id} is not on this runner "
-                                  "(collected after the transfer looked, or not sent as a plain file)")
+                continue
             try:  # read through the descriptor: the account cannot swap the file under us
-                self.store.ingest(digest, f"/proc/self/fd/{fd}", 0, recipe.sizes[digest])
-            except PinkError as exc:
-                raise RuntimeError(f"layer sha256:{digest} arrived damaged: {exc.message}") from None
+                if name == digest:
+                    self.store.ingest(digest, f"/proc/self/fd/{fd}", 0, size)
+                else:
+                    self._unpack(digest, fd, size)
+            except (PinkError, zstandard.ZstdError) as exc:
+                raise RuntimeError(f"layer sha256:{digest} arrived damaged: {getattr(exc, 'message', exc)}") \
+                    from None
             finally:
                 os.close(fd)
                 _unlink(path)
-            self._mark(digest)
+            return
+        if self.store.touch(digest):
+            return  # a task sharing the layer took it meanwhile
+        _unlink(os.path.join(self.held, digest))  # so the next transfer sends it
+        raise BlobMissing(f"layer sha256:{digest} of image {recipe.image_id} is not on this runner "
+                          "(collected after the transfer looked, or not sent as a plain file)")
+
+    def _unpack(self, digest: str, fd: int, size: int) -> None:
+        owner = f"unpack-{uuid.uuid4().hex}"  # a part of its own: never resumed
+        try:
+            with wire.unpacking_reader(fd) as stream:
+                if self.store.write(owner, digest, stream, size) < size:
+                    raise BadRequest(f"it unpacks to fewer than its {size} bytes")
+        finally:
+            self.store.discard(owner, digest)
 
     def collect(self, keep: set[str], grace: float) -> list[str]:
         """Collect the store (sparing `keep`) and incoming blobs older than `grace` no reservation needs."""

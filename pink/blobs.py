@@ -396,6 +396,10 @@ class BlobStore:
         finally:
             os.close(fd)
 
+    def discard(self, owner: str, digest: str) -> None:
+        """Drop `owner`'s part file of the blob: a write that will not be resumed."""
+        _remove_unless_locked(self._part(owner, digest))
+
     def ingest(self, digest: str, path, offset: int, size: int) -> int:
         """Copy bytes [offset, offset + size) of local file `path` (a member of
         an uploaded archive) into the store as blob `digest`, verified as

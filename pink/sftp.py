@@ -163,6 +163,15 @@ def put(sftp: paramiko.SFTPClient, source: Source, remote: str,
     return sent
 
 
+def put_stream(sftp: paramiko.SFTPClient, source: Source, remote: str) -> int:
+    """`put` of a stream whose length is known only at its end (a compressed blob)."""
+    part = _part_name(remote)
+    with sftp.open(part, "wb") as dst:
+        sent = _write_range(sftp, dst, source, 0, None)
+    sftp.posix_rename(part, remote)
+    return sent
+
+
 def _part_name(remote: str) -> str:
     """A part file no other copy of the same image writes to (two transfer
     jobs may send one image to one runner at once; each renames a whole file)."""
@@ -210,8 +219,9 @@ def _put_range_on(conn: paramiko.SFTPClient, source: Source, part: str, start: i
 
 
 def _write_range(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile, source: Source, start: int,
-                 end: int, progress: Callable[[int], None] | None = None) -> int:
-    """Write bytes [start, end) of `source` into the open `dst` at the same offsets.
+                 end: int | None, progress: Callable[[int], None] | None = None) -> int:
+    """Write bytes [start, end) of `source` into the open `dst` at the same offsets
+    (end None: to the end of the stream, which then starts at 0).
 
     paramiko's 32 KiB write requests, framed as SFTP messages, each overflow
     one SSH packet (the server's 32 KiB maximum less paramiko's 64-byte
@@ -227,9 +237,12 @@ def _write_range(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile, source: Sour
     read = request * max(1, defaults.SFTP_CHUNK // request)
     sent = 0
     with source() as src:
-        src.seek(start)
-        while sent < end - start:
-            chunk = src.read(min(read, end - start - sent))
+        if start:
+            src.seek(start)
+        while end is None or sent < end - start:
+            chunk = src.read(read if end is None else min(read, end - start - sent))
+            if not chunk and end is None:
+                break
             if not chunk:
                 raise Unavailable("the image being copied shrank (a blob vanished?)")
             dst.write(chunk)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions
+from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions, wire
 from pink.errors import NotFound, Unavailable
 from pink.tasks import State, Task, advance, exported, requeue, retries_left, spool_file
 from queue_workers import context
@@ -104,9 +104,14 @@ def _send_blobs(conn, node: dict, recipe: blobs.Recipe) -> int:
     for digest in recipe.blobs:
         store.touch(digest)
         if sftp.remote_size(conn, f"{held}/{digest}") is not None or \
-                sftp.remote_size(conn, f"{incoming}/{digest}") == recipe.sizes[digest]:
+                sftp.remote_size(conn, f"{incoming}/{digest}") == recipe.sizes[digest] or \
+                sftp.remote_size(conn, f"{incoming}/{digest}{wire.SUFFIX}") is not None:
             continue
-        sent += sftp.put_parallel(conn, ssh, node, sftp.local_file(store.path(digest)), f"{incoming}/{digest}")
+        path = store.path(digest)
+        if wire.worth_compressing(path):
+            sent += sftp.put_stream(conn, wire.compressed(path), f"{incoming}/{digest}{wire.SUFFIX}")
+        else:
+            sent += sftp.put_parallel(conn, ssh, node, sftp.local_file(path), f"{incoming}/{digest}")
     return sent
 
 
