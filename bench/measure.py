@@ -19,7 +19,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pink import sftp
+import zstandard
+
+from pink import sftp, wire
 from tests import images
 from tests.helpers import Api
 
@@ -133,11 +135,11 @@ def forget_image(client, tag: str, archive: Path) -> None:
 CIPHERS = ["aes128-gcm@openssh.com", "aes128-ctr"]
 
 
-def _scp(archive: Path, host, cipher: str, remote: str) -> float:
+def _scp(archive: Path, host, cipher: str, remote: str, compress: bool = False) -> float:
     t = time.perf_counter()
     subprocess.run(["scp", "-q", "-s", "-c", cipher, "-i", str(host.cluster.ssh_key),
                     "-o", f"UserKnownHostsFile={host.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-                    "-o", "BatchMode=yes", "-o", "Compression=no",
+                    "-o", "BatchMode=yes", "-o", f"Compression={'yes' if compress else 'no'}",
                     str(archive), f"pink-xfer@{host.node['ssh_host']}:{remote}"], check=True)
     return time.perf_counter() - t
 
@@ -185,6 +187,77 @@ def transfer(host, ssh_config, archive: Path, repeats: int, log, with_default: b
                 leftover.unlink()
             log(f"round {round_ + 1}: {name}: {speeds[name][-1]:.0f} MB/s")
     return {"bytes": size, "speeds": speeds, "repeats": repeats, "cipher": ssh_config.cipher}
+
+
+LIBRARIES = "/usr/lib/x86_64-linux-gnu"  # what a CUDA or PyTorch layer is mostly made of: shared libraries
+
+
+def libraries_archive(workdir: Path) -> Path:
+    """A tar of this machine's shared libraries: a layer as compressible as real GPU images' ones."""
+    path = workdir / "libraries.tar"
+    if not path.exists():
+        subprocess.run(["tar", "-cf", str(path), "-C", os.path.dirname(LIBRARIES), os.path.basename(LIBRARIES)],
+                       check=True)
+    return path
+
+
+def _pink_blob(archive: Path, ssh_config, node: dict, remote: str, rates: wire.LinkRates) -> float:
+    """What the transfer job does with one blob: zstd when a sample says it pays
+    at the link rate `rates` last saw (pink.wire), else as it is, which is timed."""
+    t = time.perf_counter()
+    with sftp.session(ssh_config, node) as conn:
+        if wire.worth_compressing(str(archive), rates.get(node["name"])):
+            sftp.put_stream(conn, wire.compressed(str(archive)), remote + wire.SUFFIX)
+            return time.perf_counter() - t
+        size = sftp.put_parallel(conn, ssh_config, node, sftp.local_file(str(archive)), remote)
+    rates.saw(node["name"], size, time.perf_counter() - t)
+    return time.perf_counter() - t
+
+
+def transfer_libraries(host, ssh_config, archive: Path, repeats: int, log) -> dict:
+    """2b: a compressible layer; scp with and without its own (zlib) compression, and PINK's blob path."""
+    size = archive.stat().st_size
+    spool = host.cluster.spool_dir(host.runner)
+    config = replace(ssh_config, known_hosts=str(host.known_hosts))
+    contenders = {
+        "scp -s -c aes128-gcm@openssh.com": lambda: _scp(archive, host, CIPHERS[0], "/spool/bench-scp.bin"),
+        "scp -s -C -c aes128-gcm@openssh.com (zlib)": lambda: _scp(archive, host, CIPHERS[0], "/spool/bench-scpc.bin",
+                                                                  compress=True),
+        "PINK's blob copy, link rate unknown (as it is)": lambda: _pink_blob(
+            archive, config, host.node, "/spool/bench-raw.bin", wire.LinkRates()),
+        "PINK's blob copy, link rate seen (zstd if it pays: pink.wire)": lambda: _pink_blob(
+            archive, config, host.node, "/spool/bench-blob.bin", rates),
+    }
+    rates = wire.LinkRates()
+    compressed = []
+    speeds = {name: [] for name in contenders}
+    verified = None
+    for round_ in range(repeats):
+        for name, run in contenders.items():
+            seconds = run()
+            speeds[name].append(size / seconds / 1e6)
+            if name.startswith("PINK") and "seen" in name:
+                landed = spool / f"bench-blob.bin{wire.SUFFIX}"
+                compressed.append(landed.exists())
+                if landed.exists() and verified is None:
+                    verified = _unpacks_to(landed, archive)
+            for leftover in spool.glob("bench-*"):
+                leftover.unlink()
+            log(f"round {round_ + 1}: {name}: {speeds[name][-1]:.0f} MB/s")
+    return {"bytes": size, "speeds": speeds, "repeats": repeats, "verified": verified,
+            "compressed": compressed, "link_rate": rates.get(host.node["name"])}
+
+
+def _unpacks_to(landed: Path, original: Path) -> bool:
+    def sha(stream) -> str:
+        digest = hashlib.sha256()
+        while block := stream.read(1 << 20):
+            digest.update(block)
+        return digest.hexdigest()
+
+    with open(landed, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as unpacked, \
+            open(original, "rb") as orig:
+        return sha(unpacked) == sha(orig)
 
 
 def verify_put(host, ssh_config, archive: Path) -> bool:

@@ -181,6 +181,9 @@ def main(argv=None) -> int:
             def transfer() -> dict:
                 out = measure.transfer(host, config.ssh, big, rounds, log, with_default=not quick)
                 out["verified"] = measure.verify_put(host, config.ssh, big)
+                log("2b. transfer of a layer of shared libraries")
+                out["libraries"] = measure.transfer_libraries(host, config.ssh, measure.libraries_archive(work),
+                                                              rounds, log)
                 return out
 
             measured("transfer", "transfer", transfer)
@@ -228,6 +231,12 @@ def summary(r: dict) -> list[str]:
         best_scp = max(v for k, v in speeds.items() if k.startswith("scp"))
         rows.append(("2. image transfer, best PINK x best scp", f"{best_pink / best_scp:.2f}",
                      f">= {TARGETS['transfer']}"))
+        if "libraries" in r["transfer"]:
+            lib = {k: measure.median(v) for k, v in r["transfer"]["libraries"]["speeds"].items()}
+            pink = max(v for k, v in lib.items() if k.startswith("PINK"))
+            rows.append(("2b. a layer of shared libraries, PINK x best scp (with or without -C)",
+                         f"{pink / max(v for k, v in lib.items() if k.startswith('scp')):.2f}",
+                         f">= {TARGETS['transfer']}"))
     if "memory" in r:
         rows.append(("3. pink-web worker during a big upload, peak MiB",
                      f"{r['memory']['peak_handler'] / 1024:.1f}", f"< {TARGETS['memory']}"))
@@ -311,6 +320,18 @@ def report(r: dict) -> str:
         out += [f"| {k} | {v:.0f} | {', '.join(f'{x:.0f}' for x in tr['speeds'][k])} | {v / scp_best:.2f} |"
                 for k, v in speeds.items()]
         out.append("")
+        if "libraries" in tr:
+            lib = tr["libraries"]
+            speeds = {k: measure.median(v) for k, v in lib["speeds"].items()}
+            scp_best = max(v for k, v in speeds.items() if k.startswith("scp"))
+            out += [f"2b. A tar of `{measure.LIBRARIES}` ({lib['bytes'] / 2**20:.0f} MiB), the stuff of GPU "
+                    f"images' layers; MB/s of the file's own bytes. Link rate PINK saw: "
+                    f"{(lib['link_rate'] or 0) / 1e6:.0f} MB/s; compressed in each round: {lib['compressed']}; "
+                    f"unpacked to the same bytes: {lib['verified']}.", "",
+                    "| what | MB/s | all rounds | x best scp |", "|---|---|---|---|"]
+            out += [f"| {k} | {v:.0f} | {', '.join(f'{x:.0f}' for x in lib['speeds'][k])} | {v / scp_best:.2f} |"
+                    for k, v in speeds.items()]
+            out.append("")
     if "memory" in r:
         mem = r["memory"]
         out += [f"### 3. pink-web memory during a {mem['bytes'] / 2**20:.0f} MiB HTTPS upload", "",

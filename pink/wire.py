@@ -1,20 +1,27 @@
 """zstd on the wire from web node to runner, for the blobs it pays for.
 
-A layer of CUDA libraries or Python packages shrinks to about half at zstd's
-fastest level, which compresses at several hundred MB/s per core, faster
-than most lab links carry it; random data or a gzip layer does not shrink
-at all, and compressing it would only cost CPU. So a sample decides: a blob
-whose sample does not shrink by a quarter goes as it is (in parallel
-streams, `pink.sftp.put_parallel`), any other goes compressed as
-`<digest>.zst`, which the runner unpacks into its store, checking the sha256
-of what comes out (gpu_runner.images.RunnerBlobs). zstd's own threads
-compress while Python sends.
+A layer of shared libraries (what CUDA and PyTorch images are made of)
+shrinks to about 40% at zstd's fastest level; random data or a gzip layer
+does not shrink at all. Whether compressing pays depends on the link: on a
+1 Gb/s link the compressor outruns the wire and a layer arrives about twice
+as fast; on a fast link the compressor is the bottleneck (the bench's veth
+link, `docs/benchmarks.md` 2b: 164 MB/s compressed against 203 for scp).
+So a sample of the blob is compressed and timed, and the blob goes
+compressed only when it shrinks by a quarter and the compressor (its
+threads together) would feed the wire faster than the bytes as they are
+would cross it, at the rate this process last saw an uncompressed copy to
+that runner reach (`LinkRates`; none yet: as it is). Compressed blobs go as
+`<digest>.zst` over one connection while zstd's threads compress; the runner
+unpacks them into its store, checking the sha256 of what comes out
+(gpu_runner.images.RunnerBlobs).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 
 import zstandard
 
@@ -25,15 +32,39 @@ WORTH = 0.75  # compressed sample / sample at most this, or the blob goes as it 
 MIN_BYTES = 1 << 20  # smaller blobs go as they are: too few bytes to matter
 
 
-def worth_compressing(path: str) -> bool:
-    """Does a sample from the middle of the file at `path` shrink by a quarter?"""
+MEASURED_MIN = 8 << 20  # an uncompressed copy at least this big sets a runner's link rate
+
+
+class LinkRates:
+    """Bytes per second of the last big uncompressed copy to each runner, in this process."""
+
+    def __init__(self):
+        self._rates: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def get(self, runner: str) -> float | None:
+        with self._lock:
+            return self._rates.get(runner)
+
+    def saw(self, runner: str, size: int, seconds: float) -> None:
+        if size >= MEASURED_MIN and seconds > 0:
+            with self._lock:
+                self._rates[runner] = size / seconds
+
+
+def worth_compressing(path: str, link_rate: float | None) -> bool:
+    """Would the file at `path` reach a runner sooner compressed, over a link
+    carrying `link_rate` bytes/s (None: not known, so no)?"""
     size = os.path.getsize(path)
-    if size < MIN_BYTES:
+    if size < MIN_BYTES or not link_rate:
         return False
     with open(path, "rb") as fh:
         fh.seek(max(0, size // 2 - SAMPLE_BYTES // 2))
         sample = fh.read(SAMPLE_BYTES)
-    return len(zstandard.ZstdCompressor(level=LEVEL).compress(sample)) <= WORTH * len(sample)
+    started = time.perf_counter()
+    packed = len(zstandard.ZstdCompressor(level=LEVEL).compress(sample))
+    compress_rate = len(sample) / max(time.perf_counter() - started, 1e-6) * (os.cpu_count() or 1)
+    return packed <= WORTH * len(sample) and compress_rate > link_rate
 
 
 def compressed(path: str):

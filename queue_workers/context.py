@@ -14,6 +14,7 @@ from redis import Redis
 from pink import config as pink_config
 from pink import redisconn
 from pink import sftp as pink_sftp
+from pink import wire
 from pink.blobs import BlobStore
 from pink.store import Store
 
@@ -54,3 +55,8 @@ def blobs() -> BlobStore:
 @functools.cache
 def sftp() -> pink_sftp.Pool:
     return pink_sftp.Pool(config().ssh)
+
+
+@functools.cache
+def link_rates() -> wire.LinkRates:
+    return wire.LinkRates()

@@ -108,10 +108,13 @@ def _send_blobs(conn, node: dict, recipe: blobs.Recipe) -> int:
                 sftp.remote_size(conn, f"{incoming}/{digest}{wire.SUFFIX}") is not None:
             continue
         path = store.path(digest)
-        if wire.worth_compressing(path):
+        if wire.worth_compressing(path, context.link_rates().get(node["name"])):
             sent += sftp.put_stream(conn, wire.compressed(path), f"{incoming}/{digest}{wire.SUFFIX}")
-        else:
-            sent += sftp.put_parallel(conn, ssh, node, sftp.local_file(path), f"{incoming}/{digest}")
+            continue
+        started = time.monotonic()
+        size = sftp.put_parallel(conn, ssh, node, sftp.local_file(path), f"{incoming}/{digest}")
+        context.link_rates().saw(node["name"], size, time.monotonic() - started)
+        sent += size
     return sent
 
 

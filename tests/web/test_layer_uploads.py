@@ -228,8 +228,13 @@ def test_a_task_runs_again_with_its_image_while_the_layers_are_kept(api, writer_
 
 
 def test_a_layer_that_shrinks_crosses_compressed(api, docker_client, tmp_path):
-    """A 16 MiB layer of text goes to the runner zstd-compressed, a fraction of its
-    bytes, and is unpacked and checked there; a damaged compressed copy fails the task."""
+    """Once a big copy has shown the link's rate (random bytes: sent as they are), a
+    16 MiB layer of text goes to the runner zstd-compressed, a fraction of its bytes,
+    and is unpacked and checked there; a damaged compressed copy fails the task."""
+    noise = images.fresh_archive(docker_client, "noise", tmp_path / "noise.tar",
+                                 "RUN head -c 12582912 /dev/urandom > /noise\n")
+    task = api.wait(api.submit(noise).json()["task"]["id"])
+    assert task["state"] == "succeeded" and task["timings"]["transfer_bytes"] > 12 << 20, task
     archive = images.fresh_archive(docker_client, "text", tmp_path / "text.tar",
                                    "RUN yes 'lorem ipsum dolor sit amet' | head -c 16777216 > /text\n"
                                    'CMD ["sh", "-c", "wc -c < /text"]\n')
