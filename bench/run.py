@@ -218,6 +218,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _speed_table(rounds: dict[str, list[float]]) -> list[str]:
+    """Each contender's median MB/s, its rounds, and its ratio to the best scp."""
+    speeds = {k: measure.median(v) for k, v in rounds.items()}
+    scp_best = max(v for k, v in speeds.items() if k.startswith("scp"))
+    return ["| what | MB/s | all rounds | x best scp |", "|---|---|---|---|",
+            *(f"| {k} | {v:.0f} | {', '.join(f'{x:.0f}' for x in rounds[k])} | {v / scp_best:.2f} |"
+              for k, v in speeds.items()), ""]
+
+
 def summary(r: dict) -> list[str]:
     """Every figure beside its target, as measured in this run."""
     rows = []
@@ -311,27 +320,17 @@ def report(r: dict) -> str:
         out.append("")
     if "transfer" in r:
         tr = r["transfer"]
-        speeds = {k: measure.median(v) for k, v in tr["speeds"].items()}
-        scp_best = max(v for k, v in speeds.items() if k.startswith("scp"))
         out += [f"### 2. Transfer of a {tr['bytes'] / 2**20:.0f} MiB image archive over a veth link", "",
                 f"Median of {tr['repeats']} interleaved round(s); MB/s = 10^6 bytes/s, login included. "
-                f"PINK's cipher: {tr['cipher']}. Bytes verified identical: {tr['verified']}.", "",
-                "| what | MB/s | all rounds | x best scp |", "|---|---|---|---|"]
-        out += [f"| {k} | {v:.0f} | {', '.join(f'{x:.0f}' for x in tr['speeds'][k])} | {v / scp_best:.2f} |"
-                for k, v in speeds.items()]
-        out.append("")
+                f"PINK's cipher: {tr['cipher']}. Bytes verified identical: {tr['verified']}.", ""]
+        out += _speed_table(tr["speeds"])
         if "libraries" in tr:
             lib = tr["libraries"]
-            speeds = {k: measure.median(v) for k, v in lib["speeds"].items()}
-            scp_best = max(v for k, v in speeds.items() if k.startswith("scp"))
             out += [f"2b. A tar of `{measure.LIBRARIES}` ({lib['bytes'] / 2**20:.0f} MiB), the stuff of GPU "
                     f"images' layers; MB/s of the file's own bytes. Link rate PINK saw: "
                     f"{(lib['link_rate'] or 0) / 1e6:.0f} MB/s; compressed in each round: {lib['compressed']}; "
-                    f"unpacked to the same bytes: {lib['verified']}.", "",
-                    "| what | MB/s | all rounds | x best scp |", "|---|---|---|---|"]
-            out += [f"| {k} | {v:.0f} | {', '.join(f'{x:.0f}' for x in lib['speeds'][k])} | {v / scp_best:.2f} |"
-                    for k, v in speeds.items()]
-            out.append("")
+                    f"unpacked to the same bytes: {lib['verified']}.", ""]
+            out += _speed_table(lib["speeds"])
     if "memory" in r:
         mem = r["memory"]
         out += [f"### 3. pink-web memory during a {mem['bytes'] / 2**20:.0f} MiB HTTPS upload", "",
