@@ -31,7 +31,7 @@ TARGET = 0.8  # PINK's tasks per second as a fraction of raw docker run's
 GROUPS = {  # process groups by the start of their command line
     "pink-web": "pink-web", "pink-worker": "pink-worker", "pink-leader": "pink-leader",
     "pink-runner": "pink-runner", "etcd": "etcd", "mariadbd": "mariadb", "redis-server": "redis",
-    "dockerd": "dockerd", "containerd": "containerd", "sshd": "sshd",
+    "dockerd": "dockerd", "containerd-shim": None, "containerd": "containerd", "sshd": "sshd",
 }
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -41,9 +41,9 @@ def _machine_busy() -> float:
     return (sum(fields) - fields[3] - fields[4]) / TICK  # all but idle and iowait
 
 
-def _by_group() -> dict[str, float]:
-    """CPU seconds so far of the long-lived processes, summed per group."""
-    out = collections.Counter()
+def _by_pid() -> dict[str, tuple[str, float]]:
+    """CPU seconds so far of each process of a group: pid -> (group, seconds)."""
+    out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
@@ -51,18 +51,22 @@ def _by_group() -> dict[str, float]:
         except OSError:
             continue
         words = [os.path.basename(a.decode(errors="replace")) for a in argv[:2] if a]
-        group = next((g for w in words for prefix, g in GROUPS.items() if w.startswith(prefix)), None)
+        group = next((g for w in words for prefix, g in GROUPS.items() if w.startswith(prefix)), None)  # shims: None
         if group:
-            out[group] += (int(stat[11]) + int(stat[12])) / TICK
+            out[pid] = (group, (int(stat[11]) + int(stat[12])) / TICK)
     return out
 
 
 def _cpu(run) -> tuple[float, float, dict[str, float]]:
-    """Run `run`; returns its result, the machine's busy CPU seconds and each group's."""
-    busy, groups = _machine_busy(), _by_group()
+    """Run `run`; returns its result, the machine's busy CPU seconds and each
+    group's, counting the processes alive at both ends."""
+    busy, before = _machine_busy(), _by_pid()
     result = run()
-    after = _by_group()
-    return result, _machine_busy() - busy, {g: after[g] - groups.get(g, 0.0) for g in after}
+    after, groups = _by_pid(), collections.Counter()
+    for pid, (group, seconds) in after.items():
+        if pid in before and before[pid][0] == group:
+            groups[group] += seconds - before[pid][1]
+    return result, _machine_busy() - busy, dict(groups)
 
 
 def measure(api, client, workdir, config, tasks: int, concurrency: int, log) -> dict:

@@ -134,7 +134,10 @@ class Execution:
                 self.agent.images_changed()
             self.container = self.agent.create_container(self._container_args(task))
         except images.BlobMissing as exc:
-            self.agent.images_changed()  # Docker lacks the image too: the node record must stop listing it
+            try:
+                self.agent.images_changed()  # Docker lacks the image too: the node record must stop listing it
+            except DockerException as docker_exc:
+                log.warning("task %s: could not list this node's images again: %s", self.task_id, docker_exc)
             return State.QUEUED, {"requeue": (f"{exc}: copying it again", True)}
         except (RuntimeError, DockerException) as exc:
             return State.FAILED, {"error": _docker_message(exc), **self._export_info()}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
 import time
 import uuid
@@ -223,9 +224,11 @@ class RunnerBlobs:
     A transfer job sends only the blobs without a marker in `held/`, into
     `incoming/`; the runner copies each one it needs into its store with its
     sha256 checked (a copy, not a rename: the account could still write to a
-    file it sent) and marks it held. A marker the account fakes only makes a
-    transfer skip a blob, and the load then fails saying so: it can never
-    make the runner use bytes it did not check. The store is collected by
+    file it sent, or unpacks a `<digest>.zst` into it) and marks it held. A
+    marker the account fakes only makes a transfer skip a blob; the runner
+    finds it missing, drops the marker and re-queues the task (a loss, so
+    bounded by max_attempts): it can never make the runner use bytes it did
+    not check. The store is collected by
     LRU under its budget, sparing the blobs of tasks reserved here.
     """
 
@@ -256,32 +259,42 @@ class RunnerBlobs:
                 pass
 
     def adopt(self, recipe: blobs.Recipe) -> None:
-        """Have every blob of `recipe` verified in the store; RuntimeError for one not sent."""
+        """Have every blob of `recipe` verified in the store: BlobMissing for one
+        not here, RuntimeError for one that arrived damaged."""
         for digest in recipe.blobs:
             if not self.store.touch(digest):
                 self._take(digest, recipe)
             self._mark(digest)
 
     def _take(self, digest: str, recipe: blobs.Recipe) -> None:
-        """Copy a sent blob (as it is, or zstd-compressed: pink.wire) into the store, its sha256 checked."""
+        """Copy a sent blob (as it is, or zstd-compressed: pink.wire) into the store, its sha256 checked.
+
+        Whatever else sits under its names (a link, a directory, a plain
+        file of the wrong size beside a compressed one) is removed, so the
+        next transfer sends the blob again.
+        """
         size = recipe.sizes[digest]
-        for name in (digest, digest + wire.SUFFIX):
-            path = os.path.join(self.incoming, name)
-            fd = _open_sent(path)
-            if fd is None:
-                continue
-            try:  # read through the descriptor: the account cannot swap the file under us
-                if name == digest:
-                    self.store.ingest(digest, f"/proc/self/fd/{fd}", 0, size)
-                else:
-                    self._unpack(digest, fd, size)
-            except (PinkError, zstandard.ZstdError) as exc:
-                raise RuntimeError(f"layer sha256:{digest} arrived damaged: {getattr(exc, 'message', exc)}") \
-                    from None
-            finally:
-                os.close(fd)
-                _unlink(path)
-            return
+        paths = [os.path.join(self.incoming, digest + suffix) for suffix in ("", wire.SUFFIX)]
+        try:
+            for path in paths:
+                fd = _open_sent(path)
+                if fd is None:
+                    continue
+                try:  # read through the descriptor: the account cannot swap the file under us
+                    if path == paths[0] and os.fstat(fd).st_size == size:
+                        self.store.ingest(digest, f"/proc/self/fd/{fd}", 0, size)
+                        return
+                    if path == paths[1]:
+                        self._unpack(digest, fd, size)
+                        return
+                except (PinkError, zstandard.ZstdError) as exc:
+                    raise RuntimeError(f"layer sha256:{digest} arrived damaged: "
+                                       f"{getattr(exc, 'message', exc)}") from None
+                finally:
+                    os.close(fd)
+        finally:
+            for path in paths:
+                _remove_entry(path)
         if self.store.touch(digest):
             return  # a task sharing the layer took it meanwhile
         _unlink(os.path.join(self.held, digest))  # so the next transfer sends it
@@ -289,6 +302,8 @@ class RunnerBlobs:
                           "(collected after the transfer looked, or not sent as a plain file)")
 
     def _unpack(self, digest: str, fd: int, size: int) -> None:
+        if os.fstat(fd).st_size > wire.bound(size):
+            raise BadRequest(f"its compressed copy is larger than {size} bytes can compress to")
         owner = f"unpack-{uuid.uuid4().hex}"  # a part of its own: never resumed
         try:
             with wire.unpacking_reader(fd) as stream:
@@ -305,8 +320,9 @@ class RunnerBlobs:
         now = time.time()
         for entry in os.scandir(self.incoming):
             try:
-                if entry.name.split(".", 1)[0] not in keep and now - entry.stat().st_mtime > grace:
-                    _unlink(entry.path)
+                if entry.name.split(".", 1)[0] not in keep and \
+                        now - entry.stat(follow_symlinks=False).st_mtime > grace:
+                    _remove_entry(entry.path)
             except FileNotFoundError:
                 pass
         return gone
@@ -323,6 +339,17 @@ def _open_sent(path: str) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _remove_entry(path: str) -> None:
+    """Remove whatever the transfer account left at `path`, a directory too."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _unlink(path: str) -> None:

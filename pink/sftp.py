@@ -15,6 +15,7 @@ import hashlib
 import multiprocessing
 import os
 import socket
+import stat
 import threading
 import uuid
 from typing import BinaryIO, Callable, Iterator
@@ -134,10 +135,12 @@ class Pool:
 
 
 def remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
+    """Bytes of the regular file at `path`; None when there is none (a link counts as none)."""
     try:
-        return sftp.stat(path).st_size
+        attrs = sftp.lstat(path)
     except FileNotFoundError:
         return None
+    return attrs.st_size if stat.S_ISREG(attrs.st_mode or 0) else None
 
 
 Source = Callable[[], BinaryIO]  # opens what to send: a file, or an archive rebuilt from blobs
@@ -168,6 +171,9 @@ def put_stream(sftp: paramiko.SFTPClient, source: Source, remote: str) -> int:
     part = _part_name(remote)
     with sftp.open(part, "wb") as dst:
         sent = _write_range(sftp, dst, source, 0, None)
+    if sftp.stat(part).st_size != sent:  # a pipelined write refused (a full disk) is reported by no one else
+        remove(sftp, part)
+        raise Unavailable(f"SFTP copy to {remote} arrived short")
     sftp.posix_rename(part, remote)
     return sent
 

@@ -63,8 +63,13 @@ def worth_compressing(path: str, link_rate: float | None) -> bool:
         sample = fh.read(SAMPLE_BYTES)
     started = time.perf_counter()
     packed = len(zstandard.ZstdCompressor(level=LEVEL).compress(sample))
-    compress_rate = len(sample) / max(time.perf_counter() - started, 1e-6) * (os.cpu_count() or 1)
+    compress_rate = len(sample) / max(time.perf_counter() - started, 1e-6) * len(os.sched_getaffinity(0))
     return packed <= WORTH * len(sample) and compress_rate > link_rate
+
+
+def bound(size: int) -> int:
+    """The most bytes zstd can make of `size` bytes (ZSTD_COMPRESSBOUND, with room for frame headers)."""
+    return size + size // 128 + (1 << 17)
 
 
 def compressed(path: str):

@@ -254,3 +254,15 @@ def test_a_layer_that_shrinks_crosses_compressed(api, docker_client, tmp_path):
     task = api.wait(api.submit(damaged).json()["task"]["id"])
     assert task["state"] == "failed" and "arrived damaged" in task["error"], task
     assert not os.path.exists(planted)
+
+
+def test_a_link_planted_under_a_compressed_name_is_not_taken_for_a_copy(api, docker_client, tmp_path):
+    """A link at incoming/<digest>.zst neither makes the transfer skip the blob nor feeds the runner."""
+    archive = images.fresh_archive(docker_client, "linked", tmp_path / "linked.tar",
+                                   "RUN echo linked > /linked\n" + images.WRITER)
+    recipe, _, _ = _recipe(archive)
+    planted = os.path.join(api.config.runner.spool_dir, "incoming", recipe.layers[-1] + wire.SUFFIX)
+    os.symlink("/etc/shadow", planted)
+    task = api.wait(api.submit(archive).json()["task"]["id"])
+    assert task["state"] == "succeeded" and task["timings"]["transfer_bytes"] > 0, task
+    assert not os.path.lexists(planted)
