@@ -151,8 +151,10 @@ class Execution:
         else:
             follower.start()
             result, fields = self._wait(task)
-            if result != State.QUEUED and task.gpus:
-                self._free_gpus()
+            if result != State.QUEUED:
+                fields["exited"] = now()
+                if task.gpus:
+                    self._free_gpus(fields["exited"])
             follower.join(timeout=LOG_DRAIN)
             if follower.is_alive():
                 log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
@@ -242,17 +244,17 @@ class Execution:
             pass
         return getattr(self, "_seen", started)
 
-    def _free_gpus(self, tries: int = 3) -> None:
+    def _free_gpus(self, exited: float, tries: int = 3) -> None:
         """The container has exited: give its GPUs back before the log drains and the export runs.
 
         Exporting a 10 GB filesystem is minutes of disk work that needs no
         GPU. The slot stays reserved (the exited container and its export
         still use this runner's disk) and the task stays running, ours and
         fenced, until the export is reported; `timings.exited` says when the
-        container ended (usage counts GPU time to it). Best effort: if etcd
-        cannot take it now, the report releases the whole reservation.
+        container ended (usage counts run time to it; tasks without GPUs get
+        it with the report). Best effort: if etcd cannot take it now, the
+        report releases the whole reservation.
         """
-        exited = now()
         for _ in range(tries):  # a cancel request may land between the read and the move
             try:
                 rec = self.store.get(self.store.keys.task(self.task_id))
@@ -345,7 +347,7 @@ def _docker_message(exc: Exception) -> str:
     return str(exc)
 
 
-TIMING_FIELDS = ("image_load_seconds", "export_seconds")  # reported with the result, kept in `timings`
+TIMING_FIELDS = ("image_load_seconds", "export_seconds", "exited")  # reported with the result, kept in `timings`
 
 
 def _moved_on(task: Task | None, attempt: int) -> bool:

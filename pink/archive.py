@@ -251,8 +251,8 @@ def usage(conn, since: float | None, until: float | None, user: str | None) -> l
 
     Wall time is the time a task's container ran (running to exited; to
     exported for tasks archived before runners stamped `exited`, whose GPUs
-    were held through the export); a task's GPU-hours are that time
-    multiplied by its GPUs.
+    were held through the export, and for tasks that never ran); a task's
+    GPU-hours are that time multiplied by its GPUs.
     """
     where, args = ["1=1"], []
     if since is not None:

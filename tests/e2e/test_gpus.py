@@ -75,4 +75,5 @@ def test_gpu_is_free_while_the_previous_task_exports(pink_processes, pink_config
     assert first["state"] == second["state"] == "succeeded", json.dumps([first, second])
     t1, t2 = first["timings"], second["timings"]
     assert t1["running"] < t1["exited"] <= t2["placed"] < t2["running"] < t1["exported"], json.dumps([t1, t2])
+    assert t2["running"] < t2["exited"] <= t2["exported"], t2
     assert second["gpus"] == first["gpus"] == ["GPU-solo-0"]
