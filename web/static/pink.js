@@ -184,6 +184,7 @@
 
   const FINAL = new Set(['succeeded', 'failed', 'timed_out', 'cancelled']);
   const STARTED = new Set(['running', 'exported', ...FINAL]);  // states in which this attempt has a log
+  const NEXT_ATTEMPT = /\n\[pink: attempt \d+ started on [^\]\n]*\]\n/;  // web/api.py _follow
   // Each state has a shape as well as a colour (and always its name).
   const ICONS = {queued: '◷', placed: '→', transferred: '→', assigned: '→', running: '▶', exported: '⇣',
                  succeeded: '✓', failed: '✕', timed_out: '◔', cancelled: '⊘',
@@ -728,6 +729,14 @@
             const {done, value} = await reader.read();
             if (done) break;
             write(text, decoder.decode(value, {stream: true}));
+            // The server goes on into the next attempt's log after a line saying so;
+            // this page gives each attempt a section of its own (followLogs).
+            const next = NEXT_ATTEMPT.exec(text.data);
+            if (next) {
+              text.data = text.data.slice(0, next.index);
+              reader.cancel();
+              return;
+            }
           }
           write(text, decoder.decode());
           logsState.textContent = text.length ? 'end of the log' : 'the task wrote no log';
