@@ -206,11 +206,7 @@ def _pink_blob(archive: Path, ssh_config, node: dict, remote: str, rates: wire.L
     at the link rate `rates` last saw (pink.wire), else as it is, which is timed."""
     t = time.perf_counter()
     with sftp.session(ssh_config, node) as conn:
-        if wire.worth_compressing(str(archive), rates.get(node["name"])):
-            sftp.put_stream(conn, wire.compressed(str(archive)), remote + wire.SUFFIX)
-            return time.perf_counter() - t
-        size = sftp.put_parallel(conn, ssh_config, node, sftp.local_file(str(archive)), remote)
-    rates.saw(node["name"], size, time.perf_counter() - t)
+        wire.send(conn, ssh_config, node, str(archive), remote, rates)
     return time.perf_counter() - t
 
 

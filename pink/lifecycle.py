@@ -47,10 +47,8 @@ def move(store: Store, rec: Record, new: Task, *, release: str | None = None, fr
         txn = store.txn().expect(rec).put(rec.key, new)
         if fence:
             txn.fence(*fence)
-        if release:
-            _release(store, txn, release, task_id)
-        elif free_gpus:
-            _free_gpus(store, txn, free_gpus, task_id)
+        if release or free_gpus:
+            _change_reservation(store, txn, release or free_gpus, task_id, keep_slot=not release)
         if assign is not None:
             txn.put(keys.assignment(new.node, task_id), assign, assign_lease)
         if unassign:
@@ -137,21 +135,16 @@ def retire(store: Store, rec: Record) -> Record | None:
     raise Unavailable(f"could not remove task {rec.key} from etcd: it kept changing")
 
 
-def _free_gpus(store: Store, txn, node: str, task_id: str) -> None:
-    key = store.keys.alloc(node)
-    alloc = store.get(key)
-    if alloc is None or not (alloc.value.get(task_id) or {}).get("gpus"):
-        return
-    txn.expect(alloc)
-    txn.put(key, {**alloc.value, task_id: {**alloc.value[task_id], "gpus": []}})
-
-
-def _release(store: Store, txn, node: str, task_id: str) -> None:
+def _change_reservation(store: Store, txn, node: str, task_id: str, keep_slot: bool) -> None:
+    """Drop the task's reservation on `node`, or with `keep_slot` only its GPUs."""
     key = store.keys.alloc(node)
     alloc = store.get(key)
     if alloc is None or task_id not in alloc.value:
         return
-    remaining = {k: v for k, v in alloc.value.items() if k != task_id}
+    if keep_slot:
+        remaining = {**alloc.value, task_id: {**alloc.value[task_id], "gpus": []}}
+    else:
+        remaining = {k: v for k, v in alloc.value.items() if k != task_id}
     txn.expect(alloc)
     if remaining:
         txn.put(key, remaining)

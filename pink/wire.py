@@ -25,13 +25,13 @@ import time
 
 import zstandard
 
+from pink import sftp
+
 SUFFIX = ".zst"  # a blob sent compressed: incoming/<digest>.zst
 LEVEL = 1
 SAMPLE_BYTES = 1 << 20  # read from the middle of the blob to decide
 WORTH = 0.75  # compressed sample / sample at most this, or the blob goes as it is
 MIN_BYTES = 1 << 20  # smaller blobs go as they are: too few bytes to matter
-
-
 MEASURED_MIN = 8 << 20  # an uncompressed copy at least this big sets a runner's link rate
 
 
@@ -50,6 +50,17 @@ class LinkRates:
         if size >= MEASURED_MIN and seconds > 0:
             with self._lock:
                 self._rates[runner] = size / seconds
+
+
+def send(conn, ssh_config, node: dict, path: str, remote: str, rates: LinkRates) -> int:
+    """Copy the blob at `path` to `remote` on `node` (as `remote` + SUFFIX when
+    compressing pays, else as it is, timed into `rates`); returns the bytes sent."""
+    if worth_compressing(path, rates.get(node["name"])):
+        return sftp.put_stream(conn, compressed(path), remote + SUFFIX)
+    started = time.monotonic()
+    size = sftp.put_parallel(conn, ssh_config, node, sftp.local_file(path), remote)
+    rates.saw(node["name"], size, time.monotonic() - started)
+    return size
 
 
 def worth_compressing(path: str, link_rate: float | None) -> bool:

@@ -107,14 +107,7 @@ def _send_blobs(conn, node: dict, recipe: blobs.Recipe) -> int:
                 sftp.remote_size(conn, f"{incoming}/{digest}") == recipe.sizes[digest] or \
                 sftp.remote_size(conn, f"{incoming}/{digest}{wire.SUFFIX}") is not None:
             continue
-        path = store.path(digest)
-        if wire.worth_compressing(path, context.link_rates().get(node["name"])):
-            sent += sftp.put_stream(conn, wire.compressed(path), f"{incoming}/{digest}{wire.SUFFIX}")
-            continue
-        started = time.monotonic()
-        size = sftp.put_parallel(conn, ssh, node, sftp.local_file(path), f"{incoming}/{digest}")
-        context.link_rates().saw(node["name"], size, time.monotonic() - started)
-        sent += size
+        sent += wire.send(conn, ssh, node, store.path(digest), f"{incoming}/{digest}", context.link_rates())
     return sent
 
 
