@@ -163,6 +163,11 @@ class Execution:
         fields["image_load_seconds"] = load_seconds
         return result, fields
 
+    def _cpus(self) -> float:
+        """The configured CPU limit, or every core this host lets us use where
+        it has fewer (Docker refuses a limit above the cores it sees)."""
+        return min(self.config.cpus, len(os.sched_getaffinity(0)))
+
     def _container_args(self, task: Task) -> dict:
         params = task.params
         env = dict(params.env)
@@ -171,7 +176,7 @@ class Execution:
             "labels": {**self.agent.labels(), "pink.task": self.task_id, "pink.attempt": str(self.attempt),
                        "pink.epoch": str(self.epoch)},
             "detach": True, "network_mode": self.config.network,
-            "mem_limit": self.config.memory, "nano_cpus": int(self.config.cpus * 1e9),
+            "mem_limit": self.config.memory, "nano_cpus": int(self._cpus() * 1e9),
             "pids_limit": self.config.pids, "cap_drop": ["ALL"],
             "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"],
             "security_opt": ["no-new-privileges"], "privileged": False,

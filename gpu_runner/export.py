@@ -35,10 +35,15 @@ DIFF_KINDS = {0: "modified", 1: "added", 2: "deleted"}  # docker diff's Kind
 
 
 def _compressor(raw, compression: str):
-    """A writer compressing into `raw`; closing it leaves `raw` open."""
+    """A writer compressing into `raw`; closing it leaves `raw` open.
+
+    zstd level 1: level 3 compressed a container's files at half the speed
+    (63 against 138 MB/s a core on the bench machine) for 9% fewer bytes,
+    and every task's export pays it on the runner's cores.
+    """
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3)
-    return zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(raw, closefd=False)
+    return zstandard.ZstdCompressor(level=1, threads=-1).stream_writer(raw, closefd=False)
 
 
 class _ChunkReader(io.RawIOBase):

@@ -4,9 +4,13 @@ One owner for the order of a task's life, called by the queue jobs (to
 enqueue the next stage), the leader (to repair missing jobs and re-queue
 lost tasks) and node control (moving tasks off a node):
 
-    queued -> (leader) placed -> transfer job -> transferred -> run job
-    -> assigned -> (runner) running -> exported -> finalize job -> archived
-    in MariaDB, then removed from etcd; the final state lives only there.
+    queued -> (leader) placed -> transfer job -> (transferred) assigned
+    -> (runner) running -> exported -> finalize job -> archived in MariaDB,
+    then removed from etcd; the final state lives only there.
+
+The transfer job ends by assigning the task (transferred and assigned in one
+transaction, both in its history); the run job only repairs a task found
+`transferred`.
 
 A queued task needs no job: the leader places waiting tasks in batches
 from its pass over the queue, and enqueues the transfer of each it placed.

@@ -42,7 +42,8 @@ def _node(name: str, epoch: int | None = None) -> dict | None:
 # -- transfer ----------------------------------------------------------------
 
 def transfer(task_id: str, attempt: int) -> str:
-    """Copy a placed task's image to its runner (runs on the upload's host).
+    """Copy a placed task's image to its runner (runs on the upload's host),
+    then assign the task to the runner.
 
     The leader placed the task (and reserved its GPUs); this job only copies.
     """
@@ -80,10 +81,9 @@ def _copy_image(rec) -> str:
     detail = f"copied {sent} bytes in {elapsed:.2f}s" if sent else "runner already holds the image"
     new = advance(task, State.TRANSFERRED, detail)
     new.timings.update(transfer_bytes=sent, transfer_seconds=round(elapsed, 3))
-    if not lifecycle.move(store, rec, new):
-        return "task moved during transfer"
-    enqueue_next(context.redis(), new)
-    return detail
+    if not _assign(rec, new, node):
+        return "task or runner moved during transfer"
+    return f"{detail}; assigned"
 
 
 def _damaged(recipe: blobs.Recipe) -> bool:
@@ -123,20 +123,28 @@ def _send_archive(conn, node: dict, task: Task) -> int:
 # -- run ---------------------------------------------------------------------
 
 def run(task_id: str, attempt: int) -> str:
-    """Hand the task to its runner: an assignment key bound to the runner's lease."""
+    """Hand a transferred task to its runner. The transfer job assigns the
+    task itself; this stage is the leader's repair for a task left
+    `transferred` (recorded by an earlier version, or a worker lost between)."""
     rec = _load(task_id, attempt, State.TRANSFERRED)
     if rec is None:
         return "nothing to do"
-    task = rec.value
-    node = _node(task.node, task.epoch)
+    node = _node(rec.value.node, rec.value.epoch)
     if node is None:
         return "runner gone; the leader will re-queue"
+    return "assigned" if _assign(rec, rec.value, node) else "task moved first"
+
+
+def _assign(rec, task: Task, node: dict) -> bool:
+    """Commit `task` (transferred) as assigned, with its assignment key bound
+    to the runner's lease, fenced on the runner's epoch: one etcd transaction
+    for the copy's end and the hand-over (a warm task's transfer job is its
+    only job before the runner). False if the task or the runner moved."""
     store = context.store()
     new = advance(task, State.ASSIGNED, f"assigned to {task.node} epoch {task.epoch}")
-    assignment = {"task": task_id, "attempt": attempt, "epoch": task.epoch}
-    ok = lifecycle.move(store, rec, new, fence=(store.keys.node(task.node), task.epoch),
-                        assign=assignment, assign_lease=node["lease"])
-    return "assigned" if ok else "task moved first"
+    assignment = {"task": task.id, "attempt": task.attempt, "epoch": task.epoch}
+    return lifecycle.move(store, rec, new, fence=(store.keys.node(task.node), task.epoch),
+                          assign=assignment, assign_lease=node["lease"])
 
 
 # -- finalize ----------------------------------------------------------------

@@ -8,9 +8,10 @@ import time
 
 from redis import Redis
 
-from pink import archive, blobs, db
+from pink import archive, blobs, db, lifecycle
 from pink.image_archive import inspect
 from pink.store import Store
+from pink.tasks import State, advance
 from tests import images
 from tests.helpers import Api, make_user
 
@@ -178,3 +179,35 @@ def test_a_blob_the_runner_lost_after_the_transfer_looked_is_copied_again(pink_p
     second = api.wait(api.submit(archive_path).json()["task"]["id"], timeout=120)
     assert second["state"] == "succeeded" and second["attempt"] == 2, second
     assert any("copying it again" in entry["detail"] for entry in second["history"]), second["history"]
+
+
+def test_a_task_left_transferred_is_handed_over_by_the_run_job(pink_processes, pink_config, docker_client,
+                                                               tmp_path):
+    """The transfer job assigns what it copied in one transaction; a task found `transferred` (a
+    record of an earlier version, or one written between) gets the run job from the leader's repair."""
+    c = pink_config
+    archive_path = images.fresh_archive(docker_client, "handover", tmp_path / "handover.tar", images.WRITER)
+    pink_processes.web()
+    worker = pink_processes.worker()
+    pink_processes.leader()
+    pink_processes.runner()
+    api = Api(c, make_user(c, "alice"))
+    first = api.wait(api.submit(archive_path).json()["task"]["id"], timeout=120)  # the runner holds the image
+    assert first["state"] == "succeeded", first
+    assert [h["state"] for h in first["history"]][2:4] == ["transferred", "assigned"], first["history"]
+    pink_processes.stop(worker)
+    task_id = api.submit(archive_path).json()["task"]["id"]
+    store = Store.from_config(c)
+    try:
+        deadline = time.monotonic() + 60
+        while (rec := store.get(store.keys.task(task_id))).value.state != State.PLACED:
+            assert time.monotonic() < deadline, rec.value
+            time.sleep(0.1)
+        assert lifecycle.move(store, rec, advance(rec.value, State.TRANSFERRED, "left here by the test"))
+    finally:
+        store.close()
+    pink_processes.worker()
+    second = api.wait(task_id, timeout=120)
+    assert second["state"] == "succeeded" and second["attempt"] == 1, second
+    details = {h["state"]: h["detail"] for h in second["history"]}
+    assert details["transferred"] == "left here by the test" and "epoch" in details["assigned"], details
