@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             log("5. throughput")
             slots = len(RUNNERS) * config.runner.max_containers
             measured("throughput", "throughput", lambda: throughput.measure(
-                api, client, work, config, 12 if quick else 48, slots, log))
+                api, client, work, config, 12 if quick else 48, slots, rounds, log))
             checkpoint("after 5. throughput")
         if "loaded" in only:
             log("6. warm task on a loaded cluster")
@@ -255,7 +255,9 @@ def summary(r: dict) -> list[str]:
                      f"{r['placement']['placements_per_second']:.0f}", f">= {placement.TARGET}"))
     if "throughput" in r:
         t = r["throughput"]
-        rows.append(("5. trivial tasks/s, x raw `docker run` loop", f"{t['pink'] / t['raw']:.2f}",
+        rows.append(("5. trivial tasks/s, x raw `docker run` loop (median of rounds)", f"{t['ratio']:.2f}",
+                     f">= {throughput.TARGET}"))
+        rows.append(("5. the same, runner host apart from the control plane", f"{t['apart_ratio']:.2f}",
                      f">= {throughput.TARGET}"))
     if "loaded" in r:
         lo = r["loaded"]

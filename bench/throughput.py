@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import statistics
 import subprocess
 import time
 
@@ -119,51 +120,71 @@ def _raw_loop(tag: str, tasks: int, concurrency: int, cpus: set[int] | None = No
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda _: subprocess.run(["docker", "run", "--rm", "--network", "none", tag], check=True, capture_output=True,
-                                               preexec_fn=pin), range(tasks)))
+        list(pool.map(lambda _: subprocess.run(["docker", "run", "--rm", "--network", "none", tag], check=True,
+                                               capture_output=True, preexec_fn=pin), range(tasks)))
     return tasks / (time.perf_counter() - started)
 
 
-def measure(api, client, workdir, config, tasks: int, concurrency: int, log) -> dict:
+def measure(api, client, workdir, config, tasks: int, concurrency: int, rounds: int, log) -> dict:
+    """`rounds` rounds of raw then PINK, shared and then apart: this machine's
+    speed swings between minutes, so each ratio is of two phases run back to
+    back, and the figure is their median."""
     tag, archive = hello_image(client, workdir)
+    shared, apart, cpu = [], [], {"raw": [0.0, collections.Counter()], "pink": [0.0, collections.Counter()]}
+
+    def timed(side: str, run) -> float:
+        rate, busy, groups = _cpu(run)
+        cpu[side][0] += busy
+        cpu[side][1].update(groups)
+        return rate
+
     try:
-        raw, raw_cpu, raw_groups = _cpu(lambda: _raw_loop(tag, tasks, concurrency))
-        log(f"raw docker run x{concurrency}: {raw:.2f} tasks/s, {raw_cpu / tasks:.3f} CPU s per task")
         api.wait(api.submit(archive).json()["task"]["id"])  # one task first: the image is then cached
-        pink, pink_cpu, groups = _cpu(lambda: batch(api, config, archive, tasks, log)["rate"])
-        log(f"PINK, two runners: {pink:.2f} tasks/s, {pink_cpu / tasks:.3f} CPU s per task")
-        with _runner_host_apart() as cpus:
-            raw_apart = _raw_loop(tag, tasks, concurrency, cpus)
-            log(f"runner host apart (cores {sorted(cpus)}): raw {raw_apart:.2f} tasks/s")
-            pink_apart = batch(api, config, archive, tasks, log)["rate"]
-            log(f"runner host apart: PINK {pink_apart:.2f} tasks/s")
+        for n in range(1, rounds + 1):
+            raw = timed("raw", lambda: _raw_loop(tag, tasks, concurrency))
+            pink = timed("pink", lambda: batch(api, config, archive, tasks, log)["rate"])
+            shared.append((raw, pink))
+            log(f"round {n}, shared: raw docker run x{concurrency} {raw:.2f} tasks/s, PINK {pink:.2f}")
+            with _runner_host_apart() as cpus:
+                apart.append((_raw_loop(tag, tasks, concurrency, cpus),
+                              batch(api, config, archive, tasks, log)["rate"]))
+            log(f"round {n}, runner host on cores {sorted(cpus)}: raw {apart[-1][0]:.2f} tasks/s, "
+                f"PINK {apart[-1][1]:.2f}")
     finally:
         client.images.remove(tag, force=True)
-    return {"tasks": tasks, "concurrency": concurrency, "raw": raw, "pink": pink,
-            "raw_cpu": raw_cpu / tasks, "pink_cpu": pink_cpu / tasks,
-            "groups": {g: s / tasks for g, s in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "raw_groups": {g: s / tasks for g, s in raw_groups.items()},
-            "apart": {"cores": len(cpus), "raw": raw_apart, "pink": pink_apart}}
+    done = tasks * rounds
+    return {"tasks": tasks, "concurrency": concurrency, "rounds": rounds, "shared": shared, "apart": apart,
+            "apart_cores": len(cpus), "ratio": _median_ratio(shared), "apart_ratio": _median_ratio(apart),
+            "raw_cpu": cpu["raw"][0] / done, "pink_cpu": cpu["pink"][0] / done,
+            "groups": {g: s / done for g, s in cpu["pink"][1].most_common()},
+            "raw_groups": {g: s / done for g, s in cpu["raw"][1].items()}}
+
+
+def _median_ratio(pairs: list[tuple[float, float]]) -> float:
+    return statistics.median(pink / raw for raw, pink in pairs)
 
 
 def report(r: dict) -> list[str]:
-    out = [f"### 5. Throughput: {r['tasks']} trivial tasks, concurrency {r['concurrency']}", "",
-           "| what | tasks/s | x raw | target | machine CPU s per task |", "|---|---|---|---|---|",
-           f"| raw `docker run --rm --network none`, {r['concurrency']} threads | {r['raw']:.2f} | 1.00 | | "
-           f"{r.get('raw_cpu', float('nan')):.3f} |",
-           f"| PINK, two runners | {r['pink']:.2f} | {r['pink'] / r['raw']:.2f} | {TARGET} | "
-           f"{r.get('pink_cpu', float('nan')):.3f} |"]
-    if "apart" in r:
-        a = r["apart"]
-        out += [f"| raw, runner host apart ({a['cores']} of the cores) | {a['raw']:.2f} | 1.00 | | |",
-                f"| PINK, runner host apart | {a['pink']:.2f} | {a['pink'] / a['raw']:.2f} | {TARGET} | |"]
-    out += [""]
-    if "groups" in r:
-        raw_groups = r.get("raw_groups", {})
-        out += ["CPU seconds per task by process (the rest: containers' short-lived processes, "
-                "the docker CLI, kernel threads, the benchmark's client):", "",
-                "| process | raw loop | PINK |", "|---|---|---|"]
-        out += [f"| {g} | {raw_groups.get(g, 0.0):.3f} | {s:.3f} |" for g, s in r["groups"].items()]
-        out += [f"| the rest | {r['raw_cpu'] - sum(raw_groups.values()):.3f} | "
-                f"{r['pink_cpu'] - sum(r['groups'].values()):.3f} |", ""]
+    out = [f"### 5. Throughput: {r['tasks']} trivial tasks a phase, concurrency {r['concurrency']}, "
+           f"{r['rounds']} rounds", "",
+           "Tasks per second, raw `docker run --rm --network none` in "
+           f"{r['concurrency']} threads then PINK's two runners, in each round; the ratio is the "
+           "median of the rounds' (target " f"{TARGET}).", "",
+           "| round | shared: raw | PINK | x raw | runner host apart: raw | PINK | x raw |",
+           "|---|---|---|---|---|---|---|"]
+    for n, ((raw, pink), (araw, apink)) in enumerate(zip(r["shared"], r["apart"]), 1):
+        out.append(f"| {n} | {raw:.2f} | {pink:.2f} | {pink / raw:.2f} | {araw:.2f} | {apink:.2f} | "
+                   f"{apink / araw:.2f} |")
+    out += [f"| median | | | **{r['ratio']:.2f}** | | | **{r['apart_ratio']:.2f}** |", "",
+            f"Runner host apart: {r['apart_cores']} of the {r['apart_cores'] * 2} cores for dockerd, "
+            "containerd, the runners and their sshd; the rest for the control plane and the benchmark.", "",
+            "Machine CPU seconds per task, shared phases, by process (the rest: containers' short-lived "
+            "processes, dockerd's re-executions (network setup, the export's tar), the docker CLI, "
+            "kernel threads, the benchmark's client):", "",
+            "| process | raw loop | PINK |", "|---|---|---|"]
+    raw_groups = r["raw_groups"]
+    out += [f"| {g} | {raw_groups.get(g, 0.0):.3f} | {s:.3f} |" for g, s in r["groups"].items()]
+    out += [f"| the rest | {r['raw_cpu'] - sum(raw_groups.values()):.3f} | "
+            f"{r['pink_cpu'] - sum(r['groups'].values()):.3f} |",
+            f"| all | {r['raw_cpu']:.3f} | {r['pink_cpu']:.3f} |", ""]
     return out

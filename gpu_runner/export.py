@@ -87,13 +87,25 @@ def write_changes(container, writer) -> None:
     """Write, as a tar into `writer`, what the task changed and CHANGES_MANIFEST.
 
     Both tars are streams, and their member lists are emptied as they go, so
-    memory stays flat over a base image of a million files.
+    memory stays flat over a base image of a million files. A task that
+    changed nothing skips Docker's export (a read of the whole base) altogether.
     """
     diff = container.diff() or []
     kept = {d["Path"]: DIFF_KINDS.get(d["Kind"], "modified") for d in diff if d["Kind"] in (0, 1)}
     manifest = {"changed": [], "deleted": sorted(d["Path"] for d in diff if d["Kind"] == 2)}
-    with tarfile.open(fileobj=_ChunkReader(container.export(chunk_size=CHUNK)), mode="r|") as source, \
-            tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as out:
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as out:
+        if kept:
+            _copy_kept(container, kept, out, manifest["changed"])
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        info = tarfile.TarInfo(CHANGES_MANIFEST)
+        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+        out.addfile(info, io.BytesIO(data))
+
+
+def _copy_kept(container, kept: dict[str, str], out: tarfile.TarFile, changed: list[dict]) -> None:
+    """Copy the members of the container's export named in `kept` into `out`,
+    with an entry for each in `changed`."""
+    with tarfile.open(fileobj=_ChunkReader(container.export(chunk_size=CHUNK)), mode="r|") as source:
         while (member := source.next()) is not None:
             source.members.clear()
             path = _container_path(member.name)
@@ -109,11 +121,7 @@ def write_changes(container, writer) -> None:
                 if member.issym() or member.islnk():
                     entry["target"] = member.linkname
             out.members.clear()
-            manifest["changed"].append(entry)
-        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        info = tarfile.TarInfo(CHANGES_MANIFEST)
-        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-        out.addfile(info, io.BytesIO(data))
+            changed.append(entry)
 
 
 def _kind(member: tarfile.TarInfo) -> str:

@@ -206,7 +206,8 @@ def _finalize(task_id: str, attempt: int) -> str:
         if gone.value.delete_requested:  # asked for while we archived
             archive.mark_deleted(conn, task_id)
     _forget_on_runner(task)
-    enqueue(context.redis(), task, "cleanup")
+    if "recipe" not in task.image:  # a whole archive in the spool (recorded before blob stores)
+        enqueue(context.redis(), task, "cleanup")
     return task.result
 
 
@@ -320,7 +321,8 @@ def _forget_on_runner(task: Task) -> None:
 # -- cleanup -----------------------------------------------------------------
 
 def cleanup(task_id: str, attempt: int) -> str:
-    """Delete a finished task's upload from this host's spool."""
+    """Delete a finished task's whole-archive upload from this host's spool
+    (tasks since the blob stores have none: their layers stay for others)."""
     if context.store().get(context.store().keys.task(task_id)) is not None:
         return "task still live"
     # From the id, not the record: the user may have deleted the record already.

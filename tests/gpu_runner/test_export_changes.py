@@ -65,3 +65,12 @@ def test_changes_are_the_same_however_the_task_ends(api, base_archive):
 def test_output_must_be_full_changes_or_a_path(api, base_archive):
     r = api.submit(base_archive, output="diff")
     assert r.status_code == 400 and "changes" in r.json()["message"]
+
+
+def test_a_task_that_changes_nothing_returns_the_manifest_alone(api, base_archive):
+    """Docker's export (a read of the whole base) is skipped; the output is the same shape."""
+    task = api.wait(api.submit(base_archive, cmd="true", output="changes").json()["task"]["id"], timeout=120)
+    assert task["state"] == "succeeded", task
+    files = files_in_output(api("GET", f"/tasks/{task['id']}/output").content)
+    assert set(files) == {".pink-changes.json"}, set(files)
+    assert json.loads(files[".pink-changes.json"]) == {"changed": [], "deleted": []}
