@@ -259,6 +259,8 @@ def summary(r: dict) -> list[str]:
                      f">= {throughput.TARGET}"))
         rows.append(("5. the same, runner host apart from the control plane", f"{t['apart_ratio']:.2f}",
                      f">= {throughput.TARGET}"))
+        rows.append(("5. x raw `docker run` + `docker export` (shared / apart)",
+                     f"{t['export_ratio']:.2f} / {t['apart_export_ratio']:.2f}", ""))
     if "loaded" in r:
         lo = r["loaded"]
         rows.append((f"6. warm task with {lo['archived']:,} archived + {lo['waiting']:,} waiting, x empty",

@@ -115,13 +115,22 @@ def _cpu(run) -> tuple[float, float, dict[str, float]]:
     return result, _machine_busy() - busy, dict(groups)
 
 
-def _raw_loop(tag: str, tasks: int, concurrency: int, cpus: set[int] | None = None) -> float:
-    """Tasks per second of `docker run --rm` in `concurrency` threads (the CLI on `cpus`)."""
+def _raw_loop(tag: str, tasks: int, concurrency: int, cpus: set[int] | None = None, export: bool = False) -> float:
+    """Tasks per second of `docker run --rm` in `concurrency` threads (the CLI on
+    `cpus`); with `export`, of `docker run`, `docker export` and `docker rm`:
+    the container's filesystem, which is what a PINK task delivers."""
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+    def one(n: int) -> None:
+        name = f"pink-bench-raw-{os.getpid()}-{n}"
+        argv = ["docker", "run", "--rm", "--network", "none", tag] if not export else [
+            "sh", "-c", f"docker run --network none --name {name} {tag} >/dev/null && "
+                        f"docker export {name} >/dev/null && docker rm {name} >/dev/null"]
+        subprocess.run(argv, check=True, capture_output=True, preexec_fn=pin)
+
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda _: subprocess.run(["docker", "run", "--rm", "--network", "none", tag], check=True,
-                                               capture_output=True, preexec_fn=pin), range(tasks)))
+        list(pool.map(one, range(tasks)))
     return tasks / (time.perf_counter() - started)
 
 
@@ -143,44 +152,51 @@ def measure(api, client, workdir, config, tasks: int, concurrency: int, rounds: 
         for n in range(1, rounds + 1):
             raw = timed("raw", lambda: _raw_loop(tag, tasks, concurrency))
             pink = timed("pink", lambda: batch(api, config, archive, tasks, log)["rate"])
-            shared.append((raw, pink))
-            log(f"round {n}, shared: raw docker run x{concurrency} {raw:.2f} tasks/s, PINK {pink:.2f}")
+            shared.append((raw, pink, _raw_loop(tag, tasks, concurrency, export=True)))
+            log(f"round {n}, shared: raw docker run x{concurrency} {raw:.2f} tasks/s, PINK {pink:.2f}, "
+                f"raw with export {shared[-1][2]:.2f}")
             with _runner_host_apart() as cpus:
                 apart.append((_raw_loop(tag, tasks, concurrency, cpus),
-                              batch(api, config, archive, tasks, log)["rate"]))
+                              batch(api, config, archive, tasks, log)["rate"],
+                              _raw_loop(tag, tasks, concurrency, cpus, export=True)))
             log(f"round {n}, runner host on cores {sorted(cpus)}: raw {apart[-1][0]:.2f} tasks/s, "
-                f"PINK {apart[-1][1]:.2f}")
+                f"PINK {apart[-1][1]:.2f}, raw with export {apart[-1][2]:.2f}")
     finally:
         client.images.remove(tag, force=True)
     done = tasks * rounds
     return {"tasks": tasks, "concurrency": concurrency, "rounds": rounds, "shared": shared, "apart": apart,
             "apart_cores": len(cpus), "ratio": _median_ratio(shared), "apart_ratio": _median_ratio(apart),
+            "export_ratio": _median_ratio(shared, 2), "apart_export_ratio": _median_ratio(apart, 2),
             "raw_cpu": cpu["raw"][0] / done, "pink_cpu": cpu["pink"][0] / done,
             "groups": {g: s / done for g, s in cpu["pink"][1].most_common()},
             "raw_groups": {g: s / done for g, s in cpu["raw"][1].items()}}
 
 
-def _median_ratio(pairs: list[tuple[float, float]]) -> float:
-    return statistics.median(pink / raw for raw, pink in pairs)
+def _median_ratio(rounds: list[tuple[float, float, float]], baseline: int = 0) -> float:
+    """The median over rounds of PINK's rate over the baseline's (0: raw, 2: raw with export)."""
+    return statistics.median(r[1] / r[baseline] for r in rounds)
 
 
 def report(r: dict) -> list[str]:
     out = [f"### 5. Throughput: {r['tasks']} trivial tasks a phase, concurrency {r['concurrency']}, "
            f"{r['rounds']} rounds", "",
-           "Tasks per second, raw `docker run --rm --network none` in "
-           f"{r['concurrency']} threads then PINK's two runners, in each round; the ratio is the "
-           "median of the rounds' (target " f"{TARGET}).", "",
-           "| round | shared: raw | PINK | x raw | runner host apart: raw | PINK | x raw |",
+           f"Tasks per second in each round: raw `docker run --rm --network none` in {r['concurrency']} "
+           "threads, PINK's two runners, and raw with the export (`docker run`, `docker export`, "
+           "`docker rm`: the filesystem a PINK task delivers); each ratio is the median of the "
+           f"rounds' (target {TARGET}, against the first).", "",
+           "| round | where | raw | PINK | raw + export | PINK x raw | PINK x raw + export |",
            "|---|---|---|---|---|---|---|"]
-    for n, ((raw, pink), (araw, apink)) in enumerate(zip(r["shared"], r["apart"]), 1):
-        out.append(f"| {n} | {raw:.2f} | {pink:.2f} | {pink / raw:.2f} | {araw:.2f} | {apink:.2f} | "
-                   f"{apink / araw:.2f} |")
-    out += [f"| median | | | **{r['ratio']:.2f}** | | | **{r['apart_ratio']:.2f}** |", "",
-            f"Runner host apart: {r['apart_cores']} of the {r['apart_cores'] * 2} cores for dockerd, "
+    for n, rounds in enumerate(zip(r["shared"], r["apart"]), 1):
+        for where, (raw, pink, raw_export) in zip(("shared", "runner host apart"), rounds):
+            out.append(f"| {n} | {where} | {raw:.2f} | {pink:.2f} | {raw_export:.2f} | {pink / raw:.2f} | "
+                       f"{pink / raw_export:.2f} |")
+    out += [f"| median | shared | | | | **{r['ratio']:.2f}** | {r['export_ratio']:.2f} |",
+            f"| median | runner host apart | | | | **{r['apart_ratio']:.2f}** | {r['apart_export_ratio']:.2f} |",
+            "", f"Runner host apart: {r['apart_cores']} of the {r['apart_cores'] * 2} cores for dockerd, "
             "containerd, the runners and their sshd; the rest for the control plane and the benchmark.", "",
-            "Machine CPU seconds per task, shared phases, by process (the rest: containers' short-lived "
-            "processes, dockerd's re-executions (network setup, the export's tar), the docker CLI, "
-            "kernel threads, the benchmark's client):", "",
+            "Machine CPU seconds per task in the shared phases of raw and PINK, by process (the rest: "
+            "containers' short-lived processes, dockerd's re-executions (network setup, the export's "
+            "tar), the docker CLI, kernel threads, the benchmark's client):", "",
             "| process | raw loop | PINK |", "|---|---|---|"]
     raw_groups = r["raw_groups"]
     out += [f"| {g} | {raw_groups.get(g, 0.0):.3f} | {s:.3f} |" for g, s in r["groups"].items()]
