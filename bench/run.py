@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                         help="run only this measurement (repeatable)")
     parser.add_argument("--skip", action="append", choices=NAMES, default=[],
                         help="leave this measurement out (repeatable)")
-    parser.add_argument("--repeats", type=int, help="repeats per figure (default 10, quick 3; transfer rounds 3, quick 1)")
+    parser.add_argument("--repeats", type=int, help="repeats per figure (default 10, quick 3; transfer and throughput rounds 3, quick 1)")
     parser.add_argument("--archived", type=int, help="loaded: archived tasks (default 10000, quick 1000)")
     parser.add_argument("--waiting", type=int, help="loaded: waiting tasks (default 1000, quick 100)")
     parser.add_argument("--drain-tasks", type=int,

@@ -34,6 +34,7 @@ import os
 import statistics
 import subprocess
 import time
+import uuid
 
 from bench.drain import batch
 from bench.measure import hello_image
@@ -77,30 +78,49 @@ def _by_pid() -> dict[str, tuple[str, float]]:
     return out
 
 
-def _set_affinity(pid: str, cpus: set[int]) -> None:
-    """Every thread of `pid` (a thread's affinity is its own; new ones inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(tid), cpus)
+def _pin_threads(pid: str, cpus: set[int], saved: dict[int, set[int]]) -> None:
+    """Every thread of `pid` on `cpus` (a thread's affinity is its own; new
+    ones inherit their creator's), each one's own first saved in `saved`."""
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            saved.setdefault(tid, os.sched_getaffinity(tid))
+            os.sched_setaffinity(tid, cpus)
 
 
 @contextlib.contextmanager
 def _runner_host_apart():
-    """The runner host's processes on the upper half of the cores, all else
-    on the lower half; yields the runner host's cores. Undone on the way out."""
+    """The runner host's processes (RUNNER_HOST) on the upper half of the
+    cores, the rest of GROUPS and this benchmark on the lower half; yields
+    the runner host's cores. Each thread's own affinity comes back on the
+    way out (if the benchmark is killed meanwhile, `taskset -a -p` undoes it)."""
     cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise RuntimeError("the runner host apart needs at least two cores")
     control, runner = set(cores[:len(cores) // 2]), set(cores[len(cores) // 2:])
+    saved: dict[int, set[int]] = {}
     try:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError):
-                known, group = _group(pid)
-                _set_affinity(pid, runner if known and group in RUNNER_HOST else control)
+        for _ in range(2):  # the second pass catches threads created during the first
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with contextlib.suppress(OSError):
+                    known, group = _group(pid)
+                    if known or int(pid) == os.getpid():
+                        _pin_threads(pid, runner if known and group in RUNNER_HOST else control, saved)
+        dockerd = next(pid for pid in filter(str.isdigit, os.listdir("/proc"))
+                       if _quiet_group(pid) == (True, "dockerd"))
+        if os.sched_getaffinity(int(dockerd)) != runner:
+            raise RuntimeError(f"dockerd ({dockerd}) could not be pinned to cores {sorted(runner)}")
         yield runner
     finally:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for tid, cpus in saved.items():
             with contextlib.suppress(OSError):
-                _group(pid)
-                _set_affinity(pid, set(cores))
+                os.sched_setaffinity(tid, cpus)
+
+
+def _quiet_group(pid: str) -> tuple[bool, str | None]:
+    try:
+        return _group(pid)
+    except OSError:
+        return False, None
 
 
 def _cpu(run) -> tuple[float, float, dict[str, float]]:
@@ -115,21 +135,23 @@ def _cpu(run) -> tuple[float, float, dict[str, float]]:
     return result, _machine_busy() - busy, dict(groups)
 
 
-def _raw_loop(tag: str, tasks: int, concurrency: int, cpus: set[int] | None = None, export: bool = False) -> float:
+def _raw_loop(tag: str, tasks: int, concurrency: int, cpus: set[int] | None = None,
+              export: bool = False) -> float:
     """Tasks per second of `docker run --rm` in `concurrency` threads (the CLI on
-    `cpus`); with `export`, of `docker run`, `docker export` and `docker rm`:
-    the container's filesystem, which is what a PINK task delivers."""
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    `cpus`: a child inherits its thread's affinity); with `export`, of `docker
+    run`, `docker export` and `docker rm`: the container's filesystem, which
+    is what a PINK task delivers."""
 
     def one(n: int) -> None:
-        name = f"pink-bench-raw-{os.getpid()}-{n}"
+        name = f"pink-bench-raw-{uuid.uuid4().hex[:12]}-{n}"
         argv = ["docker", "run", "--rm", "--network", "none", tag] if not export else [
             "sh", "-c", f"docker run --network none --name {name} {tag} >/dev/null && "
-                        f"docker export {name} >/dev/null && docker rm {name} >/dev/null"]
-        subprocess.run(argv, check=True, capture_output=True, preexec_fn=pin)
+                        f"docker export {name} >/dev/null; s=$?; docker rm -f {name} >/dev/null; exit $s"]
+        subprocess.run(argv, check=True, capture_output=True)
 
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+    pin = dict(initializer=os.sched_setaffinity, initargs=(0, cpus)) if cpus else {}
+    with concurrent.futures.ThreadPoolExecutor(concurrency, **pin) as pool:
         list(pool.map(one, range(tasks)))
     return tasks / (time.perf_counter() - started)
 
@@ -165,7 +187,8 @@ def measure(api, client, workdir, config, tasks: int, concurrency: int, rounds: 
         client.images.remove(tag, force=True)
     done = tasks * rounds
     return {"tasks": tasks, "concurrency": concurrency, "rounds": rounds, "shared": shared, "apart": apart,
-            "apart_cores": len(cpus), "ratio": _median_ratio(shared), "apart_ratio": _median_ratio(apart),
+            "apart_cores": len(cpus), "cores": len(os.sched_getaffinity(0)),
+            "ratio": _median_ratio(shared), "apart_ratio": _median_ratio(apart),
             "export_ratio": _median_ratio(shared, 2), "apart_export_ratio": _median_ratio(apart, 2),
             "raw_cpu": cpu["raw"][0] / done, "pink_cpu": cpu["pink"][0] / done,
             "groups": {g: s / done for g, s in cpu["pink"][1].most_common()},
@@ -192,7 +215,7 @@ def report(r: dict) -> list[str]:
                        f"{pink / raw_export:.2f} |")
     out += [f"| median | shared | | | | **{r['ratio']:.2f}** | {r['export_ratio']:.2f} |",
             f"| median | runner host apart | | | | **{r['apart_ratio']:.2f}** | {r['apart_export_ratio']:.2f} |",
-            "", f"Runner host apart: {r['apart_cores']} of the {r['apart_cores'] * 2} cores for dockerd, "
+            "", f"Runner host apart: {r['apart_cores']} of the {r['cores']} cores for dockerd, "
             "containerd, the runners and their sshd; the rest for the control plane and the benchmark.", "",
             "Machine CPU seconds per task in the shared phases of raw and PINK, by process (the rest: "
             "containers' short-lived processes, dockerd's re-executions (network setup, the export's "

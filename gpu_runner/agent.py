@@ -48,6 +48,7 @@ class Agent:
         self.docker = docker.DockerClient(base_url=config.runner.docker_url) if config.runner.docker_url \
             else docker.from_env()
         self.gpus = GPUs(config.runner.gpus)
+        self.docker_cpus = self.docker.info()["NCPU"]  # the cores the daemon sees (it refuses limits above)
         r = config.runner
         self.blobs = images.RunnerBlobs(r.spool_dir, r.blob_root, r.blob_budget_bytes)
         self.blobs.sync_markers()

@@ -164,9 +164,17 @@ class Execution:
         return result, fields
 
     def _cpus(self) -> float:
-        """The configured CPU limit, or every core this host lets us use where
-        it has fewer (Docker refuses a limit above the cores it sees)."""
-        return min(self.config.cpus, len(os.sched_getaffinity(0)))
+        """The configured CPU limit, or all the cores where there are fewer:
+        Docker refuses a limit above the cores its daemon sees (read when the
+        runner started), and a local daemon's may have been narrowed since
+        along with the runner's (a cpuset, `taskset`)."""
+        cpus = min(self.config.cpus, self.agent.docker_cpus)
+        if not self.config.docker_url or self.config.docker_url.startswith("unix://"):  # the daemon is here
+            cpus = min(cpus, len(os.sched_getaffinity(0)))
+        if cpus < self.config.cpus:
+            log.info("task %s: CPU limit %.2f, not %.2f: the host has fewer cores", self.task_id, cpus,
+                     self.config.cpus)
+        return cpus
 
     def _container_args(self, task: Task) -> dict:
         params = task.params

@@ -16,7 +16,7 @@ from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs,
 from pink.errors import NotFound, Unavailable
 from pink.tasks import State, Task, advance, exported, requeue, retries_left, spool_file
 from queue_workers import context
-from queue_workers.queues import enqueue, enqueue_next
+from queue_workers.queues import enqueue_cleanup, enqueue_next
 
 log = logging.getLogger("pink.jobs")
 
@@ -45,7 +45,8 @@ def transfer(task_id: str, attempt: int) -> str:
     """Copy a placed task's image to its runner (runs on the upload's host),
     then assign the task to the runner.
 
-    The leader placed the task (and reserved its GPUs); this job only copies.
+    The leader placed the task (and reserved its GPUs); this job copies
+    what the runner lacks and hands the task over.
     """
     rec = _load(task_id, attempt, State.PLACED)
     if rec is None:
@@ -124,8 +125,8 @@ def _send_archive(conn, node: dict, task: Task) -> int:
 
 def run(task_id: str, attempt: int) -> str:
     """Hand a transferred task to its runner. The transfer job assigns the
-    task itself; this stage is the leader's repair for a task left
-    `transferred` (recorded by an earlier version, or a worker lost between)."""
+    task itself, in the transaction that records the copy; this stage is the
+    leader's repair for a task an earlier version left `transferred`."""
     rec = _load(task_id, attempt, State.TRANSFERRED)
     if rec is None:
         return "nothing to do"
@@ -206,8 +207,7 @@ def _finalize(task_id: str, attempt: int) -> str:
         if gone.value.delete_requested:  # asked for while we archived
             archive.mark_deleted(conn, task_id)
     _forget_on_runner(task)
-    if "recipe" not in task.image:  # a whole archive in the spool (recorded before blob stores)
-        enqueue(context.redis(), task, "cleanup")
+    enqueue_cleanup(context.redis(), task)
     return task.result
 
 

@@ -36,7 +36,8 @@ from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
 from pink.tasks import FINAL, ON_RUNNER, State, Task, advance, exported, job_id
-from queue_workers.queues import LIVE, enqueue, enqueue_many, enqueue_sweep, queues_for, statuses, transfer_hosts
+from queue_workers.queues import (LIVE, enqueue, enqueue_cleanup, enqueue_many, enqueue_sweep, queues_for, statuses,
+                                  transfer_hosts)
 
 log = logging.getLogger("pink.leader")
 
@@ -302,7 +303,7 @@ class Leader:
             if archive.archived_attempt(conn, task.id) is None:
                 archive.archive_task(conn, task, b"")
         if lifecycle.retire(self.store, rec) is not None:
-            enqueue(self.redis, task, "cleanup")
+            enqueue_cleanup(self.redis, task)
             log.info("task %s: final record moved out of etcd", task.id)
 
     def _publish_queue(self, plan) -> None:

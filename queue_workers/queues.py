@@ -159,6 +159,14 @@ def enqueue(redis: Redis, task: Task, stage: str) -> bool:
     return True
 
 
+def enqueue_cleanup(redis: Redis, task: Task) -> None:
+    """The spool cleanup of a final task, if it has a spool file: only a
+    whole-archive upload recorded before the blob stores does (the sweep
+    removes any file no live task owns in any case)."""
+    if "recipe" not in task.image:
+        enqueue(redis, task, "cleanup")
+
+
 def _job(task: Task, stage: str) -> tuple[str, object]:
     """(queue name, RQ's EnqueueData) of the job running `stage` for the task's current attempt."""
     func, queue_of, timeout = STAGES[stage]

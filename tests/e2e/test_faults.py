@@ -183,8 +183,8 @@ def test_a_blob_the_runner_lost_after_the_transfer_looked_is_copied_again(pink_p
 
 def test_a_task_left_transferred_is_handed_over_by_the_run_job(pink_processes, pink_config, docker_client,
                                                                tmp_path):
-    """The transfer job assigns what it copied in one transaction; a task found `transferred` (a
-    record of an earlier version, or one written between) gets the run job from the leader's repair."""
+    """The transfer job assigns what it copied in one transaction; a task found `transferred` (as an
+    earlier version left them) gets the run job from the leader's repair."""
     c = pink_config
     archive_path = images.fresh_archive(docker_client, "handover", tmp_path / "handover.tar", images.WRITER)
     pink_processes.web()

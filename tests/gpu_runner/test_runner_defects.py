@@ -218,3 +218,18 @@ def test_runner_sweeps_outbox_files_no_live_task_needs(pink_processes, pink_conf
     _until(gone, 20, "old outbox files no task needs were never swept", interval=0.2)
     assert all(os.path.exists(os.path.join(outbox, n)) for n in kept + fresh)
     _assert_untouched(victim, content)
+
+
+def test_a_cpu_limit_above_the_hosts_cores_runs_on_all_of_them(pink_processes, config_variant, docker_client,
+                                                              tmp_path):
+    """`cpus` larger than the host (a config shared by big and small runners): Docker refuses such a
+    limit, so the runner caps it at the cores there are instead of failing every task."""
+    path = config_variant("cpus", runner={"cpus": float(os.cpu_count() + 8)})
+    _start(pink_processes, path)
+    config = pink_config_module.load(path)
+    api = Api(config, make_user(config, "alice"))
+    archive = images.fresh_archive(docker_client, "cpus", tmp_path / "cpus.tar", WRITER)
+    task = api.wait(api.submit(archive).json()["task"]["id"], timeout=120)
+    assert task["state"] == "succeeded", task
+    container_cpus = docker_client.info()["NCPU"]
+    assert f"CPU limit {float(container_cpus):.2f}" in pink_processes.log(pink_processes.started[-1])
