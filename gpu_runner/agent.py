@@ -49,6 +49,7 @@ class Agent:
             else docker.from_env()
         self.gpus = GPUs(config.runner.gpus)
         self.docker_cpus = self.docker.info()["NCPU"]  # the cores the daemon sees (it refuses limits above)
+        self.cpu_cap: float | None = None  # the CPU limit last capped to (see Execution._cpus)
         r = config.runner
         self.blobs = images.RunnerBlobs(r.spool_dir, r.blob_root, r.blob_budget_bytes)
         self.blobs.sync_markers()

@@ -171,9 +171,9 @@ class Execution:
         cpus = min(self.config.cpus, self.agent.docker_cpus)
         if not self.config.docker_url or self.config.docker_url.startswith("unix://"):  # the daemon is here
             cpus = min(cpus, len(os.sched_getaffinity(0)))
-        if cpus < self.config.cpus:
-            log.info("task %s: CPU limit %.2f, not %.2f: the host has fewer cores", self.task_id, cpus,
-                     self.config.cpus)
+        if cpus < self.config.cpus and self.agent.cpu_cap != cpus:  # said once, not for every task
+            self.agent.cpu_cap = cpus
+            log.warning("CPU limit %.2f, not %.2f: the host has fewer cores", cpus, self.config.cpus)
         return cpus
 
     def _container_args(self, task: Task) -> dict:
