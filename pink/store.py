@@ -124,6 +124,31 @@ def _guard(fn):
     return wrapper
 
 
+def _guard_read(fn):
+    """`_guard` for a read, tried once more when it fails: pyetcd marks the
+    endpoint that failed and raises, and only the next call goes to another
+    member, so without this the first read after a member dies fails for
+    every client (a web node would answer 503 with four members healthy).
+    Writes are not retried: a transaction may have committed before its
+    answer was lost."""
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except _ETCD_ERRORS as exc:
+            if len(self._endpoints) < 2:
+                raise Unavailable(f"etcd is unreachable: {exc}") from exc
+            log.warning("etcd read failed (%s); trying another member", exc)
+        try:
+            return fn(self, *args, **kwargs)
+        except _ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd is unreachable: {exc}") from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
 def _prefix_end(prefix: str) -> bytes:
     """The first key after every key starting with `prefix` (etcd's range_end)."""
     raw = bytearray(prefix.encode())
@@ -294,7 +319,7 @@ class Store:
         return Record(key=key, value=self._decode(key, value), mod_revision=meta.mod_revision,
                       create_revision=meta.create_revision, lease=meta.lease_id)
 
-    @_guard
+    @_guard_read
     def get(self, key: str) -> Record | None:
         value, meta = self._client.get(key)
         return None if meta is None else self._record(value, meta)
@@ -308,7 +333,7 @@ class Store:
         """
         return self.list_at(prefix)[0]
 
-    @_guard
+    @_guard_read
     def list_at(self, prefix: str) -> tuple[list[Record], int]:
         """`list`, and the revision it read at (a watch continues from the next one)."""
         end = _prefix_end(prefix)

@@ -126,13 +126,12 @@ class Lab:
                              f"--cert={identity}.pem --key={identity}.key {args} 2>&1", check=False)
 
     def copying(self, task_id: str) -> bool:
-        """Is the task's image arriving at its runner (a part file in its spool)?"""
+        """Is the task's image arriving at its runner (a blob's part file in its spool)?"""
         task = self.client.get(task_id)
         if not task.get("node") or task["state"] != "placed":
             return False
-        parts = self.sh(task["node"], "ls /var/lib/pink/runner/chroot/spool/ 2>/dev/null || true")
-        return any(name.startswith(task["image"]["sha256"]) and name.endswith(".part")
-                   for name in parts.split())
+        parts = self.sh(task["node"], "ls /var/lib/pink/runner/chroot/spool/incoming/ 2>/dev/null || true")
+        return any(name.endswith(".part") for name in parts.split())
 
     def etcd_get(self, key: str) -> str:
         """A key's value, read on web2 with the web side's etcd identity."""

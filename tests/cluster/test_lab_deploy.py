@@ -33,7 +33,7 @@ def test_submit_through_the_router_and_download_the_output(lab, archive, tmp_pat
     files = files_in_output(outputs[0].read_bytes())
     assert files.get("result.txt") == b"done\n", sorted(files)
     log = lab.sh("router", "cat /var/log/nginx/pink-access.log")
-    assert "POST /api/v1/tasks" in log and "s3cret" not in log and "TOKEN_IN_QUERY" not in log
+    assert "POST /api/v1/uploads" in log and "s3cret" not in log and "TOKEN_IN_QUERY" not in log
 
 
 def test_a_runner_holds_no_secret_of_the_web_side(lab):
