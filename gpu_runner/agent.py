@@ -27,13 +27,13 @@ from gpu_runner import images, outbox, retry
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
-from pink import defaults, nodes
+from pink import blobs, defaults, nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Store
 
 log = logging.getLogger("pink.runner")
 
-POLL = 1.0  # seconds between reads of the assignments, in case a watch event is lost
+POLL = 1.0  # seconds between reads of the assignments (a watch event may be lost) and of the control key
 SPOOL_REPORT_BYTES = 64 * 2**20  # a change in free spool space worth telling the schedulers
 SPOOL_SWEEP_INTERVAL = 30.0  # seconds between sweeps of archives no reservation needs
 GPU_STATS_INTERVAL = 15.0  # seconds between NVML readings published in the node record
@@ -60,6 +60,7 @@ class Agent:
         self._wake = threading.Event()
         self._record: dict = {}
         self.stopping = False  # an operator stopped this node: running tasks go elsewhere
+        self._control_read = float("-inf")  # when the operator's control key was last read
         self.images_in_use: dict[str, str] = {}  # task id -> archive digest it runs (never evicted)
         self.disk_limits: bool | None = None  # does the storage driver take a container disk size?
         self._image_locks: dict[str, threading.Lock] = {}
@@ -139,10 +140,8 @@ class Agent:
         keep: set[str] = set()
         for task_id in (alloc.value if alloc else {}):
             rec = self.store.get(self.store.keys.task(task_id))
-            recipe = rec.value.image.get("recipe") if rec is not None else None
-            if recipe:
-                keep.add(recipe["config"])
-                keep.update(recipe["layers"])
+            if rec is not None:
+                keep |= blobs.image_blobs(rec.value.image)
         return keep
 
     def _reserved_images(self) -> set[str]:
@@ -265,7 +264,12 @@ class Agent:
     # -- assignments -------------------------------------------------------------
 
     def poll_assignments(self) -> None:
-        self.stopping = nodes.control_state(self.store, self.config.runner.name) == nodes.STOPPED
+        """Start the threads of new assignments. Woken by each new one, the
+        round reads only them: the operator's control key, which changes a few
+        times a year, is read once a POLL."""
+        if time.monotonic() - self._control_read >= POLL:
+            self.stopping = nodes.control_state(self.store, self.config.runner.name) == nodes.STOPPED
+            self._control_read = time.monotonic()
         if self.stopping:
             nodes.move_waiting_off(self.store, self.config.runner.name)
             return
@@ -292,7 +296,7 @@ class Agent:
                 self.register()
                 self.remove_leftovers()
                 cancel = self.store.watch_prefix(self.store.keys.assignments(self.config.runner.name),
-                                                 self._wake.set)
+                                                 self._wake.set, deletes=False)
                 try:
                     while not stop.is_set() and not self.lease_lost():
                         self._wake.clear()

@@ -215,6 +215,14 @@ class Recipe:
         return recipe, locations
 
 
+def image_blobs(image: dict) -> set[str]:
+    """The blobs to keep for a task's image record or an upload session (each
+    holds a recipe): its config and layers; none for an archive recorded
+    before the blob stores."""
+    recipe = image.get("recipe")
+    return {recipe["config"], *recipe["layers"]} if recipe else set()
+
+
 def _data_range(archive, name: str, what: str) -> tuple[int, int]:
     """(offset, size) of the bytes of the regular file `name` resolves to."""
     member = archive.regular(name)

@@ -10,6 +10,7 @@ client library can change in one place; its errors become `Unavailable`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 from pyetcd.events import DeleteEvent
 
@@ -113,14 +115,13 @@ def encode(value: Any) -> str:
 def _guard(fn):
     """Translate the client's errors into PINK's `Unavailable` at one boundary."""
 
+    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _ETCD_ERRORS as exc:
             raise Unavailable(f"etcd is unreachable: {exc}") from exc
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -132,20 +133,17 @@ def _guard_read(fn):
     Writes are not retried: a transaction may have committed before its
     answer was lost."""
 
-    def wrapper(self, *args, **kwargs):
-        try:
-            return fn(self, *args, **kwargs)
-        except _ETCD_ERRORS as exc:
-            if len(self._endpoints) < 2:
-                raise Unavailable(f"etcd is unreachable: {exc}") from exc
-            log.warning("etcd read failed (%s); trying another member", exc)
-        try:
-            return fn(self, *args, **kwargs)
-        except _ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd is unreachable: {exc}") from exc
+    guarded = _guard(fn)
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if len(self._endpoints) > 1:
+            try:
+                return fn(self, *args, **kwargs)
+            except _ETCD_ERRORS as exc:
+                log.warning("etcd read failed (%s); trying another member", exc)
+        return guarded(self, *args, **kwargs)
+
     return wrapper
 
 
@@ -285,10 +283,7 @@ class Store:
 
     @staticmethod
     def _guarded(fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except _ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd is unreachable: {exc}") from exc
+        return _guard(fn)(*args, **kwargs)
 
     # -- reading ---------------------------------------------------------
 
@@ -381,8 +376,11 @@ class Store:
         except Exception:  # noqa: BLE001 - the watch may already be gone
             pass
 
-    def watch_prefix(self, prefix: str, on_change: Callable[[], None]) -> Callable[[], None]:
-        """Call `on_change` (no arguments) whenever a key under `prefix` changes.
+    def watch_prefix(self, prefix: str, on_change: Callable[[], None],
+                     deletes: bool = True) -> Callable[[], None]:
+        """Call `on_change` (no arguments) whenever a key under `prefix` changes
+        (with `deletes=False`, is written: etcd leaves deletions out, for a
+        watcher that acts only on new keys).
 
         Callers treat a call as a hint to re-read, never as the data itself,
         and also poll: a watch can silently drop, a periodic read cannot.
@@ -393,7 +391,8 @@ class Store:
             on_change()
 
         try:
-            watch_id = self._client.add_watch_prefix_callback(prefix, callback)
+            watch_id = self._client.add_watch_prefix_callback(
+                prefix, callback, filters=None if deletes else [etcdrpc.WatchCreateRequest.NODELETE])
         except _ETCD_ERRORS:
             return lambda: None
 

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from pink.blobs import Recipe
+from pink.blobs import Recipe, image_blobs
 from pink.errors import NotFound, TooManyRequests
 
 SESSIONS = "uploads"
@@ -119,12 +119,8 @@ def _session(root: str, session_id: str, data: dict) -> Session:
 
 def in_use(blob_root: str) -> set[str]:
     """Blobs of sessions still open: an upload may be about to commit them."""
-    keep: set[str] = set()
-    for root, data in _all(blob_root):
-        if time.time() - data["created"] <= SESSION_LIFE:
-            keep.add(data["recipe"]["config"])
-            keep.update(data["recipe"]["layers"])
-    return keep
+    return {blob for _, data in _all(blob_root) if time.time() - data["created"] <= SESSION_LIFE
+            for blob in image_blobs(data)}
 
 
 def expire(blob_root: str) -> int:

@@ -373,13 +373,7 @@ def sweep() -> str:
 def _blobs_in_use(store) -> set[str]:
     """Every blob a live task's image needs: its transfer may still read them.
     (Reads every live task: etcd holds the live queue, not the history.)"""
-    keep = set()
-    for rec in store.list(store.keys.tasks):
-        recipe = rec.value.image.get("recipe")
-        if recipe:
-            keep.add(recipe["config"])
-            keep.update(recipe["layers"])
-    return keep
+    return {blob for rec in store.list(store.keys.tasks) for blob in blobs.image_blobs(rec.value.image)}
 
 
 def _output_needed(conn, store, path: str) -> bool:

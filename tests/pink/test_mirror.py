@@ -107,3 +107,24 @@ def test_a_read_goes_to_another_member_when_the_first_is_gone(pink_config):
             assert store.get(store.keys.task("f")).value.name == "failover"
         finally:
             store.close()
+
+
+def test_a_watch_without_deletes_is_woken_by_writes_only(pink_config):
+    """The runner watches its assignments with `deletes=False`: a task leaving
+    it needs no new read, and etcd leaves those events out."""
+    store = Store.from_config(pink_config)
+    prefix = store.keys.assignments("watched")
+    calls = []
+    cancel = store.watch_prefix(prefix, lambda: calls.append(1), deletes=False)
+    try:
+        store.txn().put(prefix + "a", {"task": "a"}).commit()
+        assert wait_until(lambda: len(calls) == 1, timeout=10)
+        store.delete(prefix + "a")
+        store.txn().put(prefix + "b", {"task": "b"}).commit()
+        assert wait_until(lambda: len(calls) >= 2, timeout=10)
+        threading.Event().wait(0.5)  # events come in revision order: a deletion's would have come before
+        assert len(calls) == 2
+    finally:
+        cancel()
+        store.delete(prefix + "b")
+        store.close()
