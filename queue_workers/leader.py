@@ -36,8 +36,8 @@ from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
 from pink.tasks import FINAL, ON_RUNNER, State, Task, advance, exported, job_id
-from queue_workers.queues import (LIVE, enqueue, enqueue_cleanup, enqueue_many, enqueue_sweep, queues_for, statuses,
-                                  transfer_hosts)
+from queue_workers.queues import (LIVE, enqueue, enqueue_cleanup, enqueue_many, enqueue_sweep, missing_from_queues,
+                                  push_back, queue_of, queues_for, statuses, transfer_hosts)
 
 log = logging.getLogger("pink.leader")
 
@@ -64,6 +64,7 @@ class Leader:
         self.presence = pink_nodes.WebPresence(self.store, config.host, config.web.url, config.node_ttl)
         self._written: list[tuple[str, int]] = []  # (task key, mod_revision before) placed by the last pass
         self._checked: dict[str, int] = {}  # task key -> mod_revision whose job was last made sure of
+        self._missing: set[str] = set()  # job ids `queued` in no queue at the last full repair
         self._webs_missing: dict[str, float] = {}  # web host -> when this leader first missed its key
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -192,6 +193,25 @@ class Leader:
                 self._checked[rec.key] = rec.mod_revision
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.id, exc)
+        if full:
+            self._push_back_taken({jid: queue_of(rec.value, pipeline.stage_for(rec.value))
+                                   for rec, (jid, status) in zip(due, jobs.items()) if status == JobStatus.QUEUED})
+
+    def _push_back_taken(self, queued: dict[str, str]) -> None:
+        """Put back in its queue a job a worker took and died holding before it
+        started it (`queues.missing_from_queues`): its task would wait for
+        ever. Only a job found missing at two full repairs in a row, so a
+        worker about to mark it started is left alone; a job that does run
+        twice does nothing the second time."""
+        try:
+            missing = missing_from_queues(self.redis, queued) if queued else set()
+            for jid in missing & self._missing:
+                push_back(self.redis, jid, queued[jid])
+                log.warning("job %s was taken by a worker that died before starting it: queued again", jid)
+        except RedisError as exc:
+            log.warning("looking for jobs dead workers took: %s", exc)
+            return
+        self._missing = missing - self._missing
 
     def _settle(self, rec: Record, snap: scheduler.Snapshot) -> bool:
         """Retire a final record, fail a task whose upload went with its web

@@ -53,14 +53,18 @@ def transfer_hosts(redis: Redis) -> list[str]:
 
 
 def enqueue_sweep(redis: Redis, host: str) -> bool:
-    """Ask `host`'s workers to delete its expired and orphaned files (once at a time)."""
+    """Ask `host`'s workers to delete its expired and orphaned files (once at a
+    time). Called once a sweep interval, so a sweep `queued` in no queue has
+    been taken by a worker that died (`missing_from_queues`): it goes back."""
     jid = "sweep-" + re.sub(r"[^A-Za-z0-9_-]", "_", host)
-    try:
-        if Job.fetch(jid, connection=redis).get_status(refresh=False) in LIVE:
-            return False
-    except NoSuchJobError:
-        pass
-    Queue(transfer_queue(host), connection=redis).enqueue(
+    name = transfer_queue(host)
+    status = job_status(redis, jid)
+    if status == JobStatus.QUEUED and missing_from_queues(redis, {jid: name}):
+        push_back(redis, jid, name)
+        return True
+    if status in LIVE:
+        return False
+    Queue(name, connection=redis).enqueue(
         "queue_workers.jobs.sweep", job_id=jid, job_timeout=600, result_ttl=600, failure_ttl=86400,
         description=f"retention sweep on {host}")
     return True
@@ -107,6 +111,33 @@ def statuses(redis: Redis, jids: list[str]) -> dict[str, JobStatus | None]:
         status = JobStatus(status.decode()) if status else None
         out[jid] = job_status(redis, jid) if status == JobStatus.STARTED else status
     return out
+
+
+def missing_from_queues(redis: Redis, queued: dict[str, str]) -> set[str]:
+    """Of jobs whose status says queued (job id -> its queue's name), those
+    not in their queue: one LRANGE per queue named.
+
+    A worker takes a job id off its queues (BLPOP) before it marks the job
+    started; one killed in between leaves the job `queued` in no queue,
+    where no worker will ever find it.
+    """
+    names = sorted(set(queued.values()))
+    with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.lrange(Queue(name, connection=redis).key, 0, -1)
+        lists = pipe.execute()
+    present = {name: {jid.decode() for jid in jids} for name, jids in zip(names, lists)}
+    return {jid for jid, name in queued.items() if jid not in present[name]}
+
+
+def push_back(redis: Redis, jid: str, name: str) -> None:
+    """Put a job a dead worker took (`missing_from_queues`) back at the end of its queue."""
+    Queue(name, connection=redis).push_job_id(jid)
+
+
+def queue_of(task: Task, stage: str) -> str:
+    """The queue that runs `stage` for the task."""
+    return STAGES[stage][1](task)
 
 
 def enqueue_next(redis: Redis, task: Task) -> bool:
@@ -169,7 +200,7 @@ def enqueue_cleanup(redis: Redis, task: Task) -> None:
 
 def _job(task: Task, stage: str) -> tuple[str, object]:
     """(queue name, RQ's EnqueueData) of the job running `stage` for the task's current attempt."""
-    func, queue_of, timeout = STAGES[stage]
-    return queue_of(task), Queue.prepare_data(
+    func, _, timeout = STAGES[stage]
+    return queue_of(task, stage), Queue.prepare_data(
         func, (task.id, task.attempt), job_id=job_id(task.id, stage, task.attempt),
         timeout=timeout, result_ttl=600, failure_ttl=7 * 86400, description=f"{stage} task {task.id}")

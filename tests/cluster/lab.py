@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import docker
@@ -186,6 +187,11 @@ class Counts:
                 f"{self.accepted_twice} | {self.archived} | {recovery} |")
 
 
+def _epoch(iso: str) -> float:
+    """Seconds since the epoch of a time as the API writes it (UTC, `Z`)."""
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 class Stream:
     """About `total` tasks submitted through the router one every `interval`
     seconds, mixing 2 s and 20 s runs, with and without a GPU. A submission
@@ -226,12 +232,13 @@ class Stream:
 
     def finish(self, fault_at: float, timeout: float = 900) -> Counts:
         """Wait for every task to end (a task not final by then is lost) and
-        count; recovery: from the fault to the first task submitted after it
-        that succeeded."""
+        count; recovery: from the fault to the end, as its record says, of
+        the first task submitted after it that succeeded. (Counted from when
+        the polling saw it, the figure was when the last submission went in.)"""
+        fault_wall = time.time() - (time.monotonic() - fault_at)  # the lab's hosts share this clock
         self._thread.join(timeout)
         deadline = time.monotonic() + timeout
         final: dict[str, dict] = {}
-        ended_at: dict[str, float] = {}
         while time.monotonic() < deadline and len(final) < len(self.ids):
             for task_id in self.ids:
                 if task_id in final:
@@ -242,7 +249,6 @@ class Stream:
                     continue
                 if task["state"] in FINAL_NAMES:
                     final[task_id] = task
-                    ended_at[task_id] = time.monotonic()
             time.sleep(2)
         counts = Counts(submitted=len(self.ids), lost=len(self.ids) - len(final))
         failed: Counter[str] = Counter()
@@ -252,7 +258,7 @@ class Stream:
             else:
                 failed[f"{task['state']}: {task.get('error') or ''}"[:100]] += 1
         counts.failed = dict(failed)
-        after = [ended_at[t] - fault_at for t in final
+        after = [_epoch(final[t]["timings"]["succeeded"]) - fault_wall for t in final
                  if self.submitted_at[t] > fault_at and final[t]["state"] == "succeeded"]
         counts.recovery_s = min(after) if after else None
         counts.archived, counts.accepted_twice = self._archive_counts()

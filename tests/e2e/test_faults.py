@@ -12,6 +12,7 @@ from pink import archive, blobs, db, lifecycle
 from pink.image_archive import inspect
 from pink.store import Store
 from pink.tasks import State, advance
+from queue_workers.queues import transfer_queue
 from tests import images
 from tests.helpers import Api, make_user
 
@@ -60,6 +61,26 @@ def test_redis_flushed_while_tasks_wait(control_plane, pink_processes, slow_arch
     pink_processes.worker(n=2)
     for task_id in ids:
         assert control_plane.wait(task_id, timeout=120)["state"] == "succeeded"
+
+
+def test_a_job_a_dead_worker_took_before_starting_it_is_queued_again(control_plane, pink_processes,
+                                                                     slow_archive):
+    """A worker takes a job id off its queue before it marks the job started: killed in
+    between, it leaves the job `queued` in no queue (the lab's fault matrix caught one
+    waiting 13 minutes). The leader puts it back."""
+    pink_processes.stop(next(n for n in pink_processes.started if "worker" in n))
+    pink_processes.runner()
+    task_id = control_plane.submit(slow_archive, cmd="echo quick").json()["task"]["id"]
+    redis = Redis.from_url(control_plane.config.redis_url)
+    jid = f"{task_id}-transfer-1"
+    queue = f"rq:queue:{transfer_queue(control_plane.config.host)}"
+    deadline = time.monotonic() + 20
+    while not redis.lrem(queue, 0, jid):  # what the dead worker's BLPOP did
+        assert time.monotonic() < deadline, "the leader placed nothing"
+        time.sleep(0.1)
+    assert redis.hget(f"rq:job:{jid}", "status") == b"queued"
+    pink_processes.worker()
+    assert control_plane.wait(task_id, timeout=120)["state"] == "succeeded"
 
 
 def test_database_outage_delays_the_archive_but_loses_nothing(control_plane, pink_processes, slow_archive, cluster):

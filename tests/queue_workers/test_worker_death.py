@@ -17,6 +17,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from pink.tasks import job_id
+from queue_workers.queues import enqueue_sweep, transfer_queue
 from tests import images
 from tests.helpers import Api, make_user
 
@@ -137,3 +138,15 @@ def test_worker_killed_mid_copy_is_replaced_and_the_task_finishes(pink_config, c
     assert task["state"] == "succeeded", task
     took_over = "took the name over" in pink_processes.log(replacement)
     assert took_over == (delay == 0.0 and name == RQ_NAME), pink_processes.log(replacement)[-3000:]
+
+
+def test_a_sweep_a_dead_worker_took_is_queued_again(redis):
+    """A worker takes a job id off its queue before it marks the job started; killed in
+    between, a sweep would stay `queued` in no queue and block every later sweep."""
+    assert enqueue_sweep(redis, "host-a")
+    assert not enqueue_sweep(redis, "host-a")  # one at a time
+    queue = f"rq:queue:{transfer_queue('host-a')}"
+    assert redis.lrem(queue, 0, "sweep-host-a") == 1  # what the dead worker's BLPOP did
+    assert enqueue_sweep(redis, "host-a")
+    assert redis.lrange(queue, 0, -1) == [b"sweep-host-a"]
+    assert not enqueue_sweep(redis, "host-a")
