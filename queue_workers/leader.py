@@ -36,8 +36,8 @@ from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
 from pink.tasks import FINAL, ON_RUNNER, State, Task, advance, exported, job_id
-from queue_workers.queues import (LIVE, enqueue, enqueue_cleanup, enqueue_many, enqueue_sweep, missing_from_queues,
-                                  push_back, queue_of, queues_for, statuses, transfer_hosts)
+from queue_workers.queues import (LIVE, enqueue, enqueue_cleanup, enqueue_many, enqueue_sweep,
+                                  missing_from_queues, push_back, queue_of, queues_for, statuses, transfer_hosts)
 
 log = logging.getLogger("pink.leader")
 
@@ -64,7 +64,7 @@ class Leader:
         self.presence = pink_nodes.WebPresence(self.store, config.host, config.web.url, config.node_ttl)
         self._written: list[tuple[str, int]] = []  # (task key, mod_revision before) placed by the last pass
         self._checked: dict[str, int] = {}  # task key -> mod_revision whose job was last made sure of
-        self._missing: set[str] = set()  # job ids `queued` in no queue at the last full repair
+        self._missing: dict[str, float] = {}  # job id `queued` in no queue -> when a full repair first saw it
         self._webs_missing: dict[str, float] = {}  # web host -> when this leader first missed its key
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -181,37 +181,39 @@ class Leader:
         if not due:
             return
         finalize_ok = not any(r.value.state == State.EXPORTED for r in due) or self._database_answers()
+        jids = [job_id(r.value.id, pipeline.stage_for(r.value), r.value.attempt) for r in due]
         try:
-            jobs = statuses(self.redis, [job_id(r.value.id, pipeline.stage_for(r.value), r.value.attempt)
-                                         for r in due])
+            jobs = statuses(self.redis, jids)
         except RedisError as exc:  # Redis away for a moment: the next pass repairs
             log.warning("reading job statuses: %s", exc)
             return
-        for rec, status in zip(due, jobs.values()):
+        for rec, jid in zip(due, jids):
             try:
-                self._give_job(rec, status, finalize_ok)
+                self._give_job(rec, jobs[jid], finalize_ok)
                 self._checked[rec.key] = rec.mod_revision
             except (PinkError, RedisError) as exc:
                 log.warning("task %s: %s", rec.value.id, exc)
         if full:
             self._push_back_taken({jid: queue_of(rec.value, pipeline.stage_for(rec.value))
-                                   for rec, (jid, status) in zip(due, jobs.items()) if status == JobStatus.QUEUED})
+                                   for rec, jid in zip(due, jids) if jobs[jid] == JobStatus.QUEUED})
 
     def _push_back_taken(self, queued: dict[str, str]) -> None:
-        """Put back in its queue a job a worker took and died holding before it
-        started it (`queues.missing_from_queues`): its task would wait for
-        ever. Only a job found missing at two full repairs in a row, so a
-        worker about to mark it started is left alone; a job that does run
-        twice does nothing the second time."""
+        """Put back at the head of its queue a job a worker took and died
+        holding before it started it (`queues.missing_from_queues`): its task
+        would wait for ever. Only once it has been missing for a worker's
+        lease (`node_ttl`, after which a worker's own key says it is dead), so
+        a worker merely slow to mark it started (a Redis failover) keeps it;
+        should it run twice, the second run does nothing (compare-and-swap)."""
         try:
             missing = missing_from_queues(self.redis, queued) if queued else set()
-            for jid in missing & self._missing:
-                push_back(self.redis, jid, queued[jid])
-                log.warning("job %s was taken by a worker that died before starting it: queued again", jid)
+            now = time.monotonic()
+            self._missing = {jid: self._missing.get(jid, now) for jid in missing}
+            for jid, since in list(self._missing.items()):
+                if now - since >= self.config.node_ttl and push_back(self.redis, jid, queued[jid]):
+                    log.warning("job %s was taken by a worker that died before starting it: queued again", jid)
+                    del self._missing[jid]
         except RedisError as exc:
             log.warning("looking for jobs dead workers took: %s", exc)
-            return
-        self._missing = missing - self._missing
 
     def _settle(self, rec: Record, snap: scheduler.Snapshot) -> bool:
         """Retire a final record, fail a task whose upload went with its web
@@ -368,7 +370,7 @@ class Leader:
                 log.info("retention: %d outputs expired", expired)
             # Web hosts present in etcd, and any with a transfer queue (one that is down still has files).
             for host in sorted(set(transfer_hosts(self.redis)) | set(pink_nodes.web_urls(self.store))):
-                enqueue_sweep(self.redis, host)
+                enqueue_sweep(self.redis, host, self.config.node_ttl)
         except (PinkError, RedisError) as exc:
             log.warning("retention sweep: %s", exc)
 

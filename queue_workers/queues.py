@@ -11,6 +11,7 @@ the web node (first job), by jobs (next stage) and by the leader (repair).
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 
 from redis import Redis
 from rq import Queue, Worker
@@ -52,16 +53,16 @@ def transfer_hosts(redis: Redis) -> list[str]:
     return [q.name[len(prefix):] for q in Queue.all(connection=redis) if q.name.startswith(prefix)]
 
 
-def enqueue_sweep(redis: Redis, host: str) -> bool:
+def enqueue_sweep(redis: Redis, host: str, taken_after: float) -> bool:
     """Ask `host`'s workers to delete its expired and orphaned files (once at a
-    time). Called once a sweep interval, so a sweep `queued` in no queue has
-    been taken by a worker that died (`missing_from_queues`): it goes back."""
+    time). A sweep enqueued over `taken_after` seconds ago (a worker's lease)
+    and `queued` in no queue was taken by a worker that died
+    (`missing_from_queues`): it goes back."""
     jid = "sweep-" + re.sub(r"[^A-Za-z0-9_-]", "_", host)
     name = transfer_queue(host)
     status = job_status(redis, jid)
-    if status == JobStatus.QUEUED and missing_from_queues(redis, {jid: name}):
-        push_back(redis, jid, name)
-        return True
+    if status == JobStatus.QUEUED and _queued_for(redis, jid) > taken_after:
+        return push_back(redis, jid, name)
     if status in LIVE:
         return False
     Queue(name, connection=redis).enqueue(
@@ -130,9 +131,28 @@ def missing_from_queues(redis: Redis, queued: dict[str, str]) -> set[str]:
     return {jid for jid, name in queued.items() if jid not in present[name]}
 
 
-def push_back(redis: Redis, jid: str, name: str) -> None:
-    """Put a job a dead worker took (`missing_from_queues`) back at the end of its queue."""
-    Queue(name, connection=redis).push_job_id(jid)
+def _queued_for(redis: Redis, jid: str) -> float:
+    """Seconds since the job was enqueued."""
+    enqueued = Job.fetch(jid, connection=redis).enqueued_at
+    return (datetime.now(timezone.utc) - enqueued.replace(tzinfo=timezone.utc)).total_seconds()
+
+
+def push_back(redis: Redis, jid: str, name: str) -> bool:
+    """Put a job a dead worker took (`missing_from_queues`) back at the head
+    of its queue (it had waited its turn), if it is still `queued` and still
+    in no queue: checked and pushed in one Redis script, so a job a live
+    worker has meanwhile started, or that is back in its queue, is left
+    alone. True when it was pushed."""
+    return bool(redis.eval(_PUSH_BACK, 2, Job.key_for(jid), Queue(name, connection=redis).key, jid))
+
+
+_PUSH_BACK = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' and not redis.call('LPOS', KEYS[2], ARGV[1]) then
+    redis.call('LPUSH', KEYS[2], ARGV[1])
+    return 1
+end
+return 0
+"""
 
 
 def queue_of(task: Task, stage: str) -> str:

@@ -143,10 +143,14 @@ def test_worker_killed_mid_copy_is_replaced_and_the_task_finishes(pink_config, c
 def test_a_sweep_a_dead_worker_took_is_queued_again(redis):
     """A worker takes a job id off its queue before it marks the job started; killed in
     between, a sweep would stay `queued` in no queue and block every later sweep."""
-    assert enqueue_sweep(redis, "host-a")
-    assert not enqueue_sweep(redis, "host-a")  # one at a time
+    assert enqueue_sweep(redis, "host-a", taken_after=3)
+    assert not enqueue_sweep(redis, "host-a", taken_after=3)  # one at a time
     queue = f"rq:queue:{transfer_queue('host-a')}"
     assert redis.lrem(queue, 0, "sweep-host-a") == 1  # what the dead worker's BLPOP did
-    assert enqueue_sweep(redis, "host-a")
+    assert not enqueue_sweep(redis, "host-a", taken_after=3)  # a live worker may be about to start it
+    time.sleep(3.5)
+    assert enqueue_sweep(redis, "host-a", taken_after=3)
     assert redis.lrange(queue, 0, -1) == [b"sweep-host-a"]
-    assert not enqueue_sweep(redis, "host-a")
+    time.sleep(3.5)
+    assert not enqueue_sweep(redis, "host-a", taken_after=3)  # waiting in its queue: left there
+    assert redis.lrange(queue, 0, -1) == [b"sweep-host-a"]
