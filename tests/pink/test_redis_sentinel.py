@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import socket
 import subprocess
 import time
 
@@ -79,6 +80,30 @@ def test_a_client_through_sentinel_follows_a_failover(sentinel_redis, pink_confi
     Queue("pink-test", connection=client).enqueue("builtins.len", [1])
     assert Queue("pink-test", connection=client).count == 1
     assert time.monotonic() - started < 60
+
+
+def test_a_sentinel_on_a_host_that_is_gone_is_passed_over(sentinel_redis, pink_config):
+    """A dead host drops the SYNs to its sentinel: the client asks the next sentinel after one
+    short try, where redis-py's defaults (4 tries of the whole socket timeout, with backoff) made
+    the first command after web1 died in the lab wait 53 s."""
+    _, master_port, _, sentinel_port = sentinel_redis
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))
+    gone.listen(0)
+    filler = socket.create_connection(gone.getsockname())  # the backlog is full: later SYNs are dropped
+    try:
+        config = dataclasses.replace(pink_config, redis_url=f"redis://:{PASSWORD}@127.0.0.1:1/5",
+                                     redis_sentinels=[f"127.0.0.1:{gone.getsockname()[1]}",
+                                                      f"127.0.0.1:{sentinel_port}"], redis_master="pink")
+        client = redisconn.connect(config)
+        started = time.monotonic()
+        assert client.ping()
+        waited = time.monotonic() - started
+        assert client.connection_pool.get_master_address() == ("127.0.0.1", master_port)
+        assert waited < 3 * redisconn.CONNECT_TIMEOUT, f"{waited:.1f} s to pass over the dead sentinel"
+    finally:
+        filler.close()
+        gone.close()
 
 
 def test_without_sentinels_the_url_is_used_as_it_is(pink_config):
