@@ -21,7 +21,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import datetime, timezone
 
 import click
 from redis.exceptions import RedisError
@@ -37,7 +36,8 @@ from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
 from pink.tasks import FINAL, ON_RUNNER, State, Task, advance, exported, job_id
 from queue_workers.queues import (LIVE, enqueue, enqueue_cleanup, enqueue_many, enqueue_sweep,
-                                  missing_from_queues, push_back, queue_of, queues_for, statuses, transfer_hosts)
+                                  missing_from_queues, push_back, queue_of, queues_for, seconds_since, statuses,
+                                  transfer_hosts)
 
 log = logging.getLogger("pink.leader")
 
@@ -256,7 +256,7 @@ class Leader:
             return None, None
         if job.ended_at is None:
             return job, None
-        return job, (datetime.now(timezone.utc) - job.ended_at.replace(tzinfo=timezone.utc)).total_seconds()
+        return job, seconds_since(job.ended_at)
 
     def _just_ended(self, task: Task, stage: str) -> bool:
         ago = self._job_ended(task, stage)[1]

@@ -61,7 +61,7 @@ def enqueue_sweep(redis: Redis, host: str, taken_after: float) -> bool:
     jid = "sweep-" + re.sub(r"[^A-Za-z0-9_-]", "_", host)
     name = transfer_queue(host)
     status = job_status(redis, jid)
-    if status == JobStatus.QUEUED and _queued_for(redis, jid) > taken_after:
+    if status == JobStatus.QUEUED and seconds_since(Job.fetch(jid, connection=redis).enqueued_at) > taken_after:
         return push_back(redis, jid, name)
     if status in LIVE:
         return False
@@ -131,10 +131,9 @@ def missing_from_queues(redis: Redis, queued: dict[str, str]) -> set[str]:
     return {jid for jid, name in queued.items() if jid not in present[name]}
 
 
-def _queued_for(redis: Redis, jid: str) -> float:
-    """Seconds since the job was enqueued."""
-    enqueued = Job.fetch(jid, connection=redis).enqueued_at
-    return (datetime.now(timezone.utc) - enqueued.replace(tzinfo=timezone.utc)).total_seconds()
+def seconds_since(moment: datetime) -> float:
+    """Seconds since one of a job's times (RQ stores them in UTC without a zone)."""
+    return (datetime.now(timezone.utc) - moment.replace(tzinfo=timezone.utc)).total_seconds()
 
 
 def push_back(redis: Redis, jid: str, name: str) -> bool:
