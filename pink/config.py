@@ -106,11 +106,18 @@ class RunnerConfig:
 
 @dataclass
 class LimitsConfig:
-    """Per-user limits; 0 means no limit."""
+    """Per-user limits, each with a default that keeps one user from filling a
+    shared resource (etcd, disks, web threads); 0 means no limit."""
 
     gpus_per_user: int = 0  # GPUs one user's tasks may hold at once (others wait)
     queued_per_user: int = 0  # tasks one user may have waiting (more are refused)
-    upload_bytes_per_user: int = 0  # bytes of images one user's live tasks may hold
+    live_tasks_per_user: int = defaults.LIVE_TASKS_PER_USER  # tasks not yet archived (each is an etcd record)
+    upload_bytes_per_user: int = defaults.UPLOAD_BYTES_PER_USER  # images of live tasks plus open upload sessions
+    upload_sessions_per_user: int = defaults.UPLOAD_SESSIONS_PER_USER  # layer-upload sessions open at once
+    output_bytes_per_task: int = defaults.OUTPUT_BYTES_PER_TASK  # an export over this fails its task
+    log_streams_per_user: int = defaults.LOG_STREAMS_PER_USER  # followed logs open at once, per web node
+    log_streams_per_node: int = defaults.LOG_STREAMS_PER_NODE  # followed logs a web node serves at once
+    record_bytes: int = defaults.RECORD_BYTES  # a task's parameters (name, env, command) as stored
 
 
 @dataclass

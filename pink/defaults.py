@@ -19,6 +19,15 @@ SWEEP_GRACE = 3600.0  # seconds a file no task references may stay (it may be be
 PUBLISHED_POSITIONS = 5000  # waiting tasks whose queue position the leader publishes (one etcd value)
 
 MAX_UPLOAD_BYTES = 64 * 2**30  # bytes: largest image archive accepted
+
+# Per-user limits ([limits]); each refusal names the limit it hit.
+LIVE_TASKS_PER_USER = 500  # tasks one user may have in etcd (queued to exported)
+UPLOAD_BYTES_PER_USER = 500 * 2**30  # bytes of images held by a user's live tasks and open uploads
+UPLOAD_SESSIONS_PER_USER = 16  # layer-upload sessions one user may hold open
+OUTPUT_BYTES_PER_TASK = 100 * 2**30  # bytes of one task's export; more fails the task
+LOG_STREAMS_PER_USER = 8  # followed logs one user may hold open on one web node
+LOG_STREAMS_PER_NODE = 32  # followed logs one web node serves at once (half its threads)
+RECORD_BYTES = 64 * 2**10  # bytes of a task's parameters (name, env, command, entrypoint)
 UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling
 SPOOL_INCOMING = "incoming"  # in a runner's spool: blobs the transfer account wrote, not trusted yet
 SPOOL_HELD = "held"  # in a runner's spool: an empty marker per blob the runner verified and keeps
