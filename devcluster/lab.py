@@ -1,7 +1,8 @@
 """The multi-host lab (`make cluster`): PINK's real topology on one machine.
 
 Six Debian 12 machines as systemd containers on one Docker network with fixed
-addresses (router, web1, web2, run1, run2, db; etcd on all but the router),
+addresses (router, web1, web2, run1, run2, db; etcd's three members on web1,
+web2 and db, the hosts that run no users' code: the runners are its clients),
 deployed by the very roles and playbook a lab applies to its own machines
 (`make deploy INVENTORY=build/cluster/inventory.ini`), twice: the second run
 must change nothing. Then an admin user, the CLI's config pointing at the
@@ -114,12 +115,16 @@ class LabHost:
         return DOCKER_DIRS / f"{self.name}-docker"
 
 
+# etcd's members are the three hosts that run no users' code: a member holds
+# every key and the peers' certificate, which a container escaping to root on
+# a runner must not find (docs/security.md). The router would make four, no
+# more failures tolerated than three.
 HOSTS = (
     LabHost("router", "10.77.0.10", ("router",)),
     LabHost("web1", "10.77.0.11", ("web", "etcd", "redis")),
     LabHost("web2", "10.77.0.12", ("web", "etcd", "redis")),
-    LabHost("run1", "10.77.0.21", ("processing", "etcd")),
-    LabHost("run2", "10.77.0.22", ("processing", "etcd")),
+    LabHost("run1", "10.77.0.21", ("processing",)),
+    LabHost("run2", "10.77.0.22", ("processing",)),
     LabHost("db", "10.77.0.30", ("db", "etcd", "redis")),
 )
 GROUPS = ("router", "web", "processing", "db", "etcd", "redis")
@@ -306,11 +311,9 @@ def host_vars(h: LabHost) -> str:
     return " ".join(pairs)
 
 
-def write_inventory(known_hosts: Path, key: Path) -> Path:
-    """inventory.ini, and group_vars/pinklab.yml beside it: Ansible reads an
-    inventory's group_vars/<group> after the playbook's group_vars/all.yml,
-    so the lab's own certificates and credentials win over the defaults
-    (an INI file's [all:vars] would not)."""
+def inventory_text() -> str:
+    """The lab's inventory.ini: its machines in their groups (tests render the
+    playbook against exactly this)."""
     lines = [
         "# Written by `make cluster` (devcluster/lab.py): the lab's machines, deployed",
         "# by the same roles as a real lab (`make deploy INVENTORY=this file`).",
@@ -323,8 +326,16 @@ def write_inventory(known_hosts: Path, key: Path) -> Path:
                   for h in HOSTS if group in h.groups]
         lines.append("")
     lines += ["[pinklab:children]", *GROUPS, ""]
+    return "\n".join(lines)
+
+
+def write_inventory(known_hosts: Path, key: Path) -> Path:
+    """inventory.ini, and group_vars/pinklab.yml beside it: Ansible reads an
+    inventory's group_vars/<group> after the playbook's group_vars/all.yml,
+    so the lab's own certificates and credentials win over the defaults
+    (an INI file's [all:vars] would not)."""
     path = LAB_DIR / "inventory.ini"
-    path.write_text("\n".join(lines))
+    path.write_text(inventory_text())
     settings = {
         "ansible_user": "root",
         "ansible_ssh_private_key_file": str(key),

@@ -118,10 +118,17 @@ class Lab:
         """The master's address, as the sentinel on db sees it."""
         return self.redis_cli("db", "-p 26379 SENTINEL get-master-addr-by-name pink").split()[0]
 
+    @property
+    def etcd_members(self) -> list[str]:
+        """The hosts that are etcd members (never a runner: docs/security.md)."""
+        return [name for name, h in self.hosts.items() if "etcd" in h["groups"]]
+
     def etcdctl(self, host: str, args: str, identity: str = "/etc/pink/etcd/client",
-                endpoints: str = "https://127.0.0.1:2379") -> str:
+                endpoints: str = "") -> str:
         """etcdctl on a machine as one of its etcd identities (a cert/key pair
-        without the suffix); stderr is kept, for refusals."""
+        without the suffix), against every member unless `endpoints` says;
+        stderr is kept, for refusals."""
+        endpoints = endpoints or ",".join(f"https://{self.hosts[h]['ip']}:2379" for h in self.etcd_members)
         ca = "/etc/etcd/pki/ca.pem" if identity.startswith("/etc/etcd/") else "/etc/pink/etcd/ca.pem"
         return self.sh(host, f"ETCDCTL_API=3 etcdctl --endpoints={endpoints} --cacert={ca} "
                              f"--cert={identity}.pem --key={identity}.key {args} 2>&1", check=False)

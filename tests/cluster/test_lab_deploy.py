@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from devcluster import lab as devlab
@@ -55,12 +56,12 @@ def test_a_runner_holds_no_secret_of_the_web_side(lab):
         assert lab.sh(runner, "test -e /etc/etcd/pki/root.key && echo yes || echo no").strip() == "no"
 
 
-def test_etcd_is_five_members_over_tls_with_authentication(lab):
+def test_etcd_is_three_members_over_tls_with_authentication(lab):
     member = "/etc/etcd/pki/member"  # a CN that is no etcd user
-    assert len(json.loads(lab.etcdctl("web2", "member list -w json", member))["members"]) == 5
-    endpoints = ",".join(f"https://{lab.hosts[h]['ip']}:2379" for h in ("web1", "web2", "run1", "run2", "db"))
-    health = lab.etcdctl("web2", "endpoint health", member, endpoints=endpoints)
-    assert health.count("is healthy") == 5, health
+    names = {m["name"] for m in json.loads(lab.etcdctl("web2", "member list -w json", member))["members"]}
+    assert names == {"web1", "web2", "db"} == set(lab.etcd_members), names
+    health = lab.etcdctl("web2", "endpoint health", member)
+    assert health.count("is healthy") == 3, health
     plain = lab.sh("web2", "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:2379/version || true")
     assert plain.strip() in ("000", ""), f"etcd answered plain HTTP: {plain}"
     no_user = lab.etcdctl("web2", "get /pink/ --prefix --keys-only", member)
@@ -69,6 +70,22 @@ def test_etcd_is_five_members_over_tls_with_authentication(lab):
     for refused in ("put /elsewhere x", "put /pink/web/web9 x", "get /pink/leader"):
         assert "permission denied" in lab.etcdctl("run1", refused), f"a runner may {refused}"
     assert "/pink/web/web1" in lab.etcdctl("web2", "get /pink/web/ --prefix --keys-only")
+
+
+def test_a_runner_holds_no_etcd_member(lab):
+    """A container escaping to root on a runner finds no replica of etcd's
+    data, no member (peer) or root certificate, and no etcd server: the
+    runner is a client of the members with its own certificate."""
+    for runner in ("run1", "run2"):
+        found = lab.sh(runner, "ls -d /var/lib/etcd/pink /var/lib/etcd/default /etc/etcd/pki "
+                               "2>/dev/null || true")
+        assert not found.strip(), f"{runner} holds {found}"
+        assert lab.sh(runner, "pgrep -x etcd || true").strip() == "", f"etcd runs on {runner}"
+        listening = lab.sh(runner, "ss -Htln '( sport = :2379 or sport = :2380 )'")
+        assert not listening.strip(), f"{runner} listens for etcd: {listening}"
+        etcd = tomllib.loads(lab.sh(runner, "cat /etc/pink/pink.toml"))["etcd"]
+        assert sorted(etcd["endpoints"]) == sorted(f"{lab.hosts[h]['ip']}:2379" for h in lab.etcd_members)
+        assert etcd["cert"] == "/etc/pink/etcd/client.pem"  # CN pink-runner, checked above
 
 
 def test_redis_is_replicated_under_sentinel(lab):
