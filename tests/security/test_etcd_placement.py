@@ -165,6 +165,6 @@ def test_one_machine_may_carry_every_role_when_it_says_so(tmp_path):
 def test_docs_say_where_the_quorum_lives():
     """The operators' guide and the role's README state the placement rule."""
     for path in (REPO / "docs" / "deploy.md", ANSIBLE / "roles" / "etcd" / "README.md",
-                 REPO / "docs" / "security-etcd.md"):
+                 REPO / "docs" / "security.md"):
         text = path.read_text()
         assert "etcd_members_may_run_tasks" in text and "processing" in text, path
