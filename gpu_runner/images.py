@@ -11,7 +11,6 @@ execution (load, evict).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -92,7 +91,7 @@ def _load_recipe(client: docker.DockerClient, recipe: blobs.Recipe, store: blobs
     Should Docker drop such a layer meanwhile (another image evicted), the
     load fails and the whole archive goes in instead.
     """
-    skip = layers_docker_holds(client, recipe, store)
+    skip = layers_docker_holds(client, recipe, verified_diff_ids(store, recipe))
     if skip:
         try:
             with blobs.open_archive(recipe, store, skip) as archive:
@@ -105,9 +104,26 @@ def _load_recipe(client: docker.DockerClient, recipe: blobs.Recipe, store: blobs
         client.images.load(archive)
 
 
+def verified_diff_ids(store: blobs.BlobStore, recipe: blobs.Recipe) -> list[str]:
+    """The config's diff_ids once each is shown to be its layer's, from the blobs this runner checked.
+
+    The record comes from a web node, which checked them too, but its
+    contents came from a user, and `docker load` reads no layer whose chain
+    id Docker holds: a config naming another user's diff_ids over harmless
+    layers would run on that user's files. A plain layer costs nothing here
+    (its digest, checked on arrival, is its diff_id); a compressed one is
+    hashed once per store. RuntimeError fails the task, saying why.
+    """
+    try:
+        return blobs.verified_diff_ids(store, recipe)
+    except PinkError as exc:
+        raise RuntimeError(f"image {recipe.image_id} refused: {exc.message}") from None
+
+
 def layers_docker_holds(client: docker.DockerClient, recipe: blobs.Recipe,
-                        store: blobs.BlobStore) -> frozenset[str]:
-    """The layer blobs of `recipe` that `docker load` would not read.
+                        diff_ids: list[str]) -> frozenset[str]:
+    """The layer blobs of `recipe` that `docker load` would not read, given
+    its config's `diff_ids` as `verified_diff_ids` returned them.
 
     Docker's graph-driver store (moby image/tarexport/load.go, Docker 20.10
     to today) untars the whole archive, then reads a layer's tar only when no
@@ -115,13 +131,6 @@ def layers_docker_holds(client: docker.DockerClient, recipe: blobs.Recipe,
     otherwise costs a 10 GB untar to load 10 kB. The containerd image store
     reads every blob, so it is given the whole archive (empty set).
     """
-    try:
-        with open(store.path(recipe.config), "rb") as fh:
-            diff_ids = json.load(fh)["rootfs"]["diff_ids"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return frozenset()
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(recipe.layers):
-        return frozenset()
     try:  # an image evicted while it is listed: load the whole archive
         if _containerd_store(client):
             return frozenset()

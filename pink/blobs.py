@@ -6,22 +6,25 @@ them), not archives: a `Recipe` says which blobs make an image, a `BlobStore`
 (files under `<root>/sha256/<hex>`, part files under `<root>/partial/`) holds
 them on web nodes and runners, and `open_archive` serves a `docker load`-able
 tar assembled from them on the fly, at any byte offset. Used by the web upload
-protocol, the transfer job and the runner; stdlib only (no Flask, no Docker).
+protocol, the transfer job and the runner; no Flask, no Docker.
 """
 
 from __future__ import annotations
 
 import bisect
+import bz2
 import collections
 import dataclasses
 import errno
 import fcntl
 import functools
+import gzip
 import hashlib
 import hmac
 import io
 import json
 import logging
+import lzma
 import os
 import re
 import secrets
@@ -30,6 +33,9 @@ import threading
 import time
 import types
 import uuid
+import zlib
+
+import zstandard
 
 from pink import defaults, image_archive
 from pink.errors import ArchiveError, BadRequest, Conflict, NotFound, PinkError
@@ -47,6 +53,8 @@ MAX_HASH_STATES = 64  # running sha256 states of cut uploads a process keeps, to
 
 BLOB_DIR = "sha256"
 PARTIAL_DIR = "partial"
+DIFF_ID_DIR = "diff_ids"  # `<hex>`: the diff_id this store computed for compressed layer blob <hex>, or its refusal
+REFUSED = "refused: "  # starts a kept diff_id of a layer that does not decompress, then why
 INGEST_OWNER = ".ingest"  # part files of `ingest`; no owner name can start with a dot
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -171,7 +179,8 @@ class Recipe:
         `blobs/sha256/<hex>` is keyed by that name; a classic `<id>/layer.tar`
         by its diff_id in the config, which is the sha256 of the uncompressed
         tar that `docker save` writes there. Neither is hashed here:
-        `BlobStore.ingest` checks every digest as it copies the bytes.
+        `BlobStore.ingest` checks every digest as it copies the bytes, and
+        `verified_diff_ids` the config's diff_ids against the stored layers.
         """
         with open(path, "rb") as raw:
             try:
@@ -303,8 +312,9 @@ class BlobStore:
         self.budget = budget_bytes
         self.blob_dir = os.path.join(self.root, BLOB_DIR)
         self.partial_dir = os.path.join(self.root, PARTIAL_DIR)
-        os.makedirs(self.blob_dir, exist_ok=True)
-        os.makedirs(self.partial_dir, exist_ok=True)
+        self.diff_id_dir = os.path.join(self.root, DIFF_ID_DIR)
+        for folder in (self.blob_dir, self.partial_dir, self.diff_id_dir):
+            os.makedirs(folder, exist_ok=True)
 
     # -------------------------------------------------------- reading
 
@@ -319,6 +329,64 @@ class BlobStore:
             return os.stat(self.path(digest)).st_size
         except FileNotFoundError:
             raise NotFound(f"blob sha256:{digest} is not in the store", code="missing_blob") from None
+
+    def diff_id(self, digest: str) -> str:
+        """`sha256:<hex>` of the uncompressed tar of layer blob `digest`, as this store hashed it.
+
+        A config's diff_ids are the client's word, and Docker picks the layers
+        it reuses by them (it skips reading a layer whose chain id it holds):
+        they count only once they equal what PINK computed from bytes it holds.
+        A plain tar, what `docker save` writes, is its own diff_id (its digest
+        was checked when it was stored). A compressed one is decompressed and
+        hashed once, by the request that stored it (`web.blob_uploads.put_blob`,
+        `web.uploads.receive`: bounded by the upload itself), never by a commit,
+        which the client times out and retries. The result is kept in
+        `diff_ids/<hex>`, where no client writes, and so is a refusal (a blob
+        that does not decompress, or past MAX_BLOB_BYTES): a replay through a
+        new session is answered from the file. The hashing holds a flock on the
+        blob file, so requests in any gunicorn process asking at once wait for
+        one hash instead of starting their own. BadRequest `bad_layer` for a
+        refused blob.
+        """
+        try:
+            fh = open(self.path(digest), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"blob sha256:{digest} is not in the store", code="missing_blob") from None
+        with fh:
+            kind = _compression(fh.read(8))
+            if kind is None:
+                return f"sha256:{digest}"
+            kept = self.kept_diff_id(digest)
+            if kept is None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # released when fh closes
+                kept = self.kept_diff_id(digest) or self._hash_layer(fh, kind, digest)
+        if kept.startswith(REFUSED):
+            raise BadRequest(kept[len(REFUSED):], code="bad_layer")
+        return kept
+
+    def prepare_diff_id(self, digest: str) -> None:
+        """Compute and keep blob `digest`'s diff_id now: for the request that
+        stored the blob, whose own bytes bound the work. A refusal is kept too,
+        and raised when a commit asks `diff_id`."""
+        try:
+            self.diff_id(digest)
+        except BadRequest:
+            pass
+
+    def kept_diff_id(self, digest: str) -> str | None:
+        """What `diff_id` kept for compressed blob `digest`: `sha256:<hex>`, or
+        REFUSED and why; None when nothing is kept (not hashed yet, or a plain tar)."""
+        return _read_text(os.path.join(self.diff_id_dir, _check_hex(digest, "blob", code="bad_digest")))
+
+    def _hash_layer(self, fh, kind: str, digest: str) -> str:
+        """Hash the decompressed blob (the caller holds its lock) and keep the answer, a refusal too."""
+        fh.seek(0)
+        try:
+            kept = f"sha256:{_hash_decompressed(fh, kind, digest)}"
+        except BadRequest as exc:
+            kept = REFUSED + exc.message
+        _write_text(os.path.join(self.diff_id_dir, digest), kept)
+        return kept
 
     def missing(self, digests) -> list[str]:
         """The digests (each once, in order) this store does not hold."""
@@ -492,6 +560,7 @@ class BlobStore:
                 os.unlink(path)
             except FileNotFoundError:
                 pass  # another process collected it
+            _unlink_quietly(os.path.join(self.diff_id_dir, digest))
             total -= size
             deleted.append(digest)
         if total > self.budget:
@@ -531,6 +600,86 @@ class BlobStore:
                         os.rmdir(owner.path)  # fails, as it should, unless empty
                 except OSError:
                     pass
+
+
+def _compression(head: bytes) -> str | None:
+    """The compression Docker would detect from a blob's first bytes (None: a plain tar)."""
+    return next((kind for magic, kind in image_archive.COMPRESSED.items() if head.startswith(magic)), None)
+
+
+def _decompressing(fh, kind: str):
+    """A reader of the decompressed bytes of file `fh`, compressed with `kind`."""
+    if kind == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=fh, mode="rb")
+    return {"bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind](fh)
+
+
+def _hash_decompressed(fh, kind: str, digest: str) -> str:
+    """sha256 of the decompressed bytes, stopping at MAX_BLOB_BYTES: a few
+    megabytes of gzip can claim terabytes, and each is hashed by the request that stored it."""
+    hasher, total = hashlib.sha256(), 0
+    try:
+        with _decompressing(fh, kind) as stream:
+            while chunk := stream.read(COPY_CHUNK):
+                total += len(chunk)
+                if total > MAX_BLOB_BYTES:
+                    raise BadRequest(f"layer blob sha256:{digest} decompresses to more than {MAX_BLOB_BYTES} "
+                                     "bytes, the most a layer may hold", code="bad_layer")
+                hasher.update(chunk)
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
+        raise BadRequest(f"layer blob sha256:{digest} is {kind}-compressed but does not decompress ({exc}); "
+                         "save the image again with `docker save`", code="bad_layer") from None
+    return hasher.hexdigest()
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write `path` whole or not at all (a reader never sees half of it)."""
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def verified_diff_ids(store: BlobStore, recipe: Recipe) -> list[str]:
+    """The diff_ids of `recipe`'s config, each shown to be its layer's as `store` holds it.
+
+    Every door an image comes in by (a whole archive, an upload session) and
+    the runner before `docker load` call this: Docker reuses a layer it
+    already holds by the diff_id alone, so a config naming another user's
+    diff_ids over a user's own harmless layers would run on the other user's
+    files. BadRequest `diff_id_mismatch` names the first layer that differs.
+    """
+    try:
+        with open(store.path(recipe.config), "rb") as fh:
+            config = json.load(fh)
+    except FileNotFoundError:
+        raise NotFound(f"the image config sha256:{recipe.config} is not in the store",
+                       code="missing_blob") from None
+    except (ValueError, RecursionError):
+        raise _bad(f"the image config sha256:{recipe.config} is not JSON") from None
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(recipe.layers):
+        raise _bad(f"the image config lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'} layer "
+                   f"diff_ids for {len(recipe.layers)} layers")
+    for number, (layer, claimed) in enumerate(zip(recipe.layers, diff_ids), 1):
+        actual = store.diff_id(layer)
+        if claimed != actual:
+            raise BadRequest(
+                f"layer {number} of {len(recipe.layers)} (blob sha256:{layer}) holds a tar whose sha256 is "
+                f"{actual}, but the image config lists diff_id {str(claimed)[:80]}: the config does not "
+                "describe these layers. Submit the archive `docker save` wrote, unchanged",
+                code="diff_id_mismatch")
+    return diff_ids
 
 
 def _check_range(path, offset: int, size: int, digest: str) -> None:
@@ -941,6 +1090,20 @@ def challenge(size: int) -> dict:
     return {"nonce": secrets.token_hex(16), "ranges": ranges}
 
 
+def challenge_held(store: BlobStore, digest: str, claimed) -> dict:
+    """A challenge for blob `digest` over the size `store` holds, never the client's claim.
+
+    A claimed size that differs is refused: the digest names these very bytes,
+    so another size is a mistake or a lie, and ranges drawn from it (none at
+    all for a claimed 0) could prove nothing.
+    """
+    held = store.size(digest)
+    if claimed != held:
+        raise BadRequest(f"layer sha256:{digest} is {held} bytes, not the {str(claimed)[:40]} your manifest "
+                         "says: send each layer's size as `docker save` wrote it", code="wrong_size")
+    return challenge(held)
+
+
 def proof(read, challenge: dict) -> str:
     """HMAC-SHA256 keyed by the nonce over the challenged ranges; `read(offset, length)` reads the blob."""
     mac = hmac.new(bytes.fromhex(challenge["nonce"]), digestmod=hashlib.sha256)
@@ -953,8 +1116,16 @@ def proof(read, challenge: dict) -> str:
 
 
 def check_proof(store: BlobStore, digest: str, challenge: dict, answer) -> bool:
-    """Whether `answer` proves possession of blob `digest` (in `store`) for `challenge`."""
+    """Whether `answer` proves possession of blob `digest` (in `store`) for `challenge`.
+
+    Ranges that read none of a non-empty blob prove nothing, whoever drew them.
+    """
     if not isinstance(answer, str):
+        return False
+    try:
+        if store.size(digest) and not any(length for _, length in challenge["ranges"]):
+            return False
+    except (NotFound, KeyError, TypeError, ValueError):
         return False
 
     def read(offset: int, length: int) -> bytes:

@@ -40,7 +40,7 @@ MEDIA_INDEXES = {
 SAVE_HINT = "create it with `docker save IMAGE -o FILE.tar`"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-_COMPRESSED = {
+COMPRESSED = {  # magic bytes Docker detects -> compression
     b"\x1f\x8b": "gzip",
     b"BZh": "bzip2",
     b"\xfd7zXZ\x00": "xz",
@@ -103,7 +103,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 def _refuse_compressed(head: bytes) -> None:
     """We inspect by seeking in the file, which a compressed stream forbids."""
-    for magic, kind in _COMPRESSED.items():
+    for magic, kind in COMPRESSED.items():
         if head.startswith(magic):
             raise ArchiveError(
                 f"the file is {kind}-compressed; upload the plain tar that "

@@ -1,15 +1,18 @@
 """Blob upload sessions on a web node: which image a client is sending, and
 what it has proved so far.
 
-A session is a directory `<blob_root>/uploads/<id>/`: `session.json`,
+A session is a directory `<blob_root>/uploads/<user>/<id>/`: `session.json`,
 written once when the client sends its manifest (the user, the image's
 recipe, which blobs the store lacked and the challenges for those it had),
 and one marker file per event after that: `done-<digest>` when this
 session's upload of a blob completed, `challenge-<digest>.json` when a blob
 it was sending turned up in the store meanwhile. Files, not a record
 rewritten in place, so parallel blob uploads of one session never race.
-The web API (`web.blob_uploads`) drives sessions; the sweep keeps their
-blobs (`in_use`) and removes sessions nobody committed (`expire`).
+A directory per user, so counting a user's open sessions (`[limits]
+upload_sessions_per_user`) and the bytes they will hold reads that user's
+few sessions, never everyone's. The web API (`web.blob_uploads`) drives
+sessions; the sweep keeps their blobs (`in_use`) and removes sessions
+nobody committed (`expire`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from pink.blobs import Recipe, image_blobs
+from pink.blobs import Recipe, archive_size, image_blobs
 from pink.errors import NotFound, TooManyRequests
 
 SESSIONS = "uploads"
 SESSION_LIFE = 24 * 3600.0  # seconds a session may wait for its commit
-MAX_OPEN = 8  # sessions a user may have open at once (each may hold parts of up to an image)
 _ID = re.compile(r"([A-Za-z0-9_.-]{1,64})\.[0-9a-f]{32}")  # <web host>.<random>: the router sends it home
 
 
@@ -70,19 +72,31 @@ class Session:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _dir(blob_root: str) -> str:
-    return os.path.join(blob_root, SESSIONS)
+def _dir(blob_root: str, user: str | None = None) -> str:
+    sessions = os.path.join(blob_root, SESSIONS)
+    return sessions if user is None else os.path.join(sessions, user)
+
+
+def check_room(blob_root: str, user: str, limit: int) -> int:
+    """Refuse (429) a new session when `user` has `limit` open (`[limits]
+    upload_sessions_per_user`, 0: no limit); else the bytes the images of the
+    open ones will hold, which count against `upload_bytes_per_user` with the
+    image being begun: open sessions may not hold more than live tasks may.
+    Sessions opened before per-user folders are not counted: finding a user's
+    among them reads every user's, and they expire within a day."""
+    sessions = _open(blob_root, user)
+    if limit and len(sessions) >= limit:
+        raise TooManyRequests(f"user limit: {len(sessions)} upload sessions open on this web node (limit "
+                              f"upload_sessions_per_user = {limit}); let one finish, or abandon one "
+                              "(DELETE /api/v1/uploads/<id>)", code="uploads_open")
+    return sum(archive_size(Recipe.from_dict(data["recipe"])) for _, data in sessions)
 
 
 def create(blob_root: str, host: str, user: str, recipe: Recipe, layout: str, challenges: dict) -> Session:
-    """A new session on web host `host`, whose name starts its id (`host_of`)."""
-    now = time.time()
-    if sum(1 for _, data in _all(blob_root) if data.get("user") == user and now - data["created"] <= SESSION_LIFE) \
-            >= MAX_OPEN:
-        raise TooManyRequests(f"you have {MAX_OPEN} uploads in progress on this web node: let them finish, "
-                              "or abandon one (DELETE /api/v1/uploads/<id>)", code="uploads_open")
+    """A new session on web host `host`, whose name starts its id (`host_of`).
+    Callers check the user's room first (`check_room`)."""
     session_id = f"{host}.{secrets.token_hex(16)}"
-    root = os.path.join(_dir(blob_root), session_id)
+    root = os.path.join(_dir(blob_root, user), session_id)
     os.makedirs(root, mode=0o700)
     data = {"user": user, "recipe": recipe.to_dict(), "layout": layout, "challenges": challenges,
             "created": time.time()}
@@ -99,17 +113,29 @@ def host_of(session_id: str) -> str | None:
 
 
 def load(blob_root: str, session_id: str, user: str) -> Session:
-    """The user's session `session_id`; 404 for another user's, like a missing one."""
-    root = os.path.join(_dir(blob_root), session_id) if _ID.fullmatch(session_id or "") else None
-    try:
-        with open(os.path.join(root, "session.json")) as fh:
-            data = json.load(fh)
-    except (TypeError, FileNotFoundError, ValueError):
-        data = None
+    """The user's session `session_id`; 404 for another user's, like a missing one.
+
+    A session opened before per-user folders lies at `uploads/<id>`: it is
+    looked up there too, so an upgrade does not lose it (they expire within a day).
+    """
+    data = root = None
+    if _ID.fullmatch(session_id or ""):
+        for root in (os.path.join(_dir(blob_root, user), session_id), os.path.join(_dir(blob_root), session_id)):
+            if (data := _data(root)) is not None:
+                break
     if data is None or data.get("user") != user or time.time() - data["created"] > SESSION_LIFE:
         raise NotFound(f"no upload {session_id} (uploads not committed within a day are dropped): "
                        "submit again", code="unknown_upload")
     return _session(root, session_id, data)
+
+
+def _data(root: str) -> dict | None:
+    try:
+        with open(os.path.join(root, "session.json")) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _session(root: str, session_id: str, data: dict) -> Session:
@@ -133,15 +159,35 @@ def expire(blob_root: str) -> int:
     return gone
 
 
+def _open(blob_root: str, user: str) -> list[tuple[str, dict]]:
+    """(directory, data) of `user`'s sessions not yet expired."""
+    now = time.time()
+    found = (_read(entry) for entry in _entries(_dir(blob_root, user)))
+    return [(root, data) for root, data in filter(None, found)
+            if data.get("user") == user and now - data["created"] <= SESSION_LIFE]
+
+
 def _all(blob_root: str):
+    """(directory, data) of every session of every user: for the sweep only."""
+    for entry in _entries(_dir(blob_root)):
+        legacy = os.path.exists(os.path.join(entry.path, "session.json"))  # from before per-user folders
+        for session in [entry] if legacy else _entries(entry.path):
+            if (found := _read(session)) is not None:
+                yield found
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
     try:
-        entries = list(os.scandir(_dir(blob_root)))
+        return [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
-        return
-    for entry in entries:
-        try:
-            with open(os.path.join(entry.path, "session.json")) as fh:
-                yield entry.path, json.load(fh)
-        except (OSError, ValueError):
-            if time.time() - entry.stat().st_mtime > SESSION_LIFE:  # a session that never got its file
-                shutil.rmtree(entry.path, ignore_errors=True)
+        return []
+
+
+def _read(entry: os.DirEntry) -> tuple[str, dict] | None:
+    try:
+        with open(os.path.join(entry.path, "session.json")) as fh:
+            return entry.path, json.load(fh)
+    except (OSError, ValueError):
+        if time.time() - entry.stat().st_mtime > SESSION_LIFE:  # a session that never got its file
+            shutil.rmtree(entry.path, ignore_errors=True)
+        return None

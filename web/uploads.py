@@ -5,8 +5,9 @@ stays flat whatever the size; once inspected, its config and layers go into
 the web node's blob store (`pink.blobs`) and the archive is deleted: the
 task keeps the image's recipe, and the next upload sharing those layers
 can skip them (`web.blob_uploads`). Anything wrong (too large, cut off, not
-a valid image archive) removes the partial file before the error is raised:
-a failed upload leaves nothing behind.
+a valid image archive, a config whose diff_ids are not its layers) removes
+the partial file before the error is raised: a failed upload leaves nothing
+behind but verified blobs, which the store collects like any other.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def receive(spool_dir: str, store: blobs.BlobStore, task_id: str, max_bytes: int
         recipe, ranges = blobs.Recipe.from_archive(part, info)
         for digest, (offset, length) in ranges.items():
             store.ingest(digest, part, offset, length)  # checked even when the store holds it
+            store.prepare_diff_id(digest)  # every layer's, now: a session may reuse one later
+        blobs.verified_diff_ids(store, recipe)  # the config's word about its layers, checked
     except ClientDisconnected:
         raise BadRequest("the upload was cut off before the end; send it again", code="truncated") from None
     finally:

@@ -39,13 +39,17 @@ def on_a_held_base(docker_client, tmp_path):
         pass
 
 
+def _held(client, recipe: Recipe, store: BlobStore) -> frozenset[str]:
+    return runner_images.layers_docker_holds(client, recipe, runner_images.verified_diff_ids(store, recipe))
+
+
 def _runs(client, image_id: str) -> list[str]:
     return client.containers.run(image_id, remove=True, network_disabled=True).decode().split()
 
 
 def test_layers_docker_holds_are_left_empty(docker_client, on_a_held_base):
     recipe, store = on_a_held_base["recipe"], on_a_held_base["store"]
-    skip = runner_images.layers_docker_holds(docker_client, recipe, store)
+    skip = _held(docker_client, recipe, store)
     assert skip == set(recipe.layers[:-1])  # every layer but the new one
     with open_archive(recipe, store, skip) as archive:
         assert archive.size < archive_size(recipe) - BASE_BYTES
@@ -56,9 +60,9 @@ def test_layers_docker_holds_are_left_empty(docker_client, on_a_held_base):
 def test_a_base_dropped_meanwhile_loads_whole(docker_client, on_a_held_base, monkeypatch):
     """Docker lost the base between the look and the load: the empty layers fail, the whole archive loads."""
     recipe, store = on_a_held_base["recipe"], on_a_held_base["store"]
-    stale = runner_images.layers_docker_holds(docker_client, recipe, store)
+    stale = _held(docker_client, recipe, store)
     docker_client.images.remove(on_a_held_base["base"], force=True)
-    assert runner_images.layers_docker_holds(docker_client, recipe, store) < stale
+    assert _held(docker_client, recipe, store) < stale
     monkeypatch.setattr(runner_images, "layers_docker_holds", lambda *_: stale)
     runner_images._load_recipe(docker_client, recipe, store)
     assert _runs(docker_client, on_a_held_base["image_id"]) == [on_a_held_base["nonce"], str(BASE_BYTES)]
