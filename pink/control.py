@@ -9,13 +9,16 @@ every door applies the same ones. A task lives in etcd until it is archived
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from pink import archive, lifecycle, nodes
+from pink import archive, idempotency, lifecycle, nodes
 from pink.config import Config
-from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests
-from pink.store import Record, Store
-from pink.tasks import NOT_STARTED, State, Task, exported
+from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable
+from pink.store import SMALL_PAGE, Record, Store
+from pink.tasks import NOT_STARTED, State, Task, exported, holds_gpus
+
+CREATE_TRIES = 20  # creations by one user at once that a submit outlasts before it answers 409
+MAX_EVICTIONS = 100  # idempotency keys one creation deletes (a transaction holds at most 128 operations)
 
 
 def visible_user(caller_name: str, admin: bool, wanted: str | None) -> str | None:
@@ -48,12 +51,13 @@ def history_page(store: Store, conn, query: archive.Query) -> tuple[list[Task], 
 
 
 def check_submit(store: Store, config: Config, user: str, gpus: int, size: int) -> None:
-    """Refuse a submission no runner could ever take, or over the user's limits."""
-    _check_satisfiable(store, gpus)
+    """Refuse a submission no runner could ever take, or over the user's limits,
+    before its upload is read (`create` checks the limits again, atomically)."""
+    check_satisfiable(store, gpus)
     _check_user_limits(store, config, user, size)
 
 
-def _check_satisfiable(store: Store, gpus: int) -> None:
+def check_satisfiable(store: Store, gpus: int) -> None:
     """Like Slurm, refuse at once what no registered runner has room for.
 
     With no runner registered at all, the task is accepted and waits (a
@@ -64,24 +68,184 @@ def _check_satisfiable(store: Store, gpus: int) -> None:
         raise BadRequest(f"no runner has {gpus} GPUs; the largest has {largest}", code="unsatisfiable")
 
 
-def _check_user_limits(store: Store, config: Config, user: str, size: int) -> None:
-    """Refuse a submission over the user's queued-task or image-bytes limit.
+@dataclass
+class Holdings:
+    """A user's live tasks as their index (`Keys.owner`) lists them, and their
+    gate as read before it (None: absent)."""
 
-    Reads live tasks only (etcd holds no history), so its cost follows the
-    queue, not the archive.
+    gate: Record | None
+    entries: list[Record]
+
+    @property
+    def live(self) -> int:
+        return len(self.entries)
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(int(e.value.get("size") or 0) for e in self.entries)
+
+    def task_ids(self) -> list[str]:
+        return [e.key.rsplit("/", 1)[1] for e in self.entries]
+
+
+def holdings(store: Store, user: str) -> Holdings:
+    """The user's index: a range over their own prefix, never over everyone's tasks.
+
+    The gate is read first: a creation after that read rewrites it, so a
+    count that missed the creation fails its transaction instead of passing.
+    Records written before the index existed have no entry and are not
+    counted: they are the tasks live at the upgrade, and they drain as they end.
+    """
+    gate = store.get(store.keys.gate(user))
+    return Holdings(gate, store.list(store.keys.owned(user), SMALL_PAGE))
+
+
+def _without_stale(store: Store, held: Holdings) -> Holdings:
+    """The holdings without index entries whose task record is gone, which are
+    deleted: an older process (a leader not yet upgraded) retires a record
+    without its entry. Read only at the limit, so it costs a user's own
+    records, and only when they would be refused."""
+    present = {r.key for r in store.get_many([store.keys.task(i) for i in held.task_ids()])}
+    stale = [e for e, i in zip(held.entries, held.task_ids()) if store.keys.task(i) not in present]
+    for entry in stale:
+        store.txn().expect(entry).delete(entry.key).commit()
+    return replace(held, entries=[e for e in held.entries if e not in stale]) if stale else held
+
+
+def _tasks_of(store: Store, held: Holdings) -> list[Task]:
+    """The user's live records: one read per task of theirs, none of anyone else's."""
+    return [r.value for r in store.get_many([store.keys.task(i) for i in held.task_ids()])]
+
+
+def _check_user_limits(store: Store, config: Config, user: str, size: int) -> Holdings:
+    """Refuse a new task over the user's live-task, queued-task or image-bytes
+    limit; the holdings counted, for the creation's compare.
+
+    Costs what the user's own tasks cost: their index (and, with
+    queued_per_user set, their records), never the other users' tasks.
     """
     limits = config.limits
-    if not (limits.queued_per_user or limits.upload_bytes_per_user):
-        return
-    live = [r.value for r in store.list(store.keys.tasks) if r.value.user == user]
-    queued = sum(1 for t in live if t.state == State.QUEUED)
-    if limits.queued_per_user and queued >= limits.queued_per_user:
-        raise TooManyRequests(f"user limit: {queued} tasks queued (limit {limits.queued_per_user}); "
-                              "wait for some to start")
-    held = sum(t.image["size"] for t in live)
-    if limits.upload_bytes_per_user and held + size > limits.upload_bytes_per_user:
-        raise TooManyRequests(f"user limit: your live tasks hold {held} bytes of images and this one "
-                              f"adds {size} (limit {limits.upload_bytes_per_user})")
+    held = holdings(store, user)
+    if limits.live_tasks_per_user and held.live >= limits.live_tasks_per_user:
+        held = _without_stale(store, held)
+    if limits.live_tasks_per_user and held.live >= limits.live_tasks_per_user:
+        raise TooManyRequests(f"user limit: {held.live} live tasks (live_tasks_per_user = "
+                              f"{limits.live_tasks_per_user}); wait for some to finish or cancel some")
+    if limits.queued_per_user:
+        queued = sum(1 for t in _tasks_of(store, held) if t.state == State.QUEUED)
+        if queued >= limits.queued_per_user:
+            raise TooManyRequests(f"user limit: {queued} tasks queued (limit {limits.queued_per_user}: "
+                                  f"queued_per_user = {limits.queued_per_user}); wait for some to start")
+    if limits.upload_bytes_per_user and held.image_bytes + size > limits.upload_bytes_per_user:
+        raise TooManyRequests(f"user limit: your live tasks hold {held.image_bytes} bytes of images and this "
+                              f"one adds {size} (limit {limits.upload_bytes_per_user}: upload_bytes_per_user "
+                              f"= {limits.upload_bytes_per_user}); wait for some to finish")
+    return held
+
+
+def check_params(config: Config, params) -> None:
+    """Refuse parameters over `record_bytes` before an upload is read."""
+    params.check_size(config.limits.record_bytes)
+
+
+def create(store: Store, config: Config, record: Task, claim: idempotency.Claim | None) -> tuple[str, bool]:
+    """Record a new task within its user's limits: (its id, True); or, for an
+    Idempotency-Key the user already sent, (the first task's id, False).
+
+    The record, its index entry, the user's gate and the key are written in
+    one transaction that compares the gate as counted and the key's absence:
+    two submits by one user at once cannot both pass the last free place, and
+    two with one key make one task (the loser answers the winner's task).
+
+    What one user can hold in etcd is bounded: live_tasks_per_user x (the
+    record's parameters, record_bytes, plus its image metadata, at most 16
+    tags of 256 characters twice (8 KiB) and 128 layers' digests and sizes
+    (~20 KiB), plus ~4 KiB of state and history): 500 x ~96 KiB = ~47 MiB with
+    the shipped defaults, and as many idempotency keys of ~200 bytes (0.1
+    MiB). That is 2.3% of etcd's default 2 GiB quota (about 43 users each at
+    every cap at once; gunicorn's 4 KiB request line keeps query parameters
+    to ~4 KiB today, ~18 MiB a user): a lab with more users should raise
+    etcd's --quota-backend-bytes (8 GiB is etcd's suggested maximum).
+    """
+    check_params(config, record.params)
+    lease = 0
+    try:
+        for _ in range(CREATE_TRIES):
+            first = replay(store, record.user, claim)
+            if first:
+                return first, False
+            held = _check_user_limits(store, config, record.user, record.image["size"])
+            keyed = None
+            if claim:
+                lease = lease or store.grant(idempotency.TTL)
+                keyed = (store.keys.idempotency(record.user, claim.digest), claim.entry(record.id), lease)
+            evicted = _evicted(store, config, record.user, claim)
+            try:
+                created = store.create_task(record, held.gate, keyed, evicted)
+            except Exception:
+                lease = 0  # etcd may have applied it: the key may hold the lease, which expires by itself
+                raise
+            if created:
+                lease = 0  # the key holds it now
+                return record.id, True
+    finally:
+        _drop(store, lease)
+    raise Conflict("your other submissions kept changing your task count; try again", code="busy")
+
+
+def replay(store: Store, user: str, claim: idempotency.Claim | None) -> str | None:
+    """The task a request with this key already made (None: none, or no key); 422 if
+    the key was used for other parameters."""
+    if claim is None:
+        return None
+    rec = store.get(store.keys.idempotency(user, claim.digest))
+    return None if rec is None else idempotency.first_task(claim, rec.value)
+
+
+def _evicted(store: Store, config: Config, user: str, claim: idempotency.Claim | None) -> list[str]:
+    """The user's oldest idempotency keys past live_tasks_per_user, to delete with
+    this creation: keys stay bounded like records, and a submit is never refused
+    for them (only a key older than as many newer keyed submits is forgotten)."""
+    bound = config.limits.live_tasks_per_user
+    if claim is None or not bound:
+        return []
+    keys = store.list(store.keys.idempotencies(user), SMALL_PAGE)
+    excess = min(max(len(keys) + 1 - bound, 0), MAX_EVICTIONS)
+    return [r.key for r in sorted(keys, key=lambda r: r.create_revision)[:excess]]
+
+
+def _drop(store: Store, lease: int) -> None:
+    """Revoke a lease no key took (it would expire in a day anyway)."""
+    if lease:
+        try:
+            store.revoke(lease)
+        except Unavailable:
+            pass
+
+
+def limits_of(store: Store, config: Config, user: str) -> dict:
+    """Each per-user limit with its value and the user's current use where
+    that is cheap (None where it is not, or is counted elsewhere).
+
+    Reads the user's index; their records only when a limit that needs the
+    states (queued_per_user, gpus_per_user) is set.
+    """
+    limits, retention = config.limits, config.retention
+    held = holdings(store, user)
+    tasks = _tasks_of(store, held) if limits.queued_per_user or limits.gpus_per_user else None
+    used = {
+        "live_tasks_per_user": held.live,
+        "upload_bytes_per_user": held.image_bytes,
+        "queued_per_user": None if tasks is None else sum(1 for t in tasks if t.state == State.QUEUED),
+        "gpus_per_user": None if tasks is None else sum(len(t.gpus) for t in tasks if holds_gpus(t)),
+    }
+    values = {name: getattr(limits, name) for name in (
+        "live_tasks_per_user", "queued_per_user", "upload_bytes_per_user", "upload_sessions_per_user",
+        "output_bytes_per_task", "log_streams_per_user", "log_streams_per_node", "gpus_per_user",
+        "record_bytes")}
+    values["max_output_bytes_per_user"] = retention.max_output_bytes_per_user
+    values["max_log_bytes"] = retention.max_log_bytes
+    return {name: {"limit": value, "used": used.get(name)} for name, value in values.items()}
 
 
 def cancel(store: Store, rec: Record) -> Task:

@@ -124,7 +124,8 @@ def retire(store: Store, rec: Record) -> Record | None:
     removed, so such a request is not lost.
     """
     for _ in range(20):
-        if store.txn().expect(rec).delete(rec.key).commit():
+        owner = store.keys.owner(rec.value.user, rec.value.id)  # its index entry goes with it
+        if store.txn().expect(rec).delete(rec.key).delete(owner).commit():
             return rec
         current = store.get(rec.key)
         if current is None:

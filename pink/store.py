@@ -58,7 +58,7 @@ class Keys:
         return f"{self.prefix}/alloc/"
 
     def web(self, host: str) -> str:
-        """A web node's presence: `{host, url, since}`, bound to a lease its leader process keeps."""
+        """A web node's presence: `{host, url, since}`, bound to a lease its pink-web keeps."""
         return f"{self.prefix}/web/{host}"
 
     @property
@@ -88,6 +88,27 @@ class Keys:
         """The leader's summary of the queue: each waiting task's position and reason."""
         return f"{self.prefix}/queue"
 
+    def owner(self, user: str, task_id: str) -> str:
+        """A user's index entry for one live task (`{"size": image bytes}`): created and
+        removed in the same transactions as the task record, so per-user limits read
+        one user's entries instead of every live task."""
+        return f"{self.prefix}/owners/{user}/{task_id}"
+
+    def owned(self, user: str) -> str:
+        return f"{self.prefix}/owners/{user}/"
+
+    def gate(self, user: str) -> str:
+        """Rewritten by every task creation of `user` and compared by the next: two
+        submits counting the same index cannot both pass a limit."""
+        return f"{self.prefix}/gates/{user}"
+
+    def idempotency(self, user: str, digest: str) -> str:
+        """A user's Idempotency-Key (by its digest): `{"task", "fingerprint"}`, leased for a day."""
+        return f"{self.prefix}/idem/{user}/{digest}"
+
+    def idempotencies(self, user: str) -> str:
+        return f"{self.prefix}/idem/{user}/"
+
 
 @dataclass
 class Record:
@@ -102,7 +123,9 @@ class Record:
 
 log = logging.getLogger("pink.store")
 _ETCD_ERRORS = (etcd_exc.Etcd3Exception, grpc.RpcError)
-LIST_PAGE = 100  # keys per range read: a page of big task records stays far below 4 MiB
+LIST_PAGE = 100  # keys per range read: a page of task records (at most ~100 KiB each) is ~10 MiB at worst
+MAX_ANSWER = 64 * 2**20  # bytes of one etcd answer we accept (gRPC's default, 4 MiB, is below a full page)
+SMALL_PAGE = 1000  # keys per range read of small values (index entries, idempotency keys)
 ENDPOINT_RETRY = 1.0  # seconds before an endpoint that failed is tried again
 LEASE_MARGIN = 0.8  # fraction of a TTL without a successful refresh after which a lease counts as lost
 
@@ -261,6 +284,7 @@ class Store:
         self._endpoints = endpoints
         self._credentials = _tls_credentials(ca, cert, key)
         self._client = self._connect()
+        self.keys_read = 0  # keys every read so far returned: what a request path costs, counted exactly
 
     def _connect(self):
         # pyetcd marks an endpoint failed on the first timeout and, by default,
@@ -270,7 +294,8 @@ class Store:
         for ep in self._endpoints:
             host, port = ep.rsplit(":", 1)
             endpoints.append(pyetcd.Endpoint(host, int(port), secure=self._credentials is not None,
-                                             creds=self._credentials, time_retry=ENDPOINT_RETRY))
+                                             creds=self._credentials, time_retry=ENDPOINT_RETRY,
+                                             opts=[("grpc.max_receive_message_length", MAX_ANSWER)]))
         return pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=self._timeout, failover=True)
 
     @classmethod
@@ -317,26 +342,41 @@ class Store:
     @_guard_read
     def get(self, key: str) -> Record | None:
         value, meta = self._client.get(key)
+        self.keys_read += meta is not None
         return None if meta is None else self._record(value, meta)
 
-    def list(self, prefix: str) -> list[Record]:
+    @_guard_read
+    def get_many(self, keys: list[str]) -> list[Record]:
+        """The records of those of `keys` that exist, a transaction of reads per LIST_PAGE keys."""
+        t, out = self._client.transactions, []
+        for start in range(0, len(keys), LIST_PAGE):
+            _, responses = self._client.transaction(compare=[], failure=[], success=[
+                t.get(k) for k in keys[start:start + LIST_PAGE]])
+            for found in responses:
+                self.keys_read += len(found)
+                out.extend(self._record(value, meta) for value, meta in found)
+        return out
+
+    def list(self, prefix: str, page: int = LIST_PAGE) -> list[Record]:
         """Every record under `prefix`, read in pages at one revision.
 
         One range read of everything would fail once the answer passed
         gRPC's 4 MiB message limit; pages of LIST_PAGE keys never do, and
         reading them all at the first page's revision keeps the view consistent.
+        Small values may be read in bigger pages (SMALL_PAGE).
         """
-        return self.list_at(prefix)[0]
+        return self.list_at(prefix, page)[0]
 
     @_guard_read
-    def list_at(self, prefix: str) -> tuple[list[Record], int]:
+    def list_at(self, prefix: str, page: int = LIST_PAGE) -> tuple[list[Record], int]:
         """`list`, and the revision it read at (a watch continues from the next one)."""
         end = _prefix_end(prefix)
         start, revision, out = prefix, None, []
         while True:
             resp = self._client.get_range_response(start, end, sort_order="ascend", sort_target="key",
-                                                   limit=LIST_PAGE, revision=revision)
+                                                   limit=page, revision=revision)
             revision = revision or resp.header.revision
+            self.keys_read += len(resp.kvs)
             for kv in resp.kvs:
                 key = kv.key.decode()
                 rec = self._decoded(key, kv.value, lambda value: Record(
@@ -367,6 +407,42 @@ class Store:
 
     def lease(self, ttl: int) -> Lease:
         return Lease(self, ttl)
+
+    @_guard
+    def grant(self, ttl: int) -> int:
+        """A lease nobody refreshes (its keys go after `ttl` seconds); its id."""
+        return self._client.lease(ttl).id
+
+    @_guard
+    def revoke(self, lease_id: int) -> None:
+        self._client.revoke_lease(lease_id)
+
+    @_guard
+    def lease_ttl(self, lease_id: int) -> tuple[int, int]:
+        """(seconds left, seconds granted) of a lease; (-1, 0) once it is gone."""
+        info = self._client.get_lease_info(lease_id)
+        return info.TTL, info.grantedTTL
+
+    def create_task(self, task: Task, gate: Record | None, idempotency: tuple[str, dict, int] | None = None,
+                    evict: list[str] = ()) -> bool:
+        """Record a new task with its owner's index entry, in one transaction that
+        also rewrites the owner's gate as the caller read it (`gate`; None:
+        absent): a concurrent creation by the same user fails this one, which
+        counts again. `idempotency`: (key, value, lease) written only if the key
+        is absent; `evict`: the owner's oldest idempotency keys, deleted to keep
+        their number bounded."""
+        keys = self.keys
+        txn = self.txn().expect(keys.task(task.id), 0)
+        txn.expect(gate) if gate else txn.expect(keys.gate(task.user), 0)
+        txn.put(keys.task(task.id), task)
+        txn.put(keys.owner(task.user, task.id), {"size": task.image["size"]})
+        txn.put(keys.gate(task.user), {"last": task.id})
+        if idempotency:
+            key, value, lease = idempotency
+            txn.expect(key, 0).put(key, value, lease)
+        for key in evict:
+            txn.delete(key)
+        return txn.commit()
 
     # -- watching --------------------------------------------------------
 

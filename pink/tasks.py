@@ -10,6 +10,7 @@ finalizer archives), then commits it as a compare-and-swap through
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shlex
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from pink import defaults, gpu_env
+from pink import blobs, defaults, gpu_env
 from pink.errors import BadRequest, Conflict
 
 
@@ -63,6 +64,9 @@ def new_id() -> str:
 
 
 OUTPUTS = ("full", "changes")  # besides an absolute path in the container
+USER_TEXT = ("name", "cmd", "entrypoint", "env")  # the parameters of free size ([limits] record_bytes)
+RECORD_TAGS = 16  # repo tags a task record keeps; only informative, so the rest are dropped, not refused
+RECORD_TAG_CHARS = 256  # a longer tag is dropped (a cut name would name another image)
 
 
 @dataclass
@@ -107,6 +111,18 @@ class Params:
         if params.compression not in COMPRESSIONS:
             raise BadRequest(f"compression must be one of {', '.join(COMPRESSIONS)}", code="bad_param")
         return params
+
+    def text_bytes(self) -> int:
+        """Bytes the free-size parameters take in the record (as JSON)."""
+        return len(json.dumps({k: getattr(self, k) for k in USER_TEXT}).encode())
+
+    def check_size(self, record_bytes: int) -> None:
+        """Refuse parameters over `record_bytes` (0: no limit): each is copied into an etcd record."""
+        size = self.text_bytes()
+        if record_bytes and size > record_bytes:
+            raise BadRequest(f"the task's name, env, cmd and entrypoint take {size} bytes; the limit is "
+                             f"{record_bytes} (record_bytes = {record_bytes}): pass large inputs inside "
+                             "the image instead", code="params_too_large")
 
 
 def _words(text, name):
@@ -216,10 +232,34 @@ _PARAM_FIELDS = frozenset(f.name for f in fields(Params))
 
 
 def new_record(task_id: str, user: str, params: Params, image: dict, web_host: str) -> Task:
+    """A new task's record, its image's informative metadata bounded (`bounded_image`)."""
     t = now()
     return Task(id=task_id, name=params.name or task_id, user=user, state=State.QUEUED, attempt=1,
-                created_at=t, updated_at=t, image=image, params=replace(params), web_host=web_host,
+                created_at=t, updated_at=t, image=bounded_image(image), params=replace(params),
+                web_host=web_host,
                 timings={"submitted": t}, history=[[t, State.QUEUED.value, f"uploaded to {web_host}"]])
+
+
+def bounded_image(image: dict) -> dict:
+    """The image as a record keeps it: at most RECORD_TAGS repo tags of at most
+    RECORD_TAG_CHARS each.
+
+    An image config may carry 100 tags of 512 characters, twice in the record
+    (its tags and its recipe's): ~100 KB in etcd per task, rerun for free. Tags
+    only name the loaded image, so extra ones are dropped, and the recipe is
+    rebuilt with the tags kept (its key, the image's name in spools, follows).
+    Layers are bounded by `blobs.MAX_LAYERS` (about 17 KB of digests and sizes).
+    """
+    tags = list(image.get("repo_tags") or [])
+    kept = [tag for tag in tags if len(tag) <= RECORD_TAG_CHARS][:RECORD_TAGS]
+    if kept == tags:
+        return image
+    bounded = {**image, "repo_tags": kept}
+    if recipe := image.get("recipe"):
+        rebuilt = blobs.Recipe.from_dict({**{k: v for k, v in recipe.items() if k != "key"},
+                                          "repo_tags": kept}).to_dict()
+        bounded.update(recipe=rebuilt, sha256=rebuilt["key"])
+    return bounded
 
 
 def advance(task: Task, to: State, detail: str = "", **changes) -> Task:

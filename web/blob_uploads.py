@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import io
 import json
@@ -35,10 +36,10 @@ import json
 from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
-from pink import blobs, control, upload_sessions
+from pink import blobs, control, idempotency, upload_sessions
 from pink.errors import BadRequest, Conflict, NotFound, PinkError, TooLarge
 from pink.tasks import Params, new_id
-from web.api import create_task
+from web.api import create_task, first_task
 from web.auth import require_user
 from web.resources import res
 from web.uploads import image_record
@@ -65,15 +66,17 @@ def begin():
     sizes = {config_digest: len(config_bytes), **{x.get("digest"): x.get("size") for x in layers}}
     recipe = blobs.Recipe(config=config_digest, layers=[x.get("digest") for x in layers],
                           repo_tags=body.get("repo_tags") or [], sizes=sizes)
-    _check_diff_ids(recipe, parsed, layout)
-    web = res().config.web
+    _check_diff_id_count(recipe, parsed)
+    web, limits = res().config.web, res().config.limits
     if blobs.archive_size(recipe) > web.max_upload_bytes:
         raise TooLarge(f"the image is {blobs.archive_size(recipe)} bytes; the limit is {web.max_upload_bytes}")
-    control.check_submit(res().store, res().config, user.name, 0, blobs.archive_size(recipe))
+    opened = upload_sessions.check_room(web.blob_root, user.name, limits.upload_sessions_per_user)
+    control.check_submit(res().store, res().config, user.name, 0, opened + blobs.archive_size(recipe))
     store = res().blobs
-    store.write(f"cfg-{new_id()}", config_digest, io.BytesIO(config_bytes), len(config_bytes))
     missing = store.missing(recipe.layers)
-    challenges = {d: blobs.challenge(recipe.sizes[d]) for d in dict.fromkeys(recipe.layers) if d not in missing}
+    challenges = {d: blobs.challenge_held(store, d, recipe.sizes[d])
+                  for d in dict.fromkeys(recipe.layers) if d not in missing}
+    store.write(f"cfg-{new_id()}", config_digest, io.BytesIO(config_bytes), len(config_bytes))
     session = upload_sessions.create(web.blob_root, res().config.host, user.name, recipe, layout, challenges)
     return jsonify(upload=session.id, missing=missing, challenges=challenges), 201
 
@@ -96,17 +99,14 @@ def _config(text) -> tuple[bytes, dict]:
     return data, parsed
 
 
-def _check_diff_ids(recipe: blobs.Recipe, config: dict, layout: str) -> None:
-    """The config lists one diff_id per layer; an uncompressed (docker) layer's digest is its diff_id."""
+def _check_diff_id_count(recipe: blobs.Recipe, config: dict) -> None:
+    """The config lists one diff_id per layer. Whether each is its layer's is
+    checked at commit, once every layer is in the store (`blobs.verified_diff_ids`),
+    whatever layout the client says it sent."""
     diff_ids = (config.get("rootfs") or {}).get("diff_ids")
     if not isinstance(diff_ids, list) or len(diff_ids) != len(recipe.layers):
         raise BadRequest(f"the config lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'} layer "
                          f"diff_ids for {len(recipe.layers)} layers", code="bad_manifest")
-    if layout == "docker":
-        for layer, diff_id in zip(recipe.layers, diff_ids):
-            if diff_id != f"sha256:{layer}":
-                raise BadRequest(f"layer {layer} is not the config's diff_id {str(diff_id)[:80]}",
-                                 code="bad_manifest")
 
 
 def _session(upload_id: str) -> upload_sessions.Session:
@@ -150,7 +150,7 @@ def put_blob(upload_id: str, digest: str):
         if exc.code != "present":
             raise
         # Another upload stored it meanwhile: reading ours would prove nothing.
-        challenge = session.challenge(digest) or blobs.challenge(size)
+        challenge = session.challenge(digest) or blobs.challenge_held(store, digest, size)
         session.add_challenge(digest, challenge)
         return jsonify(offset=size, challenge=challenge), 200, {"Connection": "close"}
     except ClientDisconnected:
@@ -158,7 +158,8 @@ def put_blob(upload_id: str, digest: str):
                          code="truncated") from None
     if held < size:
         return jsonify(offset=held), 202
-    session.mark_done(digest)
+    session.mark_done(digest)  # first: a retry after a timeout answers 201 and never hashes again
+    store.prepare_diff_id(digest)  # bounded by this upload; commit reads what it kept
     return jsonify(offset=size), 201
 
 
@@ -166,8 +167,12 @@ def put_blob(upload_id: str, digest: str):
 def commit(upload_id: str):
     """Create the task once every layer was uploaded in this session or proved held."""
     user = require_user()
-    session = _session(upload_id)
     params = Params.parse(request.args)
+    claim = idempotency.claim(request.headers.get(idempotency.HEADER), "commit", upload=upload_id,
+                              params=dataclasses.asdict(params))
+    if first := control.replay(res().store, user.name, claim):  # before the session: the first closed it
+        return first_task(first)
+    session = _session(upload_id)
     body = request.get_json(silent=True) or {}
     proofs = body.get("proofs") if isinstance(body, dict) else None
     if not isinstance(proofs or {}, dict):
@@ -179,11 +184,17 @@ def commit(upload_id: str):
     if unproven:
         raise Conflict(f"{len(unproven)} layer(s) are neither uploaded nor proved held: upload them "
                        f"(the first is {unproven[0]})", code="blobs_missing")
+    try:
+        blobs.verified_diff_ids(store, session.recipe)
+    except BadRequest:
+        session.close()  # its config and layers are fixed: it can never commit
+        raise
     for digest in session.recipe.blobs:
         store.touch(digest)
     received = session.recipe.sizes[session.recipe.config] + sum(
         session.recipe.sizes[d] for d in dict.fromkeys(session.recipe.layers) if session.done(d))
-    answer = create_task(user, new_id(), params, image_record(session.recipe, session.layout), received)
+    answer = create_task(user, new_id(), params, image_record(session.recipe, session.layout), received,
+                         claim)
     session.close()
     return answer
 
