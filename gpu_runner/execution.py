@@ -159,7 +159,10 @@ class Execution:
             if follower.is_alive():
                 log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
         if result != State.QUEUED:
-            fields.update(self._export(task))
+            export_fields, over_limit = self._export(task)
+            fields.update(export_fields)
+            if over_limit:  # the task wrote more than it may keep: it failed, whatever its exit
+                result, fields["error"] = State.FAILED, export_fields["export_error"]
         fields["image_load_seconds"] = load_seconds
         return result, fields
 
@@ -285,20 +288,22 @@ class Execution:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),
                            "size": None}}
 
-    def _export(self, task: Task) -> dict:
+    def _export(self, task: Task) -> tuple[dict, bool]:
+        """The export's fields to record, and whether it passed `output_bytes_per_task`."""
         fields = self._export_info()
         info = fields["export"]
         if self.container is None:
-            return fields
+            return fields, False
         suffix = ".tar.gz" if task.params.compression == "gzip" else ".tar.zst"
         started = time.time()
         try:
             size = export.export(self.container, task.params.output, task.params.compression,
-                                 self._local(suffix), self.agent.outbox_owner())
+                                 self._local(suffix), self.agent.outbox_owner(),
+                                 self.agent.config.limits.output_bytes_per_task)
         except (ValueError, OSError, DockerException, tarfile.TarError, zstandard.ZstdError) as exc:
-            return {**fields, "export_error": str(exc)}
+            return {**fields, "export_error": str(exc)}, isinstance(exc, export.TooBig)
         info.update(path=self._remote(suffix), size=size)
-        return {**fields, "export_seconds": round(time.time() - started, 3)}
+        return {**fields, "export_seconds": round(time.time() - started, 3)}, False
 
     def _report_until_done(self, rec: Record, result: State, fields: dict) -> None:
         """Report, waiting out etcd being unreachable for as long as our lease holds."""

@@ -34,6 +34,30 @@ CHANGES_MANIFEST = ".pink-changes.json"  # in a `changes` output, after the file
 DIFF_KINDS = {0: "modified", 1: "added", 2: "deleted"}  # docker diff's Kind
 
 
+class TooBig(ValueError):
+    """The export passed `limits.output_bytes_per_task`: its task fails."""
+
+
+class _Capped:
+    """Counts the compressed bytes on their way to `raw` and refuses past
+    `limit`: a task writing without end must not fill the runner's disk
+    (nor, later, a web node's)."""
+
+    def __init__(self, raw, limit: int):
+        self.raw, self.limit, self.written = raw, limit, 0
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise TooBig(f"the export passed the limit limits.output_bytes_per_task ({self.limit} bytes) "
+                         f"at {self.written} bytes and was stopped: write less, or export only the path "
+                         "you need")
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 def _compressor(raw, compression: str):
     """A writer compressing into `raw`; closing it leaves `raw` open.
 
@@ -139,23 +163,40 @@ def _stream(container, output: str):
     return stream
 
 
-def export(container, output: str, compression: str, path: str, uid_gid: tuple[int, int]) -> int:
+def export(container, output: str, compression: str, path: str, uid_gid: tuple[int, int],
+           limit: int) -> int:
     """Write the export to `path`, owned by `uid_gid`; returns its size.
-    Raises ValueError if `output` is missing."""
+    Raises ValueError if `output` is missing, TooBig past `limit` bytes
+    (removing what it wrote)."""
     stream = None if output == "changes" else _stream(container, output)
-    with os.fdopen(outbox.create(path + ".part", uid_gid), "wb") as raw:
-        writer = _compressor(raw, compression)
-        try:
-            if stream is None:
-                write_changes(container, writer)
-            else:
-                for chunk in stream:
-                    writer.write(chunk)
-        finally:
-            writer.close()
-        raw.flush()
-        size = os.fstat(raw.fileno()).st_size
+    try:
+        with os.fdopen(outbox.create(path + ".part", uid_gid), "wb") as raw:
+            _write(container, stream, _compressor(_Capped(raw, limit), compression))
+            raw.flush()
+            size = os.fstat(raw.fileno()).st_size
+    except BaseException:
+        _unlink(path + ".part")
+        raise
     # rename never follows a link at `path`: at worst the account swapped the
     # part file for one of its own, and its own file is what it fetches.
     os.replace(path + ".part", path)
     return size
+
+
+def _write(container, stream, writer) -> None:
+    """The export (Docker's `stream`, or the changes when None) through `writer`, then closed."""
+    try:
+        if stream is None:
+            write_changes(container, writer)
+        else:
+            for chunk in stream:
+                writer.write(chunk)
+    finally:
+        writer.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

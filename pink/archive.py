@@ -22,10 +22,13 @@ from typing import Iterator
 import pymysql
 
 from pink import db
-from pink.errors import BadRequest, Unavailable
+from pink.errors import BadRequest, PinkError, Unavailable
 from pink.tasks import Task
 
 log = logging.getLogger("pink.archive")
+LOG_PIECE = 1 << 20  # bytes of log per row: pymysql sends bytes as hex, so a statement holds twice this
+STATEMENT_SLACK = 4096  # bytes of a piece's INSERT besides its hex
+PACKET_TOO_LARGE = (1153, 1301)  # ER_NET_PACKET_TOO_LARGE, ER_WARN_ALLOWED_PACKET_OVERFLOWED
 _schema_ready: set[tuple] = set()  # databases this process has brought up to date
 
 
@@ -65,7 +68,7 @@ def archive_task(conn, task: Task, logs: bytes, expires_at: float | None = None,
     row = (task.id, task.user, task.name, task.state.value, task.attempt, task.node, task.exit_code, task.error,
            task.image["sha256"], task.image["size"], output.get("size"), json.dumps(task.gpus), len(task.gpus),
            t.get("submitted", task.created_at), t.get("running"), t.get("exited", t.get("exported")), t.get(task.state.value),
-           output.get("host"), output.get("path"), expires_at,
+           output.get("host"), output.get("path"), _peer(output), expires_at,
            task.logs_truncated, now if deleted else None, now if deleted else None, json.dumps(task.to_json()))
     try:
         return _insert(conn, task, logs, row, deleted)
@@ -83,20 +86,39 @@ def _insert(conn, task: Task, logs: bytes, row: tuple, deleted: bool) -> bool:
         cur.execute(
             "INSERT INTO tasks (id, user_name, name, state, attempt, node, exit_code, error, "
             "image_sha256, image_size, output_size, gpus, gpu_count, submitted_at, started_at, "
-            "ended_at, finished_at, output_host, output_path, expires_at, logs_truncated, "
+            "ended_at, finished_at, output_host, output_path, output_peer, expires_at, logs_truncated, "
             "deleted_at, expired_at, record) "
-            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", row)
+            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", row)
         if not deleted:
-            cur.execute("INSERT INTO task_logs (task_id, logs) VALUES (%s,%s)", (task.id, logs))
+            _write_log(cur, task.id, logs)
         cur.executemany("INSERT INTO task_events (task_id, at, state, detail) VALUES (%s,%s,%s,%s)",
                         [(task.id, at, state, detail) for at, state, detail in task.history])
     conn.commit()
     return True
 
 
+def _peer(output: dict) -> str | None:
+    """The output's second holder, if it has one."""
+    copies = output.get("copies") or []
+    return copies[1] if len(copies) > 1 else None
+
+
+def _write_log(cur, task_id: str, logs: bytes) -> None:
+    """The log as rows of at most one piece each, sized to the server's
+    max_allowed_packet: a log of the shipped cap (8 MiB, 16 MiB as hex) in one
+    INSERT is refused by a server of MariaDB's default 16 MiB."""
+    cur.execute("SELECT @@max_allowed_packet AS packet")
+    piece = max(1024, min(LOG_PIECE, (int(cur.fetchone()["packet"]) - STATEMENT_SLACK) // 2))
+    for seq, start in enumerate(range(0, max(len(logs), 1), piece)):
+        cur.execute("INSERT INTO task_logs (task_id, seq, logs) VALUES (%s,%s,%s)",
+                    (task_id, seq, logs[start:start + piece]))
+
+
 @contextlib.contextmanager
 def connection(db_config) -> Iterator:
-    """A connection with the schema up to date; database failures become Unavailable.
+    """A connection with the schema up to date; database failures become
+    Unavailable, but a statement over max_allowed_packet (refused whenever
+    it is sent) a PinkError, which a finalize gives up on.
 
     Jobs use this rather than retrying: the leader backs a failing finalize
     off, so a database outage fails a job at once instead of holding a worker.
@@ -106,6 +128,8 @@ def connection(db_config) -> Iterator:
         _ensure_schema(conn, db_config)
         yield conn
     except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+        if exc.args and exc.args[0] in PACKET_TOO_LARGE:  # the same statement is refused every time
+            raise PinkError(f"the database refused a statement: {exc.args[-1]}", code="archive_refused") from exc
         raise Unavailable(f"the database failed: {exc.args[-1] if exc.args else exc}") from exc
     finally:
         conn.close()
@@ -139,8 +163,12 @@ def get_record(conn, task_id: str) -> Task | None:
 
 
 def get_logs(conn, task_id: str) -> bytes | None:
-    row = _one(conn, "SELECT logs FROM task_logs WHERE task_id=%s", (task_id,))
-    return row["logs"] if row else None
+    """The archived log, its pieces joined in order; None when it has none (deleted, expired)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT logs FROM task_logs WHERE task_id=%s ORDER BY seq", (task_id,))
+        rows = cur.fetchall()
+    conn.commit()
+    return b"".join(r["logs"] for r in rows) if rows else None
 
 
 def mark_deleted(conn, task_id: str) -> None:
@@ -307,7 +335,10 @@ def expire(conn, now: float, max_bytes_per_user: int, output_days: float = 0, ba
 
 
 def _over_quota(cur, cap: int, batch: int) -> list[str]:
-    """The oldest outputs of each user whose stored outputs exceed `cap` bytes."""
+    """The oldest outputs of each user whose stored outputs exceed `cap` bytes.
+
+    The sum reads the index `by_user_outputs` over unexpired rows only: its
+    cost follows the outputs kept (bounded by `output_days`), not the history."""
     cur.execute("SELECT user_name, SUM(output_size) AS held FROM tasks "
                 "WHERE expired_at IS NULL AND output_size IS NOT NULL "
                 "GROUP BY user_name HAVING held > %s", (cap,))
@@ -338,6 +369,40 @@ def forget_file(conn, task_id: str) -> None:
     """The output file is gone from its host: no sweep needs to look at the row again."""
     with conn.cursor() as cur:
         cur.execute("UPDATE tasks SET output_path=NULL WHERE id=%s", (task_id,))
+    conn.commit()
+
+
+SINGLE_COPIES = ("SELECT id, record, expires_at, expired_at FROM tasks WHERE output_host=%s "
+                 "AND output_peer IS NULL AND expired_at IS NULL AND id > %s AND output_path IS NOT NULL "
+                 "ORDER BY id LIMIT %s")
+
+
+@dataclass
+class CopyPage:
+    """One page of single-copy outputs, and the id the next page starts after
+    ("" once the last page is read: the next pass starts over)."""
+
+    tasks: list[Task]
+    after: str
+
+
+def single_copies(conn, host: str, after: str, batch: int) -> CopyPage:
+    """Kept outputs whose only copy is on `host` (finalized while no other web
+    node was up), with ids after `after`; read by the `by_single_copy` index
+    (which ends in the primary key, so the id order costs no sort)."""
+    with conn.cursor() as cur:
+        cur.execute(SINGLE_COPIES, (host, after, batch))
+        rows = cur.fetchall()
+    conn.commit()
+    return CopyPage(_readable(rows), rows[-1]["id"] if len(rows) == batch else "")
+
+
+def record_copy(conn, task_id: str, peer: str) -> None:
+    """`peer` now holds a copy of the task's output too: in its column and in the record downloads read."""
+    with conn.cursor() as cur:
+        cur.execute("UPDATE tasks SET output_peer=%s, "
+                    "record=JSON_SET(record, '$.output.copies', JSON_ARRAY(output_host, %s)) "
+                    "WHERE id=%s AND output_peer IS NULL", (peer, peer, task_id))
     conn.commit()
 
 

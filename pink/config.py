@@ -117,6 +117,7 @@ class LimitsConfig:
     output_bytes_per_task: int = defaults.OUTPUT_BYTES_PER_TASK  # an export over this fails its task
     log_streams_per_user: int = defaults.LOG_STREAMS_PER_USER  # followed logs open at once, per web node
     log_streams_per_node: int = defaults.LOG_STREAMS_PER_NODE  # followed logs a web node serves at once
+    log_follow_seconds: int = defaults.LOG_FOLLOW_SECONDS  # one follow's longest life (clients resume)
     record_bytes: int = defaults.RECORD_BYTES  # a task's parameters (name, env, command) as stored
 
 
@@ -125,7 +126,7 @@ class RetentionConfig:
     """How long the past is kept; 0 means no limit."""
 
     output_days: float = defaults.OUTPUT_DAYS  # outputs and logs expire this long after the task ends
-    max_output_bytes_per_user: int = 0  # a user's stored outputs beyond this expire, oldest first
+    max_output_bytes_per_user: int = defaults.MAX_OUTPUT_BYTES_PER_USER  # a user's stored outputs beyond this expire, oldest first
     max_log_bytes: int = defaults.MAX_LOG_BYTES  # a log is archived up to this size (its end is kept)
     sweep_interval: float = defaults.SWEEP_INTERVAL  # seconds between the leader's retention sweeps
 

@@ -103,7 +103,26 @@ SCHEMA_V3 = [
     "UPDATE tokens SET expires_at = UNIX_TIMESTAMP() + 90 * 86400 WHERE expires_at IS NULL",
 ]
 
-MIGRATIONS = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3]  # MIGRATIONS[n - 1] brings a database to version n
+# Version 4: big logs and single copies. A log is stored as pieces of a bounded
+# size (`seq` orders them; an older log is its one piece 0), so no statement
+# outgrows the server's max_allowed_packet whatever the log cap. `output_peer`
+# names an output's second holder: the sweep finds outputs with none by index.
+# `by_user_outputs` sums each user's stored outputs from the index alone (the
+# per-user output cap, on by default).
+SCHEMA_V4 = [
+    """ALTER TABLE task_logs
+        ADD COLUMN IF NOT EXISTS seq INT NOT NULL DEFAULT 0,
+        DROP PRIMARY KEY,
+        ADD PRIMARY KEY (task_id, seq)""",
+    """ALTER TABLE tasks
+        ADD COLUMN IF NOT EXISTS output_peer VARCHAR(128),
+        ADD INDEX IF NOT EXISTS by_single_copy (output_host, output_peer, expired_at),
+        ADD INDEX IF NOT EXISTS by_user_outputs (expired_at, user_name, output_size)""",
+    """UPDATE tasks SET output_peer = JSON_VALUE(record, '$.output.copies[1]')
+        WHERE output_path IS NOT NULL""",
+]
+
+MIGRATIONS = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4]  # MIGRATIONS[n - 1] brings a database to version n
 VERSION = len(MIGRATIONS)
 
 

@@ -13,6 +13,7 @@ MAX_ATTEMPTS = 3  # a task lost this many times ends `failed`
 MAX_JOB_FAILURES = 8  # a transfer or run job failing this often fails its task (~8 min of backoff)
 
 OUTPUT_DAYS = 14.0  # days an output and its logs are kept after the task ends
+MAX_OUTPUT_BYTES_PER_USER = 500 * 2**30  # bytes of one user's stored outputs; beyond, their oldest expire
 MAX_LOG_BYTES = 8 * 2**20  # bytes of a log archived (its end); MariaDB's max_allowed_packet is 16 MiB
 SWEEP_INTERVAL = 60.0  # seconds between the leader's retention sweeps
 SWEEP_GRACE = 3600.0  # seconds a file no task references may stay (it may be being written)
@@ -27,6 +28,7 @@ UPLOAD_SESSIONS_PER_USER = 16  # layer-upload sessions one user may hold open
 OUTPUT_BYTES_PER_TASK = 100 * 2**30  # bytes of one task's export; more fails the task
 LOG_STREAMS_PER_USER = 8  # followed logs one user may hold open on one web node
 LOG_STREAMS_PER_NODE = 32  # followed logs one web node serves at once (half its threads)
+LOG_FOLLOW_SECONDS = 3600  # seconds one follow of a log lasts; the CLI and page then resume it
 RECORD_BYTES = 64 * 2**10  # bytes of a task's parameters (name, env, command, entrypoint)
 UPLOAD_CHUNK = 1 << 20  # bytes read from the request per step while spooling
 SPOOL_INCOMING = "incoming"  # in a runner's spool: blobs the transfer account wrote, not trusted yet

@@ -16,17 +16,19 @@ push can only ever write `<task>-<attempt>.tar.<ext>` inside the store.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import re
+import shutil
 import uuid
 from typing import BinaryIO
 
 import requests
 
-from pink import nodes
+from pink import archive, nodes, sftp
 from pink.errors import BadRequest, Forbidden, PinkError, Unavailable
 from pink.store import Store
 from pink.tasks import COMPRESSIONS, Task
@@ -39,6 +41,77 @@ SIGNATURE_HEADER = "X-Pink-Peer-Signature"
 DIGEST_HEADER = "X-Pink-SHA256"
 PUSH_TIMEOUT = (5.0, 120.0)  # connect, and seconds without progress
 CHUNK = 1 << 20
+DISK_RESERVE = 1 << 30  # bytes a fetch leaves free on the output store (at most 1/20 of it)
+COPY_CURSOR = "pink:copies-after:"  # Redis, per host: the last task id a second-copy pass tried
+COPY_CURSOR_TTL = 86400  # a lost cursor only means starting over from the first id
+
+
+class NoRoom(Unavailable):
+    """The output store is too full for an export now: the finalize waits
+    (backing off, the export safe in the runner's outbox) and may run on
+    another web node meanwhile. Unavailable, not a reason to give up: the
+    outputs filling the disk may be another user's, and expire
+    (`retention.max_output_bytes_per_user`, `output_days`); an export that can
+    never fit is Refused instead."""
+
+    code = "no_room"
+
+
+class Refused(PinkError):
+    """An export this store can never take (over the per-task cap, or bigger
+    than the whole filesystem): retrying cannot help, so its task fails."""
+
+    code = "output_refused"
+
+
+def room_for(output_dir: str, size: int, cap: int, host: str) -> None:
+    """Check that an export of `size` bytes may be fetched into `output_dir` now.
+
+    Raises Refused when it never can, NoRoom when the store is merely too
+    full now (the finalize is tried again later, and nothing was written).
+    """
+    if size > cap:
+        raise Refused(f"the export is {size} bytes, over the limit limits.output_bytes_per_task "
+                      f"({cap} bytes): write less, or export only the path you need")
+    disk = shutil.disk_usage(output_dir)
+    reserve = min(DISK_RESERVE, disk.total // 20)
+    if size + reserve > disk.total:
+        raise Refused(f"the export is {size} bytes; the output store of web node {host} holds only "
+                      f"{disk.total - reserve} bytes in all")
+    if size + reserve > disk.free:
+        raise NoRoom(f"web node {host} has {disk.free} bytes free for outputs, and the export needs "
+                     f"{size} plus a reserve of {reserve}: tried again later")
+
+
+def fetch(conn, remote: str, local: str, cap: int) -> tuple[int, str]:
+    """Copy the runner's export to `local`; returns (bytes, sha256).
+
+    The bytes are counted as they arrive, whatever size the runner claimed:
+    past `cap` the copy stops (Refused). The part file goes whatever happens
+    (a full disk included), so one failed fetch never leaves the store full.
+    Raises FileNotFoundError when the runner has no such file.
+    """
+    conn.stat(remote)  # a missing export raises here: stream_from would read it as empty
+    part = f"{local}.{uuid.uuid4().hex[:12]}.part"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(part, "wb") as out:
+            for block in sftp.stream_from(conn, remote):
+                size += len(block)
+                if size > cap:
+                    raise Refused(f"the export passed the limit limits.output_bytes_per_task ({cap} bytes) "
+                                  "while it was fetched: write less, or export only the path you need")
+                out.write(block)
+                digest.update(block)
+        os.replace(part, local)
+    except OSError as exc:  # the part file goes below, whatever failed
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoRoom(f"storing the export in {os.path.dirname(local)} failed: {exc}") from exc
+        raise
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    return size, digest.hexdigest()
 
 
 def stored_name(task: Task) -> str:
@@ -72,10 +145,55 @@ def replicate(config, store: Store, path: str, size: int, sha256: str) -> str | 
     tried again rather than leave a task final with one copy it could have
     had two of.
     """
-    name = os.path.basename(path)
-    peers = {host: url for host, url in nodes.web_urls(store).items() if host != config.host}
+    peers = live_peers(config, store)
+    return _push_to_one(config, peers, path, size, sha256) if peers else None
+
+
+def live_peers(config, store: Store) -> dict[str, str]:
+    """{host: URL} of the other web nodes that are up (their presence keys: a few etcd keys)."""
+    return {host: url for host, url in nodes.web_urls(store).items() if host != config.host}
+
+
+def add_missing_copies(config, store: Store, conn, redis, batch: int = 10) -> int:
+    """Give outputs this node holds alone a second copy, now that a peer may be up.
+
+    An output finalized while no other web node was up kept one copy; the
+    sweep calls this each pass. With no peer up it reads nothing (no row, no
+    file). Otherwise it tries one page of such rows, by index and in id
+    order, from where the last pass stopped: the cursor lives in Redis
+    (COPY_CURSOR, per host, a day), since each sweep is a job of its own, so
+    rows that keep failing never hide the rows after them. The digest pushed
+    is the one recorded at finalize (the receiver checks the bytes against
+    it), so no output is hashed again. Returns how many got a copy.
+    """
+    peers = live_peers(config, store)
     if not peers:
-        return None
+        return 0  # the next sweep tries again
+    key = COPY_CURSOR + config.host
+    page = archive.single_copies(conn, config.host, (redis.get(key) or b"").decode(), batch)
+    redis.set(key, page.after, ex=COPY_CURSOR_TTL)
+    return sum(_second_copy(config, conn, peers, task) for task in page.tasks)
+
+
+def _second_copy(config, conn, peers: dict[str, str], task: Task) -> bool:
+    """Push one single-copy output to a peer and record it; False if it could not be."""
+    path = local_path(config.web.output_dir, task)
+    if not os.path.exists(path):  # no copy can ever come from here: the row is not read again
+        log.warning("output of %s is recorded on %s but missing here; forgotten", task.id, config.host)
+        archive.forget_file(conn, task.id)
+        return False
+    try:
+        peer = _push_to_one(config, peers, path, task.output["size"], task.output["sha256"])
+    except Unavailable as exc:
+        log.warning("second copy of %s: %s", task.id, exc)
+        return False
+    archive.record_copy(conn, task.id, peer)
+    return True
+
+
+def _push_to_one(config, peers: dict[str, str], path: str, size: int, sha256: str) -> str:
+    """Push to the first of `peers` (in the output's order) that takes it; raises Unavailable if none does."""
+    name = os.path.basename(path)
     errors = []
     for host in _order(peers, name):
         try:

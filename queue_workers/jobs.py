@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions, wire
 from pink.errors import NotFound, Unavailable
@@ -155,6 +156,7 @@ class ExportLost(Exception):
 
 
 FINALIZE_TRIED = "pink:finalize-tried:"  # Redis: a finalize job ran for this task and attempt (a day)
+LAST_RESORT_LOG = 64 * 2**10  # bytes of log kept when a finalize gives up on archiving the task whole
 
 
 def finalize(task_id: str, attempt: int) -> str:
@@ -165,6 +167,12 @@ def finalize(task_id: str, attempt: int) -> str:
     crashes in between is run again by the leader and finds the row: it
     removes the record without archiving twice. Runs, retries and failures
     are counted for /metrics.
+
+    A try that fails for a reason retrying cannot change (anything but
+    Unavailable: a database or runner away for a while) is tried again up to
+    max_job_failures times; then the task is archived failed with that
+    reason, its log cut to its last LAST_RESORT_LOG bytes and no output,
+    instead of waiting in `exported` for ever.
     """
     redis = context.redis()
     try:
@@ -174,12 +182,22 @@ def finalize(task_id: str, attempt: int) -> str:
     metrics.count(redis, "finalize", "run" if first else "retry")
     try:
         return _finalize(task_id, attempt)
-    except Exception:
+    except Exception as exc:
         metrics.count(redis, "finalize", "failed")
-        raise
+        if isinstance(exc, Unavailable) or not _last_try(task_id, attempt):
+            raise
+        log.warning("task %s: finalize gives up: %s", task_id, exc)
+        return _finalize(task_id, attempt, gave_up=f"{type(exc).__name__}: {exc}")
 
 
-def _finalize(task_id: str, attempt: int) -> str:
+def _last_try(task_id: str, attempt: int) -> bool:
+    """Has this finalize failed max_job_failures - 1 times already?"""
+    rec = _load(task_id, attempt, State.EXPORTED)
+    return rec is not None and \
+        rec.value.job_failures.get("finalize", 0) + 1 >= context.config().max_job_failures
+
+
+def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
     rec = _load(task_id, attempt, State.EXPORTED)
     if rec is None:
         return "nothing to do"
@@ -189,7 +207,7 @@ def _finalize(task_id: str, attempt: int) -> str:
         archived = archive.archived_attempt(conn, task_id)
         if archived is None:
             try:
-                final, logs = _final(task)
+                final, logs = _given_up(task, gave_up) if gave_up else _final(task)
             except ExportLost as exc:
                 final, logs = _after_lost_export(conn, rec, str(exc))
                 if final is None:
@@ -216,39 +234,77 @@ def _expiry(config) -> float | None:
     return time.time() + days * 86400 if days else None
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """What finalize took from the runner's outbox."""
+
+    output: dict | None  # where the export is stored; None without one
+    logs: bytes  # the end of the log
+    dropped: int  # bytes of log before `logs`, left out
+    refused: str | None = None  # why the export can never be stored: the task fails
+
+
 def _final(task: Task) -> tuple[Task, bytes]:
     """The final record and its (bounded) log, with the export in the output store."""
     if task.delete_requested:
         return advance(task, State(task.result), "deleted by its user before it was archived"), b""
-    output, logs, dropped = _fetch(task)
-    new = advance(task, State(task.result), _final_detail(task), output=output, logs_truncated=dropped)
-    if dropped:
-        notice = f"[pink: the log was {dropped + len(logs)} bytes; only its last {len(logs)} are kept]\n"
-        logs = notice.encode() + logs
+    got = _fetch(task)
+    logs = _with_notice(got.logs, got.dropped)
+    if got.refused:
+        return advance(task, State.FAILED, got.refused, error=got.refused, export_error=got.refused,
+                       logs_truncated=got.dropped), logs
+    new = advance(task, State(task.result), _final_detail(task), output=got.output, logs_truncated=got.dropped)
     return new, logs
 
 
-def _fetch(task: Task) -> tuple[dict | None, bytes, int]:
-    """Copy the export (if any) and the end of the log from the runner's outbox.
+def _given_up(task: Task, error: str) -> tuple[Task, bytes]:
+    """The last-resort record of a task whose finalize kept failing: failed,
+    without an output, with the end of its log if the runner still serves it."""
+    why = f"finalize failed {context.config().max_job_failures} times; last: {error[:500]}"
+    logs, dropped = b"", 0
+    remote = task.export or {}
+    if remote.get("log") and remote.get("ssh"):
+        try:
+            with context.sftp().session(remote["ssh"]) as conn:
+                logs, dropped = sftp.read_tail(conn, remote["log"], LAST_RESORT_LOG)
+        except (FileNotFoundError, Unavailable) as exc:
+            log.warning("task %s: its log is lost with the finalize: %s", task.id, exc)
+    return advance(task, State.FAILED, why, error=why, export_error=why,
+                   logs_truncated=dropped), _with_notice(logs, dropped)
 
-    Returns (output, log, bytes of log left out). An export already fetched
-    by an earlier try of this finalize is used again, not copied again.
+
+def _with_notice(logs: bytes, dropped: int) -> bytes:
+    """The archived log: its kept end, after a line saying what was left out."""
+    if not dropped:
+        return logs
+    return f"[pink: the log was {dropped + len(logs)} bytes; only its last {len(logs)} are kept]\n".encode() + logs
+
+
+def _fetch(task: Task) -> Fetched:
+    """Copy the end of the log and the export (if any) from the runner's outbox.
+
+    An export already fetched by an earlier try of this finalize is used
+    again, not copied again. One that can never be stored is refused (the
+    log is kept); one that finds no room now fails this try only.
     """
     remote = task.export
     if not remote:
-        return None, (task.error or "").encode(), 0
+        return Fetched(None, (task.error or "").encode(), 0)
     config = context.config()
     try:
         with context.sftp().session(remote["ssh"]) as conn:
-            output = _fetch_output(conn, task) if remote.get("path") else None
             logs, dropped = sftp.read_tail(conn, remote["log"], config.retention.max_log_bytes)
+            try:
+                output = _fetch_output(conn, task) if remote.get("path") else None
+            except outputs.Refused as exc:
+                return Fetched(None, logs, dropped, refused=exc.message)
     except FileNotFoundError as exc:
         raise ExportLost(f"runner {task.node} no longer has the export ({exc.filename or exc})") from None
     except Unavailable:
         if _runner_gone_for_good(task):
             raise ExportLost(f"runner {task.node} is gone with the export") from None
         raise
-    return output, logs, dropped
+    return Fetched(output, logs, dropped)
 
 
 def _fetch_output(conn, task: Task) -> dict:
@@ -262,13 +318,22 @@ def _fetch_output(conn, task: Task) -> dict:
         os.utime(local)  # fresh again: the sweep leaves young files alone
         size, digest = os.path.getsize(local), outputs.sha256_of(local)
     else:
+        _check_room(conn, task)
         started = time.time()
-        size, digest = sftp.get(conn, remote["path"], local)
+        size, digest = outputs.fetch(conn, remote["path"], local, config.limits.output_bytes_per_task)
         metrics.count(context.redis(), "transfer_bytes", "from_runner", size)
         metrics.count(context.redis(), "transfer_seconds", "from_runner", time.time() - started)
     peer = outputs.replicate(config, context.store(), local, size, digest)
     return {"stored": True, "host": config.host, "url": config.web.url, "path": local,
             "size": size, "sha256": digest, "copies": [config.host] + ([peer] if peer else [])}
+
+
+def _check_room(conn, task: Task) -> None:
+    """Check the export's room by the larger of the size the runner claimed
+    and the file's (see outputs.room_for)."""
+    config = context.config()
+    size = max(task.export.get("size") or 0, conn.stat(task.export["path"]).st_size or 0)
+    outputs.room_for(config.web.output_dir, size, config.limits.output_bytes_per_task, config.host)
 
 
 def _runner_gone_for_good(task: Task) -> bool:
@@ -336,7 +401,8 @@ def cleanup(task_id: str, attempt: int) -> str:
 # -- sweep -------------------------------------------------------------------
 
 def sweep() -> str:
-    """Delete this host's expired outputs and the files no task needs.
+    """Delete this host's expired outputs and the files no task needs, and
+    copy the outputs this host holds alone to another web node once one is up.
 
     Enqueued by the leader every SWEEP_INTERVAL on each web host's transfer
     queue (outputs and uploads live on their web host). Besides outputs the
@@ -356,6 +422,7 @@ def sweep() -> str:
             archive.forget_file(conn, task_id)
         orphans = [p for p in _files_before(config.web.output_dir, old)
                    if not _output_needed(conn, store, p)]
+        copied = outputs.add_missing_copies(config, store, conn, context.redis())
     for path in _files_before(config.web.spool_dir, old):
         name = os.path.basename(path)
         if name.endswith(".part") or store.get(store.keys.task(name.split(".")[0])) is None:
@@ -367,7 +434,7 @@ def sweep() -> str:
     keep = _blobs_in_use(store) | upload_sessions.in_use(blob_root)
     collected = context.blobs().collect(keep, grace=defaults.SWEEP_GRACE)
     return (f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed, "
-            f"{len(collected)} image blobs collected")
+            f"{copied} second copies made, {len(collected)} image blobs collected")
 
 
 def _blobs_in_use(store) -> set[str]:

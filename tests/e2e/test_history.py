@@ -166,6 +166,7 @@ def test_a_database_of_the_first_schema_is_migrated_in_place(pink_config, tmp_pa
                         "(%s,%s,%s,%s,1,%s,10,%s,%s,%s,%s)",
                         ("m1", "alice", "old", "succeeded", "0" * 64, json.dumps(old["gpus"]), T0, T0 + 5,
                          json.dumps(old)))
+            cur.execute("INSERT INTO task_logs (task_id, logs) VALUES ('m1', 'a log of one piece')")
         conn.commit()
         assert db.schema_version(conn) == 1
     finally:
@@ -180,6 +181,8 @@ def test_a_database_of_the_first_schema_is_migrated_in_place(pink_config, tmp_pa
     assert "already current" in again
     with archive.connection(pink_config.db) as conn:
         assert [t.id for t in archive.page(conn, archive.Query(user="alice"))] == ["m1"]
+        assert archive.get_logs(conn, "m1") == b"a log of one piece"  # an older log is its piece 0
+        assert [t.id for t in archive.single_copies(conn, "web7", "", 10).tasks] == ["m1"]  # one holder: copied later
 
 
 def test_a_user_over_the_output_cap_loses_the_oldest_first(pink_config):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -59,3 +60,16 @@ def test_bytes_that_do_not_match_the_signed_digest_leave_nothing(tmp_path):
     with pytest.raises(BadRequest):
         push(node(tmp_path), name, digest=other)
     assert list((tmp_path / "outputs").iterdir()) == []
+
+
+def test_an_export_that_can_never_be_stored_is_refused_before_a_byte_is_written(tmp_path):
+    """room_for: over the per-task cap, or bigger than the whole output
+    filesystem, an export is refused for good (its task fails) with the
+    limit or the store's size in the message; nothing is written."""
+    with pytest.raises(outputs.Refused, match=r"limits.output_bytes_per_task \(1000 bytes\)"):
+        outputs.room_for(str(tmp_path), 1001, 1000, "web1")
+    total = shutil.disk_usage(tmp_path).total
+    with pytest.raises(outputs.Refused, match="holds only"):
+        outputs.room_for(str(tmp_path), total + 1, total * 2, "web1")
+    outputs.room_for(str(tmp_path), 1, 1000, "web1")
+    assert list(tmp_path.iterdir()) == []
