@@ -10,14 +10,18 @@ and the runner (which stops its containers when told to stop).
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pink import lifecycle
-from pink.errors import BadRequest, Unavailable
+from pink.errors import BadRequest, PinkError
 from pink.store import Record, Store
 from pink.tasks import State, requeue
+
+log = logging.getLogger("pink.nodes")
 
 READY, DRAINING, STOPPED = "ready", "draining", "stopped"
 # Tasks placed on a node but not started there yet; drain --now and stop move them.
@@ -58,37 +62,52 @@ class WebPresence:
     """This web node's key in etcd (`Keys.web`), under a lease of `node_ttl`.
 
     Uploads and outputs live on their web node, so the rest of the cluster
-    must see that node go: its key vanishes a lease after the node dies. The
-    leader process (one per web node) keeps it: `ensure()`, called on every
-    pass and campaign, checks every third of a TTL that the key is there
-    under our lease (another process of this host may have written it under
-    one that has since expired) and writes it again if not. A clean stop does
-    not revoke the lease, so a restart within the TTL is not a loss.
+    must see that node go: its key vanishes a lease after the node dies, and
+    the leader then fails the tasks still needing an upload there. The key
+    therefore belongs to what holds the uploads: pink-web, which serves the
+    blob store (DESIGN.md: restarting a helper process loses nothing). Each
+    gunicorn worker keeps one (`keep`, started after the fork by
+    `web.serve`): every third of a TTL it creates the key if nobody holds it
+    and leaves alone a key held under another lease (another worker, or a
+    pink-web restarted within the TTL). A worker that dies takes its lease
+    with it; the key vanishes and another worker takes it over within a
+    third of a TTL, well before the leader counts the node gone (a whole
+    TTL). So a missing key means no pink-web process of the host has been
+    up for a lease: the node, not a helper, is down. A clean stop does not
+    revoke the lease, so a restart within the TTL is not a loss either.
     """
 
     def __init__(self, store: Store, host: str, url: str, ttl: int):
         self.store, self.host, self.url, self.ttl = store, host, url, ttl
         self.lease = None
-        self._checked = float("-inf")
 
-    def ensure(self) -> None:
-        if time.monotonic() - self._checked < self.ttl / 3:
-            return
+    def ensure(self) -> bool:
+        """One look: create the key under our lease if no one holds it. True
+        when the key is ours."""
         key = self.store.keys.web(self.host)
+        rec = self.store.get(key)
+        if rec is not None:
+            return self.lease is not None and rec.lease == self.lease.id
         if self.lease is None or self.lease.lost.is_set():
             self.lease = self.store.lease(self.ttl)
-        rec = self.store.get(key)
-        if rec is None or rec.lease != self.lease.id:
-            try:
-                self._put(key)
-            except Unavailable:  # the lease may have expired before we noticed: take a new one
-                self.lease = self.store.lease(self.ttl)
-                self._put(key)
-        self._checked = time.monotonic()
+        return self.store.create(key, {"host": self.host, "url": self.url, "since": time.time()},
+                                 self.lease.id)
 
-    def _put(self, key: str) -> None:
-        self.store.txn().put(key, {"host": self.host, "url": self.url, "since": time.time()},
-                             self.lease.id).commit()
+    def keep(self, stop: threading.Event) -> threading.Thread:
+        """`ensure` every third of a TTL in a daemon thread, until `stop`."""
+        thread = threading.Thread(target=self._keep, args=(stop,), daemon=True, name="web-presence")
+        thread.start()
+        return thread
+
+    def _keep(self, stop: threading.Event) -> None:
+        while True:
+            try:
+                self.ensure()
+            except PinkError as exc:  # etcd away for a moment: the next look tries again
+                log.warning("announcing web node %s: %s", self.host, exc.message)
+            if stop.wait(self.ttl / 3):
+                break
+        self.stop()
 
     def stop(self) -> None:
         if self.lease is not None:

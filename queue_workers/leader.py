@@ -47,7 +47,9 @@ MIRROR_RESYNC = 120.0  # seconds between two full reads of etcd's live state int
 OWN_WRITES_WAIT = 2.0  # seconds the mirror may take to show the leader's own placements
 PLACE_THREADS = 16  # runners whose placements commit at once
 JOB_SETTLE = 10.0  # seconds after a job ended during which the record it changed may not be mirrored yet
-UPLOAD_NEEDED = {State.QUEUED, State.PLACED}  # the image is still only on its web node
+# States in which the image may still be only on its web node: a placed
+# task whose runner already holds the image does not need it (`_needs_upload`).
+UPLOAD_NEEDED = {State.QUEUED, State.PLACED}
 
 
 class Leader:
@@ -61,23 +63,19 @@ class Leader:
         self._cleaned = 0.0
         self._swept = 0.0
         self._published: dict | None = None
-        self.presence = pink_nodes.WebPresence(self.store, config.host, config.web.url, config.node_ttl)
         self._written: list[tuple[str, int]] = []  # (task key, mod_revision before) placed by the last pass
         self._checked: dict[str, int] = {}  # task key -> mod_revision whose job was last made sure of
         self._missing: dict[str, float] = {}  # job id `queued` in no queue -> when a full repair first saw it
         self._webs_missing: dict[str, float] = {}  # web host -> when this leader first missed its key
 
     def run_forever(self, stop: threading.Event) -> None:
-        try:
-            while not stop.is_set():
-                self._run_once(stop)
-        finally:
-            self.presence.stop()
+        while not stop.is_set():
+            self._run_once(stop)
 
     def _run_once(self, stop: threading.Event) -> None:
-        """Announce this web node, campaign, and lead while elected."""
+        """Campaign, and lead while elected. (pink-web announces its web node, not
+        this process: stopping a leader loses nothing.)"""
         try:
-            self.presence.ensure()
             lease = self._campaign()
             if lease is None:
                 stop.wait(1.0)
@@ -139,11 +137,10 @@ class Leader:
         if time.monotonic() - self._resynced > MIRROR_RESYNC:
             self.mirror.invalidate()  # a watch can drop without an error: read everything now and then
             self._resynced = time.monotonic()
-        self.presence.ensure()
         self.mirror.fresh()
         snap = scheduler.Snapshot.of(self.store.keys, self.mirror.snapshot())
         for host in [h for h in self._webs_missing if snap.webs is None or h in snap.webs]:
-            del self._webs_missing[host]  # back (or its leader restarted): its tasks wait no more
+            del self._webs_missing[host]  # back (pink-web restarted): its tasks wait no more
         started = time.monotonic()
         plan = scheduler.plan(self.config, snap)
         planned = time.monotonic()
@@ -219,7 +216,10 @@ class Leader:
         """Retire a final record, fail a task whose upload went with its web
         node, or re-queue one whose runner is gone. True when the task needs
         nothing more this pass (also while its web node is briefly missing:
-        its transfer could not run anyway)."""
+        its transfer could not run anyway).
+
+        Only a task that still needs its upload can lose it: one whose image
+        is on its runner goes on whatever became of its web node."""
         task = rec.value
         state = task.state
         if state in FINAL:
@@ -227,7 +227,10 @@ class Leader:
             return True
         if state in UPLOAD_NEEDED and snap.webs is not None and task.web_host not in snap.webs:
             if self._web_gone(task.web_host):
-                self._upload_lost(rec)
+                if self._needs_upload(task, snap):
+                    self._upload_lost(rec)
+                else:
+                    self._hand_over_held(rec)
             return True
         if state in ON_RUNNER:
             node = snap.nodes.get(task.node)
@@ -380,6 +383,8 @@ class Leader:
 
         Transfer and run give up after max_job_failures; finalize backs off
         for ever (up to MAX_BACKOFF): a database outage must not fail tasks.
+        The count still grows for finalize: past max_job_failures the job
+        itself ends the task on an error other than Unavailable (jobs.finalize).
         """
         task = rec.value
         job, ago = self._job_ended(task, stage)
@@ -401,9 +406,14 @@ class Leader:
         """Has web node `host` been missing for a lease (`node_ttl`) as this
         leader saw it? Counted on this leader's own clock from the first pass
         that missed it (not from the task's submit, stamped by another
-        host's clock), and read again from etcd before saying so: its key
-        vanishes a lease after the node dies, so a restart of its leader
-        process (which does not revoke the lease) is never a loss."""
+        host's clock), and read again from etcd before saying so.
+
+        This is the evidence that its uploads are gone: the key is kept by
+        pink-web itself, which holds them (`pink.nodes.WebPresence`), and
+        vanishes only when no pink-web process of that host has been up for
+        a whole lease: the node is down, not a helper. Restarting its leader
+        or its workers never removes it, and a restart of pink-web within a
+        lease does not either (the lease is not revoked)."""
         missing = self._webs_missing.setdefault(host, time.monotonic())
         if time.monotonic() - missing < self.config.node_ttl:
             return False
@@ -411,6 +421,26 @@ class Leader:
             self._webs_missing.pop(host, None)
             return False
         return True
+
+    @staticmethod
+    def _needs_upload(task: Task, snap: scheduler.Snapshot) -> bool:
+        """Does the task's image still have to come from its web node? Queued:
+        yes. Placed: unless its runner (this epoch) already holds the image."""
+        if task.state != State.PLACED:
+            return True
+        node = snap.nodes.get(task.node)
+        return node is None or node.create_revision != task.epoch or \
+            task.image["sha256"] not in (node.value.get("images") or [])
+
+    def _hand_over_held(self, rec: Record) -> None:
+        """A placed task whose runner holds its image, while its web node is
+        gone: its transfer job (on that node's queue) will never run, and
+        there is nothing to copy. Record it transferred; the run job, on a
+        shared queue, assigns it to the runner."""
+        task = rec.value
+        new = advance(task, State.TRANSFERRED, f"runner already holds the image; web node {task.web_host} is gone")
+        if lifecycle.move(self.store, rec, new, fence=self.fence):
+            log.info("task %s: %s", task.id, new.history[-1][2])
 
     def _upload_lost(self, rec: Record) -> None:
         """The task's upload was on a web node that is gone: it cannot reach a

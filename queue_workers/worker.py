@@ -12,6 +12,16 @@ be registered again. `PinkWorker` keeps that key under a lease of
 `node_ttl` seconds, refreshed by a thread, and on start takes the name over
 from a dead predecessor. `queues.job_status` reads the key to tell a dead
 worker's started job from a live one.
+
+Redis: the worker dequeues on its own connection (`redisconn.connect(...,
+blocking=True)`), whose socket timeout outlasts the BLPOP by a reply's wait.
+RQ would raise any shorter timeout to 415 s (its `connection_timeout`, from
+`worker_ttl`): a master gone silent without closing its sockets would then
+hold the worker for minutes. `PinkWorker` dequeues for DEQUEUE_TIMEOUT at a
+time instead, so RQ keeps our timeout and notices a silent master within two
+socket timeouts (it logs "could not connect to Redis instance" and goes on
+trying, asking the sentinels again). Jobs keep their own connection
+(`context.redis()`, shorter timeouts).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.utils import now, utcparse
 
+from pink import redisconn
 from queue_workers import context
 from queue_workers.queues import queues_for
 
@@ -49,6 +60,19 @@ class PinkWorker(SimpleWorker):
         self.lease_ttl = max(1, int(lease_ttl))  # Redis EXPIRE takes whole seconds
         self._stop_beats = threading.Event()
         self._beats: threading.Thread | None = None
+
+    # -- Redis timeouts ---------------------------------------------------------
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """RQ's is worker_ttl - 15 s (405 s): a BLPOP that long needs a socket
+        timeout that long, which leaves a silent master unnoticed for minutes."""
+        return redisconn.DEQUEUE_TIMEOUT
+
+    @property
+    def connection_timeout(self) -> int:
+        """The socket timeout RQ requires of our connection (it raises a shorter one)."""
+        return int(redisconn.BLOCKING_SOCKET_TIMEOUT)
 
     # -- the lease ------------------------------------------------------------
 
@@ -75,11 +99,16 @@ class PinkWorker(SimpleWorker):
         reply unread on its connection, and redis-py's Sentinel connections
         are not dropped on an interrupted read: the next command would read
         the stale reply or wait for it (minutes). Closing the pool's
-        connections first gives RQ's last writes a clean one.
+        connections first gives RQ's last writes a clean one. RQ's command
+        channel (a pubsub with a thread reading it) is closed before that:
+        closed under it, its thread and RQ's later unsubscribe would both
+        reconnect on one connection and read each other's replies.
         """
         self._stop_beats.set()
         if self._beats is not None:
             self._beats.join(timeout=5)
+        self.unsubscribe()
+        self.pubsub_thread = None  # RQ's teardown unsubscribes again, after us
         self.connection.connection_pool.disconnect()
         super().register_death()
 
@@ -203,7 +232,7 @@ def main(config_path: str, burst: bool, name: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     context.configure(config_path)
     config = context.config()
-    redis = context.redis()
+    redis = redisconn.connect(config, blocking=True)
     queues = [Queue(q, connection=redis) for q in queues_for(config.host)]
     # The runner's lease: a dead worker is noticed as soon as a dead runner is.
     worker = PinkWorker(queues, connection=redis, name=name, lease_ttl=config.node_ttl)

@@ -252,7 +252,7 @@ def slow_archive(docker_client, tmp_path_factory):
 
 @pytest.fixture
 def control_plane(pink_processes, pink_config):
-    """pink-web, a worker and the leader (which announces web1), no runner;
+    """pink-web (which announces web1), a worker and the leader, no runner;
     an Api for user alice."""
     from tests.helpers import Api, make_user
 

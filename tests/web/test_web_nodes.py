@@ -1,4 +1,5 @@
-"""Web nodes announce themselves in etcd (`Keys.web`, under a lease): a task
+"""Web nodes announce themselves in etcd (`Keys.web`, under a lease kept by
+pink-web, which holds the uploads): a task
 whose upload is on a web node that is gone fails instead of waiting for
 ever, and an output is fetched only from a web node that is up, at the
 address it announced, never at one a task record names."""
@@ -23,30 +24,33 @@ from tests.helpers import Api
 
 @pytest.fixture
 def web1(control_plane):
-    """web1 with its worker and leader (which announces web1); no runner."""
+    """web1 with its worker and leader (its pink-web announces web1); no runner."""
     return control_plane
 
 
-def test_web_nodes_announce_themselves(web1):
-    store = Store.from_config(web1.config)
+def test_web_nodes_announce_themselves(web):
+    """pink-web alone announces its web node, under a lease."""
+    store = Store.from_config(web)
     deadline = time.monotonic() + 20
     while (rec := store.get(store.keys.web("web1"))) is None:
         assert time.monotonic() < deadline, "web1 never announced itself"
         time.sleep(0.2)
-    assert rec.value["url"] == web1.config.web.url and rec.lease  # bound to a lease: it goes with the node
+    assert rec.value["url"] == web.web.url and rec.lease  # bound to a lease: it goes with the node
 
 
 def test_an_upload_on_a_web_node_that_is_gone_fails_its_task(web1, pink_processes, config_variant, tmp_path,
                                                              docker_client):
-    """web9 takes an upload but nothing announces web9 (no leader runs there,
-    as after its death): the task fails with a reason once a lease has passed."""
+    """web9 takes an upload, then its pink-web (which holds the upload and
+    announces web9) stops, as when the host dies: the task fails with a
+    reason once a lease has passed."""
     path = config_variant("web9", host="web9", web_port=free_port(),
                           web={"spool_dir": str(tmp_path / "spool9"), "output_dir": str(tmp_path / "out9")})
-    pink_processes.web(path, role="web9")
+    web9_process = pink_processes.web(path, role="web9")
     web9 = Api(pink_config_module.load(path), web1.token)
     archive_path = images.save_image(docker_client, images.ensure_busybox_image(docker_client),
                                      tmp_path / "bb.tar")
     task_id = web9.submit(archive_path).json()["task"]["id"]
+    pink_processes.stop(web9_process)
     task = web1.wait(task_id, timeout=60)
     assert task["state"] == "failed" and task["error"] == "upload lost with web9; submit again", task
 
