@@ -11,22 +11,23 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
-from pink import archive, blobs, control, lifecycle, nodes, outputs, sftp
-from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, Unavailable
+from pink import archive, blobs, control, idempotency, lifecycle, nodes, outputs, sftp
+from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, TooManyRequests, Unavailable
 from pink.store import Record
 from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
-from web import uploads
+from web import log_streams, uploads
 from web.auth import can_see, require_admin, require_user
 from web.resources import res
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-FOLLOW_POLL = 0.5  # seconds between reads of a followed log
+LOG_ATTEMPT_HEADER = "X-Pink-Log-Attempt"  # a followed log's response: the attempt it starts in
 WAIT_POLL = 0.05  # seconds between reads of a task someone long-polls
 MAX_WAIT = 30.0  # seconds a long poll of a task may last
 PEER_HOP = "X-Pink-Peer-Hop"  # on a request one web node passes to another: never passed on again
@@ -35,15 +36,22 @@ PEER_TIMEOUT = (3.0, 30.0)  # seconds to connect to a peer (a silent one is dead
 
 @bp.post("/tasks")
 def submit():
+    """A task from a whole archive in the body. With an Idempotency-Key already
+    used, the first task is answered before the body is read (the archive is not
+    part of the key's fingerprint: only the parameters are)."""
     user = require_user()
     params = Params.parse(request.args)
     _check_priority(user, params)
     config = res().config
     store = res().store
+    claim = idempotency.claim(request.headers.get(idempotency.HEADER), "submit", params=asdict(params))
+    if first := control.replay(store, user.name, claim):
+        return first_task(first)
+    control.check_params(config, params)
     control.check_submit(store, config, user.name, params.gpus, request.content_length or 0)
     task_id = new_id()
     upload = uploads.receive(config.web.spool_dir, res().blobs, task_id, config.web.max_upload_bytes)
-    return create_task(user, task_id, params, upload.image(), upload.received)
+    return create_task(user, task_id, params, upload.image(), upload.received, claim)
 
 
 def _check_priority(user, params: Params) -> None:
@@ -51,15 +59,25 @@ def _check_priority(user, params: Params) -> None:
         raise Forbidden("only admins may submit with a priority above 0", code="priority")
 
 
-def create_task(user, task_id: str, params: Params, image: dict, received: int):
-    """Record a new task whose image's blobs are in this node's store; answers 201."""
+def create_task(user, task_id: str, params: Params, image: dict, received: int,
+                claim: idempotency.Claim | None = None):
+    """Record a new task whose image's blobs are in this node's store; answers 201,
+    or 200 with the first task when `claim`'s key already made one."""
     _check_priority(user, params)
     config, store = res().config, res().store
     record = new_record(task_id, user.name, params, image, config.host)
     record.timings["upload_bytes"] = received
-    control.check_submit(store, config, user.name, params.gpus, image["size"])
-    store.create(store.keys.task(task_id), record)
+    control.check_satisfiable(store, params.gpus)
+    made, created = control.create(store, config, record, claim)  # the user's limits, atomically
+    if not created:
+        return first_task(made)
     return jsonify(task=public_view(record)), 201
+
+
+def first_task(task_id: str):
+    """The answer to a retried request: the task its Idempotency-Key made, as it is now."""
+    task, _ = _task(task_id)
+    return jsonify(task=public_view(task)), 200
 
 
 @bp.post("/tasks/<task_id>/rerun")
@@ -68,12 +86,16 @@ def rerun(task_id: str):
     layers; with the query's parameters (those of POST /tasks) or, given none, the task's."""
     user = require_user()
     task, _ = _task(task_id)
+    params = Params.parse(request.args) if request.args else task.params
+    claim = idempotency.claim(request.headers.get(idempotency.HEADER), "rerun", task=task_id,
+                              params=asdict(params))
+    if first := control.replay(res().store, user.name, claim):
+        return first_task(first)
     recipe = task.image.get("recipe")
     if not recipe or res().blobs.missing(blobs.Recipe.from_dict(recipe).blobs):
         raise Gone(f"the image of task {task_id} is no longer kept on web node {res().config.host}: "
                    "submit its archive again", code="image_gone")
-    params = Params.parse(request.args) if request.args else task.params
-    return create_task(user, new_id(), params, dict(task.image), 0)
+    return create_task(user, new_id(), params, dict(task.image), 0, claim)
 
 
 def _views(tasks: list[Task]) -> list[dict]:
@@ -161,12 +183,17 @@ def list_tasks():
 
 @bp.get("/usage")
 def usage():
-    """Per user, from the archive: task counts, GPU-hours and wall-hours. Admins see everyone."""
+    """Per user, from the archive: task counts, GPU-hours and wall-hours. Admins see everyone.
+
+    `limits`: every per-user limit with the user's current use and what it
+    caps (`web.limits`), for the caller, or for the user an admin names."""
+    from web import limits  # here: this function's one import, beside others' edits of the module's
+
     user = require_user()
     who = control.visible_user(user.name, user.admin, request.args.get("user") or None)
     since, until = _time(request.args, "since"), _time(request.args, "until")
     rows = archive.usage(res().db(), since, until, who)
-    return jsonify(usage=rows, since=since, until=until)
+    return jsonify(usage=rows, since=since, until=until, limits=limits.of(who or user.name))
 
 
 @bp.get("/tasks/<task_id>")
@@ -176,16 +203,32 @@ def get_task(task_id: str):
     The long poll lets `pink submit --wait` see each state change the moment
     it happens instead of up to a polling interval later. A task that leaves
     etcd while polled has been archived: the answer is its archived record.
+    A long poll holds a thread like a followed log, so it takes the same
+    slots (`log_streams_per_user`, `log_streams_per_node`); with none free it
+    answers at once, and the client asks again after its own pause.
     """
     task, _ = _task(task_id)
     seen = request.args.get("seen")
     wait = min(request.args.get("wait", 0, type=float), MAX_WAIT)
-    deadline = time.monotonic() + wait
-    while seen == f"{task.state.value}:{task.attempt}" and not task.final and time.monotonic() < deadline:
-        time.sleep(WAIT_POLL)
-        rec = _live(task_id)
-        task = rec.value if rec else (_archived(task_id) or task)
+    slots = _poll_slots() if wait > 0 and seen else None
+    deadline = time.monotonic() + (wait if slots else 0)
+    try:
+        while seen == f"{task.state.value}:{task.attempt}" and not task.final and time.monotonic() < deadline:
+            time.sleep(WAIT_POLL)
+            rec = _live(task_id)
+            task = rec.value if rec else (_archived(task_id) or task)
+    finally:
+        if slots:
+            slots.release()
     return jsonify(task=_views([task])[0])
+
+
+def _poll_slots() -> log_streams.Slots | None:
+    """A long poll's slots, or None when the caller's or the node's are all held."""
+    try:
+        return log_streams.acquire(res().config, require_user().name)
+    except TooManyRequests:
+        return None
 
 
 @bp.delete("/tasks/<task_id>")
@@ -267,12 +310,47 @@ def _get_from(base: str) -> requests.Response:
 
 @bp.get("/tasks/<task_id>/logs")
 def logs(task_id: str):
+    """The log so far; with `follow=1`, the log as it grows (web.log_streams).
+
+    A follow ends when the task is final, or after `log_follow_seconds`, or
+    when its client leaves. It starts `offset` bytes into attempt `attempt`'s
+    log (default: the current attempt, from its start), which is how a client
+    resumes a follow that ended while the task was live; the response's
+    `X-Pink-Log-Attempt` names that attempt.
+    """
     task, _ = _task(task_id)
     _gone_if_expired(task, "log")
     follow = request.args.get("follow") in ("1", "true", "yes")
     if not follow:
         return Response(stream_with_context(_logs_now(task)), mimetype="text/plain")
-    return Response(stream_with_context(_follow(task_id)), mimetype="text/plain")
+    start = _follow_start(task)
+    slots = log_streams.acquire(res().config, require_user().name)
+    try:
+        body = _follow(task_id, start, log_streams.Client(request.environ))
+        response = Response(stream_with_context(body), mimetype="text/plain",
+                            headers={LOG_ATTEMPT_HEADER: str(start.attempt)})
+    except BaseException:
+        slots.release()
+        raise
+    response.call_on_close(slots.release)  # runs however the stream ends, the client's leaving included
+    return response
+
+
+@dataclass(frozen=True)
+class _LogPlace:
+    """A place in a task's logs: `offset` bytes into attempt `attempt`'s log."""
+
+    attempt: int
+    offset: int
+
+
+def _follow_start(task: Task) -> _LogPlace:
+    offset = _number(request.args, "offset", int, 0)
+    attempt = _number(request.args, "attempt", int, task.attempt)
+    if offset < 0 or attempt < 1:
+        raise BadRequest(f"offset must be 0 or more and attempt 1 or more, got offset={offset} "
+                         f"attempt={attempt}", code="bad_param")
+    return _LogPlace(attempt, offset)
 
 
 def _archived_logs(task_id: str) -> bytes:
@@ -297,43 +375,64 @@ def _logs_now(task: Task):
         return
 
 
-def _follow(task_id: str):
-    """Yield the log as it grows until the task is final; a new attempt's log
-    follows the old one's after a line saying so (it starts from its beginning)."""
-    offset = 0
-    conn = client = None
-    following = None  # the logfile being read
+def _follow(task_id: str, start: _LogPlace, client: log_streams.Client):
+    """Yield the log from `start` as it grows until the task is final, the
+    follow's time is up or its client left; a new attempt's log follows the
+    old one's after a line saying so (from its beginning)."""
+    yield b""  # sends the headers: the client knows its follow is on even while the task is silent
+    lasts = res().config.limits.log_follow_seconds
+    deadline = time.monotonic() + lasts if lasts else math.inf
+    attempt, offset = start.attempt, start.offset
+    conn = ssh = following = None  # the SFTP session, its SSH client, the logfile they read
     try:
-        while True:
+        while time.monotonic() < deadline:
             rec = _live(task_id)
             task = rec.value if rec else None
             if task is None or task.final:
-                yield _archived_logs(task_id)[offset:]
+                yield from _final_log(task_id, attempt, offset)
                 return
-            logfile = task.logfile
-            if logfile != following and logfile:
-                if following is not None:
-                    yield f"\n[pink: attempt {task.attempt} started on {task.node}]\n".encode()
-                if client is not None:
-                    client.close()
-                conn = client = None
-                following, offset = logfile, 0
+            if task.attempt != attempt and task.logfile:  # the next attempt has started somewhere
+                yield _next_attempt(task)
+                attempt, offset = task.attempt, 0
+            if task.logfile != following:
+                if ssh is not None:
+                    ssh.close()
+                conn = ssh = None
+                following = task.logfile
             if following and conn is None:
                 try:
-                    client = sftp.connect(res().config.ssh, following["ssh"])
-                    conn = sftp.open_sftp(client)
+                    ssh = sftp.connect(res().config.ssh, following["ssh"])
+                    conn = sftp.open_sftp(ssh)
                 except Unavailable:
-                    client = None
+                    ssh = None
             if conn is not None:
                 data = sftp.read_from(conn, following["path"], offset)
                 if data:
                     offset += len(data)
                     yield data
                     continue
-            time.sleep(FOLLOW_POLL)
+            if not client.wait(log_streams.POLL):
+                return
     finally:
-        if client is not None:
-            client.close()
+        if ssh is not None:
+            ssh.close()
+
+
+def _next_attempt(task: Task) -> bytes:
+    """The line between two attempts' logs (the page and the CLI look for it)."""
+    return f"\n[pink: attempt {task.attempt} started on {task.node}]\n".encode()
+
+
+def _final_log(task_id: str, attempt: int, offset: int):
+    """The archived log past `offset`, or all of it after a line if it is another attempt's."""
+    try:
+        task = _archived(task_id)
+    except Unavailable:  # the archive is down: what it answers (nothing) is all there is
+        task = None
+    if task is not None and task.attempt != attempt:
+        yield _next_attempt(task)
+        offset = 0
+    yield _archived_logs(task_id)[offset:]
 
 
 NODE_FIELDS = ("name", "state", "epoch", "gpus", "max_containers", "tasks")

@@ -705,29 +705,33 @@
       if (atBottom) pre.scrollTop = pre.scrollHeight;
     }
 
+    // The server ends a follow when the task is final, and also after an hour
+    // (log_follow_seconds) or a lost connection: then it is resumed at the byte
+    // offset read so far in this attempt's log.
     async function follow(attempt, label) {
       if (followed) followed.controller.abort();
       const controller = new AbortController();
       followed = {attempt, controller};
       const text = section(label);
+      const decoder = new TextDecoder();  // one for the whole log: a resume may split a character
+      let offset = 0;  // bytes of this attempt's log read
       for (let tries = 0; !controller.signal.aborted; tries++) {
-        text.data = '';  // (re)reading starts at the log's beginning
         logsState.textContent = 'following…';
         try {
-          const response = await fetch('/api/v1' + path + '/logs?follow=1',
+          const response = await fetch(`/api/v1${path}/logs?follow=1&attempt=${attempt}&offset=${offset}`,
                                        {credentials: 'same-origin', signal: controller.signal});
           if (!response.ok) {
             const err = await errorOf(response);
             if (response.status === 401) toLogin();
             logsState.textContent = err.message;
-            if (response.status < 500) return;
+            if (response.status < 500 && response.status !== 429) return;
             throw err;
           }
           const reader = response.body.getReader();
-          const decoder = new TextDecoder();
           for (;;) {
             const {done, value} = await reader.read();
             if (done) break;
+            offset += value.length;
             write(text, decoder.decode(value, {stream: true}));
             // The server goes on into the next attempt's log after a line saying so;
             // this page gives each attempt a section of its own (followLogs).
@@ -738,12 +742,16 @@
               return;
             }
           }
-          write(text, decoder.decode());
-          logsState.textContent = text.length ? 'end of the log' : 'the task wrote no log';
-          return;  // the server ends a followed log when the task is final
+          const {task: now} = await api(path);
+          if (FINAL.has(now.state) || now.attempt !== attempt) {
+            write(text, decoder.decode());
+            logsState.textContent = text.length ? 'end of the log' : 'the task wrote no log';
+            return;
+          }
+          tries = -1;  // the server's time limit, not a failure: resume at once
         } catch (e) {
           if (controller.signal.aborted) return;
-          logsState.textContent = 'connection lost; following again…';
+          if (!e.status) logsState.textContent = 'connection lost; following again…';
           await sleep(Math.min(1000 * 2 ** tries, 15000));
         }
       }
@@ -775,7 +783,12 @@
       for (let tries = 0; polling === mine;) {
         try {
           const seen = task && wait ? `&seen=${encodeURIComponent(task.state + ':' + task.attempt)}` : '';
+          const asked = Date.now();
           const {task: t} = await api(`${path}?wait=${wait}${seen}`);
+          if (polling !== mine) return;
+          // unchanged at once: the server had no long-poll slot free for us (see the API)
+          const unchanged = task && seen && t.state === task.state && t.attempt === task.attempt;
+          if (unchanged && Date.now() - asked < 1000) await sleep(3000);
           if (polling !== mine) return;
           task = t;
           render(t);
