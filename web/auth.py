@@ -5,8 +5,9 @@ password and get a signed session cookie, and then call the same API with a
 CSRF header. Token lookups are cached briefly so a short MariaDB outage does
 not lock out people already working. Users see only their own tasks; admins
 see all (enforced in `api` through `can_see`). Password checks are throttled
-(`web.throttle`); tokens carry a scope, and a `metrics` token reads only
-/metrics.
+(`web.throttle`) so that strangers slow a guesser down without locking the
+owner out; tokens are never throttled. Tokens carry a scope, and a `metrics`
+token reads only /metrics.
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ def safe_next(target: str) -> str:
 
 
 def check_password(name: str, password: str) -> users.User | None:
-    """The user if the password is right, throttled per user and per address."""
+    """The user if the password is right. Throttled per client (`web.throttle`: a known
+    device or address of the account is never held back by strangers' failures);
+    a success makes this client known to the account."""
     with throttle.attempt(name) as outcome:
         user = users.by_password(res().db(), name, password)
         if user is None:

@@ -2,15 +2,20 @@
 
 Pages are thin: each renders a shell (web/templates) and web/static/pink.js
 fills it by calling the same REST API as the CLI, with the session cookie
-and a CSRF header; nothing here reads etcd or MariaDB. Called by the
-browser; `auth` owns the login page and the session.
+and a CSRF header; nothing here reads MariaDB. The account page's limits
+are rendered here (`web.limits`: one read of the user's etcd index), so
+they show without a script. Called by the browser; `auth` owns the login
+page and the session.
 """
 
 from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 
+from pink.cli.output import limit_value
+from pink.errors import PinkError
 from pink.tasks import State
+from web import limits
 
 bp = Blueprint("pages", __name__)
 
@@ -69,4 +74,15 @@ def usage():
 
 @bp.get("/account")
 def account():
-    return _page("account.html", "account")
+    name = session.get("user", {}).get("name")
+    return _page("account.html", "account", limits=_limit_rows(name) if name else None)
+
+
+def _limit_rows(name: str) -> list[tuple[str, str, str, str]] | None:
+    """(limit, value, used, what it caps) for people; None when etcd cannot say now."""
+    try:
+        found = limits.of(name)
+    except PinkError:
+        return None
+    return [(key, limit_value(key, entry["limit"], "no limit"), limit_value(key, entry["used"]), entry["caps"])
+            for key, entry in found.items()]

@@ -5,20 +5,36 @@ HTTP error is translated to a `pink.errors.PinkError` at this one boundary,
 carrying the server's `{"error", "message"}`. Uploads and downloads stream
 from and to disk in chunks (constant memory) and report progress through a
 plain callback `progress(done, total)`. Called by the `pink` commands.
+
+Transient failures (no connection, 502/503/504 from a router or a web node
+in failover, 429 with Retry-After) are retried here, with exponential
+backoff and jitter, up to `TRIES` tries, each announced on stderr. Only
+requests that cannot do a thing twice are replayed after their bytes left:
+reads, and the requests that create a task, which carry one
+`Idempotency-Key` per submit so the server answers a retry with the task
+the first try made. Anything else is retried only when the connection was
+never made. This is a loop of our own rather than urllib3's `Retry` on the
+session's adapter: the policy depends on each request's headers, and a
+streamed upload must be rewound (with its progress) before it is sent again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import os
+import random
 import re
 import socket
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from pink import errors
 from pink.cli import layer_upload
@@ -31,7 +47,15 @@ CONNECT_TIMEOUT = 10.0  # seconds to open a connection to the server
 LONG_POLL = 20.0  # seconds the server may hold a task request until its state changes
 READ_TIMEOUT = 120.0  # seconds the server may stay silent on an ordinary request
 UPLOAD_READ_TIMEOUT = 1800.0  # seconds for the server to validate an archive after its last byte
+DEVICE_COOKIE = "pink_device"  # web/throttle.py: the signed login-device cookie
 NOT_LOGGED_IN = "not logged in or token rejected: run `pink login`"
+TRIES = 5  # tries of one request through transient failures (the first included)
+BACKOFF = 0.5  # seconds before the first retry; doubled for each next one, with jitter
+MAX_BACKOFF = 8.0  # seconds: the longest wait between two tries of our own choosing
+MAX_RETRY_AFTER = 60.0  # seconds: a server asking to wait longer is not retried
+TRANSIENT = {502, 503, 504}  # statuses a retry may get past (429 too, with Retry-After)
+REPLAYABLE = {"GET", "HEAD"}  # methods sent again even after the request left
+IDEMPOTENCY_KEY = "Idempotency-Key"  # the header that makes a task-creating POST replayable
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -98,6 +122,11 @@ class ProgressFile:
     def __len__(self) -> int:
         return self._size
 
+    def rewind(self) -> None:
+        """Back to the first byte, for a retry: progress starts over with it."""
+        self._fh.seek(0)
+        self._done = 0
+
     def read(self, size: int = -1) -> bytes:
         data = self._fh.read(CHUNK if size is None or size < 0 else size)
         self._done += len(data)
@@ -127,6 +156,8 @@ class Client:
             raise errors.ConfigError(f"CA file {ca} does not exist (check --ca / PINK_CA)")
         self.token = token or ""
         self.ca = ca or ""
+        self.device = ""  # the login-device cookie, after a password login
+        self.on_retry: Callable[[str], None] = _to_stderr
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = "pink-cli"
         if self.token:
@@ -158,17 +189,43 @@ class Client:
 
     def _request(self, method: str, path: str, *, expect=(200,), auth_hint: bool = True,
                  timeout=None, stream: bool = False, **kwargs) -> requests.Response:
-        with self._transport():
-            # verify per request: requests lets $REQUESTS_CA_BUNDLE override session.verify
-            resp = self.session.request(method, self.url + API + path, stream=stream,
-                                        verify=self.ca or True,
-                                        timeout=timeout or (CONNECT_TIMEOUT, READ_TIMEOUT), **kwargs)
+        """One API request, retried through transient failures (see the module's docstring)."""
+        replayable = method in REPLAYABLE or IDEMPOTENCY_KEY in (kwargs.get("headers") or {})
+        for attempt in range(1, TRIES + 1):
+            if attempt > 1 and hasattr(kwargs.get("data"), "rewind"):
+                kwargs["data"].rewind()
+            try:
+                # verify per request: requests lets $REQUESTS_CA_BUNDLE override session.verify
+                resp = self.session.request(method, self.url + API + path, stream=stream,
+                                            verify=self.ca or True,
+                                            timeout=timeout or (CONNECT_TIMEOUT, READ_TIMEOUT), **kwargs)
+            except requests.exceptions.RequestException as exc:
+                if attempt == TRIES or not _retryable(exc, replayable):
+                    self._raise(exc, attempt)
+                why, wait = _reason(exc), _backoff(attempt)
+            else:
+                wait = _retry_wait(resp, attempt) if replayable and attempt < TRIES else None
+                if wait is None:
+                    break
+                why = f"the server answered {resp.status_code} {resp.reason or ''}".strip()
+                resp.close()
+            self.on_retry(f"{why}: retrying {method} {API}{path} in {wait:.1f}s (try {attempt + 1} of {TRIES})")
+            time.sleep(wait)
         if resp.status_code not in expect:
             try:
-                raise error_from_response(resp, auth_hint)
+                err = error_from_response(resp, auth_hint)
+                raise _gave_up(err, attempt) if resp.status_code in TRANSIENT | {429} else err
             finally:
                 resp.close()
         return resp
+
+    def _raise(self, exc: requests.exceptions.RequestException, attempt: int):
+        """Raise `exc` as the PinkError that says what to check (and how often it was tried)."""
+        try:
+            with self._transport():
+                raise exc
+        except PinkError as translated:
+            raise _gave_up(translated, attempt) from None
 
     def _json(self, method: str, path: str, key: str | None = None, **kwargs):
         resp = self._request(method, path, **kwargs)
@@ -188,9 +245,14 @@ class Client:
     def health(self) -> dict:
         return self._json("GET", "/health")
 
-    def login(self, username: str, password: str) -> dict:
+    def login(self, username: str, password: str, device: str = "") -> dict:
         """Exchange a password for a token: returns `{"token", "user": {"name", "admin"}}`.
-        The token is also adopted by this client."""
+        The token is also adopted by this client. `device` is the login-device
+        cookie an earlier login got (sent back, so this CLI is a known device);
+        the one the server gives now is left in `self.device`."""
+        host = urlparse(self.url).hostname or ""
+        if device:
+            self.session.cookies.set(DEVICE_COOKIE, device, domain=host, path="/", secure=True)
         body = self._json("POST", "/login", json={"username": username, "password": password,
                                                   "token_name": f"pink login on {socket.gethostname()}"},
                           auth_hint=False)
@@ -198,6 +260,7 @@ class Client:
             raise PinkError("the server's login answer carries no token", code="bad_response")
         self.token = body["token"]
         self.session.headers["Authorization"] = f"Bearer {self.token}"
+        self.device = self.session.cookies.get(DEVICE_COOKIE, domain=host) or device
         return body
 
     def check_token(self) -> None:
@@ -254,14 +317,15 @@ class Client:
         """
         params = submit_params(name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,
                                timeout=timeout, output=output, compression=compression)
+        key = str(uuid.uuid4())  # one per submit: every retry of it names the same task
         try:
-            return layer_upload.submit(self, archive, params, progress, on_plan)
+            return layer_upload.submit(self, archive, params, progress, on_plan, idempotency_key=key)
         except layer_upload.NoLayerUploads:
             pass
         with ProgressFile(archive, progress) as body:
             return self._json("POST", "/tasks", "task", params=params, data=body,
-                              headers={"Content-Type": "application/x-tar"}, expect=(200, 201),
-                              timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT))
+                              headers={"Content-Type": "application/x-tar", IDEMPOTENCY_KEY: key},
+                              expect=(200, 201), timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT))
 
     def page(self, *, limit: int | None = None, cursor: str | None = None, state: str | None = None,
              name: str | None = None, since: str | None = None, until: str | None = None,
@@ -284,9 +348,10 @@ class Client:
                 return
 
     def usage(self, since: str | None = None, until: str | None = None,
-              user: str | None = None) -> list[dict]:
+              user: str | None = None) -> dict:
+        """`{"usage": [per user], "since", "until", "limits": {name: {"limit", "used", "caps"}}}`."""
         params = {k: v for k, v in (("since", since), ("until", until), ("user", user)) if v}
-        return self._json("GET", "/usage", "usage", params=params)
+        return self._json("GET", "/usage", params=params)
 
     def get(self, task_id: str, seen: str | None = None, wait: float = 0) -> dict:
         """The task; with `seen` ("state:attempt"), the server answers when it differs or after `wait` s."""
@@ -299,14 +364,24 @@ class Client:
         return self._json("DELETE", f"/tasks/{_id(task_id)}", expect=(200, 202))
 
     def logs(self, task_id: str, follow: bool = False) -> Iterator[bytes]:
-        """The task's log as byte chunks; with `follow` the stream ends when the task is final."""
-        resp = self._request("GET", f"/tasks/{_id(task_id)}/logs", stream=True,
-                             params={"follow": "1"} if follow else None,
-                             timeout=(CONNECT_TIMEOUT, None if follow else READ_TIMEOUT))
-        with resp, self._transport():
-            for chunk in resp.iter_content(chunk_size=None):
-                if chunk:
-                    yield chunk
+        """The task's log as byte chunks; with `follow`, until the task is final.
+
+        The server ends a follow after `log_follow_seconds` even while the
+        task runs; it is then resumed where it stopped, so the chunks are the
+        log's bytes exactly once."""
+        place = FollowedLog()
+        while True:
+            resp = self._request("GET", f"/tasks/{_id(task_id)}/logs", stream=True,
+                                 params=place.params() if follow else None,
+                                 timeout=(CONNECT_TIMEOUT, None if follow else READ_TIMEOUT))
+            with resp, self._transport():
+                place.start(resp.headers.get(LOG_ATTEMPT_HEADER))
+                for chunk in resp.iter_content(chunk_size=None):
+                    if chunk:
+                        place.advance(chunk)
+                        yield chunk
+            if not follow or is_final(self.get(task_id)):
+                return
 
     def wait(self, task_id: str, interval: float = 0.5, max_interval: float = 1.0,
              on_change: Callable[[dict], None] | None = None, patience: float = 60.0) -> dict:
@@ -413,6 +488,57 @@ def _id(task_id: str, what: str = "task id") -> str:
     return task_id
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _retryable(exc: requests.exceptions.RequestException, replayable: bool) -> bool:
+    """A failure worth another try: any connection failure or timeout for a replayable
+    request, else only a connection that was never made (nothing reached the server)."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        return False  # a certificate does not fix itself
+    if not isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return False
+    if replayable or isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    return isinstance(getattr(exc.args[0] if exc.args else None, "reason", None), NewConnectionError)
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential, with jitter so that clients cut off together do not come back together."""
+    ceiling = min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _retry_wait(resp: requests.Response, attempt: int) -> float | None:
+    """Seconds to wait before trying `resp`'s request again, or None to take the answer."""
+    after = _retry_after(resp.headers.get("Retry-After"))
+    if resp.status_code == 429:
+        return after if after is not None and after <= MAX_RETRY_AFTER else None
+    if resp.status_code in TRANSIENT:
+        return max(after or 0.0, _backoff(attempt)) if (after or 0) <= MAX_RETRY_AFTER else None
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: a number, or an HTTP date."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _gave_up(err: PinkError, attempt: int) -> PinkError:
+    """`err`, saying it is the last of several tries when it was."""
+    if attempt == 1:
+        return err
+    return type(err)(f"{err.message} (gave up after {attempt} tries)", code=err.code, status=err.status)
+
+
 def _reason(exc: Exception) -> str:
     """The innermost, most specific words of a requests/urllib3 error chain."""
     text = re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(exc))
@@ -421,3 +547,38 @@ def _reason(exc: Exception) -> str:
         if match:
             return match.group(0).strip()
     return text[:200]
+
+
+LOG_ATTEMPT_HEADER = "X-Pink-Log-Attempt"  # web/api.py: the attempt a followed log starts in
+NEXT_ATTEMPT = re.compile(rb"\n\[pink: attempt (\d+) started on [^\]\n]*\]\n")  # web/api.py _next_attempt
+MARKER_MAX = 256  # bytes of the stream kept to find a line between attempts split over chunks
+
+
+class FollowedLog:
+    """Where a followed log stands, so that a follow the server ended can be
+    resumed: the attempt its last bytes belong to, and how many bytes of that
+    attempt's log have been read."""
+
+    def __init__(self):
+        self.attempt: int | None = None
+        self.offset = 0
+        self._tail = b""
+
+    def params(self) -> dict:
+        resume = {"attempt": self.attempt, "offset": self.offset} if self.attempt is not None else {}
+        return {"follow": "1", **resume}
+
+    def start(self, attempt: str | None) -> None:
+        """A response begins, in the log of `attempt` (its header)."""
+        self._tail = b""
+        if attempt and attempt.isdigit() and int(attempt) != self.attempt:
+            self.attempt, self.offset = int(attempt), 0
+
+    def advance(self, chunk: bytes) -> None:
+        window = self._tail + chunk
+        new = [m for m in NEXT_ATTEMPT.finditer(window) if m.end() > len(self._tail)]
+        if new:
+            self.attempt, self.offset = int(new[-1][1]), len(window) - new[-1].end()
+        else:
+            self.offset += len(chunk)
+        self._tail = window[-MARKER_MAX:]

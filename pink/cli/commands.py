@@ -101,13 +101,14 @@ def login(cli: CliContext, url, token, ca, username, password):
     if username:
         if password is None:
             password = click.prompt("Password", hide_input=True, err=True)
-        user = client.login(username, password).get("user") or {}
+        user = client.login(username, password, device=s.device).get("user") or {}
         who = f"{user.get('name', username)}{' (admin)' if user.get('admin') else ''}"
     else:
         client.check_token()
         who = "token accepted"
+    device = client.device if username else s.device
     path = settings_mod.save(settings_mod.Settings(url=normalize_url(s.url), token=client.token,
-                                                   ca=ca_path), cli.settings_path)
+                                                   ca=ca_path, device=device), cli.settings_path)
     _err(f"logged in to {client.url}: {who}; saved to {path}")
 
 
@@ -228,9 +229,15 @@ def status(cli: CliContext, task_id, limit, state, name, since, until, user, eve
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_cli
 def usage(cli: CliContext, since, until, user, as_json):
-    """Finished tasks, GPU-hours and wall-hours per user, from the archive."""
-    rows = cli.client().usage(since=since, until=until, user=user)
-    click.echo(output.to_json(rows) if as_json else output.usage_table(rows))
+    """Finished tasks, GPU-hours and wall-hours per user, from the archive; then
+    each per-user limit, your use of it (or --user's) and what it caps."""
+    body = cli.client().usage(since=since, until=until, user=user)
+    if as_json:  # the rows alone, as before limits were shown (GET /api/v1/usage has them)
+        click.echo(output.to_json(body.get("usage") or []))
+        return
+    click.echo(output.usage_table(body.get("usage") or []))
+    if body.get("limits"):
+        click.echo("\n" + output.limits_table(body["limits"]))
 
 
 @click.command()

@@ -58,11 +58,13 @@ def _reader(path, offset: int):
 
 
 def submit(client, archive, params: list[tuple[str, str]], progress: Progress | None = None,
-           on_plan: Callable[[int, int, int], None] | None = None) -> dict:
+           on_plan: Callable[[int, int, int], None] | None = None, idempotency_key: str | None = None) -> dict:
     """Create a task from `archive`, uploading only what the server lacks; returns the task.
 
     `on_plan(layers to send, layers in all, bytes to send)` is told the plan
-    before the upload starts. Raises NoLayerUploads for an older server.
+    before the upload starts. The commit carries `idempotency_key`, so the
+    client may send it again after a cut and still get one task. Raises
+    NoLayerUploads for an older server.
     """
     info = image_archive.inspect(archive)
     recipe, where = blobs.Recipe.from_archive(archive, info)
@@ -95,8 +97,9 @@ def submit(client, archive, params: list[tuple[str, str]], progress: Progress | 
         challenge = _put(client, upload, digest, archive, where[digest], report)
         if challenge:
             proofs[digest] = blobs.proof(_reader(archive, where[digest][0]), challenge)
+    key = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     return client._json("POST", f"/uploads/{upload}/commit", "task", params=params, json={"proofs": proofs},
-                        expect=(201,))
+                        headers=key, expect=(200, 201))
 
 
 def _put(client, upload: str, digest: str, archive, where: tuple[int, int], report) -> dict | None:

@@ -81,6 +81,21 @@ def usage_table(rows: list[dict]) -> str:
                   "WALL-HOURS"], body)
 
 
+def limit_value(name: str, value: int | None, unset: str = "-") -> str:
+    """A per-user limit or its use: bytes in KiB..TiB, else a count; `unset` for None
+    (a use not counted) and for a limit of 0 (none)."""
+    if value is None or (value == 0 and unset != "-"):
+        return unset
+    return size(value) if "bytes" in name else str(value)
+
+
+def limits_table(limits: dict[str, dict]) -> str:
+    """`GET /usage`'s limits: each one, the user's use, and what it caps."""
+    rows = [[name, limit_value(name, entry.get("limit"), "no limit"), limit_value(name, entry.get("used")),
+             entry.get("caps")] for name, entry in limits.items()]
+    return table(["LIMIT", "VALUE", "USED", "WHAT IT CAPS"], rows)
+
+
 def nodes_table(nodes: list[dict]) -> str:
     rows = [[n.get("name"), n.get("host"), n.get("state"), len(n.get("gpus") or []),
              len(n.get("tasks") or []), n.get("epoch")] for n in nodes]

@@ -1,7 +1,7 @@
 """The CLI's own settings: which server to talk to, with which token and CA.
 
 Stored in `~/.config/pink/config.toml` (under $XDG_CONFIG_HOME when set, or
-the file named by $PINK_CLI_CONFIG) with keys `url`, `token` and `ca`; the
+the file named by $PINK_CLI_CONFIG) with keys `url`, `token`, `ca` and `device`; the
 token is a secret, so the file is written 0600 in a 0700 directory. Read by
 the `pink` group for every command, written by `pink login`.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from pink.errors import ConfigError
 
 PATH_ENV = "PINK_CLI_CONFIG"
-KEYS = ("url", "token", "ca")
+KEYS = ("url", "token", "ca", "device")
 
 
 @dataclass
@@ -26,6 +26,10 @@ class Settings:
     url: str = ""
     token: str = ""
     ca: str = ""  # CA certificate file trusted for the server's TLS; empty: system CAs
+    # The server's signed login-device cookie from the last password login: the
+    # server counts this CLI's failed logins apart, so strangers sharing its
+    # address (a lab's NAT) cannot keep it from logging in (web/throttle.py).
+    device: str = ""
 
     def merged(self, **overrides: str | None) -> "Settings":
         """A copy where every non-empty override (option or env var) wins over the file."""

@@ -35,6 +35,8 @@ def clean_env(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "conf" / "pink" / "config.toml"
     monkeypatch.setenv("PINK_CLI_CONFIG", str(path))
+    # retries of a closed port without waits (tests/security/test_cli_retries.py waits the shipped ones)
+    monkeypatch.setattr(client_mod, "BACKOFF", 0.0)
     return path
 
 
@@ -163,6 +165,30 @@ def _response(status: int, body: bytes, ctype="application/json") -> requests.Re
     return resp
 
 
+def test_transient_answers_are_retried_and_others_taken():
+    """502/503/504 wait a jittered backoff (or Retry-After); 429 only with Retry-After."""
+    for status in (502, 503, 504):
+        assert client_mod._retry_wait(_response(status, b"{}"), 1) is not None
+    assert client_mod._retry_wait(_response(429, b"{}"), 1) is None
+    limited = _response(429, b"{}")
+    limited.headers["Retry-After"] = "3"
+    assert client_mod._retry_wait(limited, 1) == 3.0
+    limited.headers["Retry-After"] = "3600"  # longer than a CLI should sit silent
+    assert client_mod._retry_wait(limited, 1) is None
+    for status in (400, 404, 409, 500):
+        assert client_mod._retry_wait(_response(status, b"{}"), 1) is None
+    assert not client_mod._retryable(requests.exceptions.SSLError("bad cert"), True)
+    assert not client_mod._retryable(requests.exceptions.ConnectionError("reset"), False)
+    assert client_mod._retryable(requests.exceptions.ConnectionError("reset"), True)
+
+
+def test_backoff_grows_with_jitter_and_is_capped(monkeypatch):
+    monkeypatch.setattr(client_mod, "BACKOFF", 0.5)
+    waits = [client_mod._backoff(n) for n in range(1, 10)]
+    assert 0.25 <= waits[0] <= 0.5 and 1.0 <= waits[2] <= 2.0
+    assert all(w <= client_mod.MAX_BACKOFF for w in waits)
+
+
 def test_server_error_becomes_matching_pink_error():
     err = client_mod.error_from_response(_response(404, b'{"error": "not_found", "message": "no task x"}'))
     assert isinstance(err, errors.NotFound)
@@ -198,6 +224,16 @@ def test_submit_params_only_what_was_set():
     assert params == [("name", "n"), ("cmd", "sh -c 'echo hi'"), ("gpus", "0"),
                       ("compression", "gzip"), ("env", "A=1"), ("env", "B=x=y")]
     assert client_mod.submit_params(env=["K=V"]) == [("env", "K=V")]
+
+
+def test_progress_file_rewinds_for_a_retry(tmp_path):
+    path = tmp_path / "body"
+    path.write_bytes(b"abcdef")
+    seen = []
+    with ProgressFile(path, lambda done, total: seen.append(done)) as body:
+        assert body.read() == b"abcdef"
+        body.rewind()
+        assert body.read() == b"abcdef" and seen == [6, 6]
 
 
 def test_progress_file_sends_content_length_and_reports(tmp_path):

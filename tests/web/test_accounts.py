@@ -228,3 +228,34 @@ def test_bodies_read_into_memory_are_capped(web):
     r = requests.post(api.url + "/api/v1/login", data=b"{" + b" " * (100 * 2**10) + b"}",
                       headers={"Content-Type": "application/json"}, verify=api.ca)
     assert r.status_code == 413
+
+
+def test_usage_and_the_account_page_show_every_limit(web, writer_archive):
+    """A user sees every per-user limit, its shipped default, their use of it and what it caps:
+    in `GET /api/v1/usage`, in `pink usage` and on the account page; an admin sees another user's."""
+    created = users.create_user(web, "lena")
+    api = Api(web, created["token"])
+    assert api.submit(writer_archive, name="one").status_code == 201
+    shown = api("GET", "/usage").json()["limits"]
+    for name in ("live_tasks_per_user", "upload_bytes_per_user", "upload_sessions_per_user",
+                 "output_bytes_per_task", "log_streams_per_user", "log_streams_per_node", "record_bytes",
+                 "gpus_per_user", "queued_per_user", "max_output_bytes_per_user", "max_log_bytes"):
+        assert name in shown and shown[name]["caps"], name
+    assert shown["live_tasks_per_user"] == {"limit": 500, "used": 1, "caps": shown["live_tasks_per_user"]["caps"]}
+    assert shown["upload_sessions_per_user"]["limit"] == 16
+
+    text = api.cli("usage").stdout
+    assert "WHAT IT CAPS" in text and re.search(r"live_tasks_per_user\s+500\s+1\s", text), text
+    assert re.search(r"upload_bytes_per_user\s+500\.0 GiB", text), text
+
+    admin = Api(web, make_user(web, "root2", admin=True))
+    assert admin("GET", "/usage", params={"user": "lena"}).json()["limits"]["live_tasks_per_user"]["used"] == 1
+    assert admin("GET", "/usage").json()["limits"]["live_tasks_per_user"]["used"] == 0
+
+    page = requests.Session()
+    page.post(api.url + "/login", data={"username": "lena", "password": created["password"]},
+              verify=api.ca, timeout=30)
+    account = page.get(api.url + "/account", verify=api.ca, timeout=30)
+    assert account.status_code == 200 and 'id="limits"' in account.text
+    assert re.search(r"<code>live_tasks_per_user</code></td><td[^>]*>500</td><td[^>]*>1</td>", account.text)
+    assert "500.0 GiB" in account.text and "no limit" in account.text
