@@ -220,7 +220,7 @@ def test_a_processing_host_gets_no_secret_it_does_not_need():
     runner = render_pink_toml(inventory_hostname="run1", common_pink_host="run1", groups=groups,
                               common_etcd_user="pink-runner")
     assert set(runner) == {"host", "node_ttl", "leader_ttl", "reconcile_interval", "max_attempts",
-                           "etcd", "runner"}
+                           "etcd", "runner", "limits"}  # limits: the runner caps exports
     assert "p" * 32 not in json.dumps(runner) and "s" * 48 not in json.dumps(runner)
     config = pink_config.from_mapping(runner)
     assert config.runner.name == "run1" and config.etcd.endpoints and not config.db.password
