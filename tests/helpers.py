@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 import requests
 import zstandard
 
-from pink import archive, db, users
+from pink import archive, blobs, db, image_archive, users
 from pink.tasks import FINAL_NAMES
 
 FINAL = FINAL_NAMES
@@ -98,3 +99,18 @@ def etcd_record(store, task_id: str) -> dict | None:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def begin_upload(api: Api, archive) -> dict:
+    """Open a layer-upload session for `archive` as `pink submit` does; the answer
+    (`upload`, `missing`, `challenges`), with the archive's layer digests as `layers`."""
+    info = image_archive.inspect(archive)
+    recipe, where = blobs.Recipe.from_archive(archive, info)
+    with open(archive, "rb") as fh:
+        fh.seek(where[recipe.config][0])
+        config = fh.read(where[recipe.config][1])
+    r = api("POST", "/uploads", json={"config": base64.b64encode(config).decode(), "layout": info.layout,
+                                      "layers": [{"digest": d, "size": recipe.sizes[d]} for d in recipe.layers],
+                                      "repo_tags": list(recipe.repo_tags)})
+    assert r.status_code == 201, r.text
+    return {**r.json(), "layers": list(recipe.layers)}

@@ -471,3 +471,41 @@ def to_gzip_oci_archive(classic_path, out_path) -> str:
         }], separators=(",", ":")).encode())
         _add_bytes(out, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
     return os.fspath(out_path)
+
+
+# ---------------------------------------------------------------- forged images (tests/security, tests/cluster)
+
+def layer_of(name: str, data: bytes) -> bytes:
+    """A layer: an uncompressed tar holding one file."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def forgery(victim_config: dict) -> tuple[bytes, list[bytes]]:
+    """The victim's image config, its diff_ids kept, running `cat /secret.txt`
+    over the forger's own harmless layers, one per diff_id."""
+    config = json.loads(json.dumps(victim_config))
+    config["config"]["Cmd"] = ["cat", "/secret.txt"]
+    nonce = uuid.uuid4().hex
+    config["config"]["Labels"] = {"forged": nonce}  # a new image id: nothing has it loaded
+    layers = [layer_of(f"harmless-{n}.txt", f"mine {nonce}\n".encode())
+              for n in range(len(config["rootfs"]["diff_ids"]))]
+    return json.dumps(config).encode(), layers
+
+
+def archive_of(path, config: bytes, layers: list[bytes], layout: str = "oci") -> str:
+    """An image archive of `config` over `layers`, as Docker 25 (oci) or Docker 24 (classic) lays it out."""
+    if layout == "classic":
+        names = [f"{n:064x}/layer.tar" for n in range(1, len(layers) + 1)]
+        config_name = f"{_sha(config)}.json"
+        marker = []
+    else:
+        names = [f"blobs/sha256/{_sha(layer)}" for layer in layers]
+        config_name = f"blobs/sha256/{_sha(config)}"
+        marker = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')]
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [], "Layers": names}]).encode()
+    return write_tar(path, [*marker, (config_name, config), *zip(names, layers), ("manifest.json", manifest)])

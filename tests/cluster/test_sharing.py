@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import shlex
-import tarfile
 import threading
 import time
 import tomllib
@@ -279,53 +277,22 @@ class HealthProbe(threading.Thread):
         return bad + [f"{host}: {out}" for host, out in self.nodes if not out.startswith("200 ")]
 
 
-# ---------------------------------------------------------------- the forgery (as tests/security/test_layer_forgery.py)
+# ---------------------------------------------------------------- the forgery (tests/images.py)
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _tar_of(name: str, data: bytes) -> bytes:
-    """A layer: an uncompressed tar holding one file."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, 0
-        tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-def _forgery(victim_config: dict) -> tuple[bytes, list[bytes]]:
-    """The victim's config, its diff_ids kept, running `cat /secret.txt` over
-    the forger's own harmless layers, one per diff_id."""
-    config = json.loads(json.dumps(victim_config))
-    config["config"]["Cmd"] = ["cat", "/secret.txt"]
-    nonce = uuid.uuid4().hex
-    config["config"]["Labels"] = {"forged": nonce}  # a new image id: nothing has it loaded
-    layers = [_tar_of(f"harmless-{n}.txt", f"mine {nonce}\n".encode())
-              for n in range(len(config["rootfs"]["diff_ids"]))]
-    return json.dumps(config).encode(), layers
-
-
-def _oci_archive(path: Path, config: bytes, layers: list[bytes]) -> str:
-    """An image archive of `config` over `layers` as Docker 25 lays it out."""
-    names = [f"blobs/sha256/{_sha(layer)}" for layer in layers]
-    config_name = f"blobs/sha256/{_sha(config)}"
-    manifest = json.dumps([{"Config": config_name, "RepoTags": [], "Layers": names}]).encode()
-    return images.write_tar(path, [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), (config_name, config),
-                                   *zip(names, layers), ("manifest.json", manifest)])
 
 
 def _forge(mallory: User, victim_config: dict, into: Path) -> dict[str, requests.Response]:
     """mallory's forgeries of carol's layers: a whole archive (Docker 25
     layout) and upload sessions claiming either layout; each door's answer."""
     answers = {}
-    config, layers = _forgery(victim_config)
-    with open(_oci_archive(into / "forged-oci.tar", config, layers), "rb") as fh:
+    config, layers = images.forgery(victim_config)
+    with open(images.archive_of(into / "forged-oci.tar", config, layers), "rb") as fh:
         answers["whole archive (oci)"] = mallory("POST", "/tasks", data=fh,
                                                  headers={"Content-Type": "application/x-tar"})
     for layout in ("oci", "docker"):
-        config, layers = _forgery(victim_config)
+        config, layers = images.forgery(victim_config)
         begun = mallory("POST", "/uploads", json={
             "config": base64.b64encode(config).decode(), "layout": layout,
             "layers": [{"digest": _sha(x), "size": len(x)} for x in layers]})

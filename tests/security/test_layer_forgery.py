@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import time
 import uuid
 
@@ -43,45 +42,8 @@ def private(docker_client, tmp_path_factory):
     return {"secret": secret, "archive": archive, "config": config, "tag": tag}
 
 
-def _tar_of(name: str, data: bytes) -> bytes:
-    """A layer: an uncompressed tar holding one file."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, 0
-        tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _forgery(victim_config: dict) -> tuple[bytes, list[bytes]]:
-    """The victim's config, its diff_ids kept, running `cat /secret.txt` over the
-    forger's own layers: one harmless tar per diff_id."""
-    config = json.loads(json.dumps(victim_config))
-    config["config"]["Cmd"] = ["cat", "/secret.txt"]
-    nonce = uuid.uuid4().hex
-    config["config"]["Labels"] = {"forged": nonce}  # a new image id: nothing has it loaded
-    layers = [_tar_of(f"harmless-{n}.txt", f"mine {nonce}\n".encode())
-              for n in range(len(config["rootfs"]["diff_ids"]))]
-    return json.dumps(config).encode(), layers
-
-
-def _archive(path, config: bytes, layers: list[bytes], layout: str) -> str:
-    """An image archive of `config` over `layers`, as Docker 25 (oci) or Docker 24 (classic) lays it out."""
-    if layout == "classic":
-        names = [f"{n:064x}/layer.tar" for n in range(1, len(layers) + 1)]
-        config_name = f"{_sha(config)}.json"
-        marker = []
-    else:
-        names = [f"blobs/sha256/{_sha(layer)}" for layer in layers]
-        config_name = f"blobs/sha256/{_sha(config)}"
-        marker = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')]
-    manifest = json.dumps([{"Config": config_name, "RepoTags": [], "Layers": names}]).encode()
-    members = dict(zip(names, layers))
-    return images.write_tar(path, [*marker, (config_name, config), *members.items(), ("manifest.json", manifest)])
 
 
 def _begin(api: Api, config: bytes, layers: list[tuple[str, int]], layout: str):
@@ -105,11 +67,11 @@ def test_a_forged_config_cannot_run_on_another_users_private_layer(api, private,
     assert owner("GET", f"/tasks/{first['id']}/logs").text.strip() == private["secret"]
 
     forger = Api(api.config, make_user(api.config, "boris"))
-    config, layers = _forgery(private["config"])
-    _refused_as_forged(forger.submit(_archive(tmp_path / "forged-oci.tar", config, layers, "oci")))
+    config, layers = images.forgery(private["config"])
+    _refused_as_forged(forger.submit(images.archive_of(tmp_path / "forged-oci.tar", config, layers, "oci")))
 
     for layout in ("oci", "docker"):  # the client names the layout: it must not matter
-        config, layers = _forgery(private["config"])
+        config, layers = images.forgery(private["config"])
         begun = _begin(forger, config, [(_sha(x), len(x)) for x in layers], layout)
         assert begun.status_code == 201, begun.text
         upload = begun.json()["upload"]
@@ -128,8 +90,8 @@ def test_a_classic_archive_cannot_forge_diff_ids(web, private, tmp_path):
     """A user cannot pass their own bytes off as another's layer in the classic
     (Docker 24) layout, where layers are named by their diff_ids: refused, no task."""
     forger = Api(web, make_user(web, "carl"))
-    config, layers = _forgery(private["config"])
-    r = forger.submit(_archive(tmp_path / "forged-classic.tar", config, layers, "classic"))
+    config, layers = images.forgery(private["config"])
+    r = forger.submit(images.archive_of(tmp_path / "forged-classic.tar", config, layers, "classic"))
     assert r.status_code == 400 and r.json()["error"] == "digest_mismatch", r.text
     assert forger("GET", "/tasks").json()["tasks"] == []
 
@@ -138,9 +100,9 @@ def test_gzip_layers_are_checked_by_their_decompressed_bytes(web, private, tmp_p
     """A user cannot forge diff_ids behind gzip-compressed OCI layers either: PINK
     hashes the decompressed tar itself, and a true gzip archive still gets in."""
     forger = Api(web, make_user(web, "dora"))
-    config, layers = _forgery(private["config"])
+    config, layers = images.forgery(private["config"])
     zipped = [gzip.compress(layer, mtime=0) for layer in layers]
-    _refused_as_forged(forger.submit(_archive(tmp_path / "forged-gzip.tar", config, zipped, "oci")))
+    _refused_as_forged(forger.submit(images.archive_of(tmp_path / "forged-gzip.tar", config, zipped, "oci")))
 
     honest = images.to_gzip_oci_archive(private["archive"], tmp_path / "honest-gzip.tar")
     r = Api(web, make_user(web, "anna")).submit(honest)
@@ -186,7 +148,7 @@ def test_the_runner_does_not_reuse_a_layer_on_a_diff_id_it_did_not_check(docker_
     """A runner does not trust a record's config to pick the layers Docker reuses:
     a recipe whose config names layers Docker holds over other bytes fails to
     load, saying so, and no image of it appears (a web node's check is not the only one)."""
-    config, layers = _forgery(private["config"])
+    config, layers = images.forgery(private["config"])
     store = blobs.BlobStore(tmp_path / "runner-store", 2**30)
     for n, data in enumerate([config, *layers]):
         store.write(f"t{n}", _sha(data), io.BytesIO(data), len(data))
@@ -209,7 +171,7 @@ def test_upload_sessions_stop_at_the_shipped_limit(web):
     hoarder = Api(web, make_user(web, "gina"))
     opened = []
     for n in range(limit + 1):
-        layer = _tar_of("x", f"{n}".encode())
+        layer = images.layer_of("x", f"{n}".encode())
         config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [f"sha256:{_sha(layer)}"]}}).encode()
         r = _begin(hoarder, config, [(_sha(layer), len(layer))], "docker")
         if n < limit:
@@ -246,7 +208,7 @@ def test_sessions_are_counted_per_user_and_swept_in_either_layout(tmp_path):
     with the bytes their images will hold; the sweep keeps every open session's
     blobs and removes expired ones, those laid out before per-user folders too."""
     root = str(tmp_path)
-    layer = _tar_of("x", b"x")
+    layer = images.layer_of("x", b"x")
     recipe = blobs.Recipe(config="c" * 64, layers=[_sha(layer)], repo_tags=[],
                           sizes={"c" * 64: 10, _sha(layer): len(layer)})
     mine = upload_sessions.create(root, "web1", "jo", recipe, "oci", {})
@@ -295,7 +257,7 @@ def test_a_compressed_layers_diff_id_is_computed_when_its_upload_completes(web):
     layer's upload hashes it (bounded by that upload) and the store keeps the
     diff_id before any commit, which then only reads it and succeeds."""
     api = Api(web, make_user(web, "lena"))
-    tar = _tar_of("hello.txt", f"hello {uuid.uuid4().hex}\n".encode())
+    tar = images.layer_of("hello.txt", f"hello {uuid.uuid4().hex}\n".encode())
     layer = gzip.compress(tar, mtime=0)
     store = blobs.BlobStore(web.web.blob_root, 2**40)
 
@@ -314,7 +276,7 @@ def test_a_refused_layer_is_not_hashed_again_on_replay(web):
     refused from it, the kept file untouched."""
     api = Api(web, make_user(web, "mia"))
     store = blobs.BlobStore(web.web.blob_root, 2**40)
-    tar = _tar_of("x.txt", uuid.uuid4().bytes)
+    tar = images.layer_of("x.txt", uuid.uuid4().bytes)
     broken = b"\x1f\x8b\x08\x00" + uuid.uuid4().bytes * 64  # gzip magic, then no gzip stream
     cases = [(broken, f"sha256:{_sha(tar)}", "bad_layer"),
              (gzip.compress(tar, mtime=0), f"sha256:{'0' * 64}", "diff_id_mismatch")]
@@ -341,7 +303,7 @@ def test_a_session_opened_before_per_user_folders_still_commits(web):
     """An upgrade does not drop an upload in progress: a session in the old flat
     layout (`uploads/<id>`) is found, for its own user only, and commits."""
     api = Api(web, make_user(web, "nils"))
-    tar = _tar_of("old.txt", uuid.uuid4().bytes)
+    tar = images.layer_of("old.txt", uuid.uuid4().bytes)
     sessions = os.path.join(web.web.blob_root, upload_sessions.SESSIONS)
 
     def to_legacy_layout(upload):

@@ -5,26 +5,9 @@ untouched."""
 
 from __future__ import annotations
 
-import base64
-
-from pink import blobs, image_archive
-from tests.helpers import Api, make_user
+from tests.helpers import Api, begin_upload, make_user
 
 NOT_YOURS = 404
-
-
-def _begin_upload(api: Api, archive) -> dict:
-    """Start a layer-upload session for `archive`, as `pink submit` does."""
-    info = image_archive.inspect(archive)
-    recipe, where = blobs.Recipe.from_archive(archive, info)
-    with open(archive, "rb") as fh:
-        fh.seek(where[recipe.config][0])
-        config = fh.read(where[recipe.config][1])
-    r = api("POST", "/uploads", json={"config": base64.b64encode(config).decode(), "layout": info.layout,
-                                      "layers": [{"digest": d, "size": recipe.sizes[d]} for d in recipe.layers],
-                                      "repo_tags": list(recipe.repo_tags)})
-    assert r.status_code == 201, r.text
-    return {"id": r.json()["upload"], "layers": recipe.layers}
 
 
 def test_another_users_finished_task_is_as_good_as_missing(api, writer_archive):
@@ -64,8 +47,8 @@ def test_another_users_upload_session_cannot_be_used(web, writer_archive):
     """A user cannot look into, add to, commit or abandon another user's layer
     upload by its id (the id travels in URLs and logs)."""
     alice = Api(web, make_user(web, "alice"))
-    session = _begin_upload(alice, writer_archive)
-    upload_id, layer = session["id"], session["layers"][0]
+    session = begin_upload(alice, writer_archive)
+    upload_id, layer = session["upload"], session["layers"][0]
     mallory = Api(web, make_user(web, "mallory"))
     for method, path, kwargs in (("HEAD", f"/uploads/{upload_id}/blobs/{layer}", {}),
                                  ("PUT", f"/uploads/{upload_id}/blobs/{layer}", {"data": b"x"}),

@@ -18,7 +18,7 @@ import zstandard
 
 from pink import blobs, image_archive, wire
 from tests import images
-from tests.helpers import Api, make_user
+from tests.helpers import Api, begin_upload, make_user
 
 BASE_BYTES = 4 * 2**20
 NEW_BYTES = 2**20
@@ -43,18 +43,6 @@ def _recipe(archive) -> tuple[blobs.Recipe, dict, image_archive.ImageInfo]:
     info = image_archive.inspect(archive)
     recipe, where = blobs.Recipe.from_archive(archive, info)
     return recipe, where, info
-
-
-def _begin(api: Api, archive) -> dict:
-    recipe, where, info = _recipe(archive)
-    with open(archive, "rb") as fh:
-        fh.seek(where[recipe.config][0])
-        config = fh.read(where[recipe.config][1])
-    r = api("POST", "/uploads", json={"config": base64.b64encode(config).decode(), "layout": info.layout,
-                                      "layers": [{"digest": d, "size": recipe.sizes[d]} for d in recipe.layers],
-                                      "repo_tags": list(recipe.repo_tags)})
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def _bytes(archive, where: tuple[int, int]) -> bytes:
@@ -98,7 +86,7 @@ def test_a_cut_layer_upload_resumes_where_it_stopped(web, layered):
     api = Api(web, make_user(web, "rosa"))
     archive_a, _ = layered
     recipe, where, _ = _recipe(archive_a)
-    plan = _begin(api, archive_a)
+    plan = begin_upload(api, archive_a)
     big = max(plan["missing"], key=lambda d: recipe.sizes[d])
     data = _bytes(archive_a, where[big])
     url = urlparse(api.url)
@@ -143,7 +131,7 @@ def test_a_layer_is_claimed_only_by_someone_holding_it(web, layered):
     assert owner.cli("submit", str(archive_a), "--json").returncode == 0  # A's layers are now on the server
     recipe, where, _ = _recipe(archive_a)
     thief = Api(web, make_user(web, "tim"))
-    plan = _begin(thief, archive_a)  # a manifest naming sara's layers, read from somewhere
+    plan = begin_upload(thief, archive_a)  # a manifest naming sara's layers, read from somewhere
     assert plan["missing"] == [] and set(plan["challenges"]) == set(recipe.layers)
     commit = f"/uploads/{plan['upload']}/commit"
     refused = thief("POST", commit, json={"proofs": {}})
@@ -156,7 +144,7 @@ def test_a_layer_is_claimed_only_by_someone_holding_it(web, layered):
 
     # Whoever holds the layers proves it without sending them: ranges hashed with the nonce
     holder = Api(web, make_user(web, "uli"))
-    plan = _begin(holder, archive_a)
+    plan = begin_upload(holder, archive_a)
     proofs = {d: blobs.proof(lambda o, n, d=d: _bytes(archive_a, (where[d][0] + o, n)), c)
               for d, c in plan["challenges"].items()}
     r = holder("POST", f"/uploads/{plan['upload']}/commit", json={"proofs": proofs})
