@@ -136,16 +136,43 @@ def encode(value: Any) -> str:
 
 
 def _guard(fn):
-    """Translate the client's errors into PINK's `Unavailable` at one boundary."""
+    """Translate the client's errors into PINK's `Unavailable` at one boundary,
+    after moving the client off the member that failed."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _ETCD_ERRORS as exc:
+            _move_off_failed(_client_of(fn, args))
             raise Unavailable(f"etcd is unreachable: {exc}") from exc
 
     return wrapper
+
+
+def _client_of(fn, args) -> "pyetcd.MultiEndpointEtcd3Client | None":
+    """The etcd client behind a guarded call: a Store's or a Txn's method, or the client's own."""
+    target = args[0] if args else getattr(fn, "__self__", None)
+    if isinstance(target, Txn):
+        target = target._store
+    return target._client if isinstance(target, Store) else target
+
+
+def _move_off_failed(client) -> None:
+    """Point the client at a member not marked failed, now.
+
+    pyetcd marks the member a call failed on and moves off it only at the
+    next call, and only while the mark lasts (ENDPOINT_RETRY): a process whose
+    next call comes later than that (a leader campaigning once a second, a
+    lease refreshed every few seconds) goes back to the dead member every time
+    and never reaches the live ones. Its `channel` property moves on when the
+    current member is marked; with every member marked, the next call tries
+    again."""
+    if isinstance(client, pyetcd.MultiEndpointEtcd3Client):
+        try:
+            client.channel
+        except Exception:  # noqa: BLE001 - no member available now: the next call tries again
+            pass
 
 
 def _guard_read(fn):
@@ -227,6 +254,7 @@ class Lease:
 
     def __init__(self, store: "Store", ttl: int):
         self.ttl = ttl
+        self._client = store._client
         self._lease = store._guarded(store._client.lease, ttl)
         self.id = self._lease.id
         self.lost = threading.Event()
@@ -244,6 +272,7 @@ class Lease:
                     return
                 renewed = time.monotonic()
             except Exception:  # noqa: BLE001 - retried until the lease may have expired
+                _move_off_failed(self._client)
                 if time.monotonic() - renewed >= self.ttl * LEASE_MARGIN:
                     self.lost.set()
                     return

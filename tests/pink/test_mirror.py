@@ -6,12 +6,13 @@ record that is not what its key should hold."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from pink.errors import PinkError
+from pink.errors import PinkError, Unavailable
 from devcluster.local import free_port, wait_until
-from pink.store import Store
+from pink.store import ENDPOINT_RETRY, Store
 from pink.tasks import Params, new_record
 
 
@@ -107,6 +108,27 @@ def test_a_read_goes_to_another_member_when_the_first_is_gone(pink_config):
             assert store.get(store.keys.task("f")).value.name == "failover"
         finally:
             store.close()
+
+
+def test_a_write_that_found_a_member_dead_moves_the_client_off_it(pink_config):
+    """A process that writes less often than pyetcd's failure mark lasts (a leader
+    campaigning once a second) is not sent back to the dead member for ever: the
+    write that failed there moved the client to a live one (the lab's web1 kill
+    left web2's leader failing for minutes)."""
+    etcd = pink_config.etcd
+    gone = f"127.0.0.1:{free_port()}"  # nothing listens there
+    store = Store([gone, *etcd.endpoints], etcd.prefix, ca=etcd.ca, cert=etcd.cert, key=etcd.key)
+    try:
+        store._client._current_endpoint_label = gone  # as if it had picked the member that died
+        with pytest.raises(Unavailable):
+            store.grant(10)
+        time.sleep(ENDPOINT_RETRY + 0.2)  # the dead member's mark has lapsed
+        assert store.grant(10) > 0
+        lease = store.lease(10)  # and a lease kept alive from there
+        assert not lease.lost.is_set()
+        lease.revoke()
+    finally:
+        store.close()
 
 
 def test_a_watch_without_deletes_is_woken_by_writes_only(pink_config):
