@@ -152,7 +152,7 @@ def _guard(fn):
 
 def _client_of(fn, args) -> "pyetcd.MultiEndpointEtcd3Client | None":
     """The etcd client behind a guarded call: a Store's or a Txn's method, or the client's own."""
-    target = args[0] if args else getattr(fn, "__self__", None)
+    target = getattr(fn, "__self__", None) or (args[0] if args else None)
     if isinstance(target, Txn):
         target = target._store
     return target._client if isinstance(target, Store) else target
