@@ -212,9 +212,11 @@ def get_task(task_id: str):
     wait = min(request.args.get("wait", 0, type=float), MAX_WAIT)
     slots = _poll_slots() if wait > 0 and seen else None
     deadline = time.monotonic() + (wait if slots else 0)
+    client = log_streams.Client(request.environ) if slots else None
     try:
         while seen == f"{task.state.value}:{task.attempt}" and not task.final and time.monotonic() < deadline:
-            time.sleep(WAIT_POLL)
+            if not client.wait(WAIT_POLL):
+                break  # the client left: its thread and slot are free at once
             rec = _live(task_id)
             task = rec.value if rec else (_archived(task_id) or task)
     finally:

@@ -31,7 +31,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import requests
 from urllib3.exceptions import NewConnectionError
@@ -248,19 +248,23 @@ class Client:
     def login(self, username: str, password: str, device: str = "") -> dict:
         """Exchange a password for a token: returns `{"token", "user": {"name", "admin"}}`.
         The token is also adopted by this client. `device` is the login-device
-        cookie an earlier login got (sent back, so this CLI is a known device);
-        the one the server gives now is left in `self.device`."""
-        host = urlparse(self.url).hostname or ""
-        if device:
-            self.session.cookies.set(DEVICE_COOKIE, device, domain=host, path="/", secure=True)
-        body = self._json("POST", "/login", json={"username": username, "password": password,
-                                                  "token_name": f"pink login on {socket.gethostname()}"},
-                          auth_hint=False)
+        cookie an earlier login to this same server got (sent back, so this CLI
+        is a known device); the one the server gives now is left in `self.device`.
+        Sent and read by name, not through the cookie jar, which files cookies
+        of `localhost` under another name."""
+        headers = {"Cookie": f"{DEVICE_COOKIE}={device}"} if device else {}
+        resp = self._request("POST", "/login", auth_hint=False, headers=headers,
+                             json={"username": username, "password": password,
+                                   "token_name": f"pink login on {socket.gethostname()}"})
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
         if not isinstance(body, dict) or not body.get("token"):
             raise PinkError("the server's login answer carries no token", code="bad_response")
         self.token = body["token"]
         self.session.headers["Authorization"] = f"Bearer {self.token}"
-        self.device = self.session.cookies.get(DEVICE_COOKIE, domain=host) or device
+        self.device = resp.cookies.get(DEVICE_COOKIE) or device
         return body
 
     def check_token(self) -> None:

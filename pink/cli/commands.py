@@ -98,15 +98,17 @@ def login(cli: CliContext, url, token, ca, username, password):
     if not token and not username:
         username = click.prompt("Username", err=True)
     client = Client(s.url, None if username else token, ca_path)
+    # a device cookie belongs to the server that gave it: never sent to, or kept for, another
+    device = s.device if normalize_url(cli.saved.url or "") == normalize_url(s.url) else ""
     if username:
         if password is None:
             password = click.prompt("Password", hide_input=True, err=True)
-        user = client.login(username, password, device=s.device).get("user") or {}
+        user = client.login(username, password, device=device).get("user") or {}
         who = f"{user.get('name', username)}{' (admin)' if user.get('admin') else ''}"
     else:
         client.check_token()
         who = "token accepted"
-    device = client.device if username else s.device
+    device = client.device if username else device
     path = settings_mod.save(settings_mod.Settings(url=normalize_url(s.url), token=client.token,
                                                    ca=ca_path, device=device), cli.settings_path)
     _err(f"logged in to {client.url}: {who}; saved to {path}")

@@ -148,5 +148,9 @@ def test_the_cli_keeps_its_device_so_a_lab_mate_on_its_address_cannot_keep_it_ou
 
     _lock_everything(routed, "dee", "127.0.0.1")  # the CLI's own address, as the server sees it
 
+    elsewhere = [*login]
+    elsewhere[3] = routed.web.url.replace("127.0.0.1", "localhost")  # another server, as far as the CLI knows
+    refused = subprocess.run(elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "too many" in refused.stderr  # the device was not sent to it
     again = subprocess.run(login, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
