@@ -475,11 +475,22 @@ class Store:
 
     # -- watching --------------------------------------------------------
 
-    def _guarded_cancel(self, watch_id) -> None:
-        try:
-            self._client.cancel_watch(watch_id)
-        except Exception:  # noqa: BLE001 - the watch may already be gone
-            pass
+    def _watch(self, prefix: str, callback: Callable, **options) -> Callable[[], None]:
+        """Watch every key under `prefix`; returns the watch's cancel.
+
+        The cancel goes through the watcher that holds the watch: after a
+        call fails on a member, pyetcd makes a new watcher, and a cancel sent
+        through that one reaches nothing and leaves the old stream open."""
+        watcher = self._client.watcher
+        watch_id = watcher.add_callback(prefix, callback, range_end=_prefix_end(prefix), **options)
+
+        def cancel() -> None:
+            try:
+                watcher.cancel(watch_id)
+            except Exception:  # noqa: BLE001 - the watch may already be gone
+                pass
+
+        return cancel
 
     def watch_prefix(self, prefix: str, on_change: Callable[[], None],
                      deletes: bool = True) -> Callable[[], None]:
@@ -496,12 +507,9 @@ class Store:
             on_change()
 
         try:
-            watch_id = self._client.add_watch_prefix_callback(
-                prefix, callback, filters=None if deletes else [etcdrpc.WatchCreateRequest.NODELETE])
+            return self._watch(prefix, callback, filters=None if deletes else [etcdrpc.WatchCreateRequest.NODELETE])
         except _ETCD_ERRORS:
             return lambda: None
-
-        return lambda: self._guarded_cancel(watch_id)
 
     def mirror(self, parts: tuple[str, ...], on_change: Callable[[], None]) -> "Mirror":
         return Mirror(self, parts, on_change)
@@ -556,12 +564,11 @@ class Mirror:
                 self._hold(rec.key, rec)
             self._stale = False
         try:
-            watch_id = self._store._client.add_watch_prefix_callback(
-                root, lambda response: self._apply(generation, response), start_revision=revision + 1)
+            self._cancel = self._store._watch(root, lambda response: self._apply(generation, response),
+                                              start_revision=revision + 1)
         except _ETCD_ERRORS as exc:
             self._stale = True
             raise Unavailable(f"etcd is unreachable: cannot watch {root}: {exc}") from exc
-        self._cancel = lambda: self._store._guarded_cancel(watch_id)
 
     def close(self) -> None:
         self._cancel()

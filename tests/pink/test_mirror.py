@@ -129,6 +129,26 @@ def test_a_write_that_found_a_member_dead_moves_the_client_off_it(pink_config):
         store.close()
 
 
+def test_a_watch_is_cancelled_even_after_the_client_moved_members(pink_config):
+    """A watch made before a call failed on a member (pyetcd then makes a new
+    watcher) is still cancelled by its cancel, not left streaming for ever."""
+    etcd = pink_config.etcd
+    gone = f"127.0.0.1:{free_port()}"  # nothing listens there
+    store = Store([*etcd.endpoints, gone], etcd.prefix, ca=etcd.ca, cert=etcd.cert, key=etcd.key)
+    try:
+        store._client._current_endpoint_label = etcd.endpoints[0]
+        woken = threading.Event()
+        cancel = store.watch_prefix(store.keys.prefix + "/moved/", woken.set)
+        store._client._current_endpoint_label = gone  # a call now fails there, and the client moves
+        with pytest.raises(Unavailable):
+            store.grant(10)
+        cancel()
+        store.txn().put(store.keys.prefix + "/moved/x", {"v": 1}).commit()
+        assert not woken.wait(2.0), "the cancelled watch still delivered a change"
+    finally:
+        store.close()
+
+
 def test_a_watch_without_deletes_is_woken_by_writes_only(pink_config):
     """The runner watches its assignments with `deletes=False`: a task leaving
     it needs no new read, and etcd leaves those events out."""
