@@ -63,15 +63,29 @@ def wait_registered(redis: Redis, pid: int, name: str = RQ_NAME, timeout: float 
         time.sleep(0.05)
 
 
+MID_COPY = 16 * 2**20  # bytes only the big layer's part file reaches (the base layer is ~2 MiB)
+
+
+def _big_part(spool: Path) -> bool:
+    """A part file of the big layer (not of the config, whose copy ends at once)."""
+    for part in spool.glob("incoming/*.part"):
+        try:
+            if part.stat().st_size >= MID_COPY:
+                return True
+        except FileNotFoundError:  # renamed meanwhile: complete
+            pass
+    return False
+
+
 def wait_mid_copy(redis: Redis, spool: Path, jid: str, timeout: float = 120) -> None:
-    """Until the transfer job runs and a part file of a blob is in the runner's spool."""
+    """Until the transfer job runs and the big layer's part file is in the runner's spool."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             started = Job.fetch(jid, connection=redis).get_status() == JobStatus.STARTED
         except NoSuchJobError:  # not enqueued yet
             started = False
-        if started and any(spool.glob("incoming/*.part")):
+        if started and _big_part(spool):
             return
         assert time.monotonic() < deadline, "the transfer never started copying"
         time.sleep(0.01)
