@@ -37,7 +37,7 @@ import zlib
 
 import zstandard
 
-from pink import defaults, image_archive
+from pink import cooperative, defaults, image_archive
 from pink.errors import ArchiveError, BadRequest, Conflict, NotFound, PinkError
 
 log = logging.getLogger("pink.blobs")
@@ -628,6 +628,7 @@ def _hash_decompressed(fh, kind: str, digest: str) -> str:
                     raise BadRequest(f"layer blob sha256:{digest} decompresses to more than {MAX_BLOB_BYTES} "
                                      "bytes, the most a layer may hold", code="bad_layer")
                 hasher.update(chunk)
+                cooperative.give_way()
     except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
         raise BadRequest(f"layer blob sha256:{digest} is {kind}-compressed but does not decompress ({exc}); "
                          "save the image again with `docker save`", code="bad_layer") from None
@@ -825,6 +826,7 @@ def _copy(src, fd: int, want: int, running: _Running | None) -> int:
             running.hasher.update(view)
             running.count += len(view)
         done += len(view)
+        cooperative.give_way()
     return done
 
 
@@ -834,6 +836,7 @@ def _hash_fd(fd: int):
     while chunk := os.pread(fd, COPY_CHUNK, position):
         hasher.update(chunk)
         position += len(chunk)
+        cooperative.give_way()
     return hasher
 
 

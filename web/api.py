@@ -203,8 +203,8 @@ def get_task(task_id: str):
     The long poll lets `pink submit --wait` see each state change the moment
     it happens instead of up to a polling interval later. A task that leaves
     etcd while polled has been archived: the answer is its archived record.
-    A long poll holds a thread like a followed log, so it takes the same
-    slots (`log_streams_per_user`, `log_streams_per_node`); with none free it
+    A long poll costs what a followed log does (etcd reads while it waits;
+    a greenlet, not a thread), so it takes the same slots (`log_streams_per_user`, `log_streams_per_node`); with none free it
     answers at once, and the client asks again after its own pause.
     """
     task, _ = _task(task_id)
@@ -216,7 +216,7 @@ def get_task(task_id: str):
     try:
         while seen == f"{task.state.value}:{task.attempt}" and not task.final and time.monotonic() < deadline:
             if not client.wait(WAIT_POLL):
-                break  # the client left: its thread and slot are free at once
+                break  # the client left: its slot is free at once
             rec = _live(task_id)
             task = rec.value if rec else (_archived(task_id) or task)
     finally:

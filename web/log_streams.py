@@ -1,8 +1,10 @@
 """Followed logs (`GET /api/v1/tasks/<id>/logs?follow=1`): how many a web node
 serves at once, and how it notices that the client of one has left.
 
-A follow holds one of gunicorn's threads while its task is silent, so two
-things bound what followers can take from everyone else:
+A follow of a silent task holds no thread (pink-web's workers are gevent's,
+a greenlet per connection), but it does hold an SSH session to its task's
+runner and reads the task from etcd twice a second, so two things bound what
+followers can take from everyone else:
 
 **Caps, counted as flock'ed slot files.** A follow holds one of
 `log_streams_per_user` slots named after its user and one of
@@ -12,9 +14,6 @@ worker process of the node and is released by the kernel when its holder
 closes the file or dies, so a killed worker leaks nothing and nothing (not
 Redis, which may be down for a while) has to be reachable or swept. Taking a
 slot tries at most the cap's worth of files; nothing grows with history.
-The shipped node cap is half of one gunicorn worker's threads
-(`web/serve.py` sets it), so even if every follower lands in one worker
-process, health checks and submits still find free threads there.
 
 **Noticing a gone client without heartbeats in the log.** `curl -N` and
 `pink logs -f` print exactly the log's bytes, so nothing may be written

@@ -1,7 +1,8 @@
 """The web app's handles on etcd, Redis and MariaDB, created on first use.
 
-etcd and Redis clients are shared by the process (they are thread-safe and
-must be opened after gunicorn forks, hence lazily); a MariaDB connection is
+etcd and Redis clients are shared by the process (they are safe to share
+between requests and must be opened after gunicorn forks and gevent patches,
+hence lazily); a MariaDB connection is
 opened per request and closed at teardown, like the Flask tutorial's db.
 """
 

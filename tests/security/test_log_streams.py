@@ -5,7 +5,9 @@ a follow ends and is resumed without losing or repeating a byte."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -16,7 +18,6 @@ from pink.cli.client import FollowedLog
 from tests import images
 from tests.helpers import Api, make_user
 from web import log_streams
-from web.serve import _Gunicorn
 
 SILENT = 'CMD ["sh", "-c", "trap \'exit 0\' TERM; sleep 600 & wait"]\n'  # prints nothing; stops on TERM
 CHATTY = 'CMD ["sh", "-c", "echo one; sleep 3; printf two; sleep 2; echo \' and three\'"]\n'
@@ -125,13 +126,39 @@ def test_one_user_may_follow_eight_logs_at_once(api, silent_archive):
     _cancel(bob, bobs_task)
 
 
-def test_shipped_node_cap_leaves_half_the_threads_free():
-    """The web node's follow cap (shipped: 32) cannot take more than half the
-    threads of a gunicorn worker, even if every follow lands in that one."""
-    config = pink_config_module.Config()
+def _worker_threads(master: int) -> int:
+    """The OS threads of every gunicorn worker process under `master`."""
+    workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return sum(len(os.listdir(f"/proc/{pid}/task")) for pid in workers)
+
+
+def test_idle_follows_hold_no_thread(pink_processes, pink_config, writer_archive):
+    """A follow of a silent task holds no thread of pink-web: with the node's
+    whole shipped cap (32) held by four users, its worker processes run no
+    more threads than before, and a health check and a submit still answer
+    at once beside them."""
+    config = pink_config
     assert config.limits.log_streams_per_node == defaults.LOG_STREAMS_PER_NODE == 32
-    threads = _Gunicorn(config).cfg.threads
-    assert threads - config.limits.log_streams_per_node >= threads / 2, threads
+    web = pink_processes.web()
+    pink_processes.worker()
+    pink_processes.leader()
+    users = [Api(config, make_user(config, name)) for name in ("alice", "bob", "carol", "dave")]
+    tasks = [(user, user.submit(writer_archive).json()["task"]["id"]) for user in users]  # no runner: silent
+    _health_answers(users[0])
+    before = _worker_threads(pink_processes.cluster.pid(web))
+    follows = [_follow(user, task_id) for user, task_id in tasks for _ in range(defaults.LOG_STREAMS_PER_USER)]
+    try:
+        assert [r.status_code for r in follows] == [200] * 32
+        assert _open_streams_settle(config, 32) == 32
+        after = _worker_threads(pink_processes.cluster.pid(web))
+        assert after - before < 8, f"{after - before} more threads with 32 idle follows"
+        _health_answers(users[0])
+        submitted = users[0].submit(writer_archive)
+        assert submitted.status_code == 201, submitted.text
+    finally:
+        for r in follows:
+            r.close()
+    assert _open_streams_settle(config) == 0
 
 
 def test_node_cap_refuses_one_more_follow(pink_processes, config_variant, writer_archive):
