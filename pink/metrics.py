@@ -88,9 +88,20 @@ class ClusterCollector:
         yield by_state
         waiting = [t for t in live if t.state == State.QUEUED]
         yield GaugeMetricFamily("pink_queue_length", "Tasks waiting for a runner", value=len(waiting))
-        oldest = max((time.time() - t.created_at for t in waiting), default=0.0)
+        now = time.time()
+        oldest = max((now - t.created_at for t in waiting), default=0.0)
         yield GaugeMetricFamily("pink_queue_oldest_wait_seconds", "How long the oldest waiting task has waited",
                                 value=oldest)
+        # From the tasks already read: a task stuck in one state (`exported`
+        # while finalize cannot run) shows here, whatever the counters say.
+        in_state = GaugeMetricFamily("pink_tasks_oldest_in_state_seconds",
+                                     "Seconds since the live task longest in each state entered it (0: none)",
+                                     labels=["state"])
+        for state in State:
+            if state not in FINAL:
+                in_state.add_metric([state.value], max((now - t.updated_at for t in live if t.state == state),
+                                                       default=0.0))
+        yield in_state
 
     def _nodes(self):
         views = nodes.view(self.store)
@@ -100,6 +111,8 @@ class ClusterCollector:
         tasks = GaugeMetricFamily("pink_node_tasks", "Tasks holding a reservation on a runner", labels=["node"])
         state = GaugeMetricFamily("pink_node_state", "A runner's operator state (1 for its state)",
                                   labels=["node", "state"])
+        spool = GaugeMetricFamily("pink_node_spool_free_bytes",
+                                  "Bytes free in a runner's spool filesystem, as it last reported", labels=["node"])
         readings = {attr: GaugeMetricFamily(name, text, labels=["node", "gpu", "model"])
                     for attr, name, text in NVML_READINGS}
         for node in views:
@@ -109,12 +122,14 @@ class ClusterCollector:
             slots.add_metric([node.name], node.max_containers)
             tasks.add_metric([node.name], len(node.tasks))
             state.add_metric([node.name, node.state], 1)
+            if node.spool_free is not None:
+                spool.add_metric([node.name], node.spool_free)
             models = {g["uuid"]: g.get("model") or "" for g in node.record.get("gpu_inventory") or []}
             for uuid, stats in (node.record.get("gpu_stats") or {}).items():
                 for attr, family in readings.items():
                     if stats.get(attr) is not None:
                         family.add_metric([node.name, uuid, models.get(uuid, "")], stats[attr])
-        yield from (gpus, slots, tasks, state, *readings.values())
+        yield from (gpus, slots, tasks, state, spool, *readings.values())
 
     def _leader(self):
         rec = self.store.get(self.store.keys.leader)
