@@ -44,7 +44,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 certs:
-	ssl/make-certs.sh $(CERT_SANS)
+	ssl/make-certs.sh $(if $(RENEW),--renew) $(CERT_SANS)
 
 # Services and PINK's processes, left running (stop with `make down`).
 up: deps venv certs
