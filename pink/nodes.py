@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pink import lifecycle
-from pink.errors import BadRequest, PinkError
+from pink.errors import BadRequest, Conflict, PinkError
 from pink.store import Record, Store
 from pink.tasks import State, requeue
 
@@ -158,6 +158,29 @@ def set_state(store: Store, name: str, state: str, by: str, now: bool = False) -
     store.txn().put(store.keys.control(name), {"state": state, "by": by, "since": time.time(),
                                                "now": now}).commit()
     return move_waiting_off(store, name) if now or state == STOPPED else 0
+
+
+def forget(store: Store, name: str) -> list[str]:
+    """Remove what etcd keeps of a runner that is gone for good (its
+    operator's drain or stop, leftover assignments); the keys removed.
+
+    Refused while the runner is registered (a restart takes its node over
+    again) or while a task still holds a reservation there: the leader
+    re-queues those within `node_ttl` of the runner's end.
+    """
+    if store.get(store.keys.node(name)) is not None:
+        raise Conflict(f"runner {name} is up: stop pink-runner on it first (drain it before, so that "
+                       "its tasks end), then forget it", code="node_up")
+    alloc = store.get(store.keys.alloc(name))
+    if alloc is not None and alloc.value:
+        raise Conflict(f"{len(alloc.value)} task(s) still hold a reservation on {name}; the leader "
+                       "re-queues them shortly after a runner ends: try again in a minute", code="node_busy")
+    keys = [rec.key for rec in store.list(store.keys.assignments(name))]
+    keys += [key for key in (store.keys.control(name), store.keys.alloc(name)) if store.get(key) is not None]
+    for key in keys:
+        store.delete(key)
+    log.info("forgot runner %s: %s", name, ", ".join(keys) or "nothing was left")
+    return keys
 
 
 def move_waiting_off(store: Store, name: str) -> int:

@@ -472,6 +472,13 @@ def control_node(name: str, action: str):
                    moved=moved)
 
 
+@bp.delete("/nodes/<name>")
+def forget_node(name: str):
+    """Forget a runner that is gone for good (`nodes.forget`). Admins only."""
+    require_admin()
+    return jsonify(forgotten=nodes.forget(res().store, name))
+
+
 @bp.get("/health")
 def health():
     checks = {}

@@ -449,6 +449,9 @@ class Client:
     def nodes(self) -> list[dict]:
         return self._json("GET", "/nodes", "nodes")
 
+    def forget_node(self, name: str) -> list[str]:
+        return self._json("DELETE", f"/nodes/{_id(name, 'node name')}", "forgotten")
+
     def node_action(self, name: str, action: str, now: bool = False) -> dict:
         """drain / stop / resume a runner (admins); returns {"node", "moved"}."""
         params = {"now": "1"} if now else None

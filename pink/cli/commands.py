@@ -343,4 +343,16 @@ def resume(cli: CliContext, name, as_json):
     _node_action(cli, name, "resume", False, as_json)
 
 
+@node.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the keys removed as JSON.")
+@pass_cli
+def forget(cli: CliContext, name, as_json):
+    """Forget NAME, a runner gone for good (removed or replaced): its drain or
+    stop and what else etcd keeps of it. Refused while it is up."""
+    keys = cli.client().forget_node(name)
+    click.echo(output.to_json(keys) if as_json else f"node {name}: forgotten ({len(keys)} key(s) removed)",
+               err=not as_json)
+
+
 COMMANDS = [login, submit, status, usage, logs, download, cancel, nodes, node]
