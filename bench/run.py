@@ -42,6 +42,7 @@ from bench import drain, etcdsize, layers, loaded, measure, placement, throughpu
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
 from devcluster.local import Cluster  # noqa: E402
+from gpu_runner import sizing  # noqa: E402
 from tests import images  # noqa: E402
 from tests.helpers import Api  # noqa: E402
 
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
             checkpoint("after 1. latency")
         if "throughput" in only:
             log("5. throughput")
-            slots = len(RUNNERS) * config.runner.max_containers
+            slots = len(RUNNERS) * (config.runner.max_containers or sizing.NO_GPU_SLOTS)  # no GPUs here
             measured("throughput", "throughput", lambda: throughput.measure(
                 api, client, work, config, 12 if quick else 48, slots, rounds, log))
             checkpoint("after 5. throughput")

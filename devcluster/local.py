@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAKE_CERTS = REPO / "ssl" / "make-certs.sh"
 DEMO_BASE = Path("/var/lib/pink-demo")  # `make demo`'s cluster
 WEB_PORT = 8443  # the demo's pages, at an address people bookmark (another if taken)
+PREFIX = "/pink"  # the demo's etcd prefix, and its containers' `pink.cluster` label
 TEST_BASE = Path("/var/lib/pink-test")  # tests' clusters, one random subdir each
 XFER_USER = "pink-xfer"  # the runners' image-transfer account (SFTP only)
 DOCKERD_LOG = Path("/var/log/pink-dockerd.log")  # a dockerd no cluster owns
@@ -160,6 +161,24 @@ def merge(base: dict, overrides: dict) -> dict:
 
 
 # ---------------------------------------------------------------- dockerd
+
+def remove_task_containers(prefix: str) -> None:
+    """Remove the task containers of the PINK cluster whose etcd prefix is
+    `prefix`: a runner that stops leaves them running for its next process."""
+    import docker
+
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException:
+        return  # no engine (it was never started): no containers either
+    try:
+        for container in client.containers.list(all=True, filters={"label": f"pink.cluster={prefix}"}):
+            container.remove(force=True, v=True)
+    except docker.errors.NotFound:
+        pass  # removed meanwhile
+    finally:
+        client.close()
+
 
 def docker_socket() -> str:
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
@@ -371,6 +390,7 @@ class Cluster:
         """Stop everything this cluster started, newest first, nothing else."""
         for name in reversed(self.names()):
             self.stop(name)
+        remove_task_containers(PREFIX)
 
     def _wait_ready(self, name: str, check, timeout: float = START_TIMEOUT) -> None:
         if not wait_until(lambda: self.alive(name) and check(), timeout):
@@ -744,7 +764,7 @@ Match User {XFER_USER}
             "host": host,
             "redis_url": self.redis_url(),
             "node_ttl": 10, "leader_ttl": 10, "reconcile_interval": 2.0, "max_attempts": 3,
-            "etcd": {"endpoints": [self.etcd_endpoint], "prefix": "/pink"},
+            "etcd": {"endpoints": [self.etcd_endpoint], "prefix": PREFIX},
             "db": {"host": "127.0.0.1", "port": self.db_port, "user": "pink",
                    "password": self.state["db_password"], "database": "pink",
                    "ca": str(self.db_ca)},

@@ -6,6 +6,16 @@ create_revision is this incarnation's *epoch*. It acts only on assignments
 makes is fenced by it. If the lease is lost it stops its containers (their
 tasks have been or will be re-queued) and registers again with a new epoch.
 A new incarnation first removes containers any earlier one left behind.
+
+A restart is not a new incarnation. Like slurmd and Nomad's client, a
+runner that stops (SIGTERM: an upgrade, `systemctl restart`) leaves its
+containers running and its lease alive for one more TTL, and the process
+that starts next takes both over (`register`): the same epoch, the same
+assignments, each running container adopted (its log written again from
+Docker's start, its deadline and cancel watched, its export made). A process
+killed without a word is taken over the same way while its lease lasts.
+Only `pink node drain` moves work off a node; a runner that stays down
+longer than `node_ttl` is a lost node, and its tasks are re-queued.
 An etcd blip is waited out while the lease holds (`retry`); registering
 again would abandon every running task. It also sweeps its spool and outbox
 of files no reservation or live task of this node needs.
@@ -13,6 +23,7 @@ of files no reservation or live task of this node needs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -23,13 +34,13 @@ import click
 import docker
 from docker.errors import APIError, DockerException
 
-from gpu_runner import images, outbox, retry
+from gpu_runner import images, outbox, retry, sizing
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
 from pink import blobs, defaults, nodes
 from pink.errors import PinkError, Unavailable
-from pink.store import Store
+from pink.store import LeaseGone, Store
 
 log = logging.getLogger("pink.runner")
 
@@ -55,6 +66,7 @@ class Agent:
         self.blobs.sync_markers()
         self.lease = None
         self.epoch: int | None = None
+        self.inherited: set[str] = set()  # running tasks an earlier process of this epoch left to carry on
         self.running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -75,14 +87,63 @@ class Agent:
         return {"name": r.name, "ssh_host": r.ssh_host, "ssh_port": r.ssh_port, "ssh_user": r.ssh_user}
 
     def register(self) -> None:
+        """Take over the epoch an earlier process left, while its lease lasts;
+        else register a new one."""
         r = self.config.runner
-        key = self.store.keys.node(r.name)
         self._record = {**self.ssh_endpoint(), "ssh_spool": r.ssh_spool, "ssh_outbox": r.ssh_outbox,
                         "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode,
                         "gpu_inventory": self.gpus.inventory, "max_containers": self._slots(),
                         "max_spool_images": r.max_spool_images, **self._spool(),
                         "images": images.cached(self.docker), "disk_limits": self.disk_limits,
                         "started_at": time.time()}
+        if not self._take_over():
+            self._register_anew()
+            self._save_incarnation()
+
+    def _take_over(self) -> bool:
+        """Carry on the epoch and lease the last process saved, if the node
+        key still holds both; its running tasks become `inherited`."""
+        r = self.config.runner
+        try:
+            with open(r.incarnation_file) as fh:
+                saved = json.load(fh)
+            epoch, lease_id = int(saved["epoch"]), int(saved["lease"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        rec = self.store.get(self.store.keys.node(r.name))
+        if rec is None or rec.create_revision != epoch or rec.lease != lease_id:
+            return False
+        inherited = {a.value["task"] for a in self.store.list(self.store.keys.assignments(r.name))
+                     if a.value.get("epoch") == epoch}
+        try:
+            self.lease = self.store.lease(self.config.node_ttl, lease_id)
+        except LeaseGone:
+            return False
+        self.epoch, self.inherited = epoch, inherited
+        self._publish()
+        log.info("took over %s at epoch %d from the last process, with %d tasks", r.name, epoch,
+                 len(self.inherited))
+        return True
+
+    def _save_incarnation(self) -> None:
+        """Written whole (rename) for the next process of this epoch to find."""
+        path = self.config.runner.incarnation_file
+        with open(path + ".tmp", "w") as fh:
+            json.dump({"epoch": self.epoch, "lease": self.lease.id}, fh)
+        os.replace(path + ".tmp", path)
+
+    def inherit(self, task_id: str) -> bool:
+        """Whether `task_id`, found running, was left by an earlier process of
+        this epoch to carry on (asked once per task)."""
+        with self._lock:
+            found = task_id in self.inherited
+            self.inherited.discard(task_id)
+            return found
+
+    def _register_anew(self) -> None:
+        r = self.config.runner
+        self.inherited = set()
+        key = self.store.keys.node(r.name)
         self.lease = self.store.lease(self.config.node_ttl)
         # A fresh key (not an overwrite) gives a new create_revision: a new epoch.
         self.store.delete(key)
@@ -93,10 +154,9 @@ class Agent:
                  ", ".join(self.gpus.uuids) or "none")
 
     def _slots(self) -> int:
-        """Containers at once: the configured maximum, or fewer if memory runs out first."""
-        r = self.config.runner
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return max(1, min(r.max_containers, total // docker.utils.parse_bytes(r.memory)))
+        """Containers at once: the configured maximum (auto: one per GPU), or
+        fewer if memory runs out first (gpu_runner/sizing.py)."""
+        return sizing.of(self).slots
 
     def _spool(self) -> dict:
         """Free bytes in the spool and archives waiting there to be loaded."""
@@ -252,10 +312,13 @@ class Agent:
             filters={"label": [f"{k}={v}" for k, v in self.labels().items()]}, **kwargs)
 
     def remove_leftovers(self) -> None:
-        leftovers = self._containers(all=True)
-        for container in leftovers:
-            if container.labels.get("pink.epoch") != str(self.epoch):
-                log.info("removing container %s left by an earlier incarnation", container.name)
+        """Remove containers no task of this epoch carries on: all an earlier
+        incarnation left, and those of this epoch's tasks reported meanwhile."""
+        for container in self._containers(all=True):
+            carried_on = container.labels.get("pink.epoch") == str(self.epoch) and \
+                container.labels.get("pink.task") in self.inherited
+            if not carried_on:
+                log.info("removing container %s that no task of this epoch runs", container.name)
                 try:
                     container.remove(force=True, v=True)
                 except DockerException as exc:
@@ -333,10 +396,12 @@ class Agent:
                 pass
 
     def shutdown(self) -> None:
-        """A clean stop: revoke the lease so the leader re-queues our tasks at once."""
-        if self.lease is not None:
-            self.lease.revoke()
-        self.stop_containers()
+        """A planned stop (a restart, an upgrade): the containers keep running
+        and the lease lasts one more TTL, for the next process to take over."""
+        if self.lease is not None and not self.lease_lost():
+            self.lease.hand_over()
+            log.info("stopped; the containers run on, and the next process has %ds to take them over",
+                     self.lease.ttl)
 
 
 @click.command()

@@ -5,6 +5,11 @@ reserved GPUs -> wait for exit, deadline or cancel -> export -> exported
 (CAS fenced again, which also releases the reservation and the assignment).
 The reservation's GPUs go back as soon as the container exits, before the
 export; its slot stays until the report.
+A runner process that stopped (a restart) leaves the task to the next one
+of its epoch, which carries it on (`inherit`): it adopts the container
+wherever it was (running, or exited and waiting for its export), writes its
+log again from Docker's start, and goes on; if none was started yet, it
+starts one, under the same attempt.
 If the runner's lease is lost at any point the task is abandoned: the leader
 has re-queued it, and the fence would refuse our report anyway. Until then an
 etcd blip only delays the report (`retry.while_leased`): a finished task is
@@ -24,9 +29,9 @@ from dataclasses import replace
 
 import requests
 import zstandard
-from docker.errors import APIError, DockerException
+from docker.errors import APIError, DockerException, NotFound
 
-from gpu_runner import export, images, outbox, retry
+from gpu_runner import export, images, outbox, retry, sizing
 from pink import lifecycle, pipeline
 from pink.errors import Unavailable
 from pink.store import Record
@@ -99,6 +104,8 @@ class Execution:
         task = rec.value
         if task.attempt != self.attempt or task.node != self.config.name or task.epoch != self.epoch:
             return None
+        if task.state == State.RUNNING and self.agent.inherit(self.task_id):
+            return rec  # an earlier process of this epoch ran it: carry on
         if task.state == State.RUNNING:
             # Ours, yet no thread runs it (a report or a read failed after it
             # started): nobody will finish it here, so it goes back to the queue.
@@ -126,13 +133,11 @@ class Execution:
             if self._lease_lost():
                 raise Abandoned()
             self.agent.images_in_use[self.task_id] = task.image["sha256"]
-            started = time.time()
-            with self.agent.image_lock(task.image["sha256"]):
-                loaded = images.ensure_loaded(client, self.config.spool_dir, task.image, self.agent.blobs)
-            load_seconds = round(time.time() - started, 3) if loaded else 0.0
-            if loaded:
-                self.agent.images_changed()
-            self.container = self.agent.create_container(self._container_args(task))
+            self.container = self._adoptable(client)
+            load_seconds = None  # an adopted container's load was timed by the process before
+            if self.container is None:
+                load_seconds = self._load(client, task)
+                self.container = self.agent.create_container(self._container_args(task))
         except images.BlobMissing as exc:
             try:
                 self.agent.images_changed()  # Docker lacks the image too: the node record must stop listing it
@@ -145,7 +150,8 @@ class Execution:
         if self._lease_lost():  # a long docker load may outlive our epoch
             raise Abandoned()
         try:
-            self.container.start()
+            if self.container.status == "created":
+                self.container.start()
         except APIError as exc:
             result, fields = State.FAILED, {"error": _docker_message(exc)}
         else:
@@ -166,29 +172,57 @@ class Execution:
         fields["image_load_seconds"] = load_seconds
         return result, fields
 
-    def _cpus(self) -> float:
-        """The configured CPU limit, or all the cores where there are fewer:
-        Docker refuses a limit above the cores its daemon sees (read when the
-        runner started), and a local daemon's may have been narrowed since
-        along with the runner's (a cpuset, `taskset`)."""
-        cpus = min(self.config.cpus, self.agent.docker_cpus)
-        if not self.config.docker_url or self.config.docker_url.startswith("unix://"):  # the daemon is here
-            cpus = min(cpus, len(os.sched_getaffinity(0)))
-        if cpus < self.config.cpus and self.agent.cpu_cap != cpus:  # said once, not for every task
+    def _load(self, client, task: Task) -> float:
+        """Load the task's image if Docker lacks it; the seconds it took (0: cached)."""
+        started = time.time()
+        with self.agent.image_lock(task.image["sha256"]):
+            loaded = images.ensure_loaded(client, self.config.spool_dir, task.image, self.agent.blobs)
+        seconds = round(time.time() - started, 3) if loaded else 0.0
+        if loaded:
+            self.agent.images_changed()
+        return seconds
+
+    def _adoptable(self, client):
+        """This attempt's container, left by an earlier process of this epoch
+        and started (running or exited); None if it has none. One that was
+        created but never started is removed: it is made again."""
+        try:
+            container = client.containers.get(f"pink-{self.base}")
+        except NotFound:
+            return None
+        labels = container.labels
+        if labels.get("pink.epoch") != str(self.epoch) or labels.get("pink.task") != self.task_id:
+            return None
+        if container.status == "created":
+            container.remove(force=True, v=True)
+            return None
+        log.info("task %s: carrying on with container %s (%s)", self.task_id, container.name, container.status)
+        return container
+
+    def _cpus(self, wanted: float | None = None) -> float:
+        """The CPU limit (`wanted`: the configured one, or auto's share of the
+        cores), or all the cores where there are fewer: Docker refuses a limit
+        above the cores its daemon sees (read when the runner started), and a
+        local daemon's may have been narrowed since along with the runner's
+        (a cpuset, `taskset`)."""
+        wanted = sizing.of(self.agent).cpus if wanted is None else wanted
+        cpus = min(wanted, sizing.usable_cores(self.agent))
+        if cpus < wanted and self.agent.cpu_cap != cpus:  # said once, not for every task
             self.agent.cpu_cap = cpus
-            log.warning("CPU limit %.2f, not %.2f: the host has fewer cores", cpus, self.config.cpus)
+            log.warning("CPU limit %.2f, not %.2f: the host has fewer cores", cpus, wanted)
         return cpus
 
     def _container_args(self, task: Task) -> dict:
         params = task.params
         env = dict(params.env)
+        share = sizing.of(self.agent)  # memory, CPUs and /dev/shm: configured, or auto's share of the host
         args = {
             "image": task.image["image_id"], "name": f"pink-{self.base}",
             "labels": {**self.agent.labels(), "pink.task": self.task_id, "pink.attempt": str(self.attempt),
                        "pink.epoch": str(self.epoch)},
             "detach": True, "network_mode": self.config.network,
-            "mem_limit": self.config.memory, "nano_cpus": int(self._cpus() * 1e9),
-            "pids_limit": self.config.pids, "cap_drop": ["ALL"],
+            "mem_limit": share.memory, "nano_cpus": int(self._cpus(share.cpus) * 1e9),
+            "shm_size": share.shm, "pids_limit": self.config.pids, "cap_drop": ["ALL"],
             "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"],
             "security_opt": ["no-new-privileges"], "privileged": False,
         }

@@ -85,12 +85,16 @@ class RunnerConfig:
     docker_url: str = ""  # empty: the environment's Docker (DOCKER_HOST or the socket)
     gpus: list[str] = field(default_factory=list)  # declared GPU UUIDs
     network: str = "none"
-    memory: str = "4g"
-    cpus: float = 2.0
+    # Each container's share of the host; the auto values are derived at start
+    # (gpu_runner/sizing.py): one slot per GPU (4 without GPUs), the memory
+    # less a reserve and the cores split evenly among the slots.
+    memory: str = "auto"  # each container's memory limit, e.g. "64g"; "auto": (RAM - reserve) / slots
+    cpus: float = 0.0  # each container's CPU limit; 0: the cores / slots (at least 1)
+    shm_size: str = "auto"  # each container's /dev/shm, e.g. "16g"; "auto": half its memory limit
     pids: int = 1024
     stop_grace: float = defaults.STOP_GRACE
     max_run_seconds: int = defaults.MAX_RUN_SECONDS  # caps every task's timeout here
-    max_containers: int = 4
+    max_containers: int = 0  # containers at once; 0: one per GPU, 4 without GPUs
     image_cache_bytes: int = 0  # disk budget of loaded images; 0: keep every image
     max_spool_images: int = 8  # archives waiting in the spool to be loaded; 0: no limit
     spool_grace: float = 600.0  # seconds an archive no task here needs stays before it is swept
@@ -102,6 +106,12 @@ class RunnerConfig:
     def blob_root(self) -> str:
         chroot = os.path.dirname(self.spool_dir.rstrip("/"))
         return self.blob_dir or os.path.join(os.path.dirname(chroot), "blobs")
+
+    @property
+    def incarnation_file(self) -> str:
+        """Where the runner keeps its epoch and lease for the next process to
+        take over: beside its blob store, outside the SFTP chroot."""
+        return os.path.join(os.path.dirname(self.blob_root.rstrip("/")), f"runner-{self.name}.json")
 
 
 @dataclass

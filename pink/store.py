@@ -241,6 +241,10 @@ class Txn:
         return ok
 
 
+class LeaseGone(PinkError):
+    """The lease an earlier process held has expired: nothing bound to it can be taken over."""
+
+
 class Lease:
     """A lease kept alive by a thread; `lost` is set once it may have expired.
 
@@ -252,10 +256,16 @@ class Lease:
     acting on anything bound to the lease.
     """
 
-    def __init__(self, store: "Store", ttl: int):
+    def __init__(self, store: "Store", ttl: int, lease_id: int | None = None):
         self.ttl = ttl
         self._client = store._client
-        self._lease = store._guarded(store._client.lease, ttl)
+        if lease_id is None:
+            self._lease = store._guarded(store._client.lease, ttl)
+        else:  # an earlier process's lease, taken over: it must still be alive
+            self._lease = pyetcd.leases.Lease(lease_id, ttl, store._client)
+            responses = store._guarded(self._lease.refresh)
+            if not responses or responses[0].TTL <= 0:
+                raise LeaseGone(f"lease {lease_id:x} has expired")
         self.id = self._lease.id
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -287,6 +297,15 @@ class Lease:
     def stop(self):
         """Stop refreshing without revoking (the lease then expires on its own)."""
         self._stop.set()
+
+    def hand_over(self):
+        """Stop refreshing after one last refresh: the lease then lasts a whole
+        TTL, for the next process to take over (`Store.lease(ttl, lease_id)`)."""
+        self._stop.set()
+        try:
+            self._lease.refresh()
+        except _ETCD_ERRORS:
+            pass
 
 
 def _tls_credentials(ca: str, cert: str, key: str) -> grpc.ChannelCredentials | None:
@@ -434,8 +453,10 @@ class Store:
     def delete(self, key: str) -> None:
         self._client.delete(key)
 
-    def lease(self, ttl: int) -> Lease:
-        return Lease(self, ttl)
+    def lease(self, ttl: int, lease_id: int | None = None) -> Lease:
+        """A new lease kept alive; with `lease_id`, an existing one taken
+        over (`LeaseGone` if it has expired)."""
+        return Lease(self, ttl, lease_id)
 
     @_guard
     def grant(self, ttl: int) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from devcluster.local import TEST_BASE, Cluster, free_port
+from devcluster.local import TEST_BASE, Cluster, free_port, remove_task_containers
 from pink import config as pink_config_module
 from tests import images
 
@@ -216,6 +216,7 @@ def pink_processes(cluster, pink_config):
     procs = PinkProcesses(cluster, pink_config)
     yield procs
     procs.stop_all()
+    remove_task_containers(pink_config.etcd.prefix)
 
 
 @pytest.fixture
