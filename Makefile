@@ -20,7 +20,7 @@ DEB_BINARIES := docker dockerd etcd etcdctl redis-server mariadbd mariadb-instal
 	ssh-keygen nginx busybox zstd openssl ip iptables useradd chromium
 
 .PHONY: all deps venv certs up demo down status test bench deploy cluster cluster-down \
-	test-cluster clean
+	test-cluster etcd-remove clean
 
 all: test
 
@@ -88,6 +88,13 @@ deploy: venv certs
 	$(VENV)/bin/pip install -q -e '.[deploy]'
 	ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) \
 		ansible/site.yml $(ANSIBLE_ARGS)
+
+# Remove an etcd member for good (docs/operations.md, "etcd members"):
+# INVENTORY=... make etcd-remove MEMBER=<inventory name>
+etcd-remove: venv
+	$(VENV)/bin/pip install -q -e '.[deploy]'
+	ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) \
+		ansible/etcd-remove.yml -e member=$(MEMBER) $(ANSIBLE_ARGS)
 
 # Build outputs only: certificates and $(DEMO_BASE) stay (`make down` first).
 clean:
