@@ -96,7 +96,9 @@ class Agent:
                         "max_spool_images": r.max_spool_images, **self._spool(),
                         "images": images.cached(self.docker), "disk_limits": self.disk_limits,
                         "started_at": time.time()}
-        if not self._take_over():
+        # Only a new process takes an epoch over: this one lost its lease and
+        # stopped its containers, and its tasks go back to the queue.
+        if self.epoch is not None or not self._take_over():
             self._register_anew()
             self._save_incarnation()
 
