@@ -20,7 +20,7 @@ DEB_BINARIES := docker dockerd etcd etcdctl redis-server mariadbd mariadb-instal
 	ssh-keygen nginx busybox zstd openssl ip iptables useradd chromium
 
 .PHONY: all deps venv certs up demo down status test bench deploy cluster cluster-down \
-	test-cluster etcd-remove clean
+	test-cluster etcd-remove clean backup restore
 
 all: test
 
@@ -95,6 +95,22 @@ etcd-remove: venv
 	$(VENV)/bin/pip install -q -e '.[deploy]'
 	ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) \
 		ansible/etcd-remove.yml -e member=$(MEMBER) $(ANSIBLE_ARGS)
+
+# Backups (ansible/roles/backup/README.md): every backup host's backups now,
+# the newest fetched to backups/<timestamp>/; `make restore
+# BACKUP=backups/<timestamp>` loads the dump and recovers the tasks finalized
+# since (RESTORE_ETCD=1 also restores etcd, which live etcd is newer than).
+backup: venv
+	$(VENV)/bin/pip install -q -e '.[deploy]'
+	ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) \
+		ansible/backup.yml $(ANSIBLE_ARGS)
+
+restore: venv
+	@test -n "$(BACKUP)" || { echo "usage: make restore BACKUP=backups/<timestamp> [RESTORE_ETCD=1]" >&2; exit 2; }
+	$(VENV)/bin/pip install -q -e '.[deploy]'
+	ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) \
+		ansible/restore.yml -e 'backup_from=$(abspath $(BACKUP))' \
+		-e backup_restore_etcd=$(if $(filter 1 yes true,$(RESTORE_ETCD)),true,false) $(ANSIBLE_ARGS)
 
 # Build outputs only: certificates and $(DEMO_BASE) stay (`make down` first).
 clean:

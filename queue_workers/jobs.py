@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from pink import archive, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions, wire
+from pink import archive, backup, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions, wire
 from pink.errors import NotFound, Unavailable
 from pink.tasks import State, Task, advance, exported, requeue, retries_left, spool_file
 from queue_workers import context
@@ -212,7 +212,9 @@ def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
                 final, logs = _after_lost_export(conn, rec, str(exc))
                 if final is None:
                     return "re-queued"
-            archive.archive_task(conn, final, logs, expires_at=_expiry(config),
+            expires_at = _expiry(config)
+            backup.journal(config.web.output_dir, final, logs, expires_at, task.delete_requested)
+            archive.archive_task(conn, final, logs, expires_at=expires_at,
                                  deleted=task.delete_requested)
             metrics.count(context.redis(), "finished", final.state.value)
             metrics.observe_start(context.redis(), final)
@@ -433,8 +435,10 @@ def sweep() -> str:
     upload_sessions.expire(blob_root)
     keep = _blobs_in_use(store) | upload_sessions.in_use(blob_root)
     collected = context.blobs().collect(keep, grace=defaults.SWEEP_GRACE)
+    journal_days = backup.prune_journal(config.web.output_dir)
     return (f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed, "
-            f"{copied} second copies made, {len(collected)} image blobs collected")
+            f"{copied} second copies made, {len(collected)} image blobs collected, "
+            f"{journal_days} journal days dropped")
 
 
 def _blobs_in_use(store) -> set[str]:
