@@ -406,13 +406,30 @@ class Agent:
                      self.lease.ttl)
 
 
+def check_gpus(config: pink_config.Config, expected: int) -> None:
+    """Exit non-zero, saying what was found, unless the runner would offer `expected` GPUs."""
+    gpus = GPUs(config.runner.gpus)
+    found = ", ".join(f"{g['index']}: {g['model']} {g['uuid']}" for g in gpus.inventory) or "none"
+    if len(gpus.inventory) != expected:
+        raise click.ClickException(
+            f"the runner finds {len(gpus.inventory)} GPUs ({gpus.mode}: {found}), not the {expected} this "
+            "host should have: check the driver (`nvidia-smi`), fabricmanager on SXM servers, and "
+            "pink_runner_expected_gpus in the inventory")
+    click.echo(f"{len(gpus.inventory)} GPUs, as expected ({gpus.mode}: {found})")
+
+
 @click.command()
 @click.option("--config", "config_path", envvar="PINK_CONFIG", required=True,
               type=click.Path(exists=True, dir_okay=False), help="PINK config file.")
 @click.option("--name", default=None, help="Node name (overrides [runner] name).")
-def main(config_path: str, name: str | None) -> None:
+@click.option("--check-gpus", "expected_gpus", type=click.IntRange(min=0), default=None,
+              help="Only check that the runner finds this many GPUs (a deploy's check), and exit.")
+def main(config_path: str, name: str | None, expected_gpus: int | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = pink_config.load(config_path)
+    if expected_gpus is not None:
+        check_gpus(config, expected_gpus)
+        return
     if name:
         config.runner.name = name
     if not config.runner.name:

@@ -28,7 +28,9 @@ def nvml_inventory() -> list[dict]:
         return []
     try:
         pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver: a runner without GPUs is valid
+    except Exception as exc:  # noqa: BLE001 - no driver: a runner without GPUs is valid
+        log.warning("NVML did not start (%s): this runner offers no GPUs; if the host has some, "
+                    "check the NVIDIA driver (`nvidia-smi`)", exc)
         return []
     try:
         found = []
