@@ -56,6 +56,11 @@ class Agent:
     def __init__(self, config: pink_config.Config):
         self.config = config
         self.store = Store.from_config(config)
+        self.lease = None
+        self.epoch: int | None = None
+        # Running tasks an earlier process of this epoch left to carry on: task id -> attempt.
+        self.inherited: dict[str, int] = {}
+        self._take_over()  # first: the last process's lease lasts one TTL, the setup below takes seconds
         self.docker = docker.DockerClient(base_url=config.runner.docker_url) if config.runner.docker_url \
             else docker.from_env()
         self.gpus = GPUs(config.runner.gpus)
@@ -64,9 +69,7 @@ class Agent:
         r = config.runner
         self.blobs = images.RunnerBlobs(r.spool_dir, r.blob_root, r.blob_budget_bytes)
         self.blobs.sync_markers()
-        self.lease = None
-        self.epoch: int | None = None
-        self.inherited: set[str] = set()  # running tasks an earlier process of this epoch left to carry on
+        self._settled = False  # this epoch's record published and leftover containers removed
         self.running: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -87,45 +90,50 @@ class Agent:
         return {"name": r.name, "ssh_host": r.ssh_host, "ssh_port": r.ssh_port, "ssh_user": r.ssh_user}
 
     def register(self) -> None:
-        """Take over the epoch an earlier process left, while its lease lasts;
-        else register a new one."""
-        r = self.config.runner
-        self._record = {**self.ssh_endpoint(), "ssh_spool": r.ssh_spool, "ssh_outbox": r.ssh_outbox,
-                        "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode,
-                        "gpu_inventory": self.gpus.inventory, "max_containers": self._slots(),
-                        "max_spool_images": r.max_spool_images, **self._spool(),
-                        "images": images.cached(self.docker), "disk_limits": self.disk_limits,
-                        "started_at": time.time()}
-        # Only a new process takes an epoch over: this one lost its lease and
-        # stopped its containers, and its tasks go back to the queue.
-        if self.epoch is not None or not self._take_over():
-            self._register_anew()
-            self._save_incarnation()
+        """A new epoch: after a lease lost, or when no earlier process left one to take over."""
+        self._register_anew()
+        self._save_incarnation()
 
-    def _take_over(self) -> bool:
+    def _record_now(self) -> dict:
+        r = self.config.runner
+        return {**self.ssh_endpoint(), "ssh_spool": r.ssh_spool, "ssh_outbox": r.ssh_outbox,
+                "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode,
+                "gpu_inventory": self.gpus.inventory, "max_containers": self._slots(),
+                "max_spool_images": r.max_spool_images, **self._spool(),
+                "images": images.cached(self.docker), "disk_limits": self.disk_limits,
+                "started_at": time.time()}
+
+    def _take_over(self) -> None:
         """Carry on the epoch and lease the last process saved, if the node
-        key still holds both; its running tasks become `inherited`."""
+        key still holds both; its running tasks become `inherited`. An etcd
+        that does not answer is tried again while that lease may last."""
         r = self.config.runner
         try:
             with open(r.incarnation_file) as fh:
                 saved = json.load(fh)
             epoch, lease_id = int(saved["epoch"]), int(saved["lease"])
         except (OSError, ValueError, KeyError, TypeError):
-            return False
-        rec = self.store.get(self.store.keys.node(r.name))
-        if rec is None or rec.create_revision != epoch or rec.lease != lease_id:
-            return False
-        inherited = {a.value["task"] for a in self.store.list(self.store.keys.assignments(r.name))
-                     if a.value.get("epoch") == epoch}
-        try:
-            self.lease = self.store.lease(self.config.node_ttl, lease_id)
-        except LeaseGone:
-            return False
+            return
+        deadline = time.monotonic() + self.config.node_ttl
+        while True:
+            try:
+                rec = self.store.get(self.store.keys.node(r.name))
+                if rec is None or rec.create_revision != epoch or rec.lease != lease_id:
+                    return
+                inherited = {a.value["task"]: a.value.get("attempt")
+                             for a in self.store.list(self.store.keys.assignments(r.name))
+                             if a.value.get("epoch") == epoch}
+                self.lease = self.store.lease(self.config.node_ttl, lease_id)
+                break
+            except LeaseGone:
+                return
+            except Unavailable as exc:
+                if time.monotonic() > deadline:
+                    log.warning("could not take %s over (%s): registering anew", r.name, exc.message)
+                    return
+                time.sleep(0.5)
         self.epoch, self.inherited = epoch, inherited
-        self._publish()
-        log.info("took over %s at epoch %d from the last process, with %d tasks", r.name, epoch,
-                 len(self.inherited))
-        return True
+        log.info("took over %s at epoch %d from the last process, with %d tasks", r.name, epoch, len(inherited))
 
     def _save_incarnation(self) -> None:
         """Written whole (rename) for the next process of this epoch to find."""
@@ -138,13 +146,12 @@ class Agent:
         """Whether `task_id`, found running, was left by an earlier process of
         this epoch to carry on (asked once per task)."""
         with self._lock:
-            found = task_id in self.inherited
-            self.inherited.discard(task_id)
-            return found
+            return self.inherited.pop(task_id, None) is not None
 
     def _register_anew(self) -> None:
         r = self.config.runner
-        self.inherited = set()
+        self.epoch, self.inherited = None, {}  # until the new key is made, whatever fails
+        self._record = self._record_now()
         key = self.store.keys.node(r.name)
         self.lease = self.store.lease(self.config.node_ttl)
         # A fresh key (not an overwrite) gives a new create_revision: a new epoch.
@@ -317,8 +324,9 @@ class Agent:
         """Remove containers no task of this epoch carries on: all an earlier
         incarnation left, and those of this epoch's tasks reported meanwhile."""
         for container in self._containers(all=True):
-            carried_on = container.labels.get("pink.epoch") == str(self.epoch) and \
-                container.labels.get("pink.task") in self.inherited
+            labels = container.labels
+            carried_on = labels.get("pink.epoch") == str(self.epoch) and \
+                str(self.inherited.get(labels.get("pink.task"))) == labels.get("pink.attempt")
             if not carried_on:
                 log.info("removing container %s that no task of this epoch runs", container.name)
                 try:
@@ -358,8 +366,11 @@ class Agent:
     def serve(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                self.register()
-                self.remove_leftovers()
+                if self.epoch is None or self.lease_lost():
+                    self.register()
+                    self._settled = False
+                if not self._settled:  # retried until done, the epoch kept: a blip must not cost its tasks
+                    self._settle()
                 cancel = self.store.watch_prefix(self.store.keys.assignments(self.config.runner.name),
                                                  self._wake.set, deletes=False)
                 try:
@@ -373,12 +384,19 @@ class Agent:
                 log.warning("runner: %s", exc.message)
                 stop.wait(1.0)
             except Exception:  # noqa: BLE001 - the agent must outlive any one failure
-                log.exception("runner: unexpected error; registering again")
+                log.exception("runner: unexpected error; trying again")
                 stop.wait(1.0)
             if self.lease_lost() and not stop.is_set():
                 log.warning("lease lost: stopping this epoch's containers and registering again")
                 self.stop_containers()
         self.shutdown()
+
+    def _settle(self) -> None:
+        """Publish this epoch's record and remove the containers no task of it runs."""
+        self._record = self._record_now()
+        self._publish()
+        self.remove_leftovers()
+        self._settled = True
 
     def _tend(self) -> None:
         """One round: start new assignments, publish and sweep. An etcd blip
