@@ -695,6 +695,7 @@ def _check_range(path, offset: int, size: int, digest: str) -> None:
                 break
             hasher.update(block)
             left -= len(block)
+            cooperative.give_way()
     if left or hasher.hexdigest() != digest:
         raise BadRequest(f"the archive's blob sha256:{digest} does not hold those bytes; the archive is "
                          "corrupt or forged", code="digest_mismatch")

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import requests
 
-from pink import archive, nodes, sftp
+from pink import archive, cooperative, nodes, sftp
 from pink.errors import BadRequest, Forbidden, PinkError, Unavailable
 from pink.store import Store
 from pink.tasks import COMPRESSIONS, Task
@@ -233,7 +233,7 @@ def receive(config, name: str, size: int, sha256: str, signed: str, body: Binary
     final = os.path.join(config.web.output_dir, name)
     if os.path.exists(final) and os.path.getsize(final) == size and sha256_of(final) == sha256:
         while body.read(CHUNK):  # a retried finalize sends it again: read it, or the sender sees EOF
-            pass
+            cooperative.give_way()
         return False
     os.makedirs(config.web.output_dir, exist_ok=True)
     part = f"{final}.{uuid.uuid4().hex[:12]}.part"  # two pushes of one name never share a file
@@ -244,6 +244,7 @@ def receive(config, name: str, size: int, sha256: str, signed: str, body: Binary
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
+                cooperative.give_way()
         if received != size or digest.hexdigest() != sha256:
             raise BadRequest(f"the copy of {name} arrived as {received} of {size} bytes, or with "
                              "another digest", code="bad_copy")
@@ -259,4 +260,5 @@ def sha256_of(path: str) -> str:
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
+            cooperative.give_way()
     return digest.hexdigest()
