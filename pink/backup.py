@@ -58,7 +58,7 @@ from pathlib import Path
 
 import zstandard
 
-from pink.errors import PinkError, Unavailable
+from pink.errors import PinkError
 
 log = logging.getLogger("pink.backup")
 
@@ -382,8 +382,10 @@ def journal(output_dir: str, task, logs: bytes, expires_at: float | None, delete
 
     Written before the row (a crash in between leaves an entry for a task
     still live in etcd, which `recover` skips) and synced; an attempt written
-    again replaces its entry. Raises Unavailable when the disk refuses it:
-    the finalize is tried again, as when the output store is full.
+    again replaces its entry. Best effort: when the disk refuses it, the
+    finalize goes on without it (logged; "" returned), since a task must never
+    wait for its safety net. Only the tasks archived then are missing from a
+    later `recover`.
     """
     now = time.time() if now is None else now
     root = journal_dir(output_dir)
@@ -407,7 +409,9 @@ def journal(output_dir: str, task, logs: bytes, expires_at: float | None, delete
             os.unlink(part)
         except OSError:
             pass
-        raise Unavailable(f"the finalize journal in {day} refused the entry: {exc}") from exc
+        log.warning("task %s: the finalize journal in %s refused its entry (%s): archived without it",
+                    task.id, day, exc)
+        return ""
     return os.path.join(day, name)
 
 
