@@ -391,6 +391,8 @@ def journal(output_dir: str, task, logs: bytes, expires_at: float | None, delete
     root = journal_dir(output_dir)
     day = os.path.join(root, _day(now))
     name = f"{task.id}-{task.attempt}{JOURNAL_SUFFIX}"
+    if deleted:
+        logs = b""  # a deleted task's log is gone from the archive: not kept here either
     header = {"v": 1, "journaled_at": now, "expires_at": expires_at, "deleted": bool(deleted),
               "log_bytes": len(logs), "record": task.to_json()}
     body = json.dumps(header, separators=(",", ":")).encode() + b"\n" + logs
@@ -424,6 +426,22 @@ def read_entry(path: str) -> tuple[dict, bytes]:
     if header.get("v") != 1 or len(logs) != header.get("log_bytes"):
         raise ValueError("not a complete journal entry of version 1")
     return header, logs
+
+
+def forget(output_dir: str, task) -> None:
+    """Remove the journal entry of a task deleted after it was archived, if
+    this host holds it (it is on the host that finalized it): a restore must
+    not bring its log back. A handful of stats: one a day kept."""
+    root = journal_dir(output_dir)
+    try:
+        days = os.listdir(root)
+    except FileNotFoundError:
+        return
+    for day in days:
+        try:
+            os.unlink(os.path.join(root, day, f"{task.id}-{task.attempt}{JOURNAL_SUFFIX}"))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
 
 
 def prune_journal(output_dir: str, now: float | None = None, days: int = JOURNAL_DAYS) -> int:

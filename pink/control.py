@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from pink import archive, idempotency, lifecycle, nodes
+from pink import archive, backup, idempotency, lifecycle, nodes
 from pink.config import Config
 from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable
 from pink.store import SMALL_PAGE, Record, Store
@@ -292,6 +292,7 @@ def delete_archived(conn, config: Config, task: Task) -> None:
         except FileNotFoundError:
             pass
     archive.mark_deleted(conn, task.id)
+    backup.forget(config.web.output_dir, task)
 
 
 def inside(path: str, directory: str) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pink import archive, db
+from pink import archive, backup, db
 from pink.store import Store
 from pink.tasks import Params, Task, new_record
 from tests import images
@@ -328,7 +328,10 @@ def test_deleting_an_exported_task_archives_it_as_deleted(lab, pink_processes, w
         assert time.monotonic() < deadline, "the deleted task was never archived as deleted"
         time.sleep(0.3)
     assert etcd_record(store, task_id) is None
-    assert os.listdir(lab.config.web.output_dir) == []
+    assert [n for n in os.listdir(lab.config.web.output_dir) if n != backup.JOURNAL] == []
+    entry = next(Path(backup.journal_dir(lab.config.web.output_dir)).glob(f"*/{task_id}-1*"))
+    header, logs = backup.read_entry(str(entry))
+    assert header["deleted"] and logs == b""  # a deleted task's log is not kept for a restore
 
 
 def _reach(store, task_id: str, state: str) -> dict:

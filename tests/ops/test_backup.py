@@ -536,3 +536,15 @@ def test_the_playbooks_pass_ansibles_syntax_check(book):
                           f"ansible/{book}", "-e", "backup_from=backups/x"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_task_deleted_after_its_archive_leaves_no_journal_entry(tmp_path):
+    """Deleting an archived task (pink.control.delete_archived) removes its
+    journal entry on the host that holds it: a restore never brings its log back."""
+    out_dir = str(tmp_path / "outputs")
+    task = _task("b00000000002", at=time.time())
+    path = backup.journal(out_dir, task, b"a private log", None, False)
+    assert os.path.exists(path)
+    backup.forget(out_dir, task)
+    assert not os.path.exists(path)
+    backup.forget(str(tmp_path / "nothing-here"), task)  # no journal: nothing to do
