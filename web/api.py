@@ -212,7 +212,7 @@ def get_task(task_id: str):
     wait = min(request.args.get("wait", 0, type=float), MAX_WAIT)
     slots = _poll_slots() if wait > 0 and seen else None
     deadline = time.monotonic() + (wait if slots else 0)
-    client = log_streams.Client(request.environ) if slots else None
+    client = log_streams.Client(request.environ, lambda: res().stopping) if slots else None
     try:
         while seen == f"{task.state.value}:{task.attempt}" and not task.final and time.monotonic() < deadline:
             if not client.wait(WAIT_POLL):
@@ -328,7 +328,7 @@ def logs(task_id: str):
     start = _follow_start(task)
     slots = log_streams.acquire(res().config, require_user().name)
     try:
-        body = _follow(task_id, start, log_streams.Client(request.environ))
+        body = _follow(task_id, start, log_streams.Client(request.environ, lambda: res().stopping))
         response = Response(stream_with_context(body), mimetype="text/plain",
                             headers={LOG_ATTEMPT_HEADER: str(start.attempt)})
     except BaseException:

@@ -134,13 +134,17 @@ def open_streams(config: Config) -> int:
 class Client:
     """The follower's connection, as far as a silent follow needs it: is it still there?"""
 
-    def __init__(self, environ: dict):
+    def __init__(self, environ: dict, stopping=lambda: False):
+        self.stopping = stopping
         self.sock = environ.get("gunicorn.socket")
         if self.sock is not None:
             _keepalive(self.sock)
 
     def wait(self, seconds: float) -> bool:
-        """Wait up to `seconds`; False as soon as the client has left (or spoke out of turn)."""
+        """Wait up to `seconds`; False as soon as the client has left (or spoke
+        out of turn), or the server is stopping (the client resumes elsewhere)."""
+        if self.stopping():
+            return False
         if self.sock is None:  # not under gunicorn (a test client): nothing to watch
             time.sleep(seconds)
             return True

@@ -23,6 +23,12 @@ class Resources:
     def __init__(self, config: Config):
         self.config = config
         self._schema_ready = False
+        self.worker = None  # the gunicorn worker serving (web/serve.py): `stopping` asks it
+
+    @property
+    def stopping(self) -> bool:
+        """The worker is shutting down (a restart): long requests should end now."""
+        return self.worker is not None and not self.worker.alive
 
     @functools.cached_property
     def store(self) -> Store:

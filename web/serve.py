@@ -34,6 +34,9 @@ from web import connections
 
 
 WORKER_CONNECTIONS = 1000  # connections one worker process serves at once (gunicorn's default, said aloud)
+# Seconds a stopping worker lets its requests finish (an upload, a download):
+# followed logs and long polls end at once instead, and their clients resume.
+GRACEFUL_SECONDS = 60
 
 
 def _raise_open_files_limit() -> None:
@@ -55,7 +58,7 @@ class _Gunicorn(BaseApplication):
         settings = {"bind": web.bind, "workers": web.workers,
                     "worker_class": "gevent", "worker_connections": WORKER_CONNECTIONS,
                     "ssl_context": connections.ssl_context,  # a stalled client is dropped
-                    "timeout": 3600, "graceful_timeout": 10, "accesslog": "-",
+                    "timeout": 3600, "graceful_timeout": GRACEFUL_SECONDS, "accesslog": "-",
                     # the path without the query string: `env` values may be secrets
                     "access_log_format": '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(L)ss',
                     "certfile": web.certfile or None, "keyfile": web.keyfile or None,
@@ -72,7 +75,9 @@ class _Gunicorn(BaseApplication):
         from pink import nodes
 
         config = self.pink_config
-        store = worker.wsgi.extensions["pink"].store
+        resources = worker.wsgi.extensions["pink"]
+        resources.worker = worker
+        store = resources.store
         presence = nodes.WebPresence(store, config.host, config.web.url, config.node_ttl)
         presence.keep(threading.Event())
 

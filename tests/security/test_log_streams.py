@@ -17,7 +17,7 @@ from pink import defaults
 from pink.cli.client import FollowedLog
 from tests import images
 from tests.helpers import Api, make_user
-from web import log_streams
+from web import log_streams, serve
 
 SILENT = 'CMD ["sh", "-c", "trap \'exit 0\' TERM; sleep 600 & wait"]\n'  # prints nothing; stops on TERM
 CHATTY = 'CMD ["sh", "-c", "echo one; sleep 3; printf two; sleep 2; echo \' and three\'"]\n'
@@ -263,3 +263,21 @@ def test_long_polls_take_the_same_slots_and_never_queue_behind_them(api, silent_
         follow.close()
     assert _open_streams_settle(api.config) == 0
     _cancel(api, task_id)
+
+
+def test_a_stopping_web_node_ends_its_follows_cleanly(pink_processes, pink_config, writer_archive):
+    """A web node being restarted (SIGTERM: an upgrade) ends its followed logs
+    at once, each with a whole answer the client resumes from elsewhere, and
+    stops without waiting out its graceful time for them."""
+    web = pink_processes.web()
+    pink_processes.worker()
+    pink_processes.leader()
+    alice = Api(pink_config, make_user(pink_config, "alice"))
+    task_id = alice.submit(writer_archive).json()["task"]["id"]  # no runner: it waits, silent
+    follow = _follow(alice, task_id)
+    assert follow.status_code == 200, follow.text
+    started = time.monotonic()
+    pink_processes.stop(web)
+    took = time.monotonic() - started
+    assert follow.raw.read() == b""  # a whole (empty) answer: a cut one would raise
+    assert took < serve.GRACEFUL_SECONDS / 4, f"the node took {took:.1f}s to stop"
