@@ -97,6 +97,14 @@ def etcd_record(store, task_id: str) -> dict | None:
     return rec.value.to_json() if rec else None
 
 
+def wait_requeued(store, task_id: str, timeout: float = 30) -> None:
+    """Until the task's first attempt is given up (its runner's lease expired)."""
+    deadline = time.monotonic() + timeout
+    while store.get(store.keys.task(task_id)).value.attempt == 1:
+        assert time.monotonic() < deadline, "the task was never re-queued"
+        time.sleep(0.2)
+
+
 def dumps(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
 

@@ -14,7 +14,7 @@ from pink.store import Store
 from pink.tasks import State, advance
 from queue_workers.queues import transfer_queue
 from tests import images
-from tests.helpers import Api, make_user
+from tests.helpers import Api, make_user, wait_requeued
 
 
 def test_runner_killed_mid_task_is_retried(control_plane, pink_processes, slow_archive, docker_client):
@@ -26,11 +26,7 @@ def test_runner_killed_mid_task_is_retried(control_plane, pink_processes, slow_a
     assert next(lines) == b"start"  # attempt 1 is running
     pink_processes.kill(runner)
     store = Store.from_config(control_plane.config)
-    # The lease expires (node_ttl=3 s) and the leader sends the task back.
-    deadline = time.monotonic() + 30
-    while store.get(store.keys.task(task_id)).value.attempt == 1:
-        assert time.monotonic() < deadline, "the task was never re-queued"
-        time.sleep(0.2)
+    wait_requeued(store, task_id)  # the lease expires (node_ttl=3 s) and the leader sends the task back
     pink_processes.runner()  # the same runner, back with a new epoch
     task = control_plane.wait(task_id, timeout=120)
     assert task["state"] == "succeeded" and task["attempt"] == 2

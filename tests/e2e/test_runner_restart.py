@@ -12,6 +12,7 @@ import pytest
 
 from pink import defaults
 from pink.store import Store
+from tests.helpers import wait_requeued
 
 # Prints a line, stays silent long enough for a restart, prints the rest.
 CMD = "sh -c 'echo start; sleep 12; echo middle; sleep 1; echo end; echo finished > /done.txt'"
@@ -113,10 +114,7 @@ def test_a_runner_stopped_past_its_lease_is_a_lost_node(control_plane, pink_proc
     first = _container(docker_client, task_id)
     pink_processes.stop(runner)
     store = Store.from_config(api.config)
-    deadline = time.monotonic() + 30
-    while store.get(store.keys.task(task_id)).value.attempt == 1:
-        assert time.monotonic() < deadline, "the task was never re-queued"
-        time.sleep(0.2)
+    wait_requeued(store, task_id)
     pink_processes.runner()
     task = api.wait(task_id, timeout=120)
     assert task["state"] == "succeeded" and task["attempt"] == 2, task

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from pink.metrics import ClusterCollector
-from pink.store import Keys
+from pink.redisconn import connect as redis_connect
+from pink.store import Store
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ALERTS, CONFIG = DOCS / "metrics" / "alerts.yml", DOCS / "metrics" / "prometheus.yml"
@@ -36,33 +37,16 @@ def exprs() -> list[str]:
     return [rule["expr"] for rule in rules()]
 
 
-class _EmptyStore:
-    keys = Keys("/pink")
-
-    def list(self, prefix):
-        return []
-
-    def get(self, key):
-        return None
-
-
-class _EmptyRedis:
-    def pipeline(self):
-        return self
-
-    def hgetall(self, key):
-        pass
-
-    def execute(self):
-        return [{} for _ in range(5)]
-
-
-def exported_names() -> set[str]:
+def exported_names(config) -> set[str]:
     """Every sample name /metrics can serve: the collector yields each family
     at every scrape, samples or not, so an empty cluster names them all."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
-    return {family.name + suffix for family in ClusterCollector(_EmptyStore(), _EmptyRedis()).collect()
-            for suffix in suffixes[family.type]}
+    store = Store.from_config(config)
+    try:
+        families = list(ClusterCollector(store, redis_connect(config)).collect())
+    finally:
+        store.close()
+    return {family.name + suffix for family in families for suffix in suffixes[family.type]}
 
 
 def test_every_alert_has_a_duration_severity_summary_and_description():
@@ -89,8 +73,8 @@ def test_the_alerts_cover_what_operators_asked_for():
         assert needle in text, f"no alert uses {needle}"
 
 
-def test_every_pink_metric_in_an_expression_is_one_pink_serves():
-    served = exported_names()
+def test_every_pink_metric_in_an_expression_is_one_pink_serves(pink_config):
+    served = exported_names(pink_config)
     recorded = {rule["record"] for rule in rules() if "record" in rule}
     assert {name for name in recorded if name.startswith("pink_")} == {"pink_expected_runners", "pink_expected_gpus"}
     used = set()
