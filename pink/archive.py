@@ -171,14 +171,16 @@ def get_logs(conn, task_id: str) -> bytes | None:
     return b"".join(r["logs"] for r in rows) if rows else None
 
 
-def mark_deleted(conn, task_id: str) -> None:
-    """Hide the row; its output and logs go now (the output file with the next sweep)."""
-    now = time.time()
+def mark_deleted(conn, task_id: str, at: float | None = None) -> bool:
+    """Hide the row; its output and logs go now (the output file with the
+    next sweep). False when there is no such row or it was deleted already."""
+    at = time.time() if at is None else at
     with conn.cursor() as cur:
-        cur.execute("UPDATE tasks SET deleted_at=%s, expired_at=COALESCE(expired_at, %s) WHERE id=%s",
-                    (now, now, task_id))
+        hidden = cur.execute("UPDATE tasks SET deleted_at=%s, expired_at=COALESCE(expired_at, %s) "
+                             "WHERE id=%s AND deleted_at IS NULL", (at, at, task_id))
         cur.execute("DELETE FROM task_logs WHERE task_id=%s", (task_id,))
     conn.commit()
+    return bool(hidden)
 
 
 # -- history -------------------------------------------------------------------

@@ -20,6 +20,7 @@ and the playbooks `ansible/backup.yml` and `ansible/restore.yml` run
                  member of which is restored from the same snapshot
   recover        after `mariadb-load`, re-create the archive rows of the tasks
                  this web node finalized after the dump, from its journal
+  redelete       then delete again the tasks this node deleted after the dump
   prune, newest  the kept files
 
 A failure exits non-zero, so the systemd unit that ran it fails.
@@ -35,9 +36,12 @@ the output's first copy); each sweep drops the days older than JOURNAL_DAYS.
 units start again, inserts the row of every journaled task that has none
 (unless etcd holds the task at a later attempt), through the very insert
 finalize uses; an entry whose output is no longer on this node (expired,
-deleted or lost after the dump) comes back expired. What it cannot bring back it says, never silently:
-a dump older than the journal reaches, users and tokens made after the
-dump, deletions made after it (see roles/backup/README.md).
+deleted or lost after the dump) comes back expired. A task deleted after
+it was archived leaves a tombstone in the journal of the node that took the
+delete; `redelete`, run on every web node once every `recover` is done,
+deletes it again. What it cannot bring back it says, never silently: a dump
+older than the journal reaches, users and tokens made after the dump (see
+roles/backup/README.md).
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ JOURNAL = ".journal"  # in a web node's output_dir: what finalize archived, by d
 JOURNAL_DAYS = 14  # days of finalized tasks a web node's journal keeps (= backup_keep_days' default)
 JOURNAL_SUFFIX = ".rec.zst"
 JOURNAL_NAME = re.compile(r"^([0-9A-Za-z_-]+)-(\d+)" + re.escape(JOURNAL_SUFFIX) + "$")
+DELETION_SUFFIX = ".deleted"  # a tombstone: the task was deleted after it was archived
+DELETION_NAME = re.compile(r"^([0-9A-Za-z_-]+)" + re.escape(DELETION_SUFFIX) + "$")
 DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 PRUNED_MARK = "pruned-before"  # in the journal: the first day still kept after a prune
 LIVE_BATCH = 128  # task ids checked against the archive, and etcd, per read
@@ -428,20 +434,40 @@ def read_entry(path: str) -> tuple[dict, bytes]:
     return header, logs
 
 
-def forget(output_dir: str, task) -> None:
-    """Remove the journal entry of a task deleted after it was archived, if
-    this host holds it (it is on the host that finalized it): a restore must
-    not bring its log back. A handful of stats: one a day kept."""
+def journal_deletion(output_dir: str, task, now: float | None = None) -> str:
+    """Record that an archived task was deleted, so that a restore from an
+    older dump deletes it again (`redelete`): the user's wish outlives the
+    dump. The task's own entry goes too when this host holds it, so its log
+    is never read back here. Written on the web node that took the delete,
+    which need not be the one that finalized the task; every node's
+    tombstones are applied after every node's rows are back. Best effort,
+    like `journal`: "" when the disk refuses it."""
+    now = time.time() if now is None else now
     root = journal_dir(output_dir)
     try:
-        days = os.listdir(root)
+        days = [d for d in os.listdir(root) if DAY.match(d)]
     except FileNotFoundError:
-        return
+        days = []
     for day in days:
         try:
             os.unlink(os.path.join(root, day, f"{task.id}-{task.attempt}{JOURNAL_SUFFIX}"))
         except (FileNotFoundError, NotADirectoryError):
             pass
+    day = os.path.join(root, _day(now))
+    path = os.path.join(day, f"{task.id}{DELETION_SUFFIX}")
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.makedirs(day, mode=0o700, exist_ok=True)
+        with open(path + ".part", "w") as fh:
+            json.dump({"v": 1, "deleted_at": now}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(path + ".part", path)
+    except OSError as exc:
+        log.warning("task %s: the journal in %s refused its deletion (%s): a restore from an older "
+                    "dump brings it back", task.id, day, exc)
+        return ""
+    return path
 
 
 def prune_journal(output_dir: str, now: float | None = None, days: int = JOURNAL_DAYS) -> int:
@@ -465,24 +491,34 @@ def prune_journal(output_dir: str, now: float | None = None, days: int = JOURNAL
     return len(old)
 
 
-def _entries(root: str, since: float | None) -> dict[str, tuple[int, str]]:
-    """The newest attempt's entry of each journaled task (from the day before
-    `since` on, when given), by task id."""
+def _journal_days(root: str, since: float | None) -> list[str]:
+    """The journal's day directories, oldest first (from the day before
+    `since` on, when given: a dump's time is not exactly a day's start)."""
     first = _day(since - 86400) if since is not None else ""
-    chosen: dict[str, tuple[int, str]] = {}
     try:
-        days = sorted(e.name for e in os.scandir(root)
+        return sorted(os.path.join(root, e.name) for e in os.scandir(root)
                       if e.is_dir() and DAY.match(e.name) and e.name >= first)
     except FileNotFoundError:
-        return {}
-    for day in days:
-        for entry in os.scandir(os.path.join(root, day)):
+        return []
+
+
+def _entries(root: str, since: float | None) -> dict[str, tuple[int, str]]:
+    """The newest attempt's entry of each journaled task, by task id."""
+    chosen: dict[str, tuple[int, str]] = {}
+    for day in _journal_days(root, since):
+        for entry in os.scandir(day):
             m = JOURNAL_NAME.match(entry.name)
             if m:
                 task_id, attempt = m.group(1), int(m.group(2))
                 if attempt >= chosen.get(task_id, (0, ""))[0]:
                     chosen[task_id] = (attempt, entry.path)
     return chosen
+
+
+def _deletions(root: str, since: float | None) -> dict[str, str]:
+    """The tombstone of each task deleted after it was archived, by task id."""
+    return {m.group(1): entry.path for day in _journal_days(root, since)
+            for entry in os.scandir(day) if (m := DELETION_NAME.match(entry.name))}
 
 
 def recover(config, since: float | None = None, now: float | None = None) -> dict:
@@ -580,6 +616,31 @@ def _mark_expired(conn, task_id: str, now: float) -> None:
     conn.commit()
 
 
+def redelete(config, since: float | None = None) -> dict:
+    """Delete again, in a loaded dump, the tasks this web node deleted after
+    it (its tombstones). Run on every web node once every node's `recover`
+    is done, so that a row one node re-creates is deleted by another node's
+    tombstone. Deleting twice changes nothing."""
+    from pink import archive
+
+    output_dir = config.web.output_dir
+    if not output_dir:
+        raise BackupError("this config has no [web] output_dir: run redelete on the web nodes")
+    report = {"host": config.host, "deleted": [], "unreadable": []}
+    tombstones = _deletions(journal_dir(output_dir), since)
+    with archive.connection(config.db) as conn:
+        for task_id, path in sorted(tombstones.items()):
+            try:
+                with open(path) as fh:
+                    at = float(json.load(fh)["deleted_at"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                report["unreadable"].append(f"{path}: {exc}")
+                continue
+            if archive.mark_deleted(conn, task_id, at):
+                report["deleted"].append(task_id)
+    return report
+
+
 def _missing_users(conn, names: set[str]) -> list[str]:
     """Those of `names` with no account in the loaded dump (made after it)."""
     if not names:
@@ -627,9 +688,11 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a backup file (a dump read whole, a snapshot's status)")
     v.add_argument("file")
 
-    rc = sub.add_parser("recover", help="re-create archive rows from this web node's journal")
-    rc.add_argument("--config", default=None)
-    rc.add_argument("--since", default=None, help="the dump's time (its file name, a stamp or seconds)")
+    for command, help_text in (("recover", "re-create archive rows from this web node's journal"),
+                               ("redelete", "delete again the tasks this web node deleted after the dump")):
+        rc = sub.add_parser(command, help=help_text)
+        rc.add_argument("--config", default=None)
+        rc.add_argument("--since", default=None, help="the dump's time (its file name, a stamp or seconds)")
 
     pr = sub.add_parser("prune", help="remove backups older than --keep-days (never the newest)")
     pr.add_argument("--dir", required=True)
@@ -676,11 +739,11 @@ def run(args) -> dict:
         return {"restored": args.file, "data_dir": args.data_dir, "status": status}
     if args.command == "verify":
         return _verify(args.file)
-    if args.command == "recover":
+    if args.command in ("recover", "redelete"):
         from pink import config as pink_config
 
         since = parse_stamp(args.since) if args.since else None
-        return recover(pink_config.load(args.config), since)
+        return (recover if args.command == "recover" else redelete)(pink_config.load(args.config), since)
     if args.command == "prune":
         return {"pruned": [str(p) for p in prune(args.dir, args.kind, args.keep_days)]}
     if args.command == "newest":
@@ -697,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BackupError, PinkError) as exc:
         print(f"pink-backup {args.command}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=1 if args.command == "recover" else None))
+    print(json.dumps(result, indent=1 if args.command in ("recover", "redelete") else None))
     if args.command == "recover" and (result["not_journaled"] or result["unreadable"]
                                       or result["missing_users"]):
         for line in filter(None, [result["not_journaled"]] + result["unreadable"]):

@@ -292,7 +292,7 @@ def delete_archived(conn, config: Config, task: Task) -> None:
         except FileNotFoundError:
             pass
     archive.mark_deleted(conn, task.id)
-    backup.forget(config.web.output_dir, task)
+    backup.journal_deletion(config.web.output_dir, task)
 
 
 def inside(path: str, directory: str) -> bool:

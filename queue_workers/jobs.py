@@ -226,6 +226,7 @@ def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
             return "task moved first"
         if gone.value.delete_requested:  # asked for while we archived
             archive.mark_deleted(conn, task_id)
+            backup.journal_deletion(config.web.output_dir, gone.value)
     _forget_on_runner(task)
     enqueue_cleanup(context.redis(), task)
     return task.result

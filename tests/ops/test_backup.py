@@ -393,6 +393,19 @@ def test_recover_brings_back_journaled_tasks_the_dump_lacks_and_says_what_it_can
     assert again["recovered"] == [] and again["present"] == 6 and again["live"] == 1
     store.close()
 
+    # Deleted after the dump, through this node: the dump's row (archived) and
+    # a recovered one (kept) are deleted again, once; a tombstone older than
+    # the dump's window is left alone.
+    backup.journal_deletion(out_dir, archived, now=now - 60)
+    backup.journal_deletion(out_dir, kept, now=now - 30)
+    backup.journal_deletion(out_dir, pending, now=now - 3 * 86400)
+    report = backup.redelete(config, since=now - 3600)
+    assert sorted(report["deleted"]) == [kept.id, archived.id] and report["unreadable"] == []
+    record, logs, _ = _archived(config, kept.id)
+    assert record is None and logs is None
+    assert _archived(config, pending.id)[1] == b"log 5"
+    assert backup.redelete(config, since=now - 3600)["deleted"] == []
+
     # A dump older than the journal reaches: said, with the window.
     old_day = Path(backup.journal_dir(out_dir)) / backup._day(now - 30 * 86400)
     old_day.mkdir()
@@ -538,13 +551,15 @@ def test_the_playbooks_pass_ansibles_syntax_check(book):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_a_task_deleted_after_its_archive_leaves_no_journal_entry(tmp_path):
+def test_a_task_deleted_after_its_archive_leaves_a_tombstone_not_its_log(tmp_path):
     """Deleting an archived task (pink.control.delete_archived) removes its
-    journal entry on the host that holds it: a restore never brings its log back."""
+    journal entry on the host that holds it, so a restore never reads its log
+    back, and leaves a tombstone there for `redelete`."""
     out_dir = str(tmp_path / "outputs")
     task = _task("b00000000002", at=time.time())
     path = backup.journal(out_dir, task, b"a private log", None, False)
     assert os.path.exists(path)
-    backup.forget(out_dir, task)
+    tombstone = backup.journal_deletion(out_dir, task)
     assert not os.path.exists(path)
-    backup.forget(str(tmp_path / "nothing-here"), task)  # no journal: nothing to do
+    assert backup._deletions(backup.journal_dir(out_dir), None) == {task.id: tombstone}
+    assert backup.journal_deletion(str(tmp_path / "nothing-here"), task)  # no journal yet: made
