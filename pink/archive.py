@@ -408,6 +408,16 @@ def record_copy(conn, task_id: str, peer: str) -> None:
     conn.commit()
 
 
+def has_row(conn, task_id: str) -> bool:
+    """Does the archive hold the task at all (deleted and expired rows too)?"""
+    return _one(conn, "SELECT 1 AS one FROM tasks WHERE id=%s", (task_id,)) is not None
+
+
+def is_empty(conn) -> bool:
+    """Does the archive hold no task at all (a new or a lost database)?"""
+    return _one(conn, "SELECT 1 AS one FROM tasks LIMIT 1", ()) is None
+
+
 def stored_output(conn, task_id: str) -> str | None:
     """The path of the task's output while it is kept (not expired, not deleted)."""
     row = _one(conn, "SELECT output_path FROM tasks WHERE id=%s AND expired_at IS NULL", (task_id,))

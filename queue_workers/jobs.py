@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -412,7 +413,9 @@ def sweep() -> str:
     archive marked expired, it removes files nothing references once they
     are older than SWEEP_GRACE (one that young may still be being written):
     outputs without a row, uploads without a live task, and `.part` files
-    of uploads and downloads that were cut off.
+    of uploads and downloads that were cut off. Against an archive with no
+    rows at all (a database lost, or reinstalled before its restore) it
+    removes no output: every one would look orphaned.
     """
     config = context.config()
     old = time.time() - defaults.SWEEP_GRACE
@@ -423,8 +426,8 @@ def sweep() -> str:
             if control.inside(path, config.web.output_dir):
                 _remove(path)
             archive.forget_file(conn, task_id)
-        orphans = [p for p in _files_before(config.web.output_dir, old)
-                   if not _output_needed(conn, store, p)]
+        orphans = [] if archive.is_empty(conn) else [
+            p for p in _files_before(config.web.output_dir, old) if not _output_needed(conn, store, p)]
         copied = outputs.add_missing_copies(config, store, conn, context.redis())
     for path in _files_before(config.web.spool_dir, old):
         name = os.path.basename(path)
@@ -459,7 +462,22 @@ def _output_needed(conn, store, path: str) -> bool:
     if store.get(store.keys.task(task_id)) is not None:
         return True
     stored = archive.stored_output(conn, task_id)  # the name is the same in every store holding a copy
-    return stored is not None and os.path.basename(stored) == os.path.basename(path)
+    if stored is not None:
+        return os.path.basename(stored) == os.path.basename(path)
+    return _awaits_restore(conn, path, task_id)
+
+
+STORED_ATTEMPT = re.compile(r"^[^-]+-(\d+)\.")  # outputs.stored_name: <task>-<attempt>.<ext>
+
+
+def _awaits_restore(conn, path: str, task_id: str) -> bool:
+    """Is this a recently finalized task's output whose row is missing (the
+    database restored from a dump older than its finalize)? A restore's
+    `pink-backup recover` brings the row back from the journal, and needs
+    the file; the journal's days bound how long it is kept so."""
+    m = STORED_ATTEMPT.match(os.path.basename(path))
+    return bool(m) and backup.journaled(context.config().web.output_dir, task_id, int(m.group(1))) \
+        and not archive.has_row(conn, task_id)
 
 
 def _files_before(directory: str, cutoff: float) -> list[str]:

@@ -452,6 +452,40 @@ def test_each_sweep_drops_the_journal_days_past_keeping(pink_config):
     assert "0 journal days dropped" in jobs.sweep()
 
 
+def test_the_sweep_keeps_the_outputs_a_restore_needs(pink_config):
+    """Before a restore the archive is empty (the database lost) or old (the
+    dump loaded, `recover` not yet run): the sweep must not take every
+    output for an orphan. An empty archive removes no output at all; a
+    row-less output stays while the journal holds its task; an output whose
+    row says expired, or that nothing names, goes."""
+    from pink import defaults
+    from queue_workers import context, jobs
+
+    config, now = pink_config, time.time()
+    out_dir = Path(config.web.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    journaled, orphan, expired = (_task(f"d0000000000{i}", at=now) for i in (1, 2, 3))
+    for task in (journaled, expired):
+        backup.journal(str(out_dir), task, b"x", None, False)
+    old = now - defaults.SWEEP_GRACE - 60
+    files = {t.id: out_dir / f"{t.id}-1.tar.zst" for t in (journaled, orphan, expired)}
+    for path in files.values():
+        path.write_bytes(b"output")
+        os.utime(path, (old, old))
+    context.configure(config.path)
+
+    assert "0 expired outputs and 0 orphaned files removed" in jobs.sweep()  # an empty archive
+    assert all(p.exists() for p in files.values())
+
+    with archive.connection(config.db) as conn:
+        assert archive.archive_task(conn, expired, b"x")
+        with conn.cursor() as cur:
+            cur.execute("UPDATE tasks SET expired_at=%s WHERE id=%s", (now, expired.id))
+        conn.commit()
+    jobs.sweep()
+    assert [t for t, p in files.items() if p.exists()] == [journaled.id]
+
+
 def test_tasks_finalized_after_the_dump_come_back_from_the_journal(api, pink_processes, writer_archive, cluster,
                                                                   root_options, tmp_path):
     """The whole procedure on a running PINK: a dump, tasks finalized after
