@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -25,7 +26,8 @@ import tempfile
 import docker.errors
 
 BUSYBOX = "/bin/busybox"  # from Debian's busybox-static: no shared libraries needed
-BUSYBOX_TAG = "pink/busybox:test"
+BUSYBOX_REPOSITORY = "pink/busybox"  # tagged with a digest of its content: busybox_tag()
+IMPORT_CHANGES = ('CMD ["sh"]', "ENV PATH=/bin")
 LOCK_PATH = os.path.join(tempfile.gettempdir(), "pink-test-images.lock")
 COPY_CHUNK = 1 << 20  # bytes per read when streaming layers and saves
 
@@ -81,8 +83,23 @@ def _images_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_busybox_image(client, tag: str = BUSYBOX_TAG) -> str:
-    """Import the busybox rootfs as `tag` unless Docker already has it; returns `tag`."""
+@functools.lru_cache(maxsize=1)
+def busybox_tag() -> str:
+    """The busybox image's name, derived from everything that goes into it
+    (busybox's bytes, its applets, /etc's files, the import's changes): an
+    image of that name found in the engine is this very image, whoever left
+    it there, and an older or foreign `pink/busybox` never stands in for it."""
+    with open(BUSYBOX, "rb") as fh:
+        digest = hashlib.sha256(fh.read())
+    for part in (*_applets(), PASSWD, GROUP, *IMPORT_CHANGES):
+        digest.update(b"\0" + part.encode())
+    return f"{BUSYBOX_REPOSITORY}:{digest.hexdigest()[:16]}"
+
+
+def ensure_busybox_image(client, tag: str | None = None) -> str:
+    """Import the busybox rootfs as `tag` (busybox_tag() by default) unless
+    Docker already has it; returns the tag."""
+    tag = tag or busybox_tag()
     with _images_lock():
         if _has_image(client, tag):
             return tag
@@ -94,7 +111,7 @@ def ensure_busybox_image(client, tag: str = BUSYBOX_TAG) -> str:
                 tar.add(rootfs, arcname=".")
             client.api.import_image_from_file(
                 archive, repository=repository, tag=version,
-                changes=['CMD ["sh"]', "ENV PATH=/bin"])
+                changes=list(IMPORT_CHANGES))
         client.images.get(tag)  # fail here, not later, if the import did not tag it
         return tag
 
@@ -107,15 +124,16 @@ def _has_image(client, ref: str) -> bool:
         return False
 
 
-def build_image(client, tag: str, dockerfile_text: str, base: str = BUSYBOX_TAG,
+def build_image(client, tag: str, dockerfile_text: str, base: str | None = None,
                 files: dict[str, bytes] | None = None) -> str:
     """`docker build` a Dockerfile string as `tag`; returns `tag`, as ensure_busybox_image does.
 
-    A Dockerfile without FROM gets `FROM base`. `files` go into the build
-    context for COPY. The busybox base is imported first if it is missing.
+    A Dockerfile without FROM gets `FROM base` (the busybox image by
+    default, imported first if it is missing). `files` go into the build
+    context for COPY.
     """
-    if base == BUSYBOX_TAG:
-        ensure_busybox_image(client, base)
+    if base is None:
+        base = ensure_busybox_image(client)
     if not any(line.strip().upper().startswith("FROM ") for line in dockerfile_text.splitlines()):
         dockerfile_text = f"FROM {base}\n{dockerfile_text}"
     context = io.BytesIO()
