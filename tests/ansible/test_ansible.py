@@ -231,9 +231,11 @@ def test_a_processing_host_gets_no_secret_it_does_not_need():
     assert web["db"]["password"] == "p" * 32
 
 
-def render_etcd_default(**overrides) -> dict[str, str]:
+def render_etcd_default(bootstrap: bool = False, **overrides) -> dict[str, str]:
     """The etcd role's /etc/default/etcd rendered as Ansible would (stand-in
-    inventory, the role's own defaults), as the environment etcd.service reads."""
+    inventory, the role's own defaults), as the environment etcd.service reads;
+    with `bootstrap`, as at a new cluster's first start, when the drop-in
+    adds /etc/default/etcd-bootstrap (the member list) after it."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["unique"] = lambda values: list(dict.fromkeys(values))
     role = ANSIBLE / "roles" / "etcd"
@@ -245,8 +247,9 @@ def render_etcd_default(**overrides) -> dict[str, str]:
                      etcd_peer_port=2380, etcd_members=["etcd1"],
                      hostvars={"etcd1": {"pink_address": "10.0.0.31"}})
     variables.update(overrides)
-    text = env.from_string((role / "templates" / "etcd.default.j2").read_text()).render(**variables)
-    return dict(re.findall(r'(?m)^(ETCD_\w+)="(.*)"$', text))
+    files = ["etcd.default.j2", "etcd.bootstrap.j2"] if bootstrap else ["etcd.default.j2"]
+    text = "".join(env.from_string((role / "templates" / name).read_text()).render(**variables) for name in files)
+    return dict(re.findall(r'(?m)^(ETCD_\w+)="(.*)"$', text))  # a later file's setting wins
 
 
 def go_seconds(duration: str) -> float:
@@ -266,8 +269,9 @@ def test_etcd_compacts_its_history():
 
 
 def test_etcd_starts_with_the_rendered_environment(tmp_path):
-    """etcd itself, given exactly what etcd.service would read, accepts the
-    settings (TLS, compaction); the role's auth script then turns
+    """etcd itself, given exactly what etcd.service would read at a new
+    cluster's first start (/etc/default/etcd, then etcd-bootstrap), accepts
+    the settings (TLS, compaction); the role's auth script then turns
     authentication on, after which PINK's store reaches its prefix only with
     its client certificate, and nothing else gets in."""
     if not shutil.which("etcd"):
@@ -281,8 +285,8 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
                     "--db-dir", str(tmp_path / "ssl_db"), "--etcd-dir", str(pki)],
                    check=True, capture_output=True)
     client, peer = free_port(), free_port()
-    env = render_etcd_default(etcd_address="127.0.0.1", etcd_client_port=client, etcd_peer_port=peer,
-                              etcd_data_dir=str(tmp_path / "data"), etcd_pki_dir=str(pki),
+    env = render_etcd_default(bootstrap=True, etcd_address="127.0.0.1", etcd_client_port=client,
+                              etcd_peer_port=peer, etcd_data_dir=str(tmp_path / "data"), etcd_pki_dir=str(pki),
                               hostvars={"etcd1": {"pink_address": "127.0.0.1"}})
     log = tmp_path / "etcd.log"
     with open(log, "wb") as fh:  # zap: etcd 3.4 logs its whole configuration as JSON at start

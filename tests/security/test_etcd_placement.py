@@ -25,8 +25,10 @@ from devcluster import lab
 from tests.ansible.test_ansible import ANSIBLE, REPO, ansible_playbook
 
 # Renders what the roles would write, on the control host only: the etcd
-# role's placement check, each member's /etc/default/etcd and each
-# processing host's pink.toml. Nothing connects to the inventory's hosts.
+# role's placement check, each member's /etc/default/etcd and
+# /etc/default/etcd-bootstrap (the initial member list, which a new
+# cluster's members read), and each processing host's pink.toml. Nothing
+# connects to the inventory's hosts.
 RENDER_PLAYBOOK = """\
 - name: The etcd members, as the etcd role sees them.
   hosts: etcd
@@ -41,6 +43,12 @@ RENDER_PLAYBOOK = """\
       ansible.builtin.copy:
         content: "{{{{ lookup('ansible.builtin.template', '{etcd_template}') }}}}"
         dest: "{out}/{{{{ inventory_hostname }}}}.etcd.env"
+        mode: "0644"
+      delegate_to: localhost
+    - name: Render the member's bootstrap settings.
+      ansible.builtin.copy:
+        content: "{{{{ lookup('ansible.builtin.template', '{bootstrap_template}') }}}}"
+        dest: "{out}/{{{{ inventory_hostname }}}}.etcd-bootstrap.env"
         mode: "0644"
       delegate_to: localhost
 - name: The processing hosts' PINK config.
@@ -73,6 +81,7 @@ def run_playbook(tmp_path: Path, inventory: str, *argv: str, playbook: Path | No
     (work / "inventory.ini").write_text(inventory)
     (work / "render.yml").write_text(RENDER_PLAYBOOK.format(
         out=out, etcd_template=ANSIBLE / "roles" / "etcd" / "templates" / "etcd.default.j2",
+        bootstrap_template=ANSIBLE / "roles" / "etcd" / "templates" / "etcd.bootstrap.j2",
         toml_template=ANSIBLE / "roles" / "common" / "templates" / "pink.toml.j2",
         common_defaults=ANSIBLE / "roles" / "common" / "defaults" / "main.yml"))
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"),
@@ -101,7 +110,8 @@ def test_the_labs_quorum_is_on_hosts_that_run_no_users_code(tmp_path):
     rendered = {p.name.split(".")[0] for p in (tmp_path / "out").glob("*.etcd.env")}
     assert rendered == set(members), "an etcd environment was rendered for a non-member"
     for name in members:
-        env = etcd_env(tmp_path / "out" / f"{name}.etcd.env")
+        assert "ETCD_INITIAL_CLUSTER" not in etcd_env(tmp_path / "out" / f"{name}.etcd.env")
+        env = etcd_env(tmp_path / "out" / f"{name}.etcd-bootstrap.env")
         cluster = dict(entry.split("=", 1) for entry in env["ETCD_INITIAL_CLUSTER"].split(","))
         assert set(cluster) == set(members), cluster
         for url in cluster.values():
