@@ -32,6 +32,7 @@ import time
 
 import click
 import docker
+import requests
 from docker.errors import APIError, DockerException
 
 from gpu_runner import images, outbox, retry, sizing
@@ -409,10 +410,18 @@ class Agent:
             log.warning("runner: %s; trying again while the lease holds", exc.message)
 
     def stop_containers(self) -> None:
-        for container in self._containers():
+        """Kill this runner's containers (the lease is lost). Docker not
+        answering (dockerd restarting) must not end the serve loop: the
+        next epoch's `remove_leftovers` removes them once it answers."""
+        try:
+            containers = self._containers()
+        except (DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not list this runner's containers to stop them: %s", exc)
+            return
+        for container in containers:
             try:
                 container.kill()
-            except DockerException:
+            except (DockerException, requests.exceptions.RequestException):
                 pass
 
     def shutdown(self) -> None:

@@ -31,7 +31,7 @@ import requests
 import zstandard
 from docker.errors import APIError, DockerException, NotFound
 
-from gpu_runner import export, images, outbox, retry, sizing
+from gpu_runner import export, images, outbox, retry, sizing, tasklog
 from pink import lifecycle, pipeline
 from pink.errors import Unavailable
 from pink.store import Record
@@ -44,6 +44,12 @@ POLL = 0.5  # seconds between checks of the container, the deadline and cancel
 # a log back one line per frame (about 1 MiB/s of short lines), so a chatty
 # task's backlog takes a while; past this the rest of the log is cut.
 LOG_DRAIN = 120
+# Docker did not answer, or dropped the connection: dockerd stopped or is
+# restarting. With live-restore the container runs on, so what was asked of
+# it (wait, stop, kill, export) is asked again once dockerd is back.
+UNANSWERED = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
+EXPORT_TRIES = 3  # exports made in all when dockerd's restarts cut them
+DOCKER_BACK = 120  # seconds an export waits for a restarting dockerd to answer again
 
 
 class Abandoned(retry.LeaseLost):
@@ -60,6 +66,7 @@ class Execution:
         self.base = f"{task_id}-{attempt}"
         self.container = None
         self._log = None  # the log file, written only through the descriptor we created
+        self._log_done = threading.Event()  # set: the follower stops, whatever it has not read
         # This execution belongs to the incarnation that started it: a runner
         # that re-registers gets a new epoch, and this thread must not act for it.
         self.epoch = agent.epoch
@@ -92,6 +99,7 @@ class Execution:
                 self._report_quietly(rec, State.FAILED, {"error": f"runner error: {exc}",
                                                          **self._export_info()})
         finally:
+            self._log_done.set()
             self._remove_container()
             if self._log is not None:
                 self._log.close()
@@ -163,6 +171,7 @@ class Execution:
                     self._free_gpus(fields["exited"])
             follower.join(timeout=LOG_DRAIN)
             if follower.is_alive():
+                self._log_done.set()
                 log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
         if result != State.QUEUED:
             export_fields, over_limit = self._export(task)
@@ -235,10 +244,11 @@ class Execution:
         return args
 
     def _follow_logs(self) -> None:
+        """The whole log into the outbox file, from Docker's start (an adopted
+        container's too), across dockerd restarts (see tasklog)."""
         try:
-            for chunk in self.container.logs(stream=True, follow=True):
-                self._log.write(chunk)
-        except (DockerException, OSError, ValueError) as exc:  # ValueError: closed after the join timed out
+            tasklog.follow(self.container, self._log, self._log_done)
+        except (DockerException, OSError) as exc:  # a thread's error would go unseen
             log.warning("task %s: log stream ended: %s", self.task_id, exc)
 
     def _limits(self, task: Task) -> tuple[float, float, float]:
@@ -257,30 +267,51 @@ class Execution:
                 break
             task_now = self._read(task)
             if self._lease_lost() or _moved_on(task_now, self.attempt):
-                self.container.kill()
-                raise Abandoned()
-            if time.time() >= deadline - grace:
-                self._stop(max(0.0, deadline - time.time()))
-                return State.TIMED_OUT, {"exit_code": self._exit_status(),
-                                         "error": f"timed out after {allowed:g}s"}
-            if task_now is None or task_now.cancel_requested:
-                self._stop(grace)
-                return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
-            if self.agent.stopping:
-                self._stop(grace)
-                return State.QUEUED, {"requeue": (f"node {self.config.name} stopped by an operator", False)}
+                # Docker not answering: a lost lease gives up (the next epoch's sweep
+                # removes the container), a task moved on tries again next round.
+                if self._docker_answers(self.container.kill) or self._lease_lost():
+                    raise Abandoned()
+            elif time.time() >= deadline - grace:
+                if self._stop(max(0.0, deadline - time.time())):
+                    return State.TIMED_OUT, {"exit_code": self._exit_status(),
+                                             "error": f"timed out after {allowed:g}s"}
+            elif task_now is None or task_now.cancel_requested:
+                if self._stop(grace):
+                    return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
+            elif self.agent.stopping:
+                if self._stop(grace):
+                    why = f"node {self.config.name} stopped by an operator"
+                    return State.QUEUED, {"requeue": (why, False)}
         if status == 0:
             return State.SUCCEEDED, {"exit_code": 0}
         return State.FAILED, {"exit_code": status, "error": f"container exited with code {status}"}
 
-    def _stop(self, grace: float) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds (Docker's stop does both)."""
-        self.container.stop(timeout=max(0, round(grace)))
+    def _stop(self, grace: float) -> bool:
+        """SIGTERM, then SIGKILL after `grace` seconds (Docker's stop does both);
+        False if dockerd did not answer, for the next round to try again."""
+        return self._docker_answers(self.container.stop, timeout=max(0, round(grace)))
+
+    def _docker_answers(self, call, **kwargs) -> bool:
+        """Make a call that stops the container; False if dockerd did not
+        answer. A restarting dockerd must neither fail the task (its container
+        runs on, holding its GPUs) nor let it run past its deadline: the wait
+        loop tries again each round until dockerd is back."""
+        try:
+            call(**kwargs)
+            return True
+        except UNANSWERED as exc:
+            log.warning("task %s: Docker does not answer (%s); trying again", self.task_id, exc)
+            return False
 
     def _exit_status(self) -> int | None:
+        """The exit code; None after POLL seconds while the container runs, or
+        while dockerd does not answer (it fails at once then: the wait loop
+        must not read etcd as fast as it can through a dockerd restart)."""
+        started = time.monotonic()
         try:
             return self.container.wait(timeout=POLL)["StatusCode"]
         except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
+            time.sleep(max(0.0, POLL - (time.monotonic() - started)))
             return None
 
     def _read(self, started: Task) -> Task | None:
@@ -331,13 +362,37 @@ class Execution:
         suffix = ".tar.gz" if task.params.compression == "gzip" else ".tar.zst"
         started = time.time()
         try:
-            size = export.export(self.container, task.params.output, task.params.compression,
-                                 self._local(suffix), self.agent.outbox_owner(),
-                                 self.agent.config.limits.output_bytes_per_task)
+            size = self._export_through_restarts(task, self._local(suffix))
         except (ValueError, OSError, DockerException, tarfile.TarError, zstandard.ZstdError) as exc:
             return {**fields, "export_error": str(exc)}, isinstance(exc, export.TooBig)
         info.update(path=self._remote(suffix), size=size)
         return {**fields, "export_seconds": round(time.time() - started, 3)}, False
+
+    def _export_through_restarts(self, task: Task, path: str) -> int:
+        """export.export, made again (EXPORT_TRIES in all) when a dockerd
+        restart cut it: the exited container is still there once dockerd is back."""
+        def once() -> int:
+            return export.export(self.container, task.params.output, task.params.compression, path,
+                                 self.agent.outbox_owner(), self.agent.config.limits.output_bytes_per_task)
+
+        for _ in range(EXPORT_TRIES - 1):
+            try:
+                return once()
+            except UNANSWERED as exc:
+                log.warning("task %s: Docker cut the export (%s); exporting again when it answers",
+                            self.task_id, exc)
+                self._await_docker()
+        return once()
+
+    def _await_docker(self) -> None:
+        """Until dockerd answers again, DOCKER_BACK seconds at most (the next try reports it)."""
+        deadline = time.monotonic() + DOCKER_BACK
+        while time.monotonic() < deadline:
+            try:
+                self.agent.docker.ping()
+                return
+            except (DockerException, requests.exceptions.RequestException):
+                time.sleep(POLL)
 
     def _report_until_done(self, rec: Record, result: State, fields: dict) -> None:
         """Report, waiting out etcd being unreachable for as long as our lease holds."""
@@ -389,8 +444,12 @@ class Execution:
         if self.container is not None:
             try:
                 self.container.remove(force=True, v=True)
-            except DockerException:
+            except NotFound:
                 pass
+            except (DockerException, requests.exceptions.RequestException) as exc:
+                # dockerd down: the sweep of leftovers at the runner's next start removes it
+                log.warning("task %s: could not remove container %s: %s", self.task_id,
+                            self.container.name, exc)
 
 
 def _docker_message(exc: Exception) -> str:
