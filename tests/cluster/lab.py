@@ -46,6 +46,18 @@ def workload_archive(into: Path, extra_bytes: int = 0) -> str:
         client.close()
 
 
+def make(*args: str, log: str | None = None) -> str:
+    """`make ARGS` in the checkout against the lab's inventory, as an operator
+    runs it; its output is kept in build/cluster/<log or make-TARGET>.log and
+    returned. A failing make fails the test, naming that log."""
+    path = devlab.LAB_DIR / f"{log or 'make-' + args[0]}.log"
+    out = subprocess.run(["make", "-C", str(devlab.REPO), *args, f"INVENTORY={devlab.LAB_DIR / 'inventory.ini'}"],
+                         capture_output=True, text=True, timeout=1800, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
+    path.write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, f"make {' '.join(args)} failed; see {path}:\n{out.stdout[-3000:]}"
+    return out.stdout
+
+
 def docker_cli(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     out = subprocess.run(["docker", *argv], capture_output=True, text=True, timeout=300)
     if check and out.returncode:

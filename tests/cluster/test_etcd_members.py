@@ -6,22 +6,11 @@ members, and the next `make deploy` (db still in [etcd]) adds it back with
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
-from devcluster import lab as devlab
+from tests.cluster.lab import make
 
 MEMBER = "/etc/etcd/pki/member"  # the members' certificate: enough for member list and health
-
-
-def _make(*args: str) -> str:
-    log = devlab.LAB_DIR / f"make-{args[0]}.log"
-    out = subprocess.run(["make", "-C", str(devlab.REPO), *args, f"INVENTORY={devlab.LAB_DIR / 'inventory.ini'}"],
-                         capture_output=True, text=True, timeout=1800, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
-    log.write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, f"make {' '.join(args)} failed; see {log}:\n{out.stdout[-3000:]}"
-    return out.stdout
 
 
 def _members(lab) -> set[str]:
@@ -41,11 +30,11 @@ def _a_task_runs(lab, archive) -> None:
 
 def test_a_member_removed_and_added_back_by_deploy(lab, archive):
     assert _members(lab) == {"web1", "web2", "db"}
-    _make("etcd-remove", "MEMBER=db")
+    make("etcd-remove", "MEMBER=db")
     assert _members(lab) == {"web1", "web2"}
     assert lab.sh("db", "test -e /var/lib/etcd/pink && echo kept || echo gone").strip() == "gone"
     _a_task_runs(lab, archive)
-    _make("deploy")  # db is still in [etcd]: it joins the running cluster
+    make("deploy")  # db is still in [etcd]: it joins the running cluster
     assert _members(lab) == {"web1", "web2", "db"}
     health = lab.etcdctl("web2", "endpoint health", MEMBER)
     assert health.count("is healthy") == 3, health

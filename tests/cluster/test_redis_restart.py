@@ -5,24 +5,12 @@ up; the test deploys twice (the setting, then the default back)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
-from devcluster import lab as devlab
 from pink.tasks import FINAL_NAMES
+from tests.cluster.lab import make
 
 CANARY = "pink-lab-canary"  # a key in database 15, which PINK does not use
-
-
-def _deploy(extra: str = "") -> str:
-    log = devlab.LAB_DIR / f"deploy-redis{'-' if extra else ''}{extra.split('=')[-1]}.log"
-    out = subprocess.run(["make", "-C", str(devlab.REPO), "deploy", f"INVENTORY={devlab.LAB_DIR / 'inventory.ini'}",
-                          *([f"ANSIBLE_ARGS=-e {extra}"] if extra else [])],
-                         capture_output=True, text=True, timeout=1800, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
-    log.write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, f"the deploy failed; see {log}:\n{out.stdout[-3000:]}"
-    return out.stdout
 
 
 def _turns(log: str) -> list[str]:
@@ -35,7 +23,7 @@ def test_a_redis_setting_on_every_host_restarts_them_in_turn_and_keeps_the_queue
     lab.redis_cli(_master_host(lab), f"-n 15 SET {CANARY} kept")
     tasks = [lab.client.submit(archive, name=f"redis-restart-{i}", env={"SECONDS": "30"})["id"] for i in range(4)]
 
-    log = _deploy("redis_maxmemory=2gb")
+    log = make("deploy", "ANSIBLE_ARGS=-e redis_maxmemory=2gb", log="deploy-redis-2gb")
     assert sorted(_turns(log)) == ["db", "web1", "web2"], _turns(log)
     for name in ("db", "web1", "web2"):
         assert lab.redis_cli(name, "CONFIG GET maxmemory").split()[1] == str(2 << 30)
@@ -47,7 +35,7 @@ def test_a_redis_setting_on_every_host_restarts_them_in_turn_and_keeps_the_queue
         time.sleep(2)
     assert [(t["state"], t["attempt"]) for t in map(lab.client.get, tasks)] == [("succeeded", 1)] * 4
 
-    _deploy()  # the default back: another rolling restart
+    make("deploy", log="deploy-redis-default")  # the default back: another rolling restart
     assert lab.redis_cli(_master_host(lab), "CONFIG GET maxmemory").split()[1] == "0"
     lab.redis_cli(_master_host(lab), f"-n 15 DEL {CANARY}")
 

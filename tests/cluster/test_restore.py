@@ -10,26 +10,16 @@ deleted (its tombstone), as roles/backup/README.md says. The lab must be up.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import time
 
 import pytest
 
 from devcluster import lab as devlab
 from pink.errors import PinkError
+from tests.cluster.lab import make
 
 FINALIZED = 240  # seconds for a finished task to reach the archive
-
-
-def _make(*args: str) -> str:
-    log = devlab.LAB_DIR / f"make-{args[0]}.log"
-    out = subprocess.run(["make", "-C", str(devlab.REPO), *args, f"INVENTORY={devlab.LAB_DIR / 'inventory.ini'}"],
-                         capture_output=True, text=True, timeout=1800, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
-    log.write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, f"make {' '.join(args)} failed; see {log}:\n{out.stdout[-3000:]}"
-    return out.stdout
 
 
 def _archived(lab, archive, name: str) -> str:
@@ -73,7 +63,7 @@ def test_a_lost_database_is_restored_with_every_archived_task(lab, archive):
     before = _archived(lab, archive, "restore-before")
     deleted = _archived(lab, archive, "restore-deleted")
 
-    out = _make("backup")
+    out = make("backup")
     backup = re.search(r"make restore BACKUP=(\S+?)\"?$", out, re.M).group(1)
     assert (devlab.REPO / backup).is_dir(), out[-2000:]
 
@@ -83,8 +73,8 @@ def test_a_lost_database_is_restored_with_every_archived_task(lab, archive):
 
     _lose_the_database(lab)
     assert not _has_pink_db(lab), "the database survived its loss"
-    _make("deploy")
-    _make("restore", f"BACKUP={backup}")
+    make("deploy")
+    make("restore", f"BACKUP={backup}")
 
     rows = dict(lab.db(f"SELECT id, state FROM tasks WHERE id IN ('{before}', '{after}', '{deleted}')"))
     assert rows == {before: "succeeded", after: "succeeded", deleted: "succeeded"}, rows

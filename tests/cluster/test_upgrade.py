@@ -5,8 +5,6 @@ throughout. The lab must be up (`make cluster`)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
 
@@ -14,6 +12,7 @@ import requests
 
 from devcluster import lab as devlab
 from pink.tasks import FINAL_NAMES
+from tests.cluster.lab import make
 
 TASKS = 20
 LONG = 120  # seconds a quarter of the tasks run: through the whole deploy
@@ -51,15 +50,8 @@ class RouterProbe:
 def _deploy_new_build() -> str:
     """`make deploy` with a wheel built at another SOURCE_DATE_EPOCH: new
     bytes for every host, so every PINK unit is restarted. Its log."""
-    log = devlab.LAB_DIR / "deploy-upgrade.log"
     epoch = 315532800 + int(time.time()) % 86400  # another build of the same sources
-    out = subprocess.run(["make", "-C", str(devlab.REPO), "deploy", f"INVENTORY={devlab.LAB_DIR / 'inventory.ini'}",
-                          f"ANSIBLE_ARGS=-e common_wheel_epoch={epoch}"],
-                         capture_output=True, text=True, timeout=1800,
-                         env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
-    log.write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, f"the deploy failed; see {log}:\n{out.stdout[-3000:]}"
-    return out.stdout
+    return make("deploy", f"ANSIBLE_ARGS=-e common_wheel_epoch={epoch}", log="deploy-upgrade")
 
 
 def test_a_rolling_upgrade_stops_no_task(lab, archive):
