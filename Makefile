@@ -20,7 +20,7 @@ DEB_BINARIES := docker dockerd etcd etcdctl redis-server mariadbd mariadb-instal
 	ssh-keygen nginx busybox zstd openssl ip iptables useradd chromium
 
 .PHONY: all deps venv certs up demo down status test bench deploy cluster cluster-down \
-	test-cluster etcd-remove clean backup restore
+	test-cluster etcd-remove clean backup restore wheelhouse
 
 all: test
 
@@ -88,6 +88,20 @@ deploy: venv certs
 	$(VENV)/bin/pip install -q -e '.[deploy]'
 	ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) \
 		ansible/site.yml $(ANSIBLE_ARGS)
+
+# Offline installs (docs/operations.md): PINK's dependencies as binary wheels
+# for the hosts' Pythons, $(WHEELHOUSE)/cpXY/ and cpXY.tar, which the common
+# role ships when common_wheelhouse names the directory. Run it where an index
+# is reachable. WHEELHOUSE_PYTHONS="3.11 3.12" picks targets (default: each
+# system's Python PINK supports); WHEELHOUSE_EXTRA adds requirements (those of
+# common_extra_python_packages).
+WHEELHOUSE ?= build/wheelhouse
+WHEELHOUSE_PYTHONS ?=
+WHEELHOUSE_EXTRA ?=
+wheelhouse: venv
+	$(VENV)/bin/pip install -q -e '.[deploy]'
+	$(PY) ansible/roles/common/files/wheelhouse.py $(WHEELHOUSE) \
+		$(foreach p,$(WHEELHOUSE_PYTHONS),--python $(p)) $(foreach r,$(WHEELHOUSE_EXTRA),--extra '$(r)')
 
 # Remove an etcd member for good (docs/operations.md, "etcd members"):
 # INVENTORY=... make etcd-remove MEMBER=<inventory name>

@@ -16,6 +16,10 @@ The image is built without a registry: mmdebstrap makes a Debian 12 root
 filesystem with the packages the roles install already in it (the roles still
 install them on real machines that lack them), and PINK's Python dependencies
 wait in a venv and a wheelhouse, so a deploy needs no network.
+
+tests/cluster/test_ubuntu.py adds GPU servers of Ubuntu 22.04 and 24.04 to
+the lab (add_ubuntu_hosts, remove_ubuntu_hosts), made the same way from
+Ubuntu's archive for their own Pythons; `down` removes them too.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +107,7 @@ class LabHost:
     name: str
     ip: str
     groups: tuple[str, ...]
+    engine: int = 0  # its Docker engine's address ranges (172.30.N.1/24); runN: N
 
     @property
     def container(self) -> str:
@@ -113,6 +120,10 @@ class LabHost:
     @property
     def docker_dir(self) -> Path:
         return DOCKER_DIRS / f"{self.name}-docker"
+
+    @property
+    def containerd_dir(self) -> Path:
+        return DOCKER_DIRS / f"{self.name}-containerd"
 
 
 # etcd's members are the three hosts that run no users' code: a member holds
@@ -131,11 +142,16 @@ GROUPS = ("router", "web", "processing", "db", "etcd", "redis")
 GPUS_PER_RUNNER = 2
 
 
+def every_host() -> tuple[LabHost, ...]:
+    """The lab's machines and the Ubuntu GPU servers a test may add to them."""
+    return (*HOSTS, *(u.host for u in UBUNTU))
+
+
 def host(name: str) -> LabHost:
-    for h in HOSTS:
+    for h in every_host():
         if h.name == name:
             return h
-    raise LabError(f"no lab host {name!r}; hosts: {', '.join(h.name for h in HOSTS)}")
+    raise LabError(f"no lab host {name!r}; hosts: {', '.join(h.name for h in every_host())}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -185,18 +201,20 @@ def host_apt_sources() -> list[str]:
     return found or ["http://deb.debian.org/debian"]
 
 
-def collect_wheels(into: Path) -> None:
+def collect_wheels(into: Path, python: str = TARGET_PYTHON,
+                   extra: tuple[str, ...] = TARGET_EXTRA_WHEELS) -> None:
     """PINK's wheel and its dependencies' binary wheels for the image's Python
-    (Debian 12's 3.11.2, whatever this machine runs). pip evaluates markers
-    with the running interpreter's full version, so the one dependency that
-    only Pythons before 3.11.3 need is named explicitly."""
-    say("collecting PINK's wheels for the image")
+    (`python`: Debian 12's 3.11.2 by default, whatever this machine runs).
+    pip evaluates markers with the running interpreter's full version, so the
+    dependencies only older Pythons need are named explicitly (`extra`)."""
+    say(f"collecting PINK's wheels for Python {python}")
     pip = [sys.executable, "-m", "pip"]
     run(*pip, "wheel", "-q", "--no-deps", "--wheel-dir", str(into), str(REPO), timeout=600)
     wheel = next(into.glob("pink-*.whl"))
+    abi = "cp" + "".join(python.split(".")[:2])
     run(*pip, "download", "-q", "--dest", str(into), "--only-binary=:all:",
-        "--python-version", TARGET_PYTHON, "--implementation", "cp", "--abi", "cp311",
-        *(f"--platform={p}" for p in TARGET_PLATFORMS), str(wheel), *TARGET_EXTRA_WHEELS,
+        "--python-version", python, "--implementation", "cp", "--abi", abi,
+        *(f"--platform={p}" for p in TARGET_PLATFORMS), str(wheel), *extra,
         timeout=1200)
 
 
@@ -229,6 +247,136 @@ def build_image() -> str:
     return node
 
 
+# ---------------------------------------------------------------- Ubuntu GPU servers
+
+@dataclass(frozen=True)
+class Ubuntu:
+    """An Ubuntu release whose GPU servers tests/cluster/test_ubuntu.py adds
+    to the lab (as processing hosts only: docs/operations.md, "Supported
+    systems"): its suite, its python3's version (the wheelhouse's tags), the
+    wheels its markers need that pip, running on 3.11, would not pick, and
+    the machine made of it."""
+
+    version: str
+    suite: str
+    python: str
+    extra_wheels: tuple[str, ...]
+    host: LabHost
+
+
+UBUNTU = (
+    Ubuntu("22.04", "jammy", "3.10.12", ("async-timeout>=4.0.3", "tomli>=2.0"),
+           LabHost("ubuntu2204", "10.77.0.41", ("processing",), engine=3)),
+    Ubuntu("24.04", "noble", "3.12.3", (),
+           LabHost("ubuntu2404", "10.77.0.42", ("processing",), engine=4)),
+)
+UBUNTU_MIRROR = "http://archive.ubuntu.com/ubuntu"
+# The archive's keys, from Ubuntu's own package, pinned by its SHA-256
+# (Debian 12 has no ubuntu-keyring package): its 2018 archive key is
+# F6EC B376 2474 EDA9 D21B 7022 8719 20D1 991B C93C.
+UBUNTU_KEYRING_DEB = ("pool/main/u/ubuntu-keyring/ubuntu-keyring_2023.11.28.1_all.deb",
+                      "36de43b15853ccae0028e9a767613770c704833f82586f28eb262f0311adb8a8")
+# What the common, docker and pink_runner roles install (a GPU server's
+# roles), plus what Ansible needs (apt itself: Ubuntu's minbase lacks it);
+# docker.io is in universe.
+UBUNTU_PACKAGES = (
+    "apt systemd systemd-sysv dbus openssh-server sudo python3 python3-apt python3-venv "
+    "python3-packaging ca-certificates iproute2 iptables procps curl openssl docker.io"
+).split()
+UBUNTU_DISABLED_UNITS = "docker.service docker.socket containerd.service"
+# As NODE_DOCKERFILE, for a GPU server: no Redis; resolved masked (the
+# container's resolv.conf is Docker's).
+UBUNTU_DOCKERFILE = f"""\
+FROM {{base}}
+COPY wheels {WHEELHOUSE}
+RUN python3 -m venv /opt/pink \\
+ && /opt/pink/bin/pip install -q --no-index --find-links {WHEELHOUSE} pink \\
+ && systemctl disable {UBUNTU_DISABLED_UNITS} \\
+ && systemctl mask getty@.service console-getty.service systemd-udevd.service \\
+      systemd-modules-load.service systemd-firstboot.service systemd-remount-fs.service \\
+      systemd-resolved.service \\
+ && rm -f /etc/ssh/ssh_host_* \\
+ && printf '%s\\n' '[Unit]' 'Description=Host keys of this machine' 'Before=ssh.service' \\
+      'ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key' '[Service]' 'Type=oneshot' \\
+      'ExecStart=/usr/bin/ssh-keygen -A' '[Install]' 'WantedBy=multi-user.target' \\
+      > /etc/systemd/system/pinklab-hostkeys.service \\
+ && systemctl enable pinklab-hostkeys.service ssh.service
+STOPSIGNAL SIGRTMIN+3
+CMD ["/sbin/init"]
+"""
+
+
+def ubuntu_image_names(release: Ubuntu) -> tuple[str, str]:
+    """(base, node) image names of a release, tagged by what goes into them."""
+    def digest(*parts: str) -> str:
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+    base = digest(release.suite, *UBUNTU_PACKAGES)
+    node = digest(base, release.python, *release.extra_wheels, UBUNTU_DOCKERFILE, requirements())
+    return f"{PREFIX}ubuntu-base:{release.suite}-{base}", f"{PREFIX}ubuntu-node:{release.suite}-{node}"
+
+
+def ubuntu_keyring() -> Path:
+    """Ubuntu's archive keyring (for mmdebstrap), fetched once into the cache
+    from the archive and checked against the pinned digest."""
+    keyring = CACHE_DIR / "ubuntu-archive-keyring.gpg"
+    if keyring.exists():
+        return keyring
+    path, sha256 = UBUNTU_KEYRING_DEB
+    with urllib.request.urlopen(f"{UBUNTU_MIRROR}/{path}", timeout=60) as resp:
+        deb = resp.read()
+    if hashlib.sha256(deb).hexdigest() != sha256:
+        raise LabError(f"{UBUNTU_MIRROR}/{path} is not the ubuntu-keyring package the lab pins")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "keyring.deb").write_bytes(deb)
+        run("dpkg-deb", "-x", str(Path(tmp) / "keyring.deb"), str(Path(tmp) / "x"))
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "x/usr/share/keyrings/ubuntu-archive-keyring.gpg", keyring)
+    return keyring
+
+
+def ubuntu_rootfs(release: Ubuntu, tag: str) -> Path:
+    """The release's root filesystem with UBUNTU_PACKAGES, cached like Debian's."""
+    rootfs = CACHE_DIR / f"rootfs-ubuntu-{release.suite}-{tag}.tar"
+    if rootfs.exists():
+        return rootfs
+    if not shutil.which("mmdebstrap"):
+        raise LabError("mmdebstrap is not installed (apt-get install mmdebstrap)")
+    keyring = ubuntu_keyring()
+    say(f"building the Ubuntu {release.version} root filesystem (a few minutes)")
+    partial = rootfs.with_name(rootfs.name + ".part")
+    sources = [f"deb {UBUNTU_MIRROR} {release.suite}{pocket} main universe"
+               for pocket in ("", "-updates", "-security")]
+    run("mmdebstrap", "--variant=minbase", "--format=tar", f"--include={','.join(UBUNTU_PACKAGES)}",
+        f"--keyring={keyring}", "--skip=cleanup/apt/lists", release.suite, str(partial), *sources,
+        timeout=1800)
+    partial.rename(rootfs)
+    return rootfs
+
+
+def build_ubuntu_image(release: Ubuntu) -> str:
+    """The image of the release's GPU servers: its root filesystem, and a venv
+    with PINK from a wheelhouse for its Python, so a deploy fetches nothing."""
+    base, node = ubuntu_image_names(release)
+    if docker_exists("image", node):
+        return node
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    if not docker_exists("image", base):
+        run("docker", "import", str(ubuntu_rootfs(release, base.rsplit("-", 1)[1])), base, timeout=600)
+    context = CACHE_DIR / f"image-{release.suite}"
+    shutil.rmtree(context, ignore_errors=True)
+    (context / "wheels").mkdir(parents=True)
+    collect_wheels(context / "wheels", release.python, release.extra_wheels)
+    (context / "Dockerfile").write_text(UBUNTU_DOCKERFILE.format(base=base))
+    say(f"building {node}")
+    # --network none: the build installs from the wheelhouse alone (and an
+    # engine without a default bridge builds it too).
+    run("docker", "build", "-q", "--network", "none", "-t", node, str(context), timeout=1200,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    shutil.rmtree(context, ignore_errors=True)
+    return node
+
+
 # ---------------------------------------------------------------- network and machines
 
 def ensure_network() -> None:
@@ -236,8 +384,9 @@ def ensure_network() -> None:
         run("docker", "network", "create", "--subnet", SUBNET, "--label", "pinklab=1", NETWORK)
 
 
-def ensure_host(h: LabHost, image: str) -> None:
-    """Start the machine unless it runs; a stopped one is started again."""
+def ensure_host(h: LabHost, image: str, extra: tuple[str, ...] = ()) -> None:
+    """Start the machine unless it runs; a stopped one is started again.
+    `extra`: more `docker run` flags."""
     state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}} {{.Config.Image}}", h.container],
                            capture_output=True, text=True)
     if state.returncode == 0:
@@ -253,7 +402,7 @@ def ensure_host(h: LabHost, image: str) -> None:
     if h.processing:
         h.docker_dir.mkdir(parents=True, exist_ok=True)
         argv += [*ENGINE_FLAGS, "-v", f"{h.docker_dir}:/var/lib/docker"]
-    run(*argv, image, "/sbin/init")
+    run(*argv, *extra, image, "/sbin/init")
 
 
 def root_key() -> Path:
@@ -302,7 +451,7 @@ def host_vars(h: LabHost) -> str:
     """Inline inventory variables (INI host lines take Python literals)."""
     pairs = [f"ansible_host={h.ip}"]
     if h.processing:
-        index = int(h.name.removeprefix("run"))
+        index = h.engine or int(h.name.removeprefix("run"))
         gpus = [f"GPU-lab-{h.name}-{i}" for i in range(GPUS_PER_RUNNER)]
         engine = {"bip": f"172.30.{index}.1/24",
                   "default-address-pools": [{"base": f"172.31.{index * 16}.0/20", "size": 24}]}
@@ -311,9 +460,9 @@ def host_vars(h: LabHost) -> str:
     return " ".join(pairs)
 
 
-def inventory_text() -> str:
+def inventory_text(hosts: tuple[LabHost, ...] = HOSTS) -> str:
     """The lab's inventory.ini: its machines in their groups (tests render the
-    playbook against exactly this)."""
+    playbook against exactly this); other `hosts`: a lab with machines added."""
     lines = [
         "# Written by `make cluster` (devcluster/lab.py): the lab's machines, deployed",
         "# by the same roles as a real lab (`make deploy INVENTORY=this file`).",
@@ -323,7 +472,7 @@ def inventory_text() -> str:
     for group in GROUPS:
         lines.append(f"[{group}]")
         lines += [f"{h.name} {host_vars(h)}" if group == h.groups[0] else h.name
-                  for h in HOSTS if group in h.groups]
+                  for h in hosts if group in h.groups]
         lines.append("")
     lines += ["[pinklab:children]", *GROUPS, ""]
     return "\n".join(lines)
@@ -353,6 +502,14 @@ def write_inventory(known_hosts: Path, key: Path) -> Path:
     return path
 
 
+def write_inventory_with(name: str, hosts: tuple[LabHost, ...]) -> Path:
+    """A copy of the lab's inventory with `hosts` added, beside it (so that
+    group_vars/pinklab.yml applies to them too): build/cluster/NAME."""
+    path = LAB_DIR / name
+    path.write_text(inventory_text((*HOSTS, *hosts)))
+    return path
+
+
 def write_hosts_json() -> Path:
     path = LAB_DIR / "hosts.json"
     path.write_text(json.dumps({h.name: {"ip": h.ip, "container": h.container,
@@ -365,7 +522,7 @@ def write_hosts_json() -> Path:
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def deploy(inventory: Path, run_number: int) -> dict[str, int]:
+def deploy(inventory: Path, run_number: int | str) -> dict[str, int]:
     """`make deploy` on the lab's inventory; returns changed tasks per host.
 
     The output goes to the terminal and to build/cluster/deploy-N.log.
@@ -449,6 +606,45 @@ def login(token: str) -> None:
         "--ca", str(LAB_DIR / "ssl" / "ca.pem"))
 
 
+def add_ubuntu_hosts(releases: tuple[Ubuntu, ...] = UBUNTU) -> tuple[LabHost, ...]:
+    """Start a GPU server of each Ubuntu release beside the lab's machines
+    (tests/cluster/test_ubuntu.py): its image, its machine (Docker's and
+    containerd's data on host directories: nested overlays fail), root's key,
+    its host key pinned in build/cluster/known_hosts. Deploying it is the
+    caller's: an inventory from write_inventory_with."""
+    key = root_key()
+    known = LAB_DIR / "known_hosts"
+    for release in releases:
+        image = build_ubuntu_image(release)
+        h = release.host
+        h.containerd_dir.mkdir(parents=True, exist_ok=True)
+        ensure_host(h, image, ("-v", f"{h.containerd_dir}:/var/lib/containerd"))
+        hostkey = authorize(h, key)
+        kept = [line for line in known.read_text().splitlines() if not line.startswith(f"{h.ip} ")]
+        known.write_text("".join(f"{line}\n" for line in [*kept, f"{h.ip} {hostkey}"]))
+    return tuple(r.host for r in releases)
+
+
+def remove_ubuntu_hosts() -> list[str]:
+    """Remove the Ubuntu GPU servers add_ubuntu_hosts made (machines, their
+    engines' data, their pinned host keys); returns the machines removed.
+    What the lab's web nodes and etcd keep of them is the caller's: a deploy
+    without them, `pink node forget`."""
+    hosts = [u.host for u in UBUNTU]
+    names = [h.container for h in hosts if docker_exists("container", h.container)]
+    if names:
+        run("docker", "rm", "-f", *names, timeout=300)
+    for h in hosts:
+        shutil.rmtree(h.docker_dir, ignore_errors=True)
+        shutil.rmtree(h.containerd_dir, ignore_errors=True)
+    known = LAB_DIR / "known_hosts"
+    if known.exists():
+        gone = tuple(f"{h.ip} " for h in hosts)
+        known.write_text("".join(f"{line}\n" for line in known.read_text().splitlines()
+                                 if not line.startswith(gone)))
+    return names
+
+
 # ---------------------------------------------------------------- commands
 
 def up() -> None:
@@ -478,10 +674,13 @@ def up() -> None:
 def down() -> None:
     """`make cluster-down`: remove by name the machines, network, runners'
     engines and files `up` made (images: remove_images); build/cluster/cache
-    stays, so the next image takes a minute instead of three."""
+    stays, so the next image takes a minute instead of three. Ubuntu GPU
+    servers a test left behind go too."""
+    ubuntu = remove_ubuntu_hosts()
     names = [h.container for h in HOSTS if docker_exists("container", h.container)]
     if names:
         run("docker", "rm", "-f", *names, timeout=300)
+    names += ubuntu
     if docker_exists("network", NETWORK):
         run("docker", "network", "rm", NETWORK)
     for h in HOSTS:
@@ -499,9 +698,10 @@ def down() -> None:
 
 
 def remove_images() -> None:
-    """Every pinklab-node and pinklab-base image, whichever build made it."""
+    """Every pinklab-node and pinklab-base image (Ubuntu's too), whichever build made it."""
     listed = run("docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}",
-                 "--filter", f"reference={PREFIX}node", "--filter", f"reference={PREFIX}base").stdout
+                 *(f"--filter=reference={PREFIX}{kind}" for kind in
+                   ("node", "base", "ubuntu-node", "ubuntu-base"))).stdout
     names = listed.split()
     if names:
         run("docker", "image", "rm", *names)

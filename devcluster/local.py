@@ -24,11 +24,12 @@ import ssl
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import pymysql
+
+from pink.compat import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 MAKE_CERTS = REPO / "ssl" / "make-certs.sh"

@@ -9,11 +9,11 @@ Defaults are in `pink.defaults`; nothing here has a default secret.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pink import defaults
+from pink.compat import tomllib
 from pink.errors import ConfigError
 
 CONFIG_ENV = "PINK_CONFIG"

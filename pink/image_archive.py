@@ -133,6 +133,10 @@ def _read_members(tar: tarfile.TarFile, raw, max_members: int) -> dict[str, tarf
             raise ArchiveError(
                 f"the tar archive is truncated or corrupt ({e}); upload it again",
                 code="not_tar") from None
+        except OSError:  # Python 3.10's tarfile seeks to -1 in an empty file
+            if members:
+                raise
+            info = None
         if info is None:
             break
         if len(members) >= max_members:

@@ -12,18 +12,22 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
 from pink import archive, blobs, control, idempotency, lifecycle, nodes, outputs, sftp
+from pink.compat import fromisoformat
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, TooManyRequests, Unavailable
 from pink.store import Record
 from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
+from pink.version import version
 from web import log_streams, uploads
 from web.auth import can_see, require_admin, require_user
 from web.resources import res
+
+VERSION = version()  # at import: the code this process runs, whatever a deploy installs since
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -166,7 +170,7 @@ def _time(args, name: str) -> float | None:
             return value
         raise BadRequest(f"{name} must be a finite time, got {text!r}", code="bad_param")
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = fromisoformat(text)  # 3.11's reading on 3.10 too
     except ValueError:
         raise BadRequest(f"{name} must be a date (2026-11-01), an ISO 8601 time or Unix seconds, "
                          f"got {text!r}", code="bad_param") from None
@@ -490,4 +494,6 @@ def health():
         except Exception as exc:  # noqa: BLE001 - health reports every failure
             checks[name] = f"unavailable: {exc}"
     ok = all(v == "ok" for v in checks.values())
-    return jsonify(status="ok" if ok else "degraded", host=res().config.host, **checks), (200 if ok else 503)
+    # The version (git's): a rolling upgrade shows which web nodes run the new code.
+    return jsonify(status="ok" if ok else "degraded", host=res().config.host, version=VERSION,
+                   **checks), (200 if ok else 503)

@@ -9,26 +9,18 @@ in `pink.cli.settings`.
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import click
 
 from pink.cli.accounts import password, token
 from pink.cli.admin import admin
 from pink.cli.commands import COMMANDS
 from pink.cli.context import CliContext, PinkGroup, connection_options
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("pink")
-    except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
-        return "0+unknown"
+from pink.version import version
 
 
 @click.group(cls=PinkGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @connection_options(envvars=True)
-@click.version_option(_version(), message="pink %(version)s")
+@click.version_option(version(), message="pink %(version)s")  # git's: pink/version.py
 @click.pass_context
 def main(ctx: click.Context, url, token, ca):
     """PINK is not Kubernetes: run your Docker images on the lab's GPU servers.

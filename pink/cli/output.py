@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 
 import click
 
+from pink.compat import fromisoformat
+
 PROGRESS_EVERY = 0.1  # seconds between two redraws of a progress bar
 
 
@@ -25,7 +27,7 @@ def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        t = fromisoformat(text)  # 3.11's reading on 3.10 too
     except ValueError:
         return None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)

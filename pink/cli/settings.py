@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from pink.compat import tomllib
 from pink.errors import ConfigError
 
 PATH_ENV = "PINK_CLI_CONFIG"
