@@ -443,8 +443,9 @@ def read_entry(path: str) -> tuple[dict, bytes]:
 def journal_deletion(output_dir: str, task, now: float | None = None) -> str:
     """Record that an archived task was deleted, so that a restore from an
     older dump deletes it again (`redelete`): the user's wish outlives the
-    dump. The task's own entry goes too when this host holds it, so its log
-    is never read back here. Written on the web node that took the delete,
+    dump. The task's own entry, when this host holds it, is rewritten as
+    deleted without its log: its row still comes back (usage counts it),
+    its log never. Written on the web node that took the delete,
     which need not be the one that finalized the task; every node's
     tombstones are applied after every node's rows are back. Best effort,
     like `journal`: "" when the disk refuses it."""
@@ -455,10 +456,7 @@ def journal_deletion(output_dir: str, task, now: float | None = None) -> str:
     except FileNotFoundError:
         days = []
     for day in days:
-        try:
-            os.unlink(os.path.join(root, day, f"{task.id}-{task.attempt}{JOURNAL_SUFFIX}"))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+        _forget_log(os.path.join(root, day, f"{task.id}-{task.attempt}{JOURNAL_SUFFIX}"))
     day = os.path.join(root, _day(now))
     path = os.path.join(day, f"{task.id}{DELETION_SUFFIX}")
     try:
@@ -474,6 +472,25 @@ def journal_deletion(output_dir: str, task, now: float | None = None) -> str:
                     "dump brings it back", task.id, day, exc)
         return ""
     return path
+
+
+def _forget_log(path: str) -> None:
+    """Rewrite a journal entry, if there is one, as a deleted task's: no log."""
+    try:
+        header, _ = read_entry(path)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, zstandard.ZstdError):
+        os.unlink(path)  # unreadable: recover would skip it anyway, and it may hold a log
+        return
+    header.update(deleted=True, log_bytes=0)
+    part = f"{path}.{uuid.uuid4().hex[:8]}.part"
+    with open(part, "wb") as fh:
+        fh.write(zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(
+            json.dumps(header, separators=(",", ":")).encode() + b"\n"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
 
 
 def prune_journal(output_dir: str, now: float | None = None, days: int = JOURNAL_DAYS) -> int:

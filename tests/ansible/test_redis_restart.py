@@ -99,8 +99,9 @@ def _turn(nodes: dict, name: str) -> subprocess.CompletedProcess:
     out = subprocess.run(["bash", str(SCRIPT), unit, str(nodes["r1"][0] if unit == "redis-sentinel" else port),
                           str(port if unit == "redis-sentinel" else nodes["s1"][0]), "pink", str(TURN_TIMEOUT),
                           str(restart.parent), str(restart)],
-                         env={**os.environ, "REDISCLI_AUTH": PASSWORD}, capture_output=True, text=True,
-                         timeout=TURN_TIMEOUT + 30)
+                         # A Redis's turn reads the password from its pink.conf, as on a host.
+                         env={**os.environ, **({"REDISCLI_AUTH": PASSWORD} if unit == "redis-sentinel" else {})},
+                         capture_output=True, text=True, timeout=TURN_TIMEOUT + 30)
     assert out.returncode == 0, out.stdout + out.stderr
     return out
 

@@ -586,14 +586,17 @@ def test_the_playbooks_pass_ansibles_syntax_check(book):
 
 
 def test_a_task_deleted_after_its_archive_leaves_a_tombstone_not_its_log(tmp_path):
-    """Deleting an archived task (pink.control.delete_archived) removes its
-    journal entry on the host that holds it, so a restore never reads its log
-    back, and leaves a tombstone there for `redelete`."""
+    """Deleting an archived task (pink.control.delete_archived) rewrites its
+    journal entry on the host that holds it as a deleted task's, so a restore
+    brings its row back (usage counts it) but never its log, and leaves a
+    tombstone there for `redelete`."""
     out_dir = str(tmp_path / "outputs")
     task = _task("b00000000002", at=time.time())
     path = backup.journal(out_dir, task, b"a private log", None, False)
     assert os.path.exists(path)
     tombstone = backup.journal_deletion(out_dir, task)
-    assert not os.path.exists(path)
+    header, logs = backup.read_entry(path)
+    assert header["deleted"] and logs == b"" and b"private" not in zstandard.ZstdDecompressor().decompress(
+        Path(path).read_bytes())
     assert backup._deletions(backup.journal_dir(out_dir), None) == {task.id: tombstone}
     assert backup.journal_deletion(str(tmp_path / "nothing-here"), task)  # no journal yet: made

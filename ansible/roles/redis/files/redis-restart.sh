@@ -16,14 +16,19 @@
 #
 # usage: redis-restart.sh UNIT PORT SENTINEL_PORT MASTER_NAME TIMEOUT CONF_DIR [RESTART_COMMAND...]
 #   UNIT: redis-server or redis-sentinel; SENTINEL_PORT 0: Redis is not
-#   replicated. REDISCLI_AUTH holds the password. RESTART_COMMAND defaults to
-#   `systemctl restart UNIT`.
+#   replicated. The password is pink.conf's `requirepass` (read here, never
+#   passed on a command line), or REDISCLI_AUTH when set. RESTART_COMMAND
+#   defaults to `systemctl restart UNIT`.
 set -euo pipefail
 unit=$1 port=$2 sentinel_port=$3 master=$4 timeout=$5 conf_dir=$6
 shift 6
 restart=("$@")
 [[ ${#restart[@]} -gt 0 ]] || restart=(systemctl restart "$unit")
 deadline=$((SECONDS + timeout))
+if [[ -z ${REDISCLI_AUTH:-} ]]; then
+    REDISCLI_AUTH=$(awk '$1 == "requirepass" { print $2; exit }' "$conf_dir/pink.conf")
+fi
+export REDISCLI_AUTH
 
 say() { echo "redis-restart: $*" >&2; }
 
@@ -44,18 +49,23 @@ replication() { cli -p "$port" INFO replication | tr -d '\r'; }
 is_replica_in_sync() { replication | grep -qx 'master_link_status:up'; }
 is_replica() { replication | grep -qx 'role:slave'; }
 answers() { [[ $(cli -p "$1" PING) == PONG ]]; }
+watched() { cli -p "$sentinel_port" SENTINEL MASTER "$master" 2>/dev/null | grep -qx 'name'; }
 quorum() { cli -p "$sentinel_port" SENTINEL CKQUORUM "$master" | grep -q '^OK'; }
 
 drop_copies() {
-    local conf=$conf_dir/redis.conf own=$conf_dir/pink.conf
-    [[ -f $conf && -f $own ]] || return 0
-    awk -v line="include $own" '
-        NR == FNR { if (NF && $1 !~ /^#/) owned[$1] = 1; next }
+    local conf=$conf_dir/redis.conf own=$conf_dir/pink.conf new
+    [[ -s $conf && -s $own ]] || return 0
+    new=$(mktemp "$conf.pink-XXXXXX")  # 0600: it holds what redis.conf holds
+    if ! awk -v line="include $own" '
+        FILENAME == ARGV[1] { if (NF && $1 !~ /^#/) owned[$1] = 1; next }
         $1 == "include" && $0 == line { below = 1; print; next }
         below && ($1 in owned) { next }
-        { print }' "$own" "$conf" >"$conf.pink-new"
-    cat "$conf.pink-new" >"$conf"  # in place: Redis's owner and mode stay
-    rm -f "$conf.pink-new"
+        { print }' "$own" "$conf" >"$new"; then
+        rm -f "$new"
+        say "could not drop the copies of pink.conf from $conf"
+        exit 1
+    fi
+    chown --reference="$conf" "$new" && chmod --reference="$conf" "$new" && mv "$new" "$conf"
 }
 
 restart_redis() {
@@ -97,8 +107,9 @@ if [[ $unit == redis-sentinel ]]; then
     exit 0
 fi
 
-# A single Redis: nothing can stand in for it.
-if [[ $sentinel_port == 0 ]] || ! answers "$port"; then
+# A single Redis, or one Sentinel does not watch yet (a first deploy cut
+# short before its restart): nothing can stand in for it.
+if [[ $sentinel_port == 0 ]] || ! answers "$port" || ! watched; then
     in_place "$port"
 fi
 
