@@ -423,12 +423,6 @@ def journal(output_dir: str, task, logs: bytes, expires_at: float | None, delete
     return os.path.join(day, name)
 
 
-def journaled(output_dir: str, task_id: str, attempt: int) -> bool:
-    """Does this node's journal hold the task's entry (one stat per kept day)?"""
-    name = f"{task_id}-{attempt}{JOURNAL_SUFFIX}"
-    return any(os.path.exists(os.path.join(day, name)) for day in _journal_days(journal_dir(output_dir), None))
-
-
 def read_entry(path: str) -> tuple[dict, bytes]:
     """(header, log) of a journal entry."""
     with open(path, "rb") as fh:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -467,17 +466,18 @@ def _output_needed(conn, store, path: str) -> bool:
     return _awaits_restore(conn, path, task_id)
 
 
-STORED_ATTEMPT = re.compile(r"^[^-]+-(\d+)\.")  # outputs.stored_name: <task>-<attempt>.<ext>
-
-
 def _awaits_restore(conn, path: str, task_id: str) -> bool:
-    """Is this a recently finalized task's output whose row is missing (the
-    database restored from a dump older than its finalize)? A restore's
-    `pink-backup recover` brings the row back from the journal, and needs
-    the file; the journal's days bound how long it is kept so."""
-    m = STORED_ATTEMPT.match(os.path.basename(path))
-    return bool(m) and backup.journaled(context.config().web.output_dir, task_id, int(m.group(1))) \
-        and not archive.has_row(conn, task_id)
+    """Could a restore still need this row-less output? A database restored
+    from a dump older than the task's finalize lacks its row until `pink-backup
+    recover` brings it back from the journal of the web node that finalized
+    it, which may be another node than this copy's: an output is kept while
+    it is younger than the journal's days (a real orphan, from a finalize cut
+    short, waits that long too)."""
+    try:
+        young = os.stat(path).st_mtime > time.time() - backup.JOURNAL_DAYS * 86400
+    except FileNotFoundError:
+        return True  # gone already: nothing to remove
+    return young and not archive.has_row(conn, task_id)
 
 
 def _files_before(directory: str, cutoff: float) -> list[str]:

@@ -456,22 +456,23 @@ def test_the_sweep_keeps_the_outputs_a_restore_needs(pink_config):
     """Before a restore the archive is empty (the database lost) or old (the
     dump loaded, `recover` not yet run): the sweep must not take every
     output for an orphan. An empty archive removes no output at all; a
-    row-less output stays while the journal holds its task; an output whose
-    row says expired, or that nothing names, goes."""
+    row-less output stays while the journal's days could still bring its row
+    back (from any web node's journal: a second copy's task is journaled on
+    the node that finalized it); an output whose row says expired, or that
+    nothing names past those days, goes."""
     from pink import defaults
     from queue_workers import context, jobs
 
     config, now = pink_config, time.time()
     out_dir = Path(config.web.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    journaled, orphan, expired = (_task(f"d0000000000{i}", at=now) for i in (1, 2, 3))
-    for task in (journaled, expired):
-        backup.journal(str(out_dir), task, b"x", None, False)
-    old = now - defaults.SWEEP_GRACE - 60
-    files = {t.id: out_dir / f"{t.id}-1.tar.zst" for t in (journaled, orphan, expired)}
-    for path in files.values():
+    recent, orphan, expired = (_task(f"d0000000000{i}", at=now) for i in (1, 2, 3))
+    ages = {recent.id: defaults.SWEEP_GRACE + 60, orphan.id: backup.JOURNAL_DAYS * 86400 + 60,
+            expired.id: defaults.SWEEP_GRACE + 60}
+    files = {t.id: out_dir / f"{t.id}-1.tar.zst" for t in (recent, orphan, expired)}
+    for task_id, path in files.items():
         path.write_bytes(b"output")
-        os.utime(path, (old, old))
+        os.utime(path, (now - ages[task_id], now - ages[task_id]))
     context.configure(config.path)
 
     assert "0 expired outputs and 0 orphaned files removed" in jobs.sweep()  # an empty archive
@@ -483,7 +484,7 @@ def test_the_sweep_keeps_the_outputs_a_restore_needs(pink_config):
             cur.execute("UPDATE tasks SET expired_at=%s WHERE id=%s", (now, expired.id))
         conn.commit()
     jobs.sweep()
-    assert [t for t, p in files.items() if p.exists()] == [journaled.id]
+    assert [t for t, p in files.items() if p.exists()] == [recent.id]
 
 
 def test_tasks_finalized_after_the_dump_come_back_from_the_journal(api, pink_processes, writer_archive, cluster,
