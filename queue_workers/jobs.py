@@ -411,8 +411,9 @@ def sweep() -> str:
     queue (outputs and uploads live on their web host). Besides outputs the
     archive marked expired, it removes files nothing references once they
     are older than SWEEP_GRACE (one that young may still be being written):
-    outputs without a row, uploads without a live task, and `.part` files
-    of uploads and downloads that were cut off. Against an archive with no
+    outputs without a row (once past the journal's days: a restore may
+    bring the row back), uploads without a live task, and `.part` files of
+    uploads and downloads that were cut off. Against an archive with no
     rows at all (a database lost, or reinstalled before its restore) it
     removes no output: every one would look orphaned.
     """
