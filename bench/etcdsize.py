@@ -15,7 +15,7 @@ import time
 import urllib.error
 
 from pink import db
-from devcluster.local import ETCD_COMPACTION_RETENTION, b64
+from devcluster.etcd_service import ETCD_COMPACTION_RETENTION, b64
 
 SETTLE_TIMEOUT = 240.0  # seconds to wait: compaction runs once per retention period (1 min here)
 

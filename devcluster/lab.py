@@ -64,27 +64,45 @@ PACKAGES = (
 # belongs, so a web node does not run MariaDB.
 DISABLED_UNITS = ("docker.service docker.socket containerd.service etcd.service "
                   "redis-server.service redis-sentinel.service mariadb.service nginx.service")
-NODE_DOCKERFILE = f"""\
-FROM {{base}}
-COPY wheels {WHEELHOUSE}
-RUN python3 -m venv /opt/pink \\
- && /opt/pink/bin/pip install -q --no-index --find-links {WHEELHOUSE} pink \\
- && systemctl disable {DISABLED_UNITS} \\
- && systemctl mask getty@.service console-getty.service systemd-udevd.service \\
-      systemd-modules-load.service systemd-firstboot.service systemd-remount-fs.service \\
- && rm -f /etc/ssh/ssh_host_* \\
- && printf '%s\\n' '[Unit]' 'Description=Host keys of this machine' 'Before=ssh.service' \\
-      'ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key' '[Service]' 'Type=oneshot' \\
-      'ExecStart=/usr/bin/ssh-keygen -A' '[Install]' 'WantedBy=multi-user.target' \\
-      > /etc/systemd/system/pinklab-hostkeys.service \\
- && systemctl enable pinklab-hostkeys.service ssh.service \\
- && for unit in redis-server redis-sentinel; do \\
-      mkdir -p /etc/systemd/system/$unit.service.d \\
-      && printf '%s\\n' '[Service]' 'PrivateUsers=false' > /etc/systemd/system/$unit.service.d/lab.conf; \\
-    done
-STOPSIGNAL SIGRTMIN+3
-CMD ["/sbin/init"]
-"""
+
+
+def node_dockerfile(disabled_units: str, masked_too: tuple[str, ...] = (),
+                    then: tuple[str, ...] = ()) -> str:
+    """The Dockerfile of a lab machine's image, with `{base}` left to format.
+
+    Debian's nodes and Ubuntu's GPU servers are made alike: PINK's venv from
+    the wheelhouse, the services their packages enable turned off
+    (`disabled_units`: the roles enable each where it belongs), the units a
+    container cannot run masked (and `masked_too`), and host keys made at a
+    machine's first boot rather than baked into the image, so that no two
+    machines share them. `then`: further shell lines of the same RUN.
+    One text for both keeps their images from drifting apart.
+    """
+    run = (
+        "python3 -m venv /opt/pink",
+        f" && /opt/pink/bin/pip install -q --no-index --find-links {WHEELHOUSE} pink",
+        f" && systemctl disable {disabled_units}",
+        " && systemctl mask getty@.service console-getty.service systemd-udevd.service",
+        "      systemd-modules-load.service systemd-firstboot.service systemd-remount-fs.service",
+        *(f"      {unit}" for unit in masked_too),
+        " && rm -f /etc/ssh/ssh_host_*",
+        " && printf '%s\\n' '[Unit]' 'Description=Host keys of this machine' 'Before=ssh.service'",
+        "      'ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key' '[Service]' 'Type=oneshot'",
+        "      'ExecStart=/usr/bin/ssh-keygen -A' '[Install]' 'WantedBy=multi-user.target'",
+        "      > /etc/systemd/system/pinklab-hostkeys.service",
+        " && systemctl enable pinklab-hostkeys.service ssh.service",
+        *then,
+    )
+    return (f"FROM {{base}}\nCOPY wheels {WHEELHOUSE}\nRUN " + " \\\n".join(run)
+            + '\nSTOPSIGNAL SIGRTMIN+3\nCMD ["/sbin/init"]\n')
+
+
+NODE_DOCKERFILE = node_dockerfile(DISABLED_UNITS, then=(
+    " && for unit in redis-server redis-sentinel; do",
+    "      mkdir -p /etc/systemd/system/$unit.service.d",
+    "      && printf '%s\\n' '[Service]' 'PrivateUsers=false' > /etc/systemd/system/$unit.service.d/lab.conf;",
+    "    done",
+))
 TARGET_PYTHON = "3.11.2"  # Debian 12's
 TARGET_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 TARGET_EXTRA_WHEELS = ("async-timeout>=4.0.3",)  # redis's, on Python < 3.11.3
@@ -286,24 +304,7 @@ UBUNTU_PACKAGES = (
 UBUNTU_DISABLED_UNITS = "docker.service docker.socket containerd.service"
 # As NODE_DOCKERFILE, for a GPU server: no Redis; resolved masked (the
 # container's resolv.conf is Docker's).
-UBUNTU_DOCKERFILE = f"""\
-FROM {{base}}
-COPY wheels {WHEELHOUSE}
-RUN python3 -m venv /opt/pink \\
- && /opt/pink/bin/pip install -q --no-index --find-links {WHEELHOUSE} pink \\
- && systemctl disable {UBUNTU_DISABLED_UNITS} \\
- && systemctl mask getty@.service console-getty.service systemd-udevd.service \\
-      systemd-modules-load.service systemd-firstboot.service systemd-remount-fs.service \\
-      systemd-resolved.service \\
- && rm -f /etc/ssh/ssh_host_* \\
- && printf '%s\\n' '[Unit]' 'Description=Host keys of this machine' 'Before=ssh.service' \\
-      'ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key' '[Service]' 'Type=oneshot' \\
-      'ExecStart=/usr/bin/ssh-keygen -A' '[Install]' 'WantedBy=multi-user.target' \\
-      > /etc/systemd/system/pinklab-hostkeys.service \\
- && systemctl enable pinklab-hostkeys.service ssh.service
-STOPSIGNAL SIGRTMIN+3
-CMD ["/sbin/init"]
-"""
+UBUNTU_DOCKERFILE = node_dockerfile(UBUNTU_DISABLED_UNITS, masked_too=("systemd-resolved.service",))
 
 
 def ubuntu_image_names(release: Ubuntu) -> tuple[str, str]:

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from devcluster.local import TEST_BASE, Cluster, free_port, remove_task_containers
+from devcluster.cluster import TEST_BASE, Cluster
+from devcluster.dockerd import remove_task_containers
+from devcluster.ports import free_port
 from pink import config as pink_config_module
 from tests import images
 

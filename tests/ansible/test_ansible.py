@@ -276,7 +276,8 @@ def test_etcd_starts_with_the_rendered_environment(tmp_path):
     its client certificate, and nothing else gets in."""
     if not shutil.which("etcd"):
         pytest.skip("etcd is not installed (apt-get install etcd-server)")
-    from devcluster.local import free_port, wait_until
+    from devcluster.ports import free_port
+    from devcluster.processes import wait_until
     from pink.errors import PinkError
     from pink.store import Store
 

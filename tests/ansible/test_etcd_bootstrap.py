@@ -26,7 +26,8 @@ import jinja2
 import pytest
 import yaml
 
-from devcluster.local import free_port, wait_until
+from devcluster.ports import free_port
+from devcluster.processes import wait_until
 from tests.ansible.test_ansible import ANSIBLE, REPO, ansible_playbook
 
 ROLE = ANSIBLE / "roles" / "etcd"

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from devcluster.local import free_port, wait_until
+from devcluster.ports import free_port
+from devcluster.processes import wait_until
 
 SCRIPT = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "redis" / "files" / "redis-restart.sh"
 PASSWORD = "restart-test-" + "y" * 16

@@ -16,8 +16,10 @@ import pymysql
 import pytest
 import redis
 
-from devcluster.local import (ETCD_COMPACTION_RETENTION, TEST_BASE, Cluster, b64, pid_alive,
-                               tcp_answers, wait_until)
+from devcluster.cluster import TEST_BASE, Cluster
+from devcluster.etcd_service import ETCD_COMPACTION_RETENTION, b64
+from devcluster.ports import tcp_answers
+from devcluster.processes import pid_alive, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -248,7 +250,8 @@ def test_demo_web_port_is_the_bookmarked_one_unless_taken(tmp_path):
     and moves back to 8443 once it is free again."""
     import socket
 
-    from devcluster.local import WEB_PORT, port_is_free
+    from devcluster.pink_toml import WEB_PORT
+    from devcluster.ports import port_is_free
 
     if not port_is_free(WEB_PORT):
         pytest.skip(f"port {WEB_PORT} is in use on this machine")

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.local import dump_toml, free_port, wait_until
 from devcluster.netns import NetnsHost
+from devcluster.pink_toml import dump_toml
+from devcluster.ports import free_port
+from devcluster.processes import wait_until
 from pink import config as pink_config_module
 from pink.store import Store
 from tests import images

@@ -9,7 +9,7 @@ import time
 
 from pink import archive
 from pink import config as pink_config_module
-from devcluster.local import free_port
+from devcluster.ports import free_port
 from pink.store import Store
 from tests import images
 from tests.helpers import Api, files_in_output, make_user

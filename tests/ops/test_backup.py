@@ -19,7 +19,9 @@ import jinja2
 import pytest
 import zstandard
 
-from devcluster.local import b64, free_port, wait_until
+from devcluster.etcd_service import b64
+from devcluster.ports import free_port
+from devcluster.processes import wait_until
 from pink import archive, backup, db
 from pink.errors import Unavailable
 from pink.store import Store

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from pink.errors import PinkError, Unavailable
-from devcluster.local import free_port, wait_until
+from devcluster.ports import free_port
+from devcluster.processes import wait_until
 from pink.store import ENDPOINT_RETRY, Store
 from pink.tasks import Params, new_record
 

@@ -15,7 +15,8 @@ import pytest
 from redis import Redis
 from rq import Queue
 
-from devcluster.local import free_port, wait_until
+from devcluster.ports import free_port
+from devcluster.processes import wait_until
 from pink import redisconn
 
 PASSWORD = "sentinel-test-" + "x" * 16

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.local import free_port
+from devcluster.ports import free_port
 from pink import config as pink_config
 from pink.version import version
 

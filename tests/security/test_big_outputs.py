@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.local import free_port
+from devcluster.ports import free_port
 from pink import archive, defaults, outputs, redisconn, sftp
 from pink import config as pink_config_module
 from pink.config import LimitsConfig, RetentionConfig

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from pink import config as pink_config_module
-from devcluster.local import free_port
+from devcluster.ports import free_port
 from tests import images
 from tests.helpers import Api, make_user
 

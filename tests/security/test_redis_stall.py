@@ -17,7 +17,7 @@ import time
 import pytest
 from redis import Redis
 
-from devcluster.local import free_port
+from devcluster.ports import free_port
 
 NOTICED = ("could not connect to Redis instance", "Redis connection timeout")
 BOUND = 45  # seconds: two socket timeouts of 10 s and the BLPOP in flight, with room; RQ's own was 415 s

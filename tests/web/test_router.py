@@ -19,7 +19,8 @@ import pytest
 import requests
 
 from pink import config as pink_config_module
-from devcluster.local import free_port, wait_until
+from devcluster.ports import free_port
+from devcluster.processes import wait_until
 from tests import images
 from tests.helpers import Api, files_in_output, make_user
 

@@ -15,7 +15,7 @@ import requests
 
 from pink import archive, outputs
 from pink import config as pink_config_module
-from devcluster.local import free_port
+from devcluster.ports import free_port
 from pink.store import Store
 from pink.tasks import Params, State, new_record
 from tests import images
