@@ -41,7 +41,7 @@ import docker  # noqa: E402
 from bench import drain, etcdsize, layers, loaded, measure, placement, throughput  # noqa: E402
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
-from devcluster.local import Cluster  # noqa: E402
+from devcluster.cluster import Cluster  # noqa: E402
 from gpu_runner import sizing  # noqa: E402
 from tests import images  # noqa: E402
 from tests.helpers import Api  # noqa: E402
@@ -228,64 +228,87 @@ def _speed_table(rounds: dict[str, list[float]]) -> list[str]:
               for k, v in speeds.items()), ""]
 
 
+Row = tuple[str, str, str]  # a summary row: figure, measured, target
+
+
+def _latency_rows(lat: dict) -> list[Row]:
+    return [("1. warm trivial task, x `docker run --rm --network none`",
+             f"{measure.median(lat['warm']) / measure.median(lat['docker']):.2f}", f"<= {TARGETS['latency']}")]
+
+
+def _transfer_rows(tr: dict) -> list[Row]:
+    speeds = {k: measure.median(v) for k, v in tr["speeds"].items()}
+    best_pink = max(v for k, v in speeds.items() if k.startswith("pink"))
+    best_scp = max(v for k, v in speeds.items() if k.startswith("scp"))
+    rows = [("2. image transfer, best PINK x best scp", f"{best_pink / best_scp:.2f}", f">= {TARGETS['transfer']}")]
+    if "libraries" in tr:
+        lib = {k: measure.median(v) for k, v in tr["libraries"]["speeds"].items()}
+        pink = max(v for k, v in lib.items() if k.startswith("PINK"))
+        rows.append(("2b. a layer of shared libraries, PINK x best scp (with or without -C)",
+                     f"{pink / max(v for k, v in lib.items() if k.startswith('scp')):.2f}",
+                     f">= {TARGETS['transfer']}"))
+    return rows
+
+
+def _memory_rows(mem: dict) -> list[Row]:
+    return [("3. pink-web worker during a big upload, peak MiB", f"{mem['peak_handler'] / 1024:.1f}",
+             f"< {TARGETS['memory']}")]
+
+
+def _placement_rows(pl: dict) -> list[Row]:
+    return [(f"4. planner alone, placements/s ({pl['runners']:,} runners, {pl['tasks']:,} tasks)",
+             f"{pl['placements_per_second']:.0f}", f">= {placement.TARGET}")]
+
+
+def _throughput_rows(t: dict) -> list[Row]:
+    return [("5. trivial tasks/s, x raw `docker run` loop (median of rounds)", f"{t['ratio']:.2f}",
+             f">= {throughput.TARGET}"),
+            ("5. the same, runner host apart from the control plane", f"{t['apart_ratio']:.2f}",
+             f">= {throughput.TARGET}"),
+            ("5. x raw `docker run` + `docker export` (shared / apart)",
+             f"{t['export_ratio']:.2f} / {t['apart_export_ratio']:.2f}", "")]
+
+
+def _loaded_rows(lo: dict) -> list[Row]:
+    return [(f"6. warm task with {lo['archived']:,} archived + {lo['waiting']:,} waiting, x empty",
+             f"{measure.median(lo['loaded']) / measure.median(lo['empty']):.2f}", f"<= {loaded.TARGET}")]
+
+
+def _drain_rows(d: dict) -> list[Row]:
+    return [(f"7. drain rate, {d['long']['tasks']:,} queued x {d['short']['tasks']} queued",
+             f"{d['long']['rate'] / d['short']['rate']:.2f}", f">= {drain.TARGET}")]
+
+
+def _placement_live_rows(p: dict) -> list[Row]:
+    return [(f"8. placements/s end to end ({p['runners']:,} runners, {p['tasks']:,} tasks)",
+             f"{p['per_second']:.0f}", f">= {placement.TARGET}")]
+
+
+def _layers_rows(la: dict) -> list[Row]:
+    rows = [(f"9. image B's bytes {what}, x its new {la['new_layer'] / 2**20:.1f} MiB layer",
+             f"{la['b'][key] / la['new_layer']:.3f}", f"<= {layers.TARGET}")
+            for key, what in (("upload_bytes", "received by the web node"), ("transfer_bytes", "sent to the runner"))]
+    return rows + [("9. B's submit-to-finished x A's", f"{la['b']['seconds'] / la['a']['seconds']:.2f}", "")]
+
+
+def _changes_rows(ch: dict) -> list[Row]:
+    return [(f"10. output bytes, changes x full ({ch['base_mib']} MiB image, 1 MiB written)",
+             f"{ch['changes']['bytes'] / ch['full']['bytes']:.4f}", ""),
+            ("10. submit-to-finished, changes x full", f"{ch['changes']['seconds'] / ch['full']['seconds']:.2f}", "")]
+
+
+# Each measurement's summary rows, in the order of the figures: (its key in the
+# results, its rows from that entry). One table instead of one `if key in r`
+# block per figure, so a new measurement is one entry here and one function.
+_FIGURES = (("latency", _latency_rows), ("transfer", _transfer_rows), ("memory", _memory_rows),
+            ("placement", _placement_rows), ("throughput", _throughput_rows), ("loaded", _loaded_rows),
+            ("drain", _drain_rows), ("placement_live", _placement_live_rows), ("layers", _layers_rows),
+            ("changes", _changes_rows))
+
+
 def summary(r: dict) -> list[str]:
     """Every figure beside its target, as measured in this run."""
-    rows = []
-    if "latency" in r:
-        lat = r["latency"]
-        rows.append(("1. warm trivial task, x `docker run --rm --network none`",
-                     f"{measure.median(lat['warm']) / measure.median(lat['docker']):.2f}", f"<= {TARGETS['latency']}"))
-    if "transfer" in r:
-        speeds = {k: measure.median(v) for k, v in r["transfer"]["speeds"].items()}
-        best_pink = max(v for k, v in speeds.items() if k.startswith("pink"))
-        best_scp = max(v for k, v in speeds.items() if k.startswith("scp"))
-        rows.append(("2. image transfer, best PINK x best scp", f"{best_pink / best_scp:.2f}",
-                     f">= {TARGETS['transfer']}"))
-        if "libraries" in r["transfer"]:
-            lib = {k: measure.median(v) for k, v in r["transfer"]["libraries"]["speeds"].items()}
-            pink = max(v for k, v in lib.items() if k.startswith("PINK"))
-            rows.append(("2b. a layer of shared libraries, PINK x best scp (with or without -C)",
-                         f"{pink / max(v for k, v in lib.items() if k.startswith('scp')):.2f}",
-                         f">= {TARGETS['transfer']}"))
-    if "memory" in r:
-        rows.append(("3. pink-web worker during a big upload, peak MiB",
-                     f"{r['memory']['peak_handler'] / 1024:.1f}", f"< {TARGETS['memory']}"))
-    if "placement" in r:
-        rows.append((f"4. planner alone, placements/s ({r['placement']['runners']:,} runners, "
-                     f"{r['placement']['tasks']:,} tasks)",
-                     f"{r['placement']['placements_per_second']:.0f}", f">= {placement.TARGET}"))
-    if "throughput" in r:
-        t = r["throughput"]
-        rows.append(("5. trivial tasks/s, x raw `docker run` loop (median of rounds)", f"{t['ratio']:.2f}",
-                     f">= {throughput.TARGET}"))
-        rows.append(("5. the same, runner host apart from the control plane", f"{t['apart_ratio']:.2f}",
-                     f">= {throughput.TARGET}"))
-        rows.append(("5. x raw `docker run` + `docker export` (shared / apart)",
-                     f"{t['export_ratio']:.2f} / {t['apart_export_ratio']:.2f}", ""))
-    if "loaded" in r:
-        lo = r["loaded"]
-        rows.append((f"6. warm task with {lo['archived']:,} archived + {lo['waiting']:,} waiting, x empty",
-                     f"{measure.median(lo['loaded']) / measure.median(lo['empty']):.2f}", f"<= {loaded.TARGET}"))
-    if "drain" in r:
-        d = r["drain"]
-        rows.append((f"7. drain rate, {d['long']['tasks']:,} queued x {d['short']['tasks']} queued",
-                     f"{d['long']['rate'] / d['short']['rate']:.2f}", f">= {drain.TARGET}"))
-    if "placement_live" in r:
-        p = r["placement_live"]
-        rows.append((f"8. placements/s end to end ({p['runners']:,} runners, {p['tasks']:,} tasks)",
-                     f"{p['per_second']:.0f}", f">= {placement.TARGET}"))
-    if "layers" in r:
-        la = r["layers"]
-        for key, what in (("upload_bytes", "received by the web node"), ("transfer_bytes", "sent to the runner")):
-            rows.append((f"9. image B's bytes {what}, x its new {la['new_layer'] / 2**20:.1f} MiB layer",
-                         f"{la['b'][key] / la['new_layer']:.3f}", f"<= {layers.TARGET}"))
-        rows.append(("9. B's submit-to-finished x A's", f"{la['b']['seconds'] / la['a']['seconds']:.2f}", ""))
-    if "changes" in r:
-        ch = r["changes"]
-        rows.append((f"10. output bytes, changes x full ({ch['base_mib']} MiB image, 1 MiB written)",
-                     f"{ch['changes']['bytes'] / ch['full']['bytes']:.4f}", ""))
-        rows.append(("10. submit-to-finished, changes x full", f"{ch['changes']['seconds'] / ch['full']['seconds']:.2f}",
-                     ""))
+    rows = [row for key, rows_of in _FIGURES if key in r for row in rows_of(r[key])]
     flat = drain.etcd_flat(r["drain"]) if "drain" in r else None
     if flat is not None:
         rows.append((f"etcd database file, all {r['drain']['long']['tasks']:,} tasks of 7. drained x half of them",

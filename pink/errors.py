@@ -2,12 +2,25 @@
 
 The web layer turns a PinkError into `{"error": code, "message": text}` with
 its HTTP status; the CLI prints the message and exits 1.
+
+Each kind names its code and status in its class line
+(`class NotFound(PinkError, code="not_found", status=404)`), so this module
+reads as the table it is: one line per kind, and what it means below it.
 """
 
 
 class PinkError(Exception):
     code = "error"
     status = 500
+
+    def __init_subclass__(cls, code: str | None = None, status: int | None = None, **kwargs):
+        """Take a subclass's code and status from its class line; one left out
+        is inherited (a subclass may also set them as class attributes)."""
+        super().__init_subclass__(**kwargs)
+        if code:
+            cls.code = code
+        if status:
+            cls.status = status
 
     def __init__(self, message: str, code: str | None = None, status: int | None = None):
         super().__init__(message)
@@ -18,64 +31,45 @@ class PinkError(Exception):
             self.status = status
 
 
-class ConfigError(PinkError):
-    code = "bad_config"
+class ConfigError(PinkError, code="bad_config"):
+    """A config or settings file that is missing, unreadable or wrong."""
 
 
-class BadRequest(PinkError):
-    code = "bad_request"
-    status = 400
+class BadRequest(PinkError, code="bad_request", status=400):
+    """A request (or argument) that can never succeed as it is."""
 
 
-class ArchiveError(BadRequest):
+class ArchiveError(BadRequest, code="bad_archive"):
     """An uploaded image archive that cannot be trusted or used."""
 
-    code = "bad_archive"
+
+class TooLarge(PinkError, code="too_large", status=413):
+    """An image upload over the size the server accepts."""
 
 
-class TooLarge(PinkError):
-    code = "too_large"
-    status = 413
+class Unauthorized(PinkError, code="unauthorized", status=401):
+    """No credentials, or ones the server does not accept: log in (again)."""
 
 
-class Unauthorized(PinkError):
-    code = "unauthorized"
-    status = 401
+class Forbidden(PinkError, code="forbidden", status=403):
+    """Who is asking is known, and may not do this."""
 
 
-class Forbidden(PinkError):
-    code = "forbidden"
-    status = 403
+class NotFound(PinkError, code="not_found", status=404):
+    """No such task, user, node, upload or blob (the code says which)."""
 
 
-class NotFound(PinkError):
-    code = "not_found"
-    status = 404
-
-
-class Conflict(PinkError):
+class Conflict(PinkError, code="conflict", status=409):
     """A compare-and-swap lost: somebody else moved the record first."""
 
-    code = "conflict"
-    status = 409
 
-
-class Gone(PinkError):
+class Gone(PinkError, code="gone", status=410):
     """It existed, and was removed on purpose (an expired output or log)."""
 
-    code = "gone"
-    status = 410
 
-
-class TooManyRequests(PinkError):
+class TooManyRequests(PinkError, code="user_limit", status=429):
     """A per-user limit refuses this request now; it may succeed later."""
 
-    code = "user_limit"
-    status = 429
 
-
-class Unavailable(PinkError):
+class Unavailable(PinkError, code="unavailable", status=503):
     """A service PINK depends on (etcd, MariaDB, a runner) cannot be reached."""
-
-    code = "unavailable"
-    status = 503

@@ -103,42 +103,33 @@ def _all_users(users, conn) -> list[dict]:
     return found
 
 
-def _change(cli: CliContext, name: str, action: str, as_json: bool, config_path: str | None) -> None:
-    if config_path:
-        answer = _direct(config_path, lambda users, conn: users.change(conn, name, action))
-    else:
-        answer = cli.client().user_action(name, action)
-    _show(answer, as_json)
+def _user_action(action: str, help_text: str) -> click.Command:
+    """Register `pink admin user ACTION NAME [--json] [--config]`.
+
+    disable, enable and reset-password are the same request but for the
+    action (the API's user action, or `pink.users.change` with --config), so
+    one command body serves all three and they cannot drift apart.
+    """
+
+    @user.command(action, help=help_text)
+    @click.argument("name")
+    @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+    @_config_option(required=False)
+    @pass_cli
+    def change(cli: CliContext, name, as_json, config_path):
+        if config_path:
+            answer = _direct(config_path, lambda users, conn: users.change(conn, name, action))
+        else:
+            answer = cli.client().user_action(name, action)
+        _show(answer, as_json)
+
+    return change
 
 
-def _user_options(func):
-    func = _config_option(required=False)(func)
-    func = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")(func)
-    return click.argument("name")(func)
-
-
-@user.command("disable")
-@_user_options
-@pass_cli
-def disable(cli: CliContext, name, as_json, config_path):
-    """Disable NAME: no login, and none of their tokens work, until `enable`."""
-    _change(cli, name, "disable", as_json, config_path)
-
-
-@user.command("enable")
-@_user_options
-@pass_cli
-def enable(cli: CliContext, name, as_json, config_path):
-    """Let NAME log in and use their tokens again."""
-    _change(cli, name, "enable", as_json, config_path)
-
-
-@user.command("reset-password")
-@_user_options
-@pass_cli
-def reset_password(cli: CliContext, name, as_json, config_path):
-    """Give NAME a new generated password (printed once); the old one stops working."""
-    _change(cli, name, "reset-password", as_json, config_path)
+disable = _user_action("disable", "Disable NAME: no login, and none of their tokens work, until `enable`.")
+enable = _user_action("enable", "Let NAME log in and use their tokens again.")
+reset_password = _user_action("reset-password",
+                              "Give NAME a new generated password (printed once); the old one stops working.")
 
 
 @admin.command("migrate")

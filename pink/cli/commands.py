@@ -312,21 +312,29 @@ def _node_action(cli: CliContext, name: str, action: str, now: bool, as_json: bo
     click.echo(f"node {name}: {result['node']['state']}{moved}", err=True)
 
 
-@node.command()
-@click.argument("name")
-@click.option("--now", is_flag=True, help="Also move tasks waiting there to other runners.")
-@click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
-@pass_cli
+def _node_command(*options, json_help: str = "Print the node as JSON."):
+    """Register the decorated function as `pink node COMMAND NAME [OPTIONS] [--json]`.
+
+    Every node command acts on one runner NAME and can print the server's
+    answer as JSON; `options` are its own options, listed between the two.
+    """
+
+    def register(func):
+        func = click.option("--json", "as_json", is_flag=True, help=json_help)(pass_cli(func))
+        for option in reversed(options):
+            func = option(func)
+        return node.command()(click.argument("name")(func))
+
+    return register
+
+
+@_node_command(click.option("--now", is_flag=True, help="Also move tasks waiting there to other runners."))
 def drain(cli: CliContext, name, now, as_json):
     """No new tasks on NAME; tasks placed there finish (with --now only running ones)."""
     _node_action(cli, name, "drain", now, as_json)
 
 
-@node.command()
-@click.argument("name")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
-@pass_cli
+@_node_command(click.option("--yes", is_flag=True, help="Do not ask for confirmation."))
 def stop(cli: CliContext, name, yes, as_json):
     """Stop the tasks running on NAME (SIGTERM, grace, SIGKILL) and run them elsewhere."""
     if not yes:
@@ -334,19 +342,13 @@ def stop(cli: CliContext, name, yes, as_json):
     _node_action(cli, name, "stop", False, as_json)
 
 
-@node.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print the node as JSON.")
-@pass_cli
+@_node_command()
 def resume(cli: CliContext, name, as_json):
     """Let NAME take tasks again."""
     _node_action(cli, name, "resume", False, as_json)
 
 
-@node.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print the keys removed as JSON.")
-@pass_cli
+@_node_command(json_help="Print the keys removed as JSON.")
 def forget(cli: CliContext, name, as_json):
     """Forget NAME, a runner gone for good (removed or replaced): its drain or
     stop and what else etcd keeps of it. Refused while it is up."""
