@@ -13,20 +13,12 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from pink import users
-from pink.errors import BadRequest, Forbidden
+from pink.errors import Forbidden
+from pink.request_input import field, json_body, number
 from web.auth import check_password, current_token, forget, require_admin, require_user, start_session
 from web.resources import res
 
 bp = Blueprint("accounts", __name__, url_prefix="/api/v1")
-
-
-def _body() -> dict:
-    body = request.get_json(silent=True)
-    if body is None and request.content_length:
-        raise BadRequest("send a JSON object", code="bad_json")
-    if not isinstance(body or {}, dict):
-        raise BadRequest("send a JSON object", code="bad_json")
-    return body or {}
 
 
 @bp.get("/me")
@@ -40,10 +32,8 @@ def me():
 def change_password():
     """{"current", "new"}: change your own password. Other browser sessions end; this one stays."""
     user = require_user()
-    body = _body()
-    current, new = body.get("current"), body.get("new")
-    if not isinstance(current, str) or not isinstance(new, str):
-        raise BadRequest('send JSON {"current": ..., "new": ...}', code="bad_param")
+    body = json_body(request, '{"current": ..., "new": ...}')
+    current, new = field(body, "current", str), field(body, "new", str)
     if check_password(user.name, current) is None:
         raise Forbidden("the current password is wrong", code="wrong_password")
     changed = users.set_password(res().db(), user.name, new)
@@ -63,13 +53,10 @@ def list_tokens():
 def create_token():
     """{"name", "expires_days" (default 90; null: until revoked), "scope" ("user" or, for admins, "metrics")}."""
     user = require_user()
-    body = _body()
-    days = body.get("expires_days", users.TOKEN_DAYS)
-    if days is not None and (isinstance(days, bool) or not isinstance(days, (int, float))):
-        raise BadRequest("expires_days is a number of days, or null for a token that lasts until revoked",
-                         code="bad_param")
-    token, secret = users.add_token(res().db(), user, name=body.get("name", ""),
-                                    scope=body.get("scope", "user"), days=days)
+    body = json_body(request, '{"name": ..., "expires_days": days or null, "scope": "user" or "metrics"}')
+    days = field(body, "expires_days", float, users.TOKEN_DAYS, null_ok=True)  # null: until revoked
+    token, secret = users.add_token(res().db(), user, name=field(body, "name", str, ""),
+                                    scope=field(body, "scope", str, "user"), days=days)
     return jsonify(token=users.token_view(token), secret=secret), 201
 
 
@@ -84,9 +71,7 @@ def revoke_token(token_id: int):
 @bp.get("/users")
 def list_users():
     require_admin()
-    limit = request.args.get("limit", users.USER_PAGE, type=int)
-    if not 1 <= limit <= users.USER_PAGE:
-        raise BadRequest(f"limit must be between 1 and {users.USER_PAGE}", code="bad_param")
+    limit = number(request.args, "limit", int, users.USER_PAGE, low=1, high=users.USER_PAGE)
     page, after = users.list_users(res().db(), request.args.get("after", ""), limit)
     return jsonify(users=[users.user_view(u) for u in page], next=after)
 
@@ -95,8 +80,9 @@ def list_users():
 def create_user():
     """{"name", "admin"}: the new user and a generated password, shown once."""
     require_admin()
-    body = _body()
-    return jsonify(users.create(res().db(), body.get("name", ""), admin=body.get("admin") is True)), 201
+    body = json_body(request, '{"name": ..., "admin": true or false}')
+    return jsonify(users.create(res().db(), field(body, "name", str, ""),
+                                admin=field(body, "admin", bool, False))), 201
 
 
 @bp.post("/users/<name>/<action>")

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from pink import users
 from pink.tasks import Task
 from pink.errors import BadRequest, Forbidden, NotFound, PinkError, Unauthorized
+from pink.request_input import field, json_body
 from web import throttle
 from web.pages import security_headers
 from web.resources import res
@@ -230,15 +231,15 @@ def check_password(name: str, password: str) -> users.User | None:
 @bp.post("/api/v1/login")
 def api_login():
     """Exchange a name and password for a new API token that expires (used by `pink login`)."""
-    body = request.get_json(silent=True) or {}
-    name, password = body.get("username"), body.get("password")
-    if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
-        raise BadRequest("send JSON {\"username\": ..., \"password\": ...}")
+    body = json_body(request, '{"username": ..., "password": ..., "token_name": optional}')
+    name, password = field(body, "username", str), field(body, "password", str)
+    if not name or not password:
+        raise BadRequest('send JSON {"username": ..., "password": ...}: neither may be empty', code="bad_param")
     user = check_password(name, password)
     if user is None:
         raise Unauthorized("wrong user name or password")
-    label = body.get("token_name") or "pink login"
-    token, secret = users.add_token(res().db(), user, name=str(label)[:users.MAX_TOKEN_NAME],
+    label = field(body, "token_name", str, None, null_ok=True) or "pink login"
+    token, secret = users.add_token(res().db(), user, name=label[:users.MAX_TOKEN_NAME],
                                     days=LOGIN_TOKEN_DAYS)
     return jsonify(token=secret, expires_at=users.token_view(token)["expires_at"],
                    user={"name": user.name, "admin": user.admin})
