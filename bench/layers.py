@@ -53,9 +53,9 @@ def _submit(api: Api, archive: Path, *args: str) -> tuple[dict, float]:
 
 
 def _new_layer(archive: Path) -> int:
-    from pink import blobs, image_archive
+    from pink import image_archive, recipes
 
-    recipe, _ = blobs.Recipe.from_archive(archive, image_archive.inspect(archive))
+    recipe, _ = recipes.Recipe.from_archive(archive, image_archive.inspect(archive))
     return recipe.sizes[recipe.layers[-1]]
 
 

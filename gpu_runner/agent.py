@@ -39,7 +39,7 @@ from gpu_runner import images, outbox, retry, sizing
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
-from pink import blobs, defaults, nodes
+from pink import defaults, nodes, recipes
 from pink.errors import PinkError, Unavailable
 from pink.store import LeaseGone, Store
 
@@ -211,7 +211,7 @@ class Agent:
         for task_id in (alloc.value if alloc else {}):
             rec = self.store.get(self.store.keys.task(task_id))
             if rec is not None:
-                keep |= blobs.image_blobs(rec.value.image)
+                keep |= recipes.image_blobs(rec.value.image)
         return keep
 
     def _reserved_images(self) -> set[str]:

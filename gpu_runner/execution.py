@@ -25,17 +25,17 @@ import os
 import tarfile
 import threading
 import time
-from dataclasses import replace
 
 import requests
 import zstandard
 from docker.errors import APIError, DockerException, NotFound
 
 from gpu_runner import export, images, outbox, retry, sizing, tasklog
-from pink import lifecycle, pipeline
+from pink import fate, lifecycle
 from pink.errors import Unavailable
+from pink.fate import Ending
 from pink.store import Record
-from pink.tasks import State, Task, advance, exported, now, requeue
+from pink.tasks import State, Task, now
 
 log = logging.getLogger("pink.runner")
 
@@ -82,6 +82,9 @@ class Execution:
     def _fence(self):
         return (self.store.keys.node(self.config.name), self.epoch)
 
+    def _rules(self) -> fate.Rules:
+        return fate.Rules(max_attempts=self.agent.config.max_attempts)
+
     def _lease_lost(self) -> bool:
         return self.lease is None or self.lease.lost.is_set() or self.agent.epoch != self.epoch
 
@@ -96,7 +99,7 @@ class Execution:
         except Exception as exc:  # noqa: BLE001 - a task must never be left running silently
             log.exception("task %s: unexpected error", self.task_id)
             if rec is not None:
-                self._report_quietly(rec, State.FAILED, {"error": f"runner error: {exc}",
+                self._report_quietly(rec, Ending.BROKEN, {"error": f"runner error: {exc}",
                                                          **self._export_info()})
         finally:
             self._log_done.set()
@@ -117,23 +120,22 @@ class Execution:
         if task.state == State.RUNNING:
             # Ours, yet no thread runs it (a report or a read failed after it
             # started): nobody will finish it here, so it goes back to the queue.
-            new = requeue(task, f"runner {self.config.name} lost track of it", lost=False)
-            lifecycle.move(self.store, rec, new, release=self.config.name, unassign=self.config.name,
-                           fence=self._fence())
+            event = fate.RunnerLost(f"runner {self.config.name} lost track of it", counts=False)
+            lifecycle.apply(self.store, rec, event, self._rules(), fence=self._fence())
             return None
         if task.state != State.ASSIGNED:
             return None
         logfile = {"ssh": self.agent.ssh_endpoint(), "path": self._remote(".log")}
-        new = advance(task, State.RUNNING, f"started on {self.config.name}", logfile=logfile)
-        if not lifecycle.move(self.store, rec, new, fence=self._fence()):
+        if not lifecycle.apply(self.store, rec, fate.Started(self.config.name, logfile), fence=self._fence()):
             return None
         # Running now, and ours alone to finish: losing this read to a blip would
         # leave it for the next poll to re-queue as if this runner had lost track.
         return retry.while_leased(lambda: self.store.get(rec.key), self._lease_lost,
                                   f"read task {self.task_id}")
 
-    def _execute(self, task: Task) -> tuple[State, dict]:
-        """Run the container; returns the result and the fields to record."""
+    def _execute(self, task: Task) -> tuple[Outcome, dict]:
+        """Run the container; returns how it ended (or that it must run
+        elsewhere) and the facts to report."""
         client = self.agent.docker
         log_fd = outbox.create(self._local(".log"), self.agent.outbox_owner())
         self._log = os.fdopen(log_fd, "ab", buffering=0)
@@ -151,9 +153,9 @@ class Execution:
                 self.agent.images_changed()  # Docker lacks the image too: the node record must stop listing it
             except DockerException as docker_exc:
                 log.warning("task %s: could not list this node's images again: %s", self.task_id, docker_exc)
-            return State.QUEUED, {"requeue": (f"{exc}: copying it again", True)}
+            return fate.RunnerLost(f"{exc}: copying it again"), {}
         except (RuntimeError, DockerException) as exc:
-            return State.FAILED, {"error": _docker_message(exc), **self._export_info()}
+            return Ending.BROKEN, {"error": _docker_message(exc), **self._export_info()}
         follower = threading.Thread(target=self._follow_logs, daemon=True)
         if self._lease_lost():  # a long docker load may outlive our epoch
             raise Abandoned()
@@ -161,11 +163,11 @@ class Execution:
             if self.container.status == "created":
                 self.container.start()
         except APIError as exc:
-            result, fields = State.FAILED, {"error": _docker_message(exc)}
+            result, fields = Ending.BROKEN, {"error": _docker_message(exc)}
         else:
             follower.start()
             result, fields = self._wait(task)
-            if result != State.QUEUED:
+            if isinstance(result, Ending):
                 fields["exited"] = now()
                 if task.gpus:
                     self._free_gpus(fields["exited"])
@@ -173,11 +175,11 @@ class Execution:
             if follower.is_alive():
                 self._log_done.set()
                 log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
-        if result != State.QUEUED:
+        if isinstance(result, Ending):
             export_fields, over_limit = self._export(task)
             fields.update(export_fields)
             if over_limit:  # the task wrote more than it may keep: it failed, whatever its exit
-                result, fields["error"] = State.FAILED, export_fields["export_error"]
+                result, fields["error"] = Ending.BROKEN, export_fields["export_error"]
         fields["image_load_seconds"] = load_seconds
         return result, fields
 
@@ -258,7 +260,7 @@ class Execution:
         grace = min(self.config.stop_grace, allowed / 2)
         return allowed, grace, task.timings["running"] + allowed
 
-    def _wait(self, task: Task) -> tuple[State, dict]:
+    def _wait(self, task: Task) -> tuple[Outcome, dict]:
         """Wait for the exit; SIGTERM at deadline - grace, SIGKILL at the deadline."""
         allowed, grace, deadline = self._limits(task)
         while True:
@@ -273,18 +275,16 @@ class Execution:
                     raise Abandoned()
             elif time.time() >= deadline - grace:
                 if self._stop(max(0.0, deadline - time.time())):
-                    return State.TIMED_OUT, {"exit_code": self._exit_status(),
+                    return Ending.TIMED_OUT, {"exit_code": self._exit_status(),
                                              "error": f"timed out after {allowed:g}s"}
             elif task_now is None or task_now.cancel_requested:
                 if self._stop(grace):
-                    return State.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
+                    return Ending.CANCELLED, {"exit_code": self._exit_status(), "error": "cancelled"}
             elif self.agent.stopping:
                 if self._stop(grace):
                     why = f"node {self.config.name} stopped by an operator"
-                    return State.QUEUED, {"requeue": (why, False)}
-        if status == 0:
-            return State.SUCCEEDED, {"exit_code": 0}
-        return State.FAILED, {"exit_code": status, "error": f"container exited with code {status}"}
+                    return fate.RunnerLost(why, counts=False), {}
+        return Ending.EXITED, {"exit_code": status}
 
     def _stop(self, grace: float) -> bool:
         """SIGTERM, then SIGKILL after `grace` seconds (Docker's stop does both);
@@ -325,7 +325,7 @@ class Execution:
             pass
         return getattr(self, "_seen", started)
 
-    def _free_gpus(self, exited: float, tries: int = 3) -> None:
+    def _free_gpus(self, exited: float) -> None:
         """The container has exited: give its GPUs back before the log drains and the export runs.
 
         Exporting a 10 GB filesystem is minutes of disk work that needs no
@@ -336,18 +336,13 @@ class Execution:
         it with the report). Best effort: if etcd cannot take it now, the
         report releases the whole reservation.
         """
-        for _ in range(tries):  # a cancel request may land between the read and the move
-            try:
-                rec = self.store.get(self.store.keys.task(self.task_id))
-                if rec is None or _moved_on(rec.value, self.attempt):
-                    return
-                task = rec.value
-                new = replace(task, timings={**task.timings, "exited": exited})
-                if lifecycle.move(self.store, rec, new, free_gpus=self.config.name, fence=self._fence()):
-                    return
-            except Unavailable as exc:
-                log.warning("task %s: its GPUs go back with the report instead: %s", self.task_id, exc)
+        try:
+            rec = self.store.get(self.store.keys.task(self.task_id))
+            if rec is None or _moved_on(rec.value, self.attempt):
                 return
+            lifecycle.apply(self.store, rec, fate.Exited(self.attempt, exited), fence=self._fence())
+        except Unavailable as exc:
+            log.warning("task %s: its GPUs go back with the report instead: %s", self.task_id, exc)
 
     def _export_info(self) -> dict:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),
@@ -394,12 +389,12 @@ class Execution:
             except (DockerException, requests.exceptions.RequestException):
                 time.sleep(POLL)
 
-    def _report_until_done(self, rec: Record, result: State, fields: dict) -> None:
+    def _report_until_done(self, rec: Record, result: Outcome, fields: dict) -> None:
         """Report, waiting out etcd being unreachable for as long as our lease holds."""
         retry.while_leased(lambda: self._report(rec, result, fields), self._lease_lost,
                            f"report task {self.task_id}")
 
-    def _report(self, rec: Record, result: State, fields: dict) -> None:
+    def _report(self, rec: Record, result: Outcome, fields: dict) -> None:
         """One try at recording the result. Safe to repeat: `fields` is not
         changed, and a try whose commit got through though its answer was
         lost finds the task already exported by this attempt."""
@@ -412,21 +407,12 @@ class Execution:
         if current is None or current.value.state != State.RUNNING or current.value.attempt != self.attempt:
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
             return
-        task = current.value
-        if result == State.QUEUED:  # elsewhere, or here again; a loss counts toward max_attempts
-            why, lost = fields["requeue"]
-            new = pipeline.after_loss(task, why, self.agent.config.max_attempts, lost=lost)
-            lifecycle.move(self.store, current, new, release=self.config.name,
-                           unassign=self.config.name, fence=self._fence())
+        if isinstance(result, fate.RunnerLost):  # elsewhere, or here again
+            lifecycle.apply(self.store, current, result, self._rules(), fence=self._fence())
             return
-        if fields.get("export_error"):
-            fields["error"] = fields.get("error") or fields["export_error"]
-        detail = fields.get("error") or f"exit code {fields.get('exit_code')}"
         timings = {k: fields.pop(k) for k in TIMING_FIELDS if k in fields}
-        new = exported(task, result, detail, **fields)
-        new.timings.update({k: v for k, v in timings.items() if v is not None})  # 0: the image was cached
-        if not lifecycle.move(self.store, current, new, release=self.config.name,
-                              unassign=self.config.name, fence=self._fence()):
+        event = fate.Reported(result, timings=timings, **fields)
+        if not lifecycle.apply(self.store, current, event, fence=self._fence()):
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
 
     def _reported(self, task: Task, fields: dict) -> bool:
@@ -434,7 +420,7 @@ class Execution:
         return task.attempt == self.attempt and task.state == State.EXPORTED and \
             task.export == fields.get("export")
 
-    def _report_quietly(self, rec: Record, result: State, fields: dict) -> None:
+    def _report_quietly(self, rec: Record, result: Outcome, fields: dict) -> None:
         try:
             self._report_until_done(rec, result, fields)
         except Exception:  # noqa: BLE001 - the leader re-queues it if this fails too
@@ -459,6 +445,7 @@ def _docker_message(exc: Exception) -> str:
 
 
 TIMING_FIELDS = ("image_load_seconds", "export_seconds", "exited")  # reported with the result, kept in `timings`
+Outcome = Ending | fate.RunnerLost  # how a run ended, or that it must run elsewhere
 
 
 def _moved_on(task: Task | None, attempt: int) -> bool:

@@ -22,6 +22,7 @@ import json
 import os
 import tarfile
 import time
+from pathlib import Path
 
 import zstandard
 
@@ -175,7 +176,7 @@ def export(container, output: str, compression: str, path: str, uid_gid: tuple[i
             raw.flush()
             size = os.fstat(raw.fileno()).st_size
     except BaseException:
-        _unlink(path + ".part")
+        Path(path + ".part").unlink(missing_ok=True)
         raise
     # rename never follows a link at `path`: at worst the account swapped the
     # part file for one of its own, and its own file is what it fetches.
@@ -193,10 +194,3 @@ def _write(container, stream, writer) -> None:
                 writer.write(chunk)
     finally:
         writer.close()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -17,12 +17,13 @@ import shutil
 import stat
 import time
 import uuid
+from pathlib import Path
 
 import docker
 import zstandard
 from docker.errors import APIError, DockerException, ImageLoadError, ImageNotFound
 
-from pink import blobs, defaults, wire
+from pink import blob_store, defaults, rebuilt_archive, recipes, wire
 from pink.errors import BadRequest, PinkError
 
 CACHE_REPO = defaults.IMAGE_CACHE_REPO
@@ -60,7 +61,7 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict, held
     names = [t for t in image.get("repo_tags") or [] if not _has(client, t)]
     try:
         if "recipe" in image:
-            recipe = blobs.Recipe.from_dict(image["recipe"])
+            recipe = recipes.Recipe.from_dict(image["recipe"])
             held.adopt(recipe)
             _load_recipe(client, recipe, held.store)
         else:
@@ -85,7 +86,7 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict, held
     return True
 
 
-def _load_recipe(client: docker.DockerClient, recipe: blobs.Recipe, store: blobs.BlobStore) -> None:
+def _load_recipe(client: docker.DockerClient, recipe: recipes.Recipe, store: blob_store.BlobStore) -> None:
     """Load the archive rebuilt from `recipe`, its layers Docker holds left empty.
 
     Should Docker drop such a layer meanwhile (another image evicted), the
@@ -94,17 +95,17 @@ def _load_recipe(client: docker.DockerClient, recipe: blobs.Recipe, store: blobs
     skip = layers_docker_holds(client, recipe, verified_diff_ids(store, recipe))
     if skip:
         try:
-            with blobs.open_archive(recipe, store, skip) as archive:
+            with rebuilt_archive.open_archive(recipe, store, skip) as archive:
                 client.images.load(archive)
             return
         except (APIError, ImageLoadError) as exc:
             log.warning("image %s: load without the %d layers Docker held failed (%s); loading it whole",
                         recipe.image_id, len(skip), exc)
-    with blobs.open_archive(recipe, store) as archive:
+    with rebuilt_archive.open_archive(recipe, store) as archive:
         client.images.load(archive)
 
 
-def verified_diff_ids(store: blobs.BlobStore, recipe: blobs.Recipe) -> list[str]:
+def verified_diff_ids(store: blob_store.BlobStore, recipe: recipes.Recipe) -> list[str]:
     """The config's diff_ids once each is shown to be its layer's, from the blobs this runner checked.
 
     The record comes from a web node, which checked them too, but its
@@ -115,12 +116,12 @@ def verified_diff_ids(store: blobs.BlobStore, recipe: blobs.Recipe) -> list[str]
     hashed once per store. RuntimeError fails the task, saying why.
     """
     try:
-        return blobs.verified_diff_ids(store, recipe)
+        return blob_store.verified_diff_ids(store, recipe)
     except PinkError as exc:
         raise RuntimeError(f"image {recipe.image_id} refused: {exc.message}") from None
 
 
-def layers_docker_holds(client: docker.DockerClient, recipe: blobs.Recipe,
+def layers_docker_holds(client: docker.DockerClient, recipe: recipes.Recipe,
                         diff_ids: list[str]) -> frozenset[str]:
     """The layer blobs of `recipe` that `docker load` would not read, given
     its config's `diff_ids` as `verified_diff_ids` returned them.
@@ -242,7 +243,7 @@ class RunnerBlobs:
     """
 
     def __init__(self, spool_dir: str, root: str, budget: int):
-        self.store = blobs.BlobStore(root, budget)
+        self.store = blob_store.BlobStore(root, budget)
         self.incoming = os.path.join(spool_dir, INCOMING)
         self.held = os.path.join(spool_dir, HELD)
         owner = os.stat(spool_dir)
@@ -257,7 +258,7 @@ class RunnerBlobs:
         present = {e.name for e in os.scandir(self.store.blob_dir) if not e.name.startswith(".")}
         for entry in os.scandir(self.held):
             if entry.name not in present:
-                _unlink(entry.path)
+                Path(entry.path).unlink(missing_ok=True)
         for digest in present:
             self._mark(digest)
 
@@ -267,7 +268,7 @@ class RunnerBlobs:
             with open(path, "w"):
                 pass
 
-    def adopt(self, recipe: blobs.Recipe) -> None:
+    def adopt(self, recipe: recipes.Recipe) -> None:
         """Have every blob of `recipe` verified in the store: BlobMissing for one
         not here, RuntimeError for one that arrived damaged."""
         for digest in recipe.blobs:
@@ -275,7 +276,7 @@ class RunnerBlobs:
                 self._take(digest, recipe)
             self._mark(digest)
 
-    def _take(self, digest: str, recipe: blobs.Recipe) -> None:
+    def _take(self, digest: str, recipe: recipes.Recipe) -> None:
         """Copy a sent blob (as it is, or zstd-compressed: pink.wire) into the store, its sha256 checked.
 
         Whatever else sits under its names (a link, a directory, a plain
@@ -306,7 +307,7 @@ class RunnerBlobs:
                 _remove_entry(path)
         if self.store.touch(digest):
             return  # a task sharing the layer took it meanwhile
-        _unlink(os.path.join(self.held, digest))  # so the next transfer sends it
+        Path(self.held, digest).unlink(missing_ok=True)  # so the next transfer sends it
         raise BlobMissing(f"layer sha256:{digest} of image {recipe.image_id} is not on this runner "
                           "(collected after the transfer looked, or not sent as a plain file)")
 
@@ -325,7 +326,7 @@ class RunnerBlobs:
         """Collect the store (sparing `keep`) and incoming blobs older than `grace` no reservation needs."""
         gone = self.store.collect(keep, grace=grace)
         for digest in gone:
-            _unlink(os.path.join(self.held, digest))
+            Path(self.held, digest).unlink(missing_ok=True)
         now = time.time()
         for entry in os.scandir(self.incoming):
             try:
@@ -357,12 +358,5 @@ def _remove_entry(path: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.remove(path)
     except FileNotFoundError:
         pass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from pathlib import Path
 from typing import Callable
 
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -33,10 +34,7 @@ def create(path: str, uid_gid: tuple[int, int]) -> int:
     after that instead of writing through it.
     """
     for _ in range(CREATE_TRIES):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        Path(path).unlink(missing_ok=True)
         try:
             fd = os.open(path, CREATE_FLAGS, 0o600)
         except FileExistsError:

@@ -55,7 +55,7 @@ class WebConfig:
     workers: int = 4
     dashboard: bool = True  # mount rq-dashboard under /rq for admins
     trusted_proxies: list[str] = field(default_factory=list)  # routers whose X-Real-IP names the client
-    blob_dir: str = ""  # image blobs (pink.blobs); "" means `blobs` beside spool_dir
+    blob_dir: str = ""  # image blobs (pink.blob_store); "" means `blobs` beside spool_dir
     blob_budget_bytes: int = defaults.WEB_BLOB_BUDGET
 
     @property

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from pink import archive, backup, idempotency, lifecycle, nodes
+from pink import archive, backup, fate, idempotency, lifecycle, nodes
 from pink.config import Config
 from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable
 from pink.store import SMALL_PAGE, Record, Store
-from pink.tasks import NOT_STARTED, State, Task, exported, holds_gpus
+from pink.tasks import State, Task, holds_gpus
 
 CREATE_TRIES = 20  # creations by one user at once that a submit outlasts before it answers 409
 MAX_EVICTIONS = 100  # idempotency keys one creation deletes (a transaction holds at most 128 operations)
@@ -253,29 +254,13 @@ def cancel(store: Store, rec: Record) -> Task:
 
     A task that has not started ends at once; a running one is asked to stop
     (its runner does it); an `exported` task is already done running and is
-    marked for deletion: its finalize archives it without fetching the output.
+    marked for deletion: its finalize archives it without fetching the output
+    (`fate.Cancel`).
     """
-    for _ in range(20):
-        task = rec.value
-        if task.state in NOT_STARTED:
-            new = exported(task, State.CANCELLED, "cancelled before it started",
-                           error="cancelled before it started", cancel_requested=True)
-            if lifecycle.move(store, rec, new, release=task.node, unassign=task.node):
-                return new
-        elif task.state == State.RUNNING and not task.cancel_requested:
-            new = replace(task, cancel_requested=True)
-            if store.txn().expect(rec).put(rec.key, new).commit():
-                return new
-        elif task.state == State.EXPORTED and not task.delete_requested:
-            new = replace(task, delete_requested=True)
-            if store.txn().expect(rec).put(rec.key, new).commit():
-                return new
-        else:
-            return task
-        rec = store.get(rec.key)
-        if rec is None:
-            raise NotFound(f"task {task.id} has just finished; delete it again", code="finished")
-    raise Conflict("the task kept changing; try again")
+    task = lifecycle.apply(store, rec, fate.Cancel())
+    if task is None:
+        raise NotFound(f"task {rec.value.id} has just finished; delete it again", code="finished")
+    return task
 
 
 def delete_archived(conn, config: Config, task: Task) -> None:
@@ -287,10 +272,7 @@ def delete_archived(conn, config: Config, task: Task) -> None:
     output = task.output or {}
     path = output.get("path")
     if output.get("host") == config.host and path and inside(path, config.web.output_dir):
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+        Path(path).unlink(missing_ok=True)
     archive.mark_deleted(conn, task.id)
     backup.journal_deletion(config.web.output_dir, task)
 

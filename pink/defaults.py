@@ -45,7 +45,6 @@ IMAGE_CACHE_REPO = "pink/cache"  # runners tag loaded images <this>:<archive sha
 SSH_CIPHER = "aes128-gcm@openssh.com"  # fastest cipher paramiko speaks here
 SFTP_CHUNK = 1 << 20  # bytes read from a file at a time when sending it over SFTP, and per log read
 
-QUEUE_RUN = "pink-run"  # shared: any worker can hand a task to its runner
 QUEUE_FINALIZE = "pink-finalize"  # shared: finalize pulls the export over SFTP
 QUEUE_TRANSFER_PREFIX = "pink-transfer."  # + web host: the upload is on that host
 JOB_TIMEOUT = 6 * 3600  # seconds an RQ job may take (a large image transfer)

@@ -1,68 +1,100 @@
-"""Moving a task together with the records that hang off it, atomically.
+"""The one writer of task records: `apply` commits what `pink.fate` decided.
 
-A transition often has to change three keys at once: the task record, the
-node's reservations (`/pink/alloc/<node>`) and the assignment key the runner
-watches. `move()` commits them in one etcd transaction that compares the
-task's mod_revision (and optionally a fence), retrying only when the
-reservation record changed under it. `place()` commits a batch of
-placements on one node (the leader); `retire()` removes an archived task.
-Used by jobs, the runner, the leader and the web API's cancel.
+A move often changes three keys at once: the task record, the node's
+reservations (`/pink/alloc/<node>`) and the assignment key the runner
+watches. `apply()` commits them in one etcd transaction that compares the
+task's mod_revision (and the actor's fence, and the runner's incarnation
+where the decision asks for it). It retries, up to CAS_TRIES times, only
+what a retry cannot get wrong: a reservation record that changed under it,
+or the task record itself for events that still hold on the record as it
+is now (`Event.follows_record`). `place()` commits a batch of placements on
+several nodes (the leader's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pink import fate
 from pink.errors import Unavailable
+from pink.fate import Decision, Event, Refused, Rules
 from pink.store import Record, Store
 from pink.tasks import Task
 
 
 MAX_TXN_COMPARES = 120  # comparisons in one transaction: etcd allows 128 (--max-txn-ops)
+CAS_TRIES = 20  # commits one move tries before it says etcd is too busy
+
+
+def apply(store: Store, rec: Record, event: Event, rules: Rules = Rules(),
+          fence: tuple[str, int] | None = None) -> Task | None:
+    """Decide `event` for the task read as `rec` and commit it with its side effects.
+
+    Returns the record committed (for `Archived`, the one removed; for an
+    event already in the record, the record), or None when the task moved
+    first or `fence` (key, create_revision) is no longer the same holder.
+    Refused when the event does not apply to `rec`'s state.
+    """
+    decision = fate.decide(rec.value, event, rules)
+    for _ in range(CAS_TRIES):
+        if decision.unchanged:
+            return rec.value
+        if decision.task is not None and decision.task.final:
+            raise Refused(f"task {rec.value.id}: a final record goes to the archive, not etcd")
+        fences = [f for f in (fence, _node_fence(store, decision)) if f]
+        if _commit(store, rec, decision, fences):
+            return decision.task or rec.value
+        current = store.get(rec.key)
+        if current is None:
+            return rec.value if decision.task is None else None
+        if any(_fence_gone(store, f) for f in fences):
+            return None
+        if current.mod_revision != rec.mod_revision:
+            if not event.follows_record:
+                return None
+            rec = current
+            try:
+                decision = fate.decide(rec.value, event, rules)
+            except Refused:
+                return None
+    raise Unavailable(f"could not move task {rec.value.id}: its records kept changing")
+
+
+def _commit(store: Store, rec: Record, d: Decision, fences: list[tuple[str, int]]) -> bool:
+    keys, task = store.keys, rec.value
+    txn = store.txn().expect(rec)
+    for key, revision in fences:
+        txn.fence(key, revision)
+    if d.task is None:
+        txn.delete(rec.key).delete(keys.owner(task.user, task.id))  # its index entry goes with it
+    else:
+        txn.put(rec.key, d.task)
+    if d.release or d.free_gpus:
+        _change_reservation(store, txn, d.release or d.free_gpus, task.id, keep_slot=not d.release)
+    if d.assign is not None:
+        txn.put(keys.assignment(d.task.node, task.id), d.assign, d.assign_lease)
+    if d.unassign:
+        txn.delete(keys.assignment(d.unassign, task.id))
+    return txn.commit()
+
+
+def _node_fence(store: Store, d: Decision) -> tuple[str, int] | None:
+    return (store.keys.node(d.task.node), d.task.epoch) if d.fence_node else None
+
+
+def _fence_gone(store: Store, fence: tuple[str, int]) -> bool:
+    holder = store.get(fence[0])
+    return holder is None or holder.create_revision != fence[1]
 
 
 @dataclass
 class Placement:
-    """One task placed on a node: its record as read, the placed record, its reservation."""
+    """One task placed on a node: its record as read, the placed record
+    (`fate.Placed` decided), its reservation."""
 
     rec: Record
     new: Task
     entry: dict
-
-
-def move(store: Store, rec: Record, new: Task, *, release: str | None = None, free_gpus: str | None = None,
-         fence: tuple[str, int] | None = None,
-         assign: dict | None = None, assign_lease: int = 0, unassign: str | None = None,
-         attempts: int = 50) -> bool:
-    """Commit `new` for the task read as `rec`; False if the task moved first.
-
-    release: node whose reservation for this task is dropped.
-    free_gpus: node whose reservation for this task keeps its slot but no GPUs.
-    fence: (key, create_revision) that must still be the same incarnation.
-    assign / unassign: assignment key to write (for new.node) / node to delete it for.
-    """
-    keys = store.keys
-    task_id = new.id
-    for _ in range(attempts):
-        txn = store.txn().expect(rec).put(rec.key, new)
-        if fence:
-            txn.fence(*fence)
-        if release or free_gpus:
-            _change_reservation(store, txn, release or free_gpus, task_id, keep_slot=not release)
-        if assign is not None:
-            txn.put(keys.assignment(new.node, task_id), assign, assign_lease)
-        if unassign:
-            txn.delete(keys.assignment(unassign, task_id))
-        if txn.commit():
-            return True
-        current = store.get(rec.key)
-        if current is None or current.mod_revision != rec.mod_revision:
-            return False
-        if fence:
-            holder = store.get(fence[0])
-            if holder is None or holder.create_revision != fence[1]:
-                return False
-    raise Unavailable(f"could not move task {task_id}: reservations kept changing")
 
 
 @dataclass
@@ -112,28 +144,6 @@ def place(store: Store, batches: list[NodeBatch], fence: tuple[str, int]) -> boo
             entries[p.new.id] = p.entry
         txn.put(key, entries)
     return txn.commit()
-
-
-def retire(store: Store, rec: Record) -> Record | None:
-    """Remove an archived task from etcd; returns the record removed, or None
-    if another attempt took its place.
-
-    Called only once the task's archive row is committed: etcd holds live
-    tasks only. A record that changed without moving on (a delete request
-    added a field) is read again and removed; the caller looks at what it
-    removed, so such a request is not lost.
-    """
-    for _ in range(20):
-        owner = store.keys.owner(rec.value.user, rec.value.id)  # its index entry goes with it
-        if store.txn().expect(rec).delete(rec.key).delete(owner).commit():
-            return rec
-        current = store.get(rec.key)
-        if current is None:
-            return rec
-        if current.value.attempt != rec.value.attempt or current.value.state != rec.value.state:
-            return None
-        rec = current
-    raise Unavailable(f"could not remove task {rec.key} from etcd: it kept changing")
 
 
 def _change_reservation(store: Store, txn, node: str, task_id: str, keep_slot: bool) -> None:

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pink import lifecycle
+from pink import fate, lifecycle
 from pink.errors import BadRequest, Conflict, PinkError
 from pink.store import Record, Store
-from pink.tasks import State, requeue
+from pink.tasks import State
 
 log = logging.getLogger("pink.nodes")
 
@@ -190,7 +190,6 @@ def move_waiting_off(store: Store, name: str) -> int:
         task = rec.value
         if task.node != name or task.state not in WAITING_THERE:
             continue
-        new = requeue(task, f"moved off node {name} by an operator", lost=False)
-        if lifecycle.move(store, rec, new, release=name, unassign=name):
+        if lifecycle.apply(store, rec, fate.OperatorMove(name)):
             moved += 1
     return moved

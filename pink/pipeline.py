@@ -1,46 +1,56 @@
-"""The pipeline: which stage follows which state, and where a task goes after a loss.
+"""The pipeline's stages: which job a task's state calls for, where it runs, how it fails.
 
-One owner for the order of a task's life, called by the queue jobs (to
-enqueue the next stage), the leader (to repair missing jobs and re-queue
-lost tasks) and node control (moving tasks off a node):
+One table (`STAGES`) for the queue jobs (which state they start from), the
+leader (which job a task lacks, which failures fail the task) and the queues
+(function, queue and timeout):
 
     queued -> (leader) placed -> transfer job -> (transferred) assigned
     -> (runner) running -> exported -> finalize job -> archived in MariaDB,
     then removed from etcd; the final state lives only there.
 
-The transfer job ends by assigning the task (transferred and assigned in one
-transaction, both in its history); the run job only repairs a task found
-`transferred`.
-
-A queued task needs no job: the leader places waiting tasks in batches
-from its pass over the queue, and enqueues the transfer of each it placed.
+A queued task needs no job: the leader places waiting tasks in batches and
+enqueues the transfer of each it placed. A task in `assigned` or `running`
+waits on its runner. What moves a task between states is `pink.fate`.
 """
 
 from __future__ import annotations
 
-from pink.tasks import State, Task, exported, requeue, retries_left
+from dataclasses import dataclass
+from typing import Callable
 
-# The job each state needs; states absent here wait on the leader (queued)
-# or on a runner.
-STAGE_FOR = {State.PLACED: "transfer", State.TRANSFERRED: "run", State.EXPORTED: "finalize"}
-# Stages that give up after max_job_failures; finalize only backs off (a
-# database outage must hold tasks in `exported`, never fail them).
-GIVES_UP = {"transfer", "run"}
+from pink import defaults
+from pink.tasks import State, Task
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One kind of queue job."""
+
+    name: str
+    state: State | None  # the state the job works from (None: the task may be gone, e.g. cleanup)
+    function: str  # the job, as RQ imports it
+    queue: Callable[[Task], str]  # the queue it runs on for a task
+    timeout: int  # seconds the job may take
+    gives_up: bool  # failing max_job_failures times fails the task (finalize only backs off:
+    #                 a database outage must hold tasks in `exported`, never fail them)
+
+
+def transfer_queue(host: str) -> str:
+    """The queue of jobs that need web node `host`'s files (its uploads, its spool)."""
+    return defaults.QUEUE_TRANSFER_PREFIX + host
+
+
+STAGES = {s.name: s for s in (
+    Stage("transfer", State.PLACED, "queue_workers.jobs.transfer", lambda t: transfer_queue(t.web_host),
+          defaults.JOB_TIMEOUT, gives_up=True),
+    Stage("finalize", State.EXPORTED, "queue_workers.jobs.finalize", lambda t: defaults.QUEUE_FINALIZE,
+          defaults.JOB_TIMEOUT, gives_up=False),
+    Stage("cleanup", None, "queue_workers.jobs.cleanup", lambda t: transfer_queue(t.web_host),
+          60, gives_up=False),
+)}
+_BY_STATE = {s.state: s.name for s in STAGES.values() if s.state is not None}
 
 
 def stage_for(task: Task) -> str | None:
-    return STAGE_FOR.get(task.state)
-
-
-def after_loss(task: Task, why: str, max_attempts: int, lost: bool = True) -> Task:
-    """The record for a task whose runner (or export) is gone.
-
-    A task its user cancelled ends `cancelled`: running it again would undo
-    the cancel. Others go back to the queue while attempts are left (`lost`
-    False: an operator moved it, which does not count), then end `failed`.
-    """
-    if task.cancel_requested:
-        return exported(task, State.CANCELLED, f"cancelled; {why}", error="cancelled")
-    if not lost or retries_left(task, max_attempts):
-        return requeue(task, why, lost=lost)
-    return exported(task, State.FAILED, why, error=f"{why}; gave up after {task.attempt} attempts")
+    """The job the task's state calls for; None while it waits on the leader or a runner."""
+    return _BY_STATE.get(task.state)

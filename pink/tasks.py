@@ -2,10 +2,9 @@
 
 A task is one `Task`; `pink.store` turns it into the JSON etcd holds and back,
 the archive and the API do the same at their ends, and nothing else sees
-JSON. Every actor moves a task with `advance()`, which checks the transition
-is allowed and appends to the record's history (the audit trail the
-finalizer archives), then commits it as a compare-and-swap through
-`pink.store`. Called by the web API, queue jobs, the leader and runners.
+JSON. Which state a task goes to after what happened is decided in
+`pink.fate`, with `advance()` here: it checks the transition is allowed and
+appends to the record's history (the audit trail the finalizer archives).
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from pink import blobs, defaults, gpu_env
+from pink import defaults, gpu_env, recipes
 from pink.errors import BadRequest, Conflict
+from pink.request_input import number
 
 
 class State(str, Enum):
@@ -100,10 +100,10 @@ class Params:
                              "devices or controls beyond the GPUs PINK assigns it", code="bad_param")
         params = cls(name=(get("name") or "")[:200], env=env,
                      cmd=_words(get("cmd"), "cmd"), entrypoint=_words(get("entrypoint"), "entrypoint"),
-                     gpus=_int(get("gpus"), "gpus", 0, 0, 64),
-                     timeout=_int(get("timeout"), "timeout", defaults.DEFAULT_TIMEOUT, 1, 30 * 86400),
+                     gpus=number(args, "gpus", int, 0, low=0, high=64),
+                     timeout=number(args, "timeout", int, defaults.DEFAULT_TIMEOUT, low=1, high=30 * 86400),
                      output=get("output") or "full", compression=get("compression") or "zstd",
-                     priority=_int(get("priority"), "priority", 0, -10, 10))
+                     priority=number(args, "priority", int, 0, low=-10, high=10))
         if params.output not in OUTPUTS and not params.output.startswith("/"):
             raise BadRequest("output must be 'full' (the whole filesystem), 'changes' (only what the task "
                              "added or changed, with a manifest) or an absolute path inside the container",
@@ -132,18 +132,6 @@ def _words(text, name):
         return shlex.split(text)
     except ValueError as exc:
         raise BadRequest(f"{name} is not valid shell words: {exc}", code="bad_param") from None
-
-
-def _int(text, name, default, low, high):
-    if text in (None, ""):
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadRequest(f"{name} must be a whole number, got {text!r}", code="bad_param") from None
-    if not low <= value <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}", code="bad_param")
-    return value
 
 
 def spool_file(spool_dir: str, task_id: str) -> str:
@@ -248,7 +236,7 @@ def bounded_image(image: dict) -> dict:
     (its tags and its recipe's): ~100 KB in etcd per task, rerun for free. Tags
     only name the loaded image, so extra ones are dropped, and the recipe is
     rebuilt with the tags kept (its key, the image's name in spools, follows).
-    Layers are bounded by `blobs.MAX_LAYERS` (about 17 KB of digests and sizes).
+    Layers are bounded by `recipes.MAX_LAYERS` (about 17 KB of digests and sizes).
     """
     tags = list(image.get("repo_tags") or [])
     kept = [tag for tag in tags if len(tag) <= RECORD_TAG_CHARS][:RECORD_TAGS]
@@ -256,8 +244,8 @@ def bounded_image(image: dict) -> dict:
         return image
     bounded = {**image, "repo_tags": kept}
     if recipe := image.get("recipe"):
-        rebuilt = blobs.Recipe.from_dict({**{k: v for k, v in recipe.items() if k != "key"},
-                                          "repo_tags": kept}).to_dict()
+        rebuilt = recipes.Recipe.from_dict({**{k: v for k, v in recipe.items() if k != "key"},
+                                            "repo_tags": kept}).to_dict()
         bounded.update(recipe=rebuilt, sha256=rebuilt["key"])
     return bounded
 
@@ -275,32 +263,10 @@ def advance(task: Task, to: State, detail: str = "", **changes) -> Task:
                    history=[*task.history, [t, to.value, detail]])
 
 
-def requeue(task: Task, why: str, lost: bool = True) -> Task:
-    """The record for another attempt elsewhere.
-
-    `lost` counts towards the retry limit (the runner died or was cut off);
-    an operator moving work off a node (drain --now, stop) does not.
-    """
-    carried = {k: v for k, v in task.timings.items() if k != "exited"}  # the next attempt's container has not exited
-    return advance(replace(task, timings=carried), State.QUEUED, why, attempt=task.attempt + 1, node=None,
-                   epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
-                   logfile=None, job_failures={}, losses=task.losses + (1 if lost else 0))
-
-
 def holds_gpus(task: Task) -> bool:
     """On a runner with its container not yet exited (an exited one's export
     runs after its GPUs went back: gpu_runner.execution._free_gpus)."""
     return task.state in ON_RUNNER and "exited" not in task.timings
-
-
-def retries_left(task: Task, max_attempts: int) -> bool:
-    """May a task that lost its runner once more be tried again?"""
-    return task.losses + 1 < max_attempts
-
-
-def exported(task: Task, result: State, detail: str, **changes) -> Task:
-    """Move to EXPORTED carrying the final result the finalizer will apply."""
-    return advance(task, State.EXPORTED, detail, result=result.value, **changes)
 
 
 def job_id(task_id: str, stage: str, attempt: int) -> str:

@@ -25,7 +25,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from pink.blobs import Recipe, archive_size, image_blobs
+from pink.rebuilt_archive import archive_size
+from pink.recipes import Recipe, image_blobs
 from pink.errors import NotFound, TooManyRequests
 
 SESSIONS = "uploads"

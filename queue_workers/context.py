@@ -15,7 +15,7 @@ from pink import config as pink_config
 from pink import redisconn
 from pink import sftp as pink_sftp
 from pink import wire
-from pink.blobs import BlobStore
+from pink.blob_store import BlobStore
 from pink.store import Store
 
 _config_path: str | None = None

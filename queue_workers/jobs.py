@@ -1,4 +1,4 @@
-"""The RQ jobs that move a task: transfer, run, finalize, and spool cleanup.
+"""The RQ jobs that move a task: transfer, finalize, and spool cleanup (`pink.pipeline.STAGES`).
 
 Each job is called with (task_id, attempt) and begins by reading the task and
 checking that it is still in the state the job expects for that attempt; if
@@ -12,20 +12,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from pink import archive, backup, blobs, control, defaults, lifecycle, metrics, outputs, sftp, upload_sessions, wire
+from pink import archive, backup, control, defaults, fate, lifecycle, metrics, pipeline, outputs, recipes, sftp, upload_sessions, wire
 from pink.errors import NotFound, Unavailable
-from pink.tasks import State, Task, advance, exported, requeue, retries_left, spool_file
+from pink.tasks import State, Task, spool_file
 from queue_workers import context
 from queue_workers.queues import enqueue_cleanup, enqueue_next
 
 log = logging.getLogger("pink.jobs")
 
 
-def _load(task_id: str, attempt: int, *states: State):
-    """The task's record if it is at `attempt` and in one of `states`."""
+def _load(task_id: str, attempt: int, stage: str):
+    """The task's record if it is at `attempt` and in the state `stage` works from."""
     rec = context.store().get(context.store().keys.task(task_id))
-    if rec is None or rec.value.attempt != attempt or rec.value.state not in states:
+    if rec is None or rec.value.attempt != attempt or rec.value.state != pipeline.STAGES[stage].state:
         return None
     return rec
 
@@ -49,7 +50,7 @@ def transfer(task_id: str, attempt: int) -> str:
     The leader placed the task (and reserved its GPUs); this job copies
     what the runner lacks and hands the task over.
     """
-    rec = _load(task_id, attempt, State.PLACED)
+    rec = _load(task_id, attempt, "transfer")
     if rec is None:
         return "nothing to do"
     return _copy_image(rec)
@@ -65,13 +66,12 @@ def _copy_image(rec) -> str:
     started = time.time()
     sent = 0
     if sha not in node.get("images", []):
-        recipe = blobs.Recipe.from_dict(task.image["recipe"]) if "recipe" in task.image else None
+        recipe = recipes.Recipe.from_dict(task.image["recipe"]) if "recipe" in task.image else None
         if recipe is None and not os.path.exists(spool_file(context.config().web.spool_dir, task.id)) or \
                 recipe is not None and _damaged(recipe):
             why = (f"the image's layers are missing or damaged on web node {context.config().host}, "
                    "where it was uploaded: submit it again")
-            new = exported(task, State.FAILED, why, error=why)
-            if lifecycle.move(store, rec, new, release=task.node):
+            if new := lifecycle.apply(store, rec, fate.UploadLost(why)):
                 enqueue_next(context.redis(), new)
             return why
         with context.sftp().session(node) as conn:
@@ -81,14 +81,14 @@ def _copy_image(rec) -> str:
         metrics.count(context.redis(), "transfer_bytes", "to_runner", sent)
         metrics.count(context.redis(), "transfer_seconds", "to_runner", elapsed)
     detail = f"copied {sent} bytes in {elapsed:.2f}s" if sent else "runner already holds the image"
-    new = advance(task, State.TRANSFERRED, detail)
-    new.timings.update(transfer_bytes=sent, transfer_seconds=round(elapsed, 3))
-    if not _assign(rec, new, node):
+    # Transferred and assigned in one transaction: a warm task's transfer job
+    # is its only job before the runner.
+    if not lifecycle.apply(store, rec, fate.Transferred(detail, node["lease"], sent, elapsed)):
         return "task or runner moved during transfer"
     return f"{detail}; assigned"
 
 
-def _damaged(recipe: blobs.Recipe) -> bool:
+def _damaged(recipe: recipes.Recipe) -> bool:
     """Is a blob of `recipe` missing from this host's store, or of the wrong size?"""
     store = context.blobs()
     try:
@@ -97,7 +97,7 @@ def _damaged(recipe: blobs.Recipe) -> bool:
         return True
 
 
-def _send_blobs(conn, node: dict, recipe: blobs.Recipe) -> int:
+def _send_blobs(conn, node: dict, recipe: recipes.Recipe) -> int:
     """Send the blobs the runner lacks (neither held nor already in its incoming
     directory, see gpu_runner.images.RunnerBlobs); returns the bytes sent."""
     store, ssh = context.blobs(), context.config().ssh
@@ -120,33 +120,6 @@ def _send_archive(conn, node: dict, task: Task) -> int:
         return 0
     local = spool_file(context.config().web.spool_dir, task.id)
     return sftp.put_parallel(conn, context.config().ssh, node, sftp.local_file(local), remote)
-
-
-# -- run ---------------------------------------------------------------------
-
-def run(task_id: str, attempt: int) -> str:
-    """Hand a transferred task to its runner. The transfer job assigns the
-    task itself, in the transaction that records the copy; this stage is the
-    leader's repair for a task an earlier version left `transferred`."""
-    rec = _load(task_id, attempt, State.TRANSFERRED)
-    if rec is None:
-        return "nothing to do"
-    node = _node(rec.value.node, rec.value.epoch)
-    if node is None:
-        return "runner gone; the leader will re-queue"
-    return "assigned" if _assign(rec, rec.value, node) else "task moved first"
-
-
-def _assign(rec, task: Task, node: dict) -> bool:
-    """Commit `task` (transferred) as assigned, with its assignment key bound
-    to the runner's lease, fenced on the runner's epoch: one etcd transaction
-    for the copy's end and the hand-over (a warm task's transfer job is its
-    only job before the runner). False if the task or the runner moved."""
-    store = context.store()
-    new = advance(task, State.ASSIGNED, f"assigned to {task.node} epoch {task.epoch}")
-    assignment = {"task": task.id, "attempt": task.attempt, "epoch": task.epoch}
-    return lifecycle.move(store, rec, new, fence=(store.keys.node(task.node), task.epoch),
-                          assign=assignment, assign_lease=node["lease"])
 
 
 # -- finalize ----------------------------------------------------------------
@@ -192,13 +165,13 @@ def finalize(task_id: str, attempt: int) -> str:
 
 def _last_try(task_id: str, attempt: int) -> bool:
     """Has this finalize failed max_job_failures - 1 times already?"""
-    rec = _load(task_id, attempt, State.EXPORTED)
+    rec = _load(task_id, attempt, "finalize")
     return rec is not None and \
         rec.value.job_failures.get("finalize", 0) + 1 >= context.config().max_job_failures
 
 
 def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
-    rec = _load(task_id, attempt, State.EXPORTED)
+    rec = _load(task_id, attempt, "finalize")
     if rec is None:
         return "nothing to do"
     task = rec.value
@@ -221,12 +194,12 @@ def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
         elif archived != attempt:
             log.warning("task %s: attempt %d is archived, not %d; keeping the archived one",
                         task_id, archived, attempt)
-        gone = lifecycle.retire(context.store(), rec)
+        gone = lifecycle.apply(context.store(), rec, fate.Archived(task.attempt, State.EXPORTED))
         if gone is None:
             return "task moved first"
-        if gone.value.delete_requested:  # asked for while we archived
+        if gone.delete_requested:  # asked for while we archived
             archive.mark_deleted(conn, task_id)
-            backup.journal_deletion(config.web.output_dir, gone.value)
+            backup.journal_deletion(config.web.output_dir, gone)
     _forget_on_runner(task)
     enqueue_cleanup(context.redis(), task)
     return task.result
@@ -250,14 +223,10 @@ class Fetched:
 def _final(task: Task) -> tuple[Task, bytes]:
     """The final record and its (bounded) log, with the export in the output store."""
     if task.delete_requested:
-        return advance(task, State(task.result), "deleted by its user before it was archived"), b""
+        return fate.decide(task, fate.Fetched(None)).task, b""
     got = _fetch(task)
-    logs = _with_notice(got.logs, got.dropped)
-    if got.refused:
-        return advance(task, State.FAILED, got.refused, error=got.refused, export_error=got.refused,
-                       logs_truncated=got.dropped), logs
-    new = advance(task, State(task.result), _final_detail(task), output=got.output, logs_truncated=got.dropped)
-    return new, logs
+    final = fate.decide(task, fate.Fetched(got.output, got.dropped, got.refused)).task
+    return final, _with_notice(got.logs, got.dropped)
 
 
 def _given_up(task: Task, error: str) -> tuple[Task, bytes]:
@@ -272,8 +241,7 @@ def _given_up(task: Task, error: str) -> tuple[Task, bytes]:
                 logs, dropped = sftp.read_tail(conn, remote["log"], LAST_RESORT_LOG)
         except (FileNotFoundError, Unavailable) as exc:
             log.warning("task %s: its log is lost with the finalize: %s", task.id, exc)
-    return advance(task, State.FAILED, why, error=why, export_error=why,
-                   logs_truncated=dropped), _with_notice(logs, dropped)
+    return fate.decide(task, fate.FinalizeGaveUp(why, dropped)).task, _with_notice(logs, dropped)
 
 
 def _with_notice(logs: bytes, dropped: int) -> bytes:
@@ -349,30 +317,24 @@ def _runner_gone_for_good(task: Task) -> bool:
     return failures + 1 >= context.config().max_job_failures
 
 
-def _final_detail(task: Task) -> str:
-    if task.exit_code is not None:
-        return f"exit code {task.exit_code}"
-    return task.error or task.result
-
-
 def _after_lost_export(conn, rec, why: str) -> tuple[Task | None, bytes]:
-    """The export is gone: the final record to archive, or None once re-queued.
-
-    A cancelled or timed-out task is not run again for its output: it ends as
-    it was going to, without one. Others run again up to the retry limit,
-    unless another finalize of this attempt archived it meanwhile (it took
-    the export, which is why this one found none).
+    """The export is gone: the final record to archive, or None once re-queued
+    (`fate.ExportLost`). Not re-queued if another finalize of this attempt
+    archived it meanwhile (it took the export, which is why this one found none).
     """
     task = rec.value
-    if task.result in (State.CANCELLED, State.TIMED_OUT):
-        return advance(task, State(task.result), why, export_error=why), b""
-    if not task.cancel_requested and retries_left(task, context.config().max_attempts):
-        if archive.archived_attempt(conn, task.id) is not None:
-            raise Unavailable(f"task {task.id} was archived by another finalize meanwhile")
-        lifecycle.move(context.store(), rec, requeue(task, why))  # the leader places it again
-        return None, b""
-    result = State.CANCELLED if task.cancel_requested else State.FAILED
-    return advance(task, result, why, error=why, export_error=why), b""
+    event = fate.ExportLost(why)
+    final = fate.decide(task, event, _rules()).task
+    if final.final:
+        return final, b""
+    if archive.archived_attempt(conn, task.id) is not None:
+        raise Unavailable(f"task {task.id} was archived by another finalize meanwhile")
+    lifecycle.apply(context.store(), rec, event, _rules())  # the leader places it again
+    return None, b""
+
+
+def _rules() -> fate.Rules:
+    return fate.Rules(max_attempts=context.config().max_attempts)
 
 
 def _forget_on_runner(task: Task) -> None:
@@ -424,7 +386,7 @@ def sweep() -> str:
         expired = archive.expired_files(conn, config.host)
         for task_id, path in expired:
             if control.inside(path, config.web.output_dir):
-                _remove(path)
+                Path(path).unlink(missing_ok=True)
             archive.forget_file(conn, task_id)
         orphans = [] if archive.is_empty(conn) else [
             p for p in _files_before(config.web.output_dir, old) if not _output_needed(conn, store, p)]
@@ -434,7 +396,7 @@ def sweep() -> str:
         if name.endswith(".part") or store.get(store.keys.task(name.split(".")[0])) is None:
             orphans.append(path)
     for path in orphans:
-        _remove(path)
+        Path(path).unlink(missing_ok=True)
     blob_root = config.web.blob_root
     upload_sessions.expire(blob_root)
     keep = _blobs_in_use(store) | upload_sessions.in_use(blob_root)
@@ -448,7 +410,7 @@ def sweep() -> str:
 def _blobs_in_use(store) -> set[str]:
     """Every blob a live task's image needs: its transfer may still read them.
     (Reads every live task: etcd holds the live queue, not the history.)"""
-    return {blob for rec in store.list(store.keys.tasks) for blob in blobs.image_blobs(rec.value.image)}
+    return {blob for rec in store.list(store.keys.tasks) for blob in recipes.image_blobs(rec.value.image)}
 
 
 def _output_needed(conn, store, path: str) -> bool:
@@ -489,10 +451,3 @@ def _files_before(directory: str, cutoff: float) -> list[str]:
         return []
     return [e.path for e in entries
             if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < cutoff]
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import click
 from redis.exceptions import RedisError
@@ -29,12 +28,12 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from pink import archive, defaults, lifecycle, pipeline, redisconn, scheduler
+from pink import archive, defaults, fate, lifecycle, pipeline, redisconn, scheduler
 from pink import config as pink_config
 from pink import nodes as pink_nodes
 from pink.errors import PinkError, Unavailable
 from pink.store import Record, Store
-from pink.tasks import FINAL, ON_RUNNER, State, Task, advance, exported, job_id
+from pink.tasks import FINAL, ON_RUNNER, State, Task, job_id
 from queue_workers.queues import (LIVE, enqueue, enqueue_cleanup, enqueue_many, enqueue_sweep,
                                   missing_from_queues, push_back, queue_of, queues_for, seconds_since, statuses,
                                   transfer_hosts)
@@ -230,12 +229,16 @@ class Leader:
                 if self._needs_upload(task, snap):
                     self._upload_lost(rec)
                 else:
-                    self._hand_over_held(rec)
+                    self._hand_over(rec, snap.nodes[task.node],
+                                    f"runner already holds the image; web node {task.web_host} is gone")
             return True
         if state in ON_RUNNER:
             node = snap.nodes.get(task.node)
             if node is None or node.create_revision != task.epoch:
                 self._lost(rec)
+                return True
+            if state == State.TRANSFERRED:
+                self._hand_over(rec, node, "handed over by the leader")
                 return True
         return False
 
@@ -283,8 +286,7 @@ class Leader:
         for task_id, choice in plan.choices.items():
             rec = by_id[task_id]
             task = rec.value
-            new = advance(task, State.PLACED, f"placed on {choice.node}", node=choice.node,
-                          epoch=epochs[choice.node], gpus=choice.gpus, waiting=None)
+            new = fate.decide(task, fate.Placed(choice.node, epochs[choice.node], choice.gpus)).task
             entry = {"gpus": choice.gpus, "attempt": task.attempt, "image": task.image["sha256"]}
             per_node.setdefault(choice.node, []).append(lifecycle.Placement(rec, new, entry))
         limit = lifecycle.MAX_TXN_COMPARES - 3  # a node with more waits for the next pass
@@ -327,7 +329,7 @@ class Leader:
         with archive.connection(self.config.db) as conn:
             if archive.archived_attempt(conn, task.id) is None:
                 archive.archive_task(conn, task, b"")
-        if lifecycle.retire(self.store, rec) is not None:
+        if lifecycle.apply(self.store, rec, fate.Archived(task.attempt, task.state)) is not None:
             enqueue_cleanup(self.redis, task)
             log.info("task %s: final record moved out of etcd", task.id)
 
@@ -381,7 +383,7 @@ class Leader:
         """For a job that failed: True while its retry must wait (backoff) or
         when the task has now failed for good; False to retry it now.
 
-        Transfer and run give up after max_job_failures; finalize backs off
+        Transfer gives up after max_job_failures; finalize backs off
         for ever (up to MAX_BACKOFF): a database outage must not fail tasks.
         The count still grows for finalize: past max_job_failures the job
         itself ends the task on an error other than Unavailable (jobs.finalize).
@@ -391,16 +393,13 @@ class Leader:
         failures = task.job_failures.get(stage, 0) + 1
         if ago is not None and ago < min(2 ** failures, MAX_BACKOFF):
             return True
-        if stage in pipeline.GIVES_UP and failures >= self.config.max_job_failures:
+        if pipeline.STAGES[stage].gives_up and failures >= self.config.max_job_failures:
             reason = (job and job.exc_info or "").strip().splitlines()[-1:] or ["no error recorded"]
             why = f"{stage} failed {failures} times; last: {reason[0][:500]}"
-            new = exported(task, State.FAILED, why, error=why)
-            lifecycle.move(self.store, rec, new, release=task.node, unassign=task.node,
-                           fence=self.fence)
+            lifecycle.apply(self.store, rec, fate.JobGaveUp(why), fence=self.fence)
             log.warning("task %s: %s", task.id, why)
             return True
-        new = replace(task, job_failures={**task.job_failures, stage: failures})
-        return not lifecycle.move(self.store, rec, new, fence=self.fence)
+        return not lifecycle.apply(self.store, rec, fate.JobFailed(stage), fence=self.fence)
 
     def _web_gone(self, host: str) -> bool:
         """Has web node `host` been missing for a lease (`node_ttl`) as this
@@ -432,15 +431,13 @@ class Leader:
         return node is None or node.create_revision != task.epoch or \
             task.image["sha256"] not in (node.value.get("images") or [])
 
-    def _hand_over_held(self, rec: Record) -> None:
-        """A placed task whose runner holds its image, while its web node is
-        gone: its transfer job (on that node's queue) will never run, and
-        there is nothing to copy. Record it transferred; the run job, on a
-        shared queue, assigns it to the runner."""
-        task = rec.value
-        new = advance(task, State.TRANSFERRED, f"runner already holds the image; web node {task.web_host} is gone")
-        if lifecycle.move(self.store, rec, new, fence=self.fence):
-            log.info("task %s: %s", task.id, new.history[-1][2])
+    def _hand_over(self, rec: Record, node: Record, why: str) -> None:
+        """Assign a task to its runner, which holds its image, without a
+        transfer job: a placed task whose web node is gone (its transfer
+        job, on that node's queue, will never run, and there is nothing to
+        copy), or one an earlier version left `transferred`."""
+        if lifecycle.apply(self.store, rec, fate.Transferred(why, node.lease), fence=self.fence):
+            log.info("task %s: %s; assigned", rec.value.id, why)
 
     def _upload_lost(self, rec: Record) -> None:
         """The task's upload was on a web node that is gone: it cannot reach a
@@ -449,17 +446,14 @@ class Leader:
         queue."""
         task = rec.value
         why = f"upload lost with {task.web_host}; submit again"
-        result = State.CANCELLED if task.cancel_requested else State.FAILED
-        new = exported(task, result, why, error=why)
-        if lifecycle.move(self.store, rec, new, release=task.node, unassign=task.node, fence=self.fence):
+        if lifecycle.apply(self.store, rec, fate.UploadLost(why), fence=self.fence):
             log.warning("task %s: %s", task.id, why)
 
     def _lost(self, rec: Record) -> None:
         task = rec.value
         why = f"runner {task.node} lost (lease expired or restarted)"
-        new = pipeline.after_loss(task, why, self.config.max_attempts)
-        if lifecycle.move(self.store, rec, new, release=task.node, unassign=task.node,
-                          fence=self.fence):
+        rules = fate.Rules(max_attempts=self.config.max_attempts)
+        if new := lifecycle.apply(self.store, rec, fate.RunnerLost(why), rules, fence=self.fence):
             log.info("task %s: %s -> %s (attempt %d)", task.id, why, new.state.value, new.attempt)
 
     def _clean_started_registries(self) -> None:

@@ -1,7 +1,8 @@
 """RQ queues and the one way to enqueue a task's stage.
 
 Queues: `pink-transfer.<web host>` (the upload lives on that host, so its
-transfer and spool cleanup run there), shared `pink-run` and `pink-finalize`.
+transfer and spool cleanup run there) and the shared `pink-finalize`; which
+stage runs on which is `pink.pipeline.STAGES`.
 Job ids are `<task>-<stage>-<attempt>`, so enqueueing a stage that already
 has a live job does nothing; every job begins with a compare-and-swap on the
 task, so a job that does run twice does nothing the second time. Called by
@@ -19,24 +20,10 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from pink import defaults, pipeline
+from pink.pipeline import transfer_queue
 from pink.tasks import Task, job_id
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
-
-STAGES = {
-    # stage: (job function, queue name for a task record, seconds the job may take)
-    "transfer": ("queue_workers.jobs.transfer", lambda task: transfer_queue(task.web_host),
-                 defaults.JOB_TIMEOUT),
-    "cleanup": ("queue_workers.jobs.cleanup", lambda task: transfer_queue(task.web_host), 60),
-    "run": ("queue_workers.jobs.run", lambda task: defaults.QUEUE_RUN, 60),
-    "finalize": ("queue_workers.jobs.finalize", lambda task: defaults.QUEUE_FINALIZE,
-                 defaults.JOB_TIMEOUT),
-}
-
-
-def transfer_queue(host: str) -> str:
-    return defaults.QUEUE_TRANSFER_PREFIX + host
-
 
 def queues_for(host: str) -> list[str]:
     """What a worker on web node `host` listens to, most urgent first.
@@ -44,7 +31,7 @@ def queues_for(host: str) -> list[str]:
     Finalize comes last: it waits on the database, and a database outage (or
     a few slow archives) must not starve the jobs that start tasks.
     """
-    return [defaults.QUEUE_RUN, transfer_queue(host), defaults.QUEUE_FINALIZE]
+    return [transfer_queue(host), defaults.QUEUE_FINALIZE]
 
 
 def transfer_hosts(redis: Redis) -> list[str]:
@@ -156,7 +143,7 @@ return 0
 
 def queue_of(task: Task, stage: str) -> str:
     """The queue that runs `stage` for the task."""
-    return STAGES[stage][1](task)
+    return pipeline.STAGES[stage].queue(task)
 
 
 def enqueue_next(redis: Redis, task: Task) -> bool:
@@ -219,7 +206,7 @@ def enqueue_cleanup(redis: Redis, task: Task) -> None:
 
 def _job(task: Task, stage: str) -> tuple[str, object]:
     """(queue name, RQ's EnqueueData) of the job running `stage` for the task's current attempt."""
-    func, _, timeout = STAGES[stage]
-    return queue_of(task, stage), Queue.prepare_data(
-        func, (task.id, task.attempt), job_id=job_id(task.id, stage, task.attempt),
-        timeout=timeout, result_ttl=600, failure_ttl=7 * 86400, description=f"{stage} task {task.id}")
+    spec = pipeline.STAGES[stage]
+    return spec.queue(task), Queue.prepare_data(
+        spec.function, (task.id, task.attempt), job_id=job_id(task.id, stage, task.attempt),
+        timeout=spec.timeout, result_ttl=600, failure_ttl=7 * 86400, description=f"{stage} task {task.id}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 import zstandard
 
-from pink import archive, blobs, db, image_archive, users
+from pink import archive, db, image_archive, recipes, users
 from pink.tasks import FINAL_NAMES
 
 FINAL = FINAL_NAMES
@@ -113,7 +113,7 @@ def begin_upload(api: Api, archive) -> dict:
     """Open a layer-upload session for `archive` as `pink submit` does; the answer
     (`upload`, `missing`, `challenges`), with the archive's layer digests as `layers`."""
     info = image_archive.inspect(archive)
-    recipe, where = blobs.Recipe.from_archive(archive, info)
+    recipe, where = recipes.Recipe.from_archive(archive, info)
     with open(archive, "rb") as fh:
         fh.seek(where[recipe.config][0])
         config = fh.read(where[recipe.config][1])

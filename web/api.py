@@ -17,9 +17,10 @@ from datetime import timezone
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
-from pink import archive, blobs, control, idempotency, lifecycle, nodes, outputs, sftp
+from pink import archive, control, fate, idempotency, lifecycle, nodes, outputs, recipes, sftp
 from pink.compat import fromisoformat
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, TooManyRequests, Unavailable
+from pink.request_input import number
 from pink.store import Record
 from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
 from pink.version import version
@@ -96,7 +97,7 @@ def rerun(task_id: str):
     if first := control.replay(res().store, user.name, claim):
         return first_task(first)
     recipe = task.image.get("recipe")
-    if not recipe or res().blobs.missing(blobs.Recipe.from_dict(recipe).blobs):
+    if not recipe or res().blobs.missing(recipes.Recipe.from_dict(recipe).blobs):
         raise Gone(f"the image of task {task_id} is no longer kept on web node {res().config.host}: "
                    "submit its archive again", code="image_gone")
     return create_task(user, new_id(), params, dict(task.image), 0, claim)
@@ -141,19 +142,10 @@ def _query(user) -> archive.Query:
     state = args.get("state") or None
     if state is not None and state not in {s.value for s in State}:
         raise BadRequest(f"state must be one of {', '.join(s.value for s in State)}", code="bad_param")
-    limit = _number(args, "limit", int, archive.DEFAULT_PAGE)
-    if not 1 <= limit <= archive.MAX_PAGE:
-        raise BadRequest(f"limit must be between 1 and {archive.MAX_PAGE}", code="bad_param")
+    limit = number(args, "limit", int, archive.DEFAULT_PAGE, low=1, high=archive.MAX_PAGE)
     cursor = archive.Cursor.decode(args["cursor"]) if args.get("cursor") else None
     return archive.Query(user=who, state=state, name=args.get("name") or None,
                          since=_time(args, "since"), until=_time(args, "until"), limit=limit, cursor=cursor)
-
-
-def _number(args, name: str, kind, default):
-    try:
-        return kind(args[name]) if args.get(name) not in (None, "") else default
-    except ValueError:
-        raise BadRequest(f"{name} must be a number, got {args[name]!r}", code="bad_param") from None
 
 
 def _time(args, name: str) -> float | None:
@@ -213,7 +205,7 @@ def get_task(task_id: str):
     """
     task, _ = _task(task_id)
     seen = request.args.get("seen")
-    wait = min(request.args.get("wait", 0, type=float), MAX_WAIT)
+    wait = number(request.args, "wait", float, 0, low=0, cap=MAX_WAIT)
     slots = _poll_slots() if wait > 0 and seen else None
     deadline = time.monotonic() + (wait if slots else 0)
     client = log_streams.Client(request.environ, lambda: res().stopping) if slots else None
@@ -244,7 +236,7 @@ def delete_task(task_id: str):
     if rec is None or task.final:  # a final record in etcd: left by an older version
         control.delete_archived(res().db(), res().config, task)
         if rec is not None:
-            lifecycle.retire(res().store, rec)
+            lifecycle.apply(res().store, rec, fate.Archived(task.attempt, task.state))
         return jsonify(deleted=task.id)
     return jsonify(task=public_view(control.cancel(res().store, rec))), 202
 
@@ -351,12 +343,8 @@ class _LogPlace:
 
 
 def _follow_start(task: Task) -> _LogPlace:
-    offset = _number(request.args, "offset", int, 0)
-    attempt = _number(request.args, "attempt", int, task.attempt)
-    if offset < 0 or attempt < 1:
-        raise BadRequest(f"offset must be 0 or more and attempt 1 or more, got offset={offset} "
-                         f"attempt={attempt}", code="bad_param")
-    return _LogPlace(attempt, offset)
+    return _LogPlace(number(request.args, "attempt", int, task.attempt, low=1),
+                     number(request.args, "offset", int, 0, low=0))
 
 
 def _archived_logs(task_id: str) -> bytes:

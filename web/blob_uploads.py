@@ -3,7 +3,7 @@
 GPU images are gigabytes and change by kilobytes, so the client first
 sends the image's config and its layers' digests and sizes; the server
 answers which blobs it lacks, and which it holds, with a challenge the
-client answers by hashing random ranges of each (`pink.blobs.challenge`):
+client answers by hashing random ranges of each (`pink.possession.challenge`):
 knowing a digest is not holding the blob, and a user's image must not be
 runnable by anyone who read its manifest. The client then uploads the
 missing blobs, each checksummed and resumable after a cut connection, and
@@ -36,8 +36,9 @@ import json
 from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
-from pink import blobs, control, idempotency, upload_sessions
+from pink import blob_store, control, idempotency, possession, rebuilt_archive, recipes, upload_sessions
 from pink.errors import BadRequest, Conflict, NotFound, PinkError, TooLarge
+from pink.request_input import field, json_body, number
 from pink.tasks import Params, new_id
 from web.api import create_task, first_task
 from web.auth import require_user
@@ -53,9 +54,7 @@ MAX_CONFIG_BYTES = 16 * 2**20
 @bp.post("")
 def begin():
     user = require_user()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest('send JSON {"config", "layers", "repo_tags", "layout"}', code="bad_json")
+    body = json_body(request, '{"config", "layers", "repo_tags", "layout"}')
     config_bytes, parsed = _config(body.get("config"))
     layers, layout = body.get("layers"), body.get("layout", "docker")
     if layout not in LAYOUTS:
@@ -64,17 +63,18 @@ def begin():
         raise BadRequest('layers is a list of {"digest", "size"}', code="bad_manifest")
     config_digest = hashlib.sha256(config_bytes).hexdigest()
     sizes = {config_digest: len(config_bytes), **{x.get("digest"): x.get("size") for x in layers}}
-    recipe = blobs.Recipe(config=config_digest, layers=[x.get("digest") for x in layers],
-                          repo_tags=body.get("repo_tags") or [], sizes=sizes)
+    recipe = recipes.Recipe(config=config_digest, layers=[x.get("digest") for x in layers],
+                            repo_tags=body.get("repo_tags") or [], sizes=sizes)
     _check_diff_id_count(recipe, parsed)
     web, limits = res().config.web, res().config.limits
-    if blobs.archive_size(recipe) > web.max_upload_bytes:
-        raise TooLarge(f"the image is {blobs.archive_size(recipe)} bytes; the limit is {web.max_upload_bytes}")
+    archive_bytes = rebuilt_archive.archive_size(recipe)
+    if archive_bytes > web.max_upload_bytes:
+        raise TooLarge(f"the image is {archive_bytes} bytes; the limit is {web.max_upload_bytes}")
     opened = upload_sessions.check_room(web.blob_root, user.name, limits.upload_sessions_per_user)
-    control.check_submit(res().store, res().config, user.name, 0, opened + blobs.archive_size(recipe))
+    control.check_submit(res().store, res().config, user.name, 0, opened + archive_bytes)
     store = res().blobs
     missing = store.missing(recipe.layers)
-    challenges = {d: blobs.challenge_held(store, d, recipe.sizes[d])
+    challenges = {d: possession.challenge_held(store, d, recipe.sizes[d])
                   for d in dict.fromkeys(recipe.layers) if d not in missing}
     store.write(f"cfg-{new_id()}", config_digest, io.BytesIO(config_bytes), len(config_bytes))
     session = upload_sessions.create(web.blob_root, res().config.host, user.name, recipe, layout, challenges)
@@ -99,9 +99,9 @@ def _config(text) -> tuple[bytes, dict]:
     return data, parsed
 
 
-def _check_diff_id_count(recipe: blobs.Recipe, config: dict) -> None:
+def _check_diff_id_count(recipe: recipes.Recipe, config: dict) -> None:
     """The config lists one diff_id per layer. Whether each is its layer's is
-    checked at commit, once every layer is in the store (`blobs.verified_diff_ids`),
+    checked at commit, once every layer is in the store (`blob_store.verified_diff_ids`),
     whatever layout the client says it sent."""
     diff_ids = (config.get("rootfs") or {}).get("diff_ids")
     if not isinstance(diff_ids, list) or len(diff_ids) != len(recipe.layers):
@@ -139,10 +139,7 @@ def put_blob(upload_id: str, digest: str):
     store = res().blobs
     if session.done(digest):
         return jsonify(offset=size), 201
-    try:
-        offset = int(request.headers.get("Upload-Offset", "0"))
-    except ValueError:
-        raise BadRequest("Upload-Offset is a number of bytes", code="bad_param") from None
+    offset = number(request.headers, "Upload-Offset", int, 0, low=0)  # bytes the client skips
     try:
         held = store.write(session.id, digest, request.stream, size, offset, limit=request.content_length,
                            present_ok=False)
@@ -150,7 +147,7 @@ def put_blob(upload_id: str, digest: str):
         if exc.code != "present":
             raise
         # Another upload stored it meanwhile: reading ours would prove nothing.
-        challenge = session.challenge(digest) or blobs.challenge_held(store, digest, size)
+        challenge = session.challenge(digest) or possession.challenge_held(store, digest, size)
         session.add_challenge(digest, challenge)
         return jsonify(offset=size, challenge=challenge), 200, {"Connection": "close"}
     except ClientDisconnected:
@@ -173,11 +170,8 @@ def commit(upload_id: str):
     if first := control.replay(res().store, user.name, claim):  # before the session: the first closed it
         return first_task(first)
     session = _session(upload_id)
-    body = request.get_json(silent=True) or {}
-    proofs = body.get("proofs") if isinstance(body, dict) else None
-    if not isinstance(proofs or {}, dict):
-        raise BadRequest('send JSON {"proofs": {digest: hex}}', code="bad_json")
-    proofs = proofs or {}
+    body = json_body(request, '{"proofs": {digest: hex}}', required=False)
+    proofs = field(body, "proofs", dict, None, null_ok=True) or {}
     store = res().blobs
     unproven = [d for d in dict.fromkeys(session.recipe.layers)
                 if not (store.has(d) and (session.done(d) or _proved(store, session, d, proofs.get(d))))]
@@ -185,7 +179,7 @@ def commit(upload_id: str):
         raise Conflict(f"{len(unproven)} layer(s) are neither uploaded nor proved held: upload them "
                        f"(the first is {unproven[0]})", code="blobs_missing")
     try:
-        blobs.verified_diff_ids(store, session.recipe)
+        blob_store.verified_diff_ids(store, session.recipe)
     except BadRequest:
         session.close()  # its config and layers are fixed: it can never commit
         raise
@@ -199,9 +193,9 @@ def commit(upload_id: str):
     return answer
 
 
-def _proved(store: blobs.BlobStore, session: upload_sessions.Session, digest: str, answer) -> bool:
+def _proved(store: blob_store.BlobStore, session: upload_sessions.Session, digest: str, answer) -> bool:
     challenge = session.challenge(digest)
-    return challenge is not None and blobs.check_proof(store, digest, challenge, answer)
+    return challenge is not None and possession.check_proof(store, digest, challenge, answer)
 
 
 @bp.delete("/<upload_id>")

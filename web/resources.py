@@ -14,7 +14,7 @@ from flask import current_app, g
 from redis import Redis
 
 from pink import db, redisconn
-from pink.blobs import BlobStore
+from pink.blob_store import BlobStore
 from pink.config import Config
 from pink.store import Store
 

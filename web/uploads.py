@@ -2,7 +2,7 @@
 
 The body is read in fixed-size chunks straight into a spool file, so memory
 stays flat whatever the size; once inspected, its config and layers go into
-the web node's blob store (`pink.blobs`) and the archive is deleted: the
+the web node's blob store (`pink.blob_store`) and the archive is deleted: the
 task keeps the image's recipe, and the next upload sharing those layers
 can skip them (`web.blob_uploads`). Anything wrong (too large, cut off, not
 a valid image archive, a config whose diff_ids are not its layers) removes
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import request
 from werkzeug.exceptions import ClientDisconnected
 
-from pink import blobs, defaults, image_archive
+from pink import blob_store, defaults, image_archive, rebuilt_archive, recipes
 from pink.errors import BadRequest, TooLarge
 
 
 @dataclass
 class Upload:
-    recipe: blobs.Recipe
+    recipe: recipes.Recipe
     received: int  # bytes of the request body
     info: image_archive.ImageInfo
 
@@ -32,9 +33,9 @@ class Upload:
         return image_record(self.recipe, self.info.layout)
 
 
-def image_record(recipe: blobs.Recipe, layout: str) -> dict:
+def image_record(recipe: recipes.Recipe, layout: str) -> dict:
     """A task's `image`: named by its recipe's key, sized as the archive a runner loads."""
-    return {"sha256": recipe.key, "size": blobs.archive_size(recipe), "image_id": recipe.image_id,
+    return {"sha256": recipe.key, "size": rebuilt_archive.archive_size(recipe), "image_id": recipe.image_id,
             "repo_tags": list(recipe.repo_tags), "layout": layout, "recipe": recipe.to_dict()}
 
 
@@ -48,7 +49,7 @@ def _source():
     return request.stream
 
 
-def receive(spool_dir: str, store: blobs.BlobStore, task_id: str, max_bytes: int) -> Upload:
+def receive(spool_dir: str, store: blob_store.BlobStore, task_id: str, max_bytes: int) -> Upload:
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise TooLarge(f"the archive is {declared} bytes; the limit is {max_bytes} bytes")
@@ -64,15 +65,15 @@ def receive(spool_dir: str, store: blobs.BlobStore, task_id: str, max_bytes: int
             raise BadRequest("the request body is empty: send the `docker save` archive as the body",
                              code="empty")
         info = image_archive.inspect(part)
-        recipe, ranges = blobs.Recipe.from_archive(part, info)
+        recipe, ranges = recipes.Recipe.from_archive(part, info)
         for digest, (offset, length) in ranges.items():
             store.ingest(digest, part, offset, length)  # checked even when the store holds it
             store.prepare_diff_id(digest)  # every layer's, now: a session may reuse one later
-        blobs.verified_diff_ids(store, recipe)  # the config's word about its layers, checked
+        blob_store.verified_diff_ids(store, recipe)  # the config's word about its layers, checked
     except ClientDisconnected:
         raise BadRequest("the upload was cut off before the end; send it again", code="truncated") from None
     finally:
-        _discard(part)
+        Path(part).unlink(missing_ok=True)
     return Upload(recipe=recipe, received=size, info=info)
 
 
@@ -86,10 +87,3 @@ def _spool(stream, path: str, max_bytes: int) -> int:
                 raise TooLarge(f"the archive is over the limit of {max_bytes} bytes")
             out.write(chunk)
     return size
-
-
-def _discard(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

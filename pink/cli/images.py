@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from pathlib import Path
 from typing import Callable, Iterator
 
 from pink.errors import PinkError
@@ -73,5 +74,4 @@ def archive_for(source: str, on_saving: Callable[[str, int], None] | None = None
                                 code="save_failed") from None
         yield path
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        Path(path).unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """`pink submit`'s upload: only the layers the server lacks (`web.blob_uploads`).
 
 The archive is read where it lies: its headers tell where each layer's
-bytes are (`pink.blobs.Recipe.from_archive`), so nothing is unpacked or
+bytes are (`pink.recipes.Recipe.from_archive`), so nothing is unpacked or
 hashed whole here. The server answers which layers it lacks, and for those
 it holds a challenge: hash a few random ranges, which only someone holding
 the layer can. Each missing layer goes in its own PUT; one cut off is
@@ -15,7 +15,7 @@ import base64
 import time
 from typing import Callable
 
-from pink import blobs, image_archive
+from pink import image_archive, possession, recipes
 from pink.errors import Conflict, PinkError, Unavailable
 
 Progress = Callable[[int, "int | None"], None]
@@ -67,7 +67,7 @@ def submit(client, archive, params: list[tuple[str, str]], progress: Progress | 
     NoLayerUploads for an older server.
     """
     info = image_archive.inspect(archive)
-    recipe, where = blobs.Recipe.from_archive(archive, info)
+    recipe, where = recipes.Recipe.from_archive(archive, info)
     with open(archive, "rb") as fh:
         fh.seek(where[recipe.config][0])
         config = fh.read(where[recipe.config][1])
@@ -80,7 +80,7 @@ def submit(client, archive, params: list[tuple[str, str]], progress: Progress | 
         raise NoLayerUploads()
     plan = resp.json()
     upload, missing = plan["upload"], plan["missing"]
-    proofs = {d: blobs.proof(_reader(archive, where[d][0]), c) for d, c in plan["challenges"].items()}
+    proofs = {d: possession.proof(_reader(archive, where[d][0]), c) for d, c in plan["challenges"].items()}
     total = sum(recipe.sizes[d] for d in missing)
     if on_plan:
         on_plan(len(missing), len(set(recipe.layers)), total)
@@ -96,7 +96,7 @@ def submit(client, archive, params: list[tuple[str, str]], progress: Progress | 
     for digest in missing:
         challenge = _put(client, upload, digest, archive, where[digest], report)
         if challenge:
-            proofs[digest] = blobs.proof(_reader(archive, where[digest][0]), challenge)
+            proofs[digest] = possession.proof(_reader(archive, where[digest][0]), challenge)
     key = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     return client._json("POST", f"/uploads/{upload}/commit", "task", params=params, json={"proofs": proofs},
                         headers=key, expect=(200, 201))

@@ -1,5 +1,5 @@
 """The local cluster's services answer, are locked down as promised, and `up`
-and `down` manage exactly their own processes (devcluster/local.py)."""
+and `down` manage exactly their own processes (devcluster/cluster.py)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ import docker
 import pytest
 
 from gpu_runner import images as runner_images
-from pink.blobs import BlobStore, Recipe, archive_size, open_archive
+from pink.blob_store import BlobStore
+from pink.rebuilt_archive import archive_size, open_archive
+from pink.recipes import Recipe
 from pink.image_archive import inspect
 from tests import images
 

@@ -1,4 +1,5 @@
-"""Tests for pink.blobs: recipes of real archives, the blob store, rebuilt archives.
+"""Tests for pink.recipes, pink.blob_store and pink.rebuilt_archive: recipes of real
+archives, the blob store, rebuilt archives.
 
 Each image is built by the local Docker daemon with a nonce in its own
 layers and removed from Docker once saved, so `docker load` of an archive
@@ -24,9 +25,11 @@ import uuid
 import docker
 import pytest
 
-from pink import blobs
-from pink.blobs import BlobStore, Recipe, WrongOffset, archive_size, open_archive, read_archive
-from pink.errors import BadRequest, Conflict
+from pink import blob_store
+from pink.blob_store import PART_GRACE, BlobStore, WrongOffset
+from pink.errors import BadRequest, Conflict, NotFound
+from pink.rebuilt_archive import archive_size, open_archive, read_archive
+from pink.recipes import MAX_BLOB_BYTES, MAX_LAYERS, Recipe
 from pink.image_archive import inspect
 from tests import images
 
@@ -239,7 +242,7 @@ def test_headers_of_huge_layers_fit_one_block(tmp_path):
 def test_a_missing_blob_is_named(tmp_path, saved):
     recipe = _recipe(saved["archives"]["classic"])[0]
     store = BlobStore(tmp_path, budget_bytes=2**30)
-    with pytest.raises(blobs.NotFound) as caught:
+    with pytest.raises(NotFound) as caught:
         read_archive(recipe, store, 0, archive_size(recipe))
     assert caught.value.code == "missing_blob" and recipe.config in caught.value.message
 
@@ -268,7 +271,7 @@ class Untouchable:
 def _elsewhere(resumed_elsewhere: bool) -> None:
     """A resume that reaches another process finds no running hash to continue."""
     if resumed_elsewhere:
-        blobs._hash_states.clear()
+        blob_store._hash_states.clear()
 
 
 @pytest.mark.parametrize("resumed_elsewhere", [False, True])
@@ -280,7 +283,7 @@ def test_write_resumes_from_where_it_was_cut(tmp_path, resumed_elsewhere):
         store.write("alice", digest, CutStream(data[:cut]), len(data))
     assert store.offset("alice", digest) == cut and not store.has(digest)
     assert store.offset("bob", digest) == 0
-    assert store._part("alice", digest) in blobs._hash_states  # its running hash, kept
+    assert store._part("alice", digest) in blob_store._hash_states  # its running hash, kept
     more = 5000
     _elsewhere(resumed_elsewhere)
     assert store.write("alice", digest, io.BytesIO(data[cut:]), len(data), offset=cut, limit=more) \
@@ -477,7 +480,7 @@ def test_collect_never_removes_kept_blobs(tmp_path, caplog):
 
     store, d = _filled(tmp_path / "over", budget=1500)
     _used_in_order(store, d, [0, 1, 2, 3, 4])
-    with caplog.at_level(logging.WARNING, logger="pink.blobs"):
+    with caplog.at_level(logging.WARNING, logger="pink.blob_store"):
         assert store.collect({d[0], d[1], d[2]}) == [d[3], d[4]]
     assert all(store.has(x) for x in d[:3]) and store.total_bytes() == 3000
     assert "over its budget" in caplog.text
@@ -488,7 +491,7 @@ def test_collect_removes_stale_part_files(tmp_path):
     data, digest = _blob(10_000)
     for owner in ("alice", "0123456789ab", "carol"):
         store.write(owner, digest, io.BytesIO(data), len(data), limit=500)
-    old = time.time() - blobs.PART_GRACE - 60
+    old = time.time() - PART_GRACE - 60
     os.utime(store._part("alice", digest), (old, old))
     os.utime(store._part("carol", digest), (old, old))
     with open(store._part("carol", digest), "rb") as held:  # a writer still holds carol's part
@@ -497,7 +500,7 @@ def test_collect_removes_stale_part_files(tmp_path):
     assert sorted(_parts(store)) == sorted([store._part("0123456789ab", digest),
                                             store._part("carol", digest)])
     assert store.offset("alice", digest) == 0
-    later = time.time() + 2 * blobs.PART_GRACE
+    later = time.time() + 2 * PART_GRACE
     store.collect(set(), now=later)
     assert _parts(store) == [] and os.listdir(store.partial_dir) == []
 
@@ -522,7 +525,7 @@ def _sizes(**changes) -> dict:
     return _with(sizes=sizes)
 
 
-MANY = [f"{i:064x}" for i in range(blobs.MAX_LAYERS + 1)]
+MANY = [f"{i:064x}" for i in range(MAX_LAYERS + 1)]
 
 
 @pytest.mark.parametrize("data, words", [
@@ -539,8 +542,8 @@ MANY = [f"{i:064x}" for i in range(blobs.MAX_LAYERS + 1)]
     (_sizes(a=True), "expected 0 to"),
     (_sizes(a=1.5), "expected 0 to"),
     (_sizes(a="5"), "expected 0 to"),
-    (_sizes(a=blobs.MAX_BLOB_BYTES + 1), "expected 0 to"),
-    (_sizes(a=blobs.MAX_BLOB_BYTES, b=blobs.MAX_BLOB_BYTES), "add up to"),
+    (_sizes(a=MAX_BLOB_BYTES + 1), "expected 0 to"),
+    (_sizes(a=MAX_BLOB_BYTES, b=MAX_BLOB_BYTES), "add up to"),
     (_sizes(c=0), "the config is 0 bytes"),
     (_sizes(c=10**9), "the config is"),
     (_sizes(d=1), "not a blob of the image"),

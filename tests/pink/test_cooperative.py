@@ -11,7 +11,7 @@ import sys
 TICKER = """
 from gevent import monkey; monkey.patch_all()
 import gevent, gzip, io, os
-from pink import blobs, users
+from pink import blob_store, users
 
 ticks = []
 def tick():
@@ -32,7 +32,7 @@ print(len(ticks) - before)
 
 HASH = """
     data = gzip.compress(os.urandom(1 << 20) * 48, compresslevel=1)
-    blobs._hash_decompressed(io.BytesIO(data), "gzip", "0" * 64)
+    blob_store._hash_decompressed(io.BytesIO(data), "gzip", "0" * 64)
 """
 SCRYPT = """
     for _ in range(3):

@@ -6,8 +6,7 @@ import pytest
 from werkzeug.datastructures import MultiDict
 
 from pink.errors import BadRequest, Conflict
-from pink.tasks import (FINAL, State, Params, TRANSITIONS, Task, advance, exported, job_id, new_record,
-                        public_view, requeue)
+from pink.tasks import FINAL, State, Params, TRANSITIONS, Task, advance, job_id, new_record, public_view
 
 
 def record(**params):
@@ -35,21 +34,6 @@ def test_advance_records_history_and_timing_without_touching_the_original():
     assert placed.state == "placed" and placed.node == "run1"
     assert placed.history[-1][1:] == ["placed", "placed on run1"]
     assert "placed" in placed.timings and "placed" not in task.timings
-
-
-def test_requeue_starts_a_new_attempt_on_no_runner():
-    task = advance(advance(record(), State.PLACED, node="run1", epoch=5, gpus=["g0"]),
-                   State.TRANSFERRED)
-    again = requeue(task, "runner lost")
-    assert again.state == "queued" and again.attempt == 2
-    assert again.node is None and again.epoch is None and again.gpus == []
-
-
-def test_exported_carries_the_result_for_the_finalizer():
-    task = advance(record(), State.PLACED)
-    done = exported(task, State.CANCELLED, "cancelled before it started")
-    assert done.state == "exported" and done.result == "cancelled"
-    advance(done, State(done.result))
 
 
 def test_job_ids_are_deterministic_and_valid_for_rq():

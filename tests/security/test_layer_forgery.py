@@ -25,7 +25,7 @@ import docker
 import pytest
 
 from gpu_runner import images as runner_images
-from pink import blobs, defaults, image_archive, upload_sessions
+from pink import blob_store, defaults, image_archive, possession, rebuilt_archive, recipes, upload_sessions
 from pink.errors import NotFound, TooManyRequests
 from tests import images
 from tests.helpers import Api, make_user
@@ -107,9 +107,9 @@ def test_gzip_layers_are_checked_by_their_decompressed_bytes(web, private, tmp_p
     honest = images.to_gzip_oci_archive(private["archive"], tmp_path / "honest-gzip.tar")
     r = Api(web, make_user(web, "anna")).submit(honest)
     assert r.status_code == 201, r.text
-    store = blobs.BlobStore(web.web.blob_root, 2**40)
-    recipe, _ = blobs.Recipe.from_archive(honest, image_archive.inspect(honest))
-    assert blobs.verified_diff_ids(store, recipe) == private["config"]["rootfs"]["diff_ids"]
+    store = blob_store.BlobStore(web.web.blob_root, 2**40)
+    recipe, _ = recipes.Recipe.from_archive(honest, image_archive.inspect(honest))
+    assert blob_store.verified_diff_ids(store, recipe) == private["config"]["rootfs"]["diff_ids"]
     assert all(os.path.exists(os.path.join(store.diff_id_dir, d)) for d in recipe.layers)  # hashed once, kept
 
 
@@ -119,7 +119,7 @@ def test_a_proof_of_possession_is_over_the_size_pink_recorded(web, private):
     the challenge covers the bytes PINK holds."""
     owner = Api(web, make_user(web, "emil"))
     assert owner.submit(private["archive"]).status_code == 201  # emil's layers are in the store
-    recipe, _ = blobs.Recipe.from_archive(private["archive"], image_archive.inspect(private["archive"]))
+    recipe, _ = recipes.Recipe.from_archive(private["archive"], image_archive.inspect(private["archive"]))
     layer = recipe.layers[-1]
     config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer}"]}}).encode()
     thief = Api(web, make_user(web, "fritz"))
@@ -130,18 +130,19 @@ def test_a_proof_of_possession_is_over_the_size_pink_recorded(web, private):
     r = _begin(thief, config, [(layer, recipe.sizes[layer])], "oci")
     assert r.status_code == 201, r.text
     ranges = r.json()["challenges"][layer]["ranges"]
-    assert sum(length for _, length in ranges) == min(recipe.sizes[layer], blobs.PROOF_RANGES * blobs.PROOF_RANGE)
+    assert sum(length for _, length in ranges) == min(recipe.sizes[layer],
+                                                      possession.PROOF_RANGES * possession.PROOF_RANGE)
 
 
 def test_a_challenge_over_no_bytes_proves_nothing(tmp_path):
     """A challenge whose ranges read none of a non-empty blob is never accepted as proof."""
-    store = blobs.BlobStore(tmp_path / "store", 2**30)
+    store = blob_store.BlobStore(tmp_path / "store", 2**30)
     data = b"a layer" * 100
     store.write("owner", _sha(data), io.BytesIO(data), len(data))
     hollow = {"nonce": "11" * 16, "ranges": [[0, 0]]}
-    assert not blobs.check_proof(store, _sha(data), hollow, blobs.proof(lambda o, n: data[o:o + n], hollow))
-    fair = blobs.challenge_held(store, _sha(data), len(data))
-    assert blobs.check_proof(store, _sha(data), fair, blobs.proof(lambda o, n: data[o:o + n], fair))
+    assert not possession.check_proof(store, _sha(data), hollow, possession.proof(lambda o, n: data[o:o + n], hollow))
+    fair = possession.challenge_held(store, _sha(data), len(data))
+    assert possession.check_proof(store, _sha(data), fair, possession.proof(lambda o, n: data[o:o + n], fair))
 
 
 def test_the_runner_does_not_reuse_a_layer_on_a_diff_id_it_did_not_check(docker_client, private, tmp_path):
@@ -149,11 +150,11 @@ def test_the_runner_does_not_reuse_a_layer_on_a_diff_id_it_did_not_check(docker_
     a recipe whose config names layers Docker holds over other bytes fails to
     load, saying so, and no image of it appears (a web node's check is not the only one)."""
     config, layers = images.forgery(private["config"])
-    store = blobs.BlobStore(tmp_path / "runner-store", 2**30)
+    store = blob_store.BlobStore(tmp_path / "runner-store", 2**30)
     for n, data in enumerate([config, *layers]):
         store.write(f"t{n}", _sha(data), io.BytesIO(data), len(data))
-    recipe = blobs.Recipe(config=_sha(config), layers=[_sha(x) for x in layers], repo_tags=[],
-                          sizes={_sha(x): len(x) for x in [config, *layers]})
+    recipe = recipes.Recipe(config=_sha(config), layers=[_sha(x) for x in layers], repo_tags=[],
+                            sizes={_sha(x): len(x) for x in [config, *layers]})
     images.ensure_busybox_image(docker_client)
     docker_client.images.get(private["tag"])  # Docker holds every layer the config names
     with pytest.raises(RuntimeError, match="diff_id"):
@@ -190,7 +191,7 @@ def test_open_upload_sessions_count_against_the_upload_bytes_limit(web):
     default) by opening sessions that have not sent them yet: what open sessions
     will hold counts with the image being begun."""
     assert web.limits.upload_bytes_per_user == defaults.UPLOAD_BYTES_PER_USER
-    per_image = blobs.MAX_BLOB_BYTES - 2**20  # the largest image one session may announce
+    per_image = recipes.MAX_BLOB_BYTES - 2**20  # the largest image one session may announce
     fits = web.limits.upload_bytes_per_user // per_image
     assert fits < web.limits.upload_sessions_per_user  # the bytes limit, not the count, must stop it
     booker = Api(web, make_user(web, "ida"))
@@ -209,12 +210,12 @@ def test_sessions_are_counted_per_user_and_swept_in_either_layout(tmp_path):
     blobs and removes expired ones, those laid out before per-user folders too."""
     root = str(tmp_path)
     layer = images.layer_of("x", b"x")
-    recipe = blobs.Recipe(config="c" * 64, layers=[_sha(layer)], repo_tags=[],
-                          sizes={"c" * 64: 10, _sha(layer): len(layer)})
+    recipe = recipes.Recipe(config="c" * 64, layers=[_sha(layer)], repo_tags=[],
+                            sizes={"c" * 64: 10, _sha(layer): len(layer)})
     mine = upload_sessions.create(root, "web1", "jo", recipe, "oci", {})
     upload_sessions.create(root, "web1", "kim", recipe, "oci", {})
     assert os.path.dirname(mine.root) == os.path.join(root, upload_sessions.SESSIONS, "jo")
-    assert upload_sessions.check_room(root, "jo", 2) == blobs.archive_size(recipe)
+    assert upload_sessions.check_room(root, "jo", 2) == rebuilt_archive.archive_size(recipe)
     with pytest.raises(TooManyRequests, match="upload_sessions_per_user = 1"):
         upload_sessions.check_room(root, "jo", 1)
     legacy = os.path.join(root, upload_sessions.SESSIONS, "web1." + "0" * 32)
@@ -244,7 +245,7 @@ def _upload_and_commit(api: Api, layer: bytes, diff_id: str, before_commit=None)
     r = api("PUT", f"/uploads/{upload}/blobs/{_sha(layer)}", data=layer)
     proofs = {}
     if r.status_code == 200:  # held already: prove it, as the CLI does
-        proofs[_sha(layer)] = blobs.proof(lambda o, n: layer[o:o + n], r.json()["challenge"])
+        proofs[_sha(layer)] = possession.proof(lambda o, n: layer[o:o + n], r.json()["challenge"])
     else:
         assert r.status_code == 201, r.text
     if before_commit:
@@ -259,7 +260,7 @@ def test_a_compressed_layers_diff_id_is_computed_when_its_upload_completes(web):
     api = Api(web, make_user(web, "lena"))
     tar = images.layer_of("hello.txt", f"hello {uuid.uuid4().hex}\n".encode())
     layer = gzip.compress(tar, mtime=0)
-    store = blobs.BlobStore(web.web.blob_root, 2**40)
+    store = blob_store.BlobStore(web.web.blob_root, 2**40)
 
     def kept_before_commit(_upload):
         assert store.kept_diff_id(_sha(layer)) == f"sha256:{_sha(tar)}"
@@ -275,7 +276,7 @@ def test_a_refused_layer_is_not_hashed_again_on_replay(web):
     misstates is kept when its upload completes, and every later commit is
     refused from it, the kept file untouched."""
     api = Api(web, make_user(web, "mia"))
-    store = blobs.BlobStore(web.web.blob_root, 2**40)
+    store = blob_store.BlobStore(web.web.blob_root, 2**40)
     tar = images.layer_of("x.txt", uuid.uuid4().bytes)
     broken = b"\x1f\x8b\x08\x00" + uuid.uuid4().bytes * 64  # gzip magic, then no gzip stream
     cases = [(broken, f"sha256:{_sha(tar)}", "bad_layer"),
@@ -291,7 +292,7 @@ def test_a_refused_layer_is_not_hashed_again_on_replay(web):
             r = _upload_and_commit(api, layer, claimed, verdict_kept)
             assert r.status_code == 400 and r.json()["error"] == error, r.text
         if error == "bad_layer":
-            assert store.kept_diff_id(_sha(layer)).startswith(blobs.REFUSED)
+            assert store.kept_diff_id(_sha(layer)).startswith(blob_store.REFUSED)
             assert "does not decompress" in r.json()["message"], r.text
         else:
             assert store.kept_diff_id(_sha(layer)) == f"sha256:{_sha(tar)}"

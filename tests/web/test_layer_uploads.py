@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import pytest
 import zstandard
 
-from pink import blobs, image_archive, wire
+from pink import blob_store, image_archive, possession, recipes, wire
 from tests import images
 from tests.helpers import Api, begin_upload, make_user
 
@@ -39,9 +39,9 @@ def layered(docker_client, tmp_path_factory):
                                                                                         where / "b.tar")
 
 
-def _recipe(archive) -> tuple[blobs.Recipe, dict, image_archive.ImageInfo]:
+def _recipe(archive) -> tuple[recipes.Recipe, dict, image_archive.ImageInfo]:
     info = image_archive.inspect(archive)
-    recipe, where = blobs.Recipe.from_archive(archive, info)
+    recipe, where = recipes.Recipe.from_archive(archive, info)
     return recipe, where, info
 
 
@@ -121,7 +121,7 @@ def test_a_cut_layer_upload_resumes_where_it_stopped(web, layered):
     assert r.status_code == 201, r.text
     task = r.json()["task"]
     assert task["image"]["image_id"] == recipe.image_id
-    store = blobs.BlobStore(web.web.blob_root, 2**40)
+    store = blob_store.BlobStore(web.web.blob_root, 2**40)
     assert store.missing(recipe.blobs) == []
 
 
@@ -145,7 +145,7 @@ def test_a_layer_is_claimed_only_by_someone_holding_it(web, layered):
     # Whoever holds the layers proves it without sending them: ranges hashed with the nonce
     holder = Api(web, make_user(web, "uli"))
     plan = begin_upload(holder, archive_a)
-    proofs = {d: blobs.proof(lambda o, n, d=d: _bytes(archive_a, (where[d][0] + o, n)), c)
+    proofs = {d: possession.proof(lambda o, n, d=d: _bytes(archive_a, (where[d][0] + o, n)), c)
               for d, c in plan["challenges"].items()}
     r = holder("POST", f"/uploads/{plan['upload']}/commit", json={"proofs": proofs})
     assert r.status_code == 201, r.text
@@ -207,8 +207,8 @@ def test_a_task_runs_again_with_its_image_while_the_layers_are_kept(api, writer_
     same = api.wait(api("POST", f"/tasks/{first['id']}/rerun").json()["task"]["id"])
     assert same["params"]["name"] == "once" and same["state"] == "succeeded"  # the task's own parameters
     assert Api(api.config, make_user(api.config, "zed"))("POST", f"/tasks/{first['id']}/rerun").status_code == 404
-    store = blobs.BlobStore(api.config.web.blob_root, 2**40)
-    recipe = blobs.Recipe.from_archive(writer_archive, image_archive.inspect(writer_archive))[0]
+    store = blob_store.BlobStore(api.config.web.blob_root, 2**40)
+    recipe = recipes.Recipe.from_archive(writer_archive, image_archive.inspect(writer_archive))[0]
     os.remove(store.path(recipe.config))  # collected: the layers are no longer kept
     gone = api("POST", f"/tasks/{first['id']}/rerun")
     assert gone.status_code == 410 and "submit its archive again" in gone.json()["message"]

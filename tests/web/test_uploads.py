@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import pytest
 from redis import Redis
 
-from pink import blobs, image_archive
+from pink import blob_store, image_archive, rebuilt_archive, recipes
 from pink import config as pink_config_module
 from pink.store import Store
 from tests import images
@@ -158,10 +158,10 @@ def test_a_good_upload_is_recorded(small_api, good_archive):
     assert task["state"] == "queued" and task["timings"]["upload_bytes"] == os.path.getsize(good_archive)
     assert list(Path(small_api.config.web.spool_dir).iterdir()) == []  # the archive went into the blob store
     info = image_archive.inspect(good_archive)
-    recipe, _ = blobs.Recipe.from_archive(good_archive, info)
+    recipe, _ = recipes.Recipe.from_archive(good_archive, info)
     assert task["image"]["sha256"] == recipe.key and task["image"]["image_id"] == info.image_id
-    assert task["image"]["size"] == blobs.archive_size(recipe)
-    store = blobs.BlobStore(small_api.config.web.blob_root, 2**40)
+    assert task["image"]["size"] == rebuilt_archive.archive_size(recipe)
+    store = blob_store.BlobStore(small_api.config.web.blob_root, 2**40)
     assert store.missing(recipe.blobs) == []
 
 

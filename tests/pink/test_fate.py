@@ -1,0 +1,211 @@
+"""Every (state, event) pair of `pink.fate`: where it takes the task, with
+which side effects, and the pairs it must refuse (pure logic, no services)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+
+from pink import fate
+from pink.fate import Ending
+from pink.tasks import FINAL, State, Params, new_record
+
+Q, P, T, A, R, E = (State.QUEUED, State.PLACED, State.TRANSFERRED, State.ASSIGNED, State.RUNNING,
+                    State.EXPORTED)
+LIVE = (Q, P, T, A, R, E)
+ON_RUNNER = (P, T, A, R)
+
+SAMPLES = {
+    fate.Placed: fate.Placed("run1", 5, ["g0"]),
+    fate.Transferred: fate.Transferred("copied 10 bytes", lease=77, sent=10, seconds=0.5),
+    fate.Started: fate.Started("run1", {"ssh": {}, "path": "/outbox/t.log"}),
+    fate.Exited: fate.Exited(attempt=1, at=1000.0),
+    fate.Reported: fate.Reported(Ending.EXITED, exit_code=0, export={"path": "/outbox/t.tar.zst"}),
+    fate.RunnerLost: fate.RunnerLost("runner run1 lost"),
+    fate.OperatorMove: fate.OperatorMove("run1"),
+    fate.UploadLost: fate.UploadLost("upload lost with web1"),
+    fate.JobFailed: fate.JobFailed("transfer"),
+    fate.JobGaveUp: fate.JobGaveUp("transfer failed 8 times"),
+    fate.Cancel: fate.Cancel(),
+    fate.Fetched: fate.Fetched({"stored": True, "size": 3}),
+    fate.ExportLost: fate.ExportLost("runner run1 no longer has the export"),
+    fate.FinalizeGaveUp: fate.FinalizeGaveUp("finalize failed 8 times"),
+}
+
+# (event, state) -> the state it leads to; "removed": the record leaves etcd;
+# "same": nothing to write. A pair absent here must be refused.
+TABLE = {
+    **{(fate.Placed, Q): "placed"},
+    **{(fate.Transferred, s): "assigned" for s in (P, T)},
+    **{(fate.Started, A): "running"},
+    **{(fate.Exited, R): "running", (fate.Reported, R): "exported"},
+    **{(fate.RunnerLost, s): "queued" for s in ON_RUNNER},
+    **{(fate.OperatorMove, s): "queued" for s in (P, T, A)},
+    **{(fate.UploadLost, s): "exported" for s in (Q, P)},
+    **{(fate.JobFailed, s): s.value for s in LIVE},
+    **{(fate.JobGaveUp, s): "exported" for s in (P, T)},
+    **{(fate.Cancel, s): "exported" for s in (Q, P, T, A)},
+    **{(fate.Cancel, R): "running", (fate.Cancel, E): "exported"},
+    **{(fate.Cancel, s): "same" for s in FINAL},
+    **{(fate.Fetched, E): "succeeded", (fate.ExportLost, E): "queued", (fate.FinalizeGaveUp, E): "failed"},
+}
+# (event, state) -> (release, free_gpus, unassign, writes the assignment); the rest have none
+EFFECTS = {
+    **{(fate.Transferred, s): (None, None, None, True) for s in (P, T)},
+    (fate.Exited, R): (None, "run1", None, False),
+    (fate.Reported, R): ("run1", None, "run1", False),
+    **{(fate.RunnerLost, s): ("run1", None, "run1", False) for s in ON_RUNNER},
+    **{(fate.OperatorMove, s): ("run1", None, "run1", False) for s in (P, T, A)},
+    (fate.UploadLost, P): ("run1", None, "run1", False),  # a queued task holds nothing yet
+    **{(fate.JobGaveUp, s): ("run1", None, "run1", False) for s in (P, T)},
+    **{(fate.Cancel, s): ("run1", None, "run1", False) for s in (P, T, A)},
+}
+
+
+def task_in(state: State, **changes):
+    task = new_record("abc123", "alice", Params(), {"sha256": "0" * 64, "size": 10}, "web1")
+    on_node = {} if state == Q else {"node": "run1", "epoch": 5, "gpus": ["g0"]}
+    result = {"result": "succeeded", "exit_code": 0} if state == E else {}
+    return replace(task, state=state, **{**on_node, **result, **changes})
+
+
+def test_every_event_has_a_sample_and_a_rule():
+    assert set(SAMPLES) | {fate.Archived} == set(fate.EVENTS)
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+@pytest.mark.parametrize("kind", list(SAMPLES), ids=lambda k: k.__name__)
+def test_each_state_and_event(kind, state):
+    task = task_in(state)
+    before = copy.deepcopy(task)
+    expected = TABLE.get((kind, state))
+    if expected is None:
+        with pytest.raises(fate.Refused):
+            fate.decide(task, SAMPLES[kind])
+        return
+    decision = fate.decide(task, SAMPLES[kind])
+    if expected == "same":
+        assert decision.unchanged and decision.task is task
+        return
+    assert not decision.unchanged and decision.task.state.value == expected
+    release, free_gpus, unassign, assigns = EFFECTS.get((kind, state), (None, None, None, False))
+    assert (decision.release, decision.free_gpus, decision.unassign, decision.assign is not None) == \
+        (release, free_gpus, unassign, assigns)
+    assert task == before, "decide must not change the record it was given"
+
+
+@pytest.mark.parametrize("state", list(State), ids=lambda s: s.value)
+def test_archived_removes_the_attempt_it_names_and_refuses_another(state):
+    task = task_in(state)
+    assert fate.decide(task, fate.Archived(1, state)).task is None
+    with pytest.raises(fate.Refused):
+        fate.decide(task, fate.Archived(2, state))
+    other = Q if state != Q else P
+    with pytest.raises(fate.Refused):
+        fate.decide(task, fate.Archived(1, other))
+
+
+def test_a_final_record_is_never_written_back_by_a_runner_event():
+    """The states a runner's events leave are live: final ones come from finalize alone."""
+    for (kind, state), to in TABLE.items():
+        if kind not in (fate.Fetched, fate.ExportLost, fate.FinalizeGaveUp, fate.Cancel):
+            assert State(to) not in FINAL, (kind, state)
+
+
+def test_the_transfer_records_both_steps_and_the_assignment_is_fenced_on_the_runner():
+    decision = fate.decide(task_in(P), SAMPLES[fate.Transferred])
+    assert [h[1] for h in decision.task.history[-2:]] == ["transferred", "assigned"]
+    assert decision.task.timings["transfer_bytes"] == 10 and decision.task.timings["transfer_seconds"] == 0.5
+    assert decision.assign == {"task": "abc123", "attempt": 1, "epoch": 5} and decision.assign_lease == 77
+    assert decision.fence_node
+    repaired = fate.decide(task_in(T), fate.Transferred("handed over by the leader", lease=77))
+    assert [h[1] for h in repaired.task.history[-1:]] == ["assigned"] and "transfer_bytes" not in repaired.task.timings
+
+
+@pytest.mark.parametrize("report,result,error", [
+    (fate.Reported(Ending.EXITED, exit_code=0), "succeeded", None),
+    (fate.Reported(Ending.EXITED, exit_code=3), "failed", "container exited with code 3"),
+    (fate.Reported(Ending.TIMED_OUT, exit_code=137, error="timed out after 5s"), "timed_out", "timed out after 5s"),
+    (fate.Reported(Ending.CANCELLED, exit_code=143, error="cancelled"), "cancelled", "cancelled"),
+    (fate.Reported(Ending.BROKEN, error="docker: no such image"), "failed", "docker: no such image"),
+    (fate.Reported(Ending.EXITED, exit_code=0, export_error="disk full"), "succeeded", "disk full"),
+])
+def test_the_runner_says_how_the_run_ended_and_fate_picks_the_result(report, result, error):
+    new = fate.decide(task_in(R), report).task
+    assert (new.state, new.result, new.error) == (State.EXPORTED, result, error)
+
+
+def test_report_timings_are_kept_and_a_cached_image_counts_zero():
+    report = fate.Reported(Ending.EXITED, exit_code=0,
+                           timings={"image_load_seconds": 0.0, "export_seconds": None, "exited": 5.0})
+    timings = fate.decide(task_in(R), report).task.timings
+    assert timings["image_load_seconds"] == 0.0 and timings["exited"] == 5.0 and "export_seconds" not in timings
+
+
+def test_a_lost_runner_requeues_until_attempts_run_out_then_fails():
+    lost = fate.RunnerLost("runner run1 lost")
+    again = fate.decide(task_in(R), lost, fate.Rules(max_attempts=3)).task
+    assert (again.state, again.attempt, again.losses, again.node, again.gpus) == (Q, 2, 1, None, [])
+    last = fate.decide(task_in(R, losses=2), lost, fate.Rules(max_attempts=3)).task
+    assert (last.state, last.result) == (E, "failed") and "gave up after" in last.error
+
+
+def test_a_loss_that_does_not_count_never_fails_the_task():
+    moved = fate.decide(task_in(A, losses=9), fate.RunnerLost("lost track", counts=False)).task
+    assert (moved.state, moved.losses) == (Q, 9)
+    off = fate.decide(task_in(P, losses=2), fate.OperatorMove("run1"), fate.Rules(max_attempts=3)).task
+    assert (off.state, off.losses) == (Q, 2)
+
+
+def test_a_cancelled_task_is_not_run_again_after_a_loss():
+    ended = fate.decide(task_in(R, cancel_requested=True), fate.RunnerLost("runner lost")).task
+    assert (ended.state, ended.result) == (E, "cancelled")
+    upload = fate.decide(task_in(P, cancel_requested=True), fate.UploadLost("upload lost")).task
+    assert upload.result == "cancelled"
+
+
+def test_an_operator_moves_only_the_tasks_on_its_node():
+    with pytest.raises(fate.Refused):
+        fate.decide(task_in(P), fate.OperatorMove("run2"))
+
+
+def test_exited_is_refused_for_another_attempt():
+    with pytest.raises(fate.Refused):
+        fate.decide(task_in(R, attempt=2), fate.Exited(attempt=1, at=1.0))
+
+
+def test_a_second_cancel_changes_nothing():
+    running = fate.decide(task_in(R), fate.Cancel()).task
+    assert running.cancel_requested
+    assert fate.decide(running, fate.Cancel()).unchanged
+    exported = fate.decide(task_in(E), fate.Cancel()).task
+    assert exported.delete_requested and fate.decide(exported, fate.Cancel()).unchanged
+
+
+@pytest.mark.parametrize("changes,event,state,detail", [
+    ({"delete_requested": True}, fate.Fetched({"stored": True}), "succeeded", "deleted by its user"),
+    ({}, fate.Fetched(None, refused="over the limit"), "failed", "over the limit"),
+    ({"result": "timed_out"}, fate.ExportLost("gone"), "timed_out", "gone"),
+    ({"result": "cancelled"}, fate.ExportLost("gone"), "cancelled", "gone"),
+    ({"cancel_requested": True}, fate.ExportLost("gone"), "cancelled", "gone"),
+    ({"losses": 2}, fate.ExportLost("gone"), "failed", "gone"),
+])
+def test_finalize_decisions(changes, event, state, detail):
+    final = fate.decide(task_in(E, **changes), event, fate.Rules(max_attempts=3)).task
+    assert final.state.value == state and detail in final.history[-1][2]
+    if changes.get("delete_requested"):
+        assert final.output is None
+
+
+def test_a_fetched_export_is_kept_with_the_final_record():
+    final = fate.decide(task_in(E, logs_truncated=0), fate.Fetched({"stored": True, "size": 3}, 12)).task
+    assert final.output == {"stored": True, "size": 3} and final.logs_truncated == 12
+    assert final.history[-1][2] == "exit code 0"
+
+
+def test_job_failures_count_per_stage():
+    once = fate.decide(task_in(P), fate.JobFailed("transfer")).task
+    twice = fate.decide(once, fate.JobFailed("transfer")).task
+    assert twice.job_failures == {"transfer": 2} and twice.state == P
