@@ -590,7 +590,7 @@ def ensure_admin() -> str:
             if "already exists" not in str(exc):
                 raise
             # state.json was lost, not the user: a new password, and a token made with it
-            from pink.cli.client import Client
+            from pink_cli.client import Client
 
             password = json.loads(pink_on(web1, "admin", "user", "reset-password", "admin", "--json"))["password"]
             say(f"admin password reset: {password} (shown once)")

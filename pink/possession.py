@@ -4,7 +4,7 @@ A web node that holds a blob already skips its upload only when the client
 answers a `challenge` with the `proof` over random ranges of it
 (`check_proof`): digests are in every manifest, so knowing one proves
 nothing (see `challenge`). Used by the layer upload protocol
-(`web.blob_uploads`) and its client (`pink.cli.layer_upload`).
+(`web.blob_uploads`) and its client (`pink_cli.layer_upload`).
 """
 
 from __future__ import annotations

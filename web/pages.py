@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 
-from pink.cli.output import limit_value
+from pink.units import limit_value
 from pink.errors import PinkError
 from pink.tasks import State
 from web import limits

@@ -20,7 +20,7 @@ from pathlib import Path
 import docker
 
 from devcluster import lab as devlab
-from pink.cli.client import Client
+from pink_cli.client import Client
 from pink.errors import PinkError
 from pink.tasks import FINAL_NAMES
 from tests import images

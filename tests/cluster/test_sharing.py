@@ -41,7 +41,7 @@ import requests
 
 from devcluster import lab as devlab
 from pink import defaults, image_archive
-from pink.cli.client import Client
+from pink_cli.client import Client
 from pink.errors import PinkError
 from pink.tasks import FINAL_NAMES
 from tests import images

@@ -20,12 +20,12 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from pink import errors
-from pink.cli import main
-from pink.cli import client as client_mod
-from pink.cli import commands, images, output, settings
-from pink.cli.client import Client, ProgressFile
-from pink.cli.context import CliContext
+from pink import errors, units
+from pink_cli import main
+from pink_cli import client as client_mod
+from pink_cli import commands, images, output, settings
+from pink_cli.client import Client, ProgressFile
+from pink_cli.context import CliContext
 
 
 @pytest.fixture(autouse=True)
@@ -402,10 +402,10 @@ def test_age(created, expected):
 
 
 def test_size():
-    assert output.size(None) == "-"
-    assert output.size(512) == "512 B"
-    assert output.size(3 * 2**20) == "3.0 MiB"
-    assert output.size(5 * 2**40) == "5.0 TiB"
+    assert units.size(None) == "-"
+    assert units.size(512) == "512 B"
+    assert units.size(3 * 2**20) == "3.0 MiB"
+    assert units.size(5 * 2**40) == "5.0 TiB"
 
 
 def test_tasks_table():

@@ -1,7 +1,7 @@
 """pink.compat: what Python 3.10 (Ubuntu 22.04's) lacks, the same on every Python.
 
 The times are what a user may type for `--since`/`--until` (web/api.py) and
-what the API writes (pink/cli/output.py): 3.10's own datetime.fromisoformat
+what the API writes (pink_cli/output.py): 3.10's own datetime.fromisoformat
 reads only isoformat()'s output, so the 3.10 reading is checked against the
 table here on every Python, and the table against 3.11's own reading where
 it runs.

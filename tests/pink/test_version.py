@@ -145,6 +145,6 @@ def test_health_names_the_version_even_when_degraded():
 
 
 def test_cli_prints_the_installed_version():
-    out = subprocess.run([sys.executable, "-m", "pink.cli", "--version"], check=True,
+    out = subprocess.run([sys.executable, "-m", "pink_cli", "--version"], check=True,
                          capture_output=True, text=True, timeout=60).stdout
     assert out.strip() == f"pink {version()}"

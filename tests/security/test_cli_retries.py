@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from pink.cli import client as client_mod
+from pink_cli import client as client_mod
 from tests.helpers import Api
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}

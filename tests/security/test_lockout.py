@@ -134,7 +134,7 @@ def test_the_cli_keeps_its_device_so_a_lab_mate_on_its_address_cannot_keep_it_ou
     import sys
     from pathlib import Path
 
-    from pink.cli import settings
+    from pink_cli import settings
 
     created = users.create_user(routed, "dee")
     saved = tmp_path / "cli.toml"

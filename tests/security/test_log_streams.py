@@ -14,7 +14,7 @@ import requests
 
 from pink import config as pink_config_module
 from pink import defaults
-from pink.cli.client import FollowedLog
+from pink_cli.client import FollowedLog
 from tests import images
 from tests.helpers import Api, make_user
 from web import log_streams, serve

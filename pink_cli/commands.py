@@ -1,9 +1,9 @@
 """The user's `pink` commands: login, submit, status, usage, logs, download, cancel, nodes.
 
 Each is a thin wrapper: arguments are validated here (usage errors exit 2),
-the work is done by `pink.cli.client.Client` and `pink.cli.images`, and the
-text comes from `pink.cli.output`. Data goes to stdout, messages and
-progress bars to stderr. Registered on the group by `pink.cli`.
+the work is done by `pink_cli.client.Client` and `pink_cli.images`, and the
+text comes from `pink_cli.output`. Data goes to stdout, messages and
+progress bars to stderr. Registered on the group by `pink_cli`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import re
 
 import click
 
-from pink.cli import images, output
-from pink.cli import settings as settings_mod
-from pink.cli.client import Client, normalize_url
-from pink.cli.context import CliContext, connection_options, pass_cli
+from pink import units
 from pink.errors import PinkError
 from pink.tasks import OUTPUTS, State
+from pink_cli import images, output
+from pink_cli import settings as settings_mod
+from pink_cli.client import Client, normalize_url
+from pink_cli.context import CliContext, connection_options, pass_cli
 
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
@@ -143,14 +144,14 @@ def submit(cli: CliContext, source, name, gpus, timeout, env, cmd, entrypoint, o
     client = cli.client()
 
     def saving(image, size):
-        _err(f"no file {source}: saving local Docker image {image} ({output.size(size)}) "
+        _err(f"no file {source}: saving local Docker image {image} ({units.size(size)}) "
              f"to a temporary file")
 
     with images.archive_for(source, on_saving=saving, progress=output.ProgressBar("saving")) as path:
         def plan(sending: int, layers: int, size: int) -> None:
             if sending < layers:
                 _err(f"{layers - sending} of {layers} layers are already on the server; "
-                     f"sending {sending} ({output.size(size)})")
+                     f"sending {sending} ({units.size(size)})")
 
         with output.ProgressBar("uploading") as bar:
             task = client.submit(path, name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,

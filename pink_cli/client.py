@@ -37,7 +37,7 @@ import requests
 from urllib3.exceptions import NewConnectionError
 
 from pink import errors
-from pink.cli import layer_upload
+from pink_cli import layer_upload
 from pink.errors import PinkError
 from pink.tasks import FINAL_NAMES
 
@@ -314,7 +314,7 @@ class Client:
                on_plan: Callable[[int, int, int], None] | None = None) -> dict:
         """Create a task from a `docker save` archive on disk; returns the task.
 
-        Only the layers the server lacks are sent (`pink.cli.layer_upload`;
+        Only the layers the server lacks are sent (`pink_cli.layer_upload`;
         `on_plan` hears how many); a server without layer uploads gets the
         whole archive. `cmd` and `entrypoint` are shell words (the server
         splits them).

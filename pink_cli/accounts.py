@@ -4,15 +4,15 @@ through the REST API.
 Each laptop, notebook or script gets its own named token that expires, so
 one can be revoked without logging out everywhere. The secret is printed
 once, on stdout (so it can be piped); the server keeps only its hash.
-Registered on the group by `pink.cli`.
+Registered on the group by `pink_cli`.
 """
 
 from __future__ import annotations
 
 import click
 
-from pink.cli import output
-from pink.cli.context import CliContext, pass_cli
+from pink_cli import output
+from pink_cli.context import CliContext, pass_cli
 
 
 @click.group()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from pink.cli import settings as settings_mod
-from pink.cli.client import Client
+from pink_cli import settings as settings_mod
+from pink_cli.client import Client
 from pink.errors import PinkError
 
 _CONNECTION = (

@@ -1,7 +1,7 @@
 """How the CLI shows things: task and node tables, task details, progress.
 
 Pure functions from the API's JSON to text, so tests check them without a
-server; the commands in `pink.cli.commands` write their result to stdout
+server; the commands in `pink_cli.commands` write their result to stdout
 (data) and everything else to stderr. Progress bars go to stderr only.
 """
 
@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 import click
 
 from pink.compat import fromisoformat
+from pink.units import limit_value, size
 
 PROGRESS_EVERY = 0.1  # seconds between two redraws of a progress bar
 
@@ -39,21 +40,10 @@ def age(text: str | None, now: datetime | None = None) -> str:
     if t is None:
         return "-"
     seconds = max(0, int(((now or datetime.now(timezone.utc)) - t).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds // span}{unit}"
     return f"{seconds}s"
-
-
-def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def _cell(value) -> str:
@@ -81,14 +71,6 @@ def usage_table(rows: list[dict]) -> str:
              f"{r['gpu_hours']:.2f}", f"{r['wall_hours']:.2f}"] for r in rows]
     return table(["USER", "TASKS", "SUCCEEDED", "FAILED", "TIMED OUT", "CANCELLED", "GPU-HOURS",
                   "WALL-HOURS"], body)
-
-
-def limit_value(name: str, value: int | None, unset: str = "-") -> str:
-    """A per-user limit or its use: bytes in KiB..TiB, else a count; `unset` for None
-    (a use not counted) and for a limit of 0 (none)."""
-    if value is None or (value == 0 and unset != "-"):
-        return unset
-    return size(value) if "bytes" in name else str(value)
 
 
 def limits_table(limits: dict[str, dict]) -> str:

@@ -5,15 +5,15 @@ with `--config` (or $PINK_CONFIG) on a server machine, straight to MariaDB:
 that is how the first admin is made and the way back for an admin who lost
 their password. Both paths run the same `pink.users` functions and print the
 same answer. Generated passwords and tokens are printed once, never stored
-in clear. Registered on the group by `pink.cli`.
+in clear. Registered on the group by `pink_cli`.
 """
 
 from __future__ import annotations
 
 import click
 
-from pink.cli import output
-from pink.cli.context import CliContext, pass_cli
+from pink_cli import output
+from pink_cli.context import CliContext, pass_cli
 
 SHOWN_ONCE = "Keep these now: they are not stored in clear and cannot be shown again."
 

@@ -6,7 +6,7 @@ hashed whole here. The server answers which layers it lacks, and for those
 it holds a challenge: hash a few random ranges, which only someone holding
 the layer can. Each missing layer goes in its own PUT; one cut off is
 resumed from the offset the server reports (HEAD). Used by
-`pink.cli.client.Client.submit`.
+`pink_cli.client.Client.submit`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
-"""The `pink` command line (entry point `pink = pink.cli:main`).
+"""The `pink` command line (entry point `pink = pink_cli:main`).
 
 `main` is the click group: it takes the connection options once and hands
-subcommands a `CliContext`. The commands live in `pink.cli.commands` (the
-REST API, through `pink.cli.client.Client`), `pink.cli.accounts` (tokens) and
-`pink.cli.admin` (users, through the API or on a server machine); settings
-in `pink.cli.settings`.
+subcommands a `CliContext`. The commands live in `pink_cli.commands` (the
+REST API, through `pink_cli.client.Client`), `pink_cli.accounts` (tokens) and
+`pink_cli.admin` (users, through the API or on a server machine); settings
+in `pink_cli.settings`.
 """
 
 from __future__ import annotations
 
 import click
 
-from pink.cli.accounts import password, token
-from pink.cli.admin import admin
-from pink.cli.commands import COMMANDS
-from pink.cli.context import CliContext, PinkGroup, connection_options
+from pink_cli.accounts import password, token
+from pink_cli.admin import admin
+from pink_cli.commands import COMMANDS
+from pink_cli.context import CliContext, PinkGroup, connection_options
 from pink.version import version
 
 
