@@ -19,9 +19,10 @@ import uuid
 from dataclasses import replace
 
 from bench.measure import forget_image, hello_image, median, pink_once, stage_split
-from pink import db, defaults, image_archive
+from pink import db, image_archive
 from pink.store import Store
 from pink.tasks import Params, State, new_id, new_record
+from queue_workers.placing import PUBLISHED_POSITIONS
 
 TARGET = 1.2  # loaded median as a multiple of the empty cluster's, at most
 WAITING_USER = "bench-waiting"  # owner of the tasks that never fit
@@ -102,7 +103,7 @@ def wait_listed(store: Store, ids: list[str], log, timeout: float = SETTLE_TIMEO
     while True:
         rec = store.get(store.keys.queue)
         listed = len(set(ids) & set(rec.value["tasks"])) if rec else 0
-        if listed == min(len(ids), getattr(defaults, "PUBLISHED_POSITIONS", len(ids))):
+        if listed == min(len(ids), PUBLISHED_POSITIONS):
             return time.monotonic() - started
         now = time.monotonic()
         if now - started > timeout:

@@ -29,11 +29,12 @@ from collections import Counter
 
 from redis import Redis
 
-from pink import config as pink_config, defaults, scheduler
+from pink import config as pink_config, scheduler
 from pink.placement import plan
 from pink.store import Store
 from pink.nodes import NodeView
 from pink.tasks import Params, Task, new_record
+from queue_workers.placing import PUBLISHED_POSITIONS
 
 TARGET = 2000  # placements per second
 GPUS_PER_RUNNER = 8
@@ -134,7 +135,7 @@ def _published(store: Store) -> int:
 
 def listed(count: int) -> int:
     """How many of `count` waiting tasks the leader's queue lists (it publishes the first few thousand)."""
-    return min(count, getattr(defaults, "PUBLISHED_POSITIONS", count))
+    return min(count, PUBLISHED_POSITIONS)
 
 
 def live(cluster, runners: int, tasks: int, workers: int, seconds: float, log, seed: int = 1) -> dict:

@@ -187,7 +187,7 @@ class Execution:
         """Load the task's image if Docker lacks it; the seconds it took (0: cached)."""
         started = time.time()
         with self.agent.image_lock(task.image["sha256"]):
-            loaded = images.ensure_loaded(client, self.config.spool_dir, task.image, self.agent.blobs)
+            loaded = images.ensure_loaded(client, task.image, self.agent.blobs)
         seconds = round(time.time() - started, 3) if loaded else 0.0
         if loaded:
             self.agent.images_changed()

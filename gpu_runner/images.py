@@ -23,10 +23,10 @@ import docker
 import zstandard
 from docker.errors import APIError, DockerException, ImageLoadError, ImageNotFound
 
-from pink import blob_store, defaults, rebuilt_archive, recipes, wire
+from pink import blob_store, image_archive, rebuilt_archive, recipes, wire
 from pink.errors import BadRequest, PinkError
 
-CACHE_REPO = defaults.IMAGE_CACHE_REPO
+CACHE_REPO = image_archive.RESERVED_REPO
 log = logging.getLogger("pink.runner")
 
 
@@ -36,39 +36,31 @@ def cached(client: docker.DockerClient) -> list[str]:
     return sorted(t.split(":", 1)[1] for t in tags if t.startswith(CACHE_REPO + ":"))
 
 
-def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict, held: "RunnerBlobs") -> bool:
+def ensure_loaded(client: docker.DockerClient, image: dict, held: "RunnerBlobs") -> bool:
     """Load the task's image unless Docker holds it; True when it was loaded now.
 
     Callers hold the image's lock (`Agent.image_lock`): tasks sharing an
     image start together, and only one of them may load it.
 
-    An image with a recipe is loaded from the archive rebuilt from its
-    verified blobs (`RunnerBlobs`); one recorded before blobs, from its
-    archive in the spool. Docker must agree on the image id, or the bytes are
-    not what the web node inspected.
+    The image is loaded from the archive rebuilt from its verified blobs
+    (`RunnerBlobs`). Docker must agree on the image id, or the bytes are not
+    what the web node inspected.
     """
     sha = image["sha256"]
-    path = os.path.join(spool_dir, f"{sha}.tar")
     try:
         cached_image = client.images.get(image["image_id"])
     except ImageNotFound:
         cached_image = None
     if cached_image is not None:
         cached_image.tag(CACHE_REPO, sha)  # marks the use (and names an image Docker had anyway)
-        if os.path.exists(path):
-            os.remove(path)  # copied again before the node record listed the image
         return False
     names = [t for t in image.get("repo_tags") or [] if not _has(client, t)]
+    if "recipe" not in image:
+        raise RuntimeError("the task was recorded by an earlier PINK without its image's layers: submit it again")
     try:
-        if "recipe" in image:
-            recipe = recipes.Recipe.from_dict(image["recipe"])
-            held.adopt(recipe)
-            _load_recipe(client, recipe, held.store)
-        else:
-            with open(path, "rb") as fh:
-                client.images.load(fh)
-    except FileNotFoundError:
-        raise RuntimeError(f"image archive {sha}.tar is not in the spool") from None
+        recipe = recipes.Recipe.from_dict(image["recipe"])
+        held.adopt(recipe)
+        _load_recipe(client, recipe, held.store)
     except APIError as exc:
         raise RuntimeError(f"docker load failed: {exc.explanation or exc}") from None
     try:
@@ -81,8 +73,6 @@ def ensure_loaded(client: docker.DockerClient, spool_dir: str, image: dict, held
             client.images.remove(name)
         except (APIError, ImageNotFound):
             pass
-    if os.path.exists(path):
-        os.remove(path)
     return True
 
 
@@ -218,8 +208,8 @@ def sweep_spool(spool_dir: str, keep: set[str], grace: float) -> list[str]:
 
 # ---------------------------------------------------------------- blobs
 
-INCOMING = defaults.SPOOL_INCOMING  # blobs as the transfer account wrote them, not trusted yet
-HELD = defaults.SPOOL_HELD  # an empty marker per verified blob, which transfer jobs look for
+INCOMING = wire.SPOOL_INCOMING  # blobs as the transfer account wrote them, not trusted yet
+HELD = wire.SPOOL_HELD  # an empty marker per verified blob, which transfer jobs look for
 
 
 class BlobMissing(RuntimeError):

@@ -30,14 +30,15 @@ from pathlib import Path
 
 import zstandard
 
-from pink import cooperative, defaults, image_archive
+from pink import cooperative, image_archive
 from pink.errors import ArchiveError, BadRequest, Conflict, NotFound
 from pink.recipes import HEX64, MAX_BLOB_BYTES, Recipe, check_hex
 
 log = logging.getLogger("pink.blob_store")
 
-PART_GRACE = defaults.SWEEP_GRACE  # seconds an untouched part file is kept (its upload may resume)
-COPY_CHUNK = defaults.UPLOAD_CHUNK  # bytes read per step when receiving or copying a blob
+SWEEP_GRACE = 3600.0  # seconds a file no task references may stay (it may be being written): every sweep's grace
+PART_GRACE = SWEEP_GRACE  # seconds an untouched part file is kept (its upload may resume)
+COPY_CHUNK = 1 << 20  # bytes read per step when receiving or copying a blob, and from a request while spooling
 MAX_HASH_STATES = 64  # running sha256 states of cut uploads a process keeps, to resume without re-reading
 
 BLOB_DIR = "sha256"

@@ -3,7 +3,9 @@
 Each process (pink-web, pink-worker, pink-leader, pink-runner, `pink admin`)
 is started with `--config PATH` (or `PINK_CONFIG`); the sections it does not
 use are simply ignored, so one file can describe a whole one-machine cluster.
-Defaults are in `pink.defaults`; nothing here has a default secret.
+Every setting's default is beside its field here, with its unit and meaning;
+nothing here has a default secret. Code that needs a default outside a Config
+reads it from the class (`LimitsConfig.record_bytes`, `Config.max_attempts`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pink import defaults
 from pink.compat import tomllib
 from pink.errors import ConfigError
 
@@ -22,7 +23,7 @@ CONFIG_ENV = "PINK_CONFIG"
 @dataclass
 class EtcdConfig:
     endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:2379"])
-    prefix: str = defaults.ETCD_PREFIX
+    prefix: str = "/pink"  # root of every key PINK writes to etcd
     # TLS: the CA of etcd's members, and this host's client certificate and
     # key, whose CN etcd takes as the user's name. Empty: plain HTTP (the
     # one-machine dev cluster, on loopback).
@@ -46,7 +47,7 @@ class WebConfig:
     spool_dir: str = ""  # uploads land here before their transfer job
     output_dir: str = ""  # finalized exports live here
     secret_key: str = ""  # Flask session signing key
-    max_upload_bytes: int = defaults.MAX_UPLOAD_BYTES
+    max_upload_bytes: int = 64 * 2**30  # bytes: largest image archive accepted
     url: str = ""  # this node's own base URL, for peers streaming outputs
     certfile: str = ""
     keyfile: str = ""
@@ -56,7 +57,7 @@ class WebConfig:
     dashboard: bool = True  # mount rq-dashboard under /rq for admins
     trusted_proxies: list[str] = field(default_factory=list)  # routers whose X-Real-IP names the client
     blob_dir: str = ""  # image blobs (pink.blob_store); "" means `blobs` beside spool_dir
-    blob_budget_bytes: int = defaults.WEB_BLOB_BUDGET
+    blob_budget_bytes: int = 200 * 2**30  # bytes of image blobs a web node keeps for dedup (those in use stay)
 
     @property
     def blob_root(self) -> str:
@@ -69,7 +70,7 @@ class SSHConfig:
 
     key: str = ""  # private key file (key auth only)
     known_hosts: str = ""  # pinned host keys; unknown hosts are refused
-    cipher: str = defaults.SSH_CIPHER
+    cipher: str = "aes128-gcm@openssh.com"  # fastest cipher paramiko speaks here
 
 
 @dataclass
@@ -92,15 +93,15 @@ class RunnerConfig:
     cpus: float = 0.0  # each container's CPU limit; 0: the cores / slots (at least 1)
     shm_size: str = "auto"  # each container's /dev/shm, e.g. "16g"; "auto": half its memory limit
     pids: int = 1024
-    stop_grace: float = defaults.STOP_GRACE
-    max_run_seconds: int = defaults.MAX_RUN_SECONDS  # caps every task's timeout here
+    stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL at a deadline or cancel
+    max_run_seconds: int = 7 * 24 * 3600  # seconds: this runner's cap on any task's timeout
     max_containers: int = 0  # containers at once; 0: one per GPU, 4 without GPUs
     image_cache_bytes: int = 0  # disk budget of loaded images; 0: keep every image
     max_spool_images: int = 8  # archives waiting in the spool to be loaded; 0: no limit
     spool_grace: float = 600.0  # seconds an archive no task here needs stays before it is swept
     container_disk: str = ""  # e.g. "20g": writable layer size, where the storage driver allows
     blob_dir: str = ""  # verified image blobs, outside the SFTP chroot; "" means `blobs` beside it
-    blob_budget_bytes: int = defaults.RUNNER_BLOB_BUDGET
+    blob_budget_bytes: int = 200 * 2**30  # bytes of verified image blobs a runner keeps (reserved ones stay)
 
     @property
     def blob_root(self) -> str:
@@ -121,24 +122,24 @@ class LimitsConfig:
 
     gpus_per_user: int = 0  # GPUs one user's tasks may hold at once (others wait)
     queued_per_user: int = 0  # tasks one user may have waiting (more are refused)
-    live_tasks_per_user: int = defaults.LIVE_TASKS_PER_USER  # tasks not yet archived (each is an etcd record)
-    upload_bytes_per_user: int = defaults.UPLOAD_BYTES_PER_USER  # images of live tasks plus open upload sessions
-    upload_sessions_per_user: int = defaults.UPLOAD_SESSIONS_PER_USER  # layer-upload sessions open at once
-    output_bytes_per_task: int = defaults.OUTPUT_BYTES_PER_TASK  # an export over this fails its task
-    log_streams_per_user: int = defaults.LOG_STREAMS_PER_USER  # followed logs open at once, per web node
-    log_streams_per_node: int = defaults.LOG_STREAMS_PER_NODE  # followed logs a web node serves at once
-    log_follow_seconds: int = defaults.LOG_FOLLOW_SECONDS  # one follow's longest life (clients resume)
-    record_bytes: int = defaults.RECORD_BYTES  # a task's parameters (name, env, command) as stored
+    live_tasks_per_user: int = 500  # tasks one user may have in etcd, queued to exported (not yet archived)
+    upload_bytes_per_user: int = 500 * 2**30  # bytes of images held by a user's live tasks and open upload sessions
+    upload_sessions_per_user: int = 16  # layer-upload sessions one user may hold open at once
+    output_bytes_per_task: int = 100 * 2**30  # bytes of one task's export; more fails the task
+    log_streams_per_user: int = 8  # followed logs one user may hold open at once on one web node
+    log_streams_per_node: int = 32  # followed logs one web node serves at once (half its threads)
+    log_follow_seconds: int = 3600  # seconds one follow of a log lasts; the CLI and page then resume it
+    record_bytes: int = 64 * 2**10  # bytes of a task's parameters (name, env, command, entrypoint) as stored
 
 
 @dataclass
 class RetentionConfig:
     """How long the past is kept; 0 means no limit."""
 
-    output_days: float = defaults.OUTPUT_DAYS  # outputs and logs expire this long after the task ends
-    max_output_bytes_per_user: int = defaults.MAX_OUTPUT_BYTES_PER_USER  # a user's stored outputs beyond this expire, oldest first
-    max_log_bytes: int = defaults.MAX_LOG_BYTES  # a log is archived up to this size (its end is kept)
-    sweep_interval: float = defaults.SWEEP_INTERVAL  # seconds between the leader's retention sweeps
+    output_days: float = 14.0  # days an output and its logs are kept after the task ends
+    max_output_bytes_per_user: int = 500 * 2**30  # bytes of one user's stored outputs; beyond, their oldest expire
+    max_log_bytes: int = 8 * 2**20  # bytes of a log archived (its end); MariaDB's max_allowed_packet is 16 MiB
+    sweep_interval: float = 60.0  # seconds between the leader's retention sweeps
 
 
 @dataclass
@@ -147,11 +148,11 @@ class Config:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_sentinels: list[str] = field(default_factory=list)  # host:port of Redis Sentinels; empty: none
     redis_master: str = "pink"  # the master's name the sentinels monitor
-    node_ttl: int = defaults.NODE_TTL
-    leader_ttl: int = defaults.LEADER_TTL
-    reconcile_interval: float = defaults.RECONCILE_INTERVAL
-    max_attempts: int = defaults.MAX_ATTEMPTS
-    max_job_failures: int = defaults.MAX_JOB_FAILURES
+    node_ttl: int = 10  # seconds: a runner's lease; its record vanishes this long after it dies
+    leader_ttl: int = 10  # seconds: the queue leader's lease on the leader key
+    reconcile_interval: float = 2.0  # seconds between two passes of the leader over all tasks
+    max_attempts: int = 3  # a task lost this many times ends `failed`
+    max_job_failures: int = 8  # a transfer job failing this often fails its task (~8 min of backoff)
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     db: DatabaseConfig = field(default_factory=DatabaseConfig)
     web: WebConfig = field(default_factory=WebConfig)

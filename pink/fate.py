@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable
 
-from pink import defaults
+from pink.config import Config
 from pink.errors import Conflict
 from pink.tasks import FINAL, NOT_STARTED, ON_RUNNER, State, Task, advance
 
@@ -40,7 +40,7 @@ class Refused(Conflict):
 class Rules:
     """The configured limits decisions follow."""
 
-    max_attempts: int = defaults.MAX_ATTEMPTS  # runner losses a task survives
+    max_attempts: int = Config.max_attempts  # runner losses a task survives
 
 
 @dataclass(frozen=True)

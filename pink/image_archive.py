@@ -14,10 +14,9 @@ import json
 import re
 import tarfile
 
-from pink import defaults
 from pink.errors import ArchiveError
 
-RESERVED_REPO = defaults.IMAGE_CACHE_REPO  # runners tag loaded images here; an upload may not
+RESERVED_REPO = "pink/cache"  # runners tag loaded images <this>:<archive sha256> (gpu_runner.images); uploads may not
 MAX_MEMBERS = 100_000  # members an archive may hold; a real image has a few per layer
 MAX_JSON_BYTES = 16 * 2**20  # bytes: largest manifest, index or config we read
 MAX_HEADER_BYTES = 1 * 2**20  # bytes: largest pax or GNU long-name header we read

@@ -18,8 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from pink import defaults
 from pink.tasks import State, Task
+
+QUEUE_FINALIZE = "pink-finalize"  # shared: finalize pulls the export over SFTP
+QUEUE_TRANSFER_PREFIX = "pink-transfer."  # + web host: the upload is on that host
+JOB_TIMEOUT = 6 * 3600  # seconds an RQ job may take (a large image transfer)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Stage:
     """One kind of queue job."""
 
     name: str
-    state: State | None  # the state the job works from (None: the task may be gone, e.g. cleanup)
+    state: State  # the state the job works from
     function: str  # the job, as RQ imports it
     queue: Callable[[Task], str]  # the queue it runs on for a task
     timeout: int  # seconds the job may take
@@ -37,18 +40,16 @@ class Stage:
 
 def transfer_queue(host: str) -> str:
     """The queue of jobs that need web node `host`'s files (its uploads, its spool)."""
-    return defaults.QUEUE_TRANSFER_PREFIX + host
+    return QUEUE_TRANSFER_PREFIX + host
 
 
 STAGES = {s.name: s for s in (
     Stage("transfer", State.PLACED, "queue_workers.jobs.transfer", lambda t: transfer_queue(t.web_host),
-          defaults.JOB_TIMEOUT, gives_up=True),
-    Stage("finalize", State.EXPORTED, "queue_workers.jobs.finalize", lambda t: defaults.QUEUE_FINALIZE,
-          defaults.JOB_TIMEOUT, gives_up=False),
-    Stage("cleanup", None, "queue_workers.jobs.cleanup", lambda t: transfer_queue(t.web_host),
-          60, gives_up=False),
+          JOB_TIMEOUT, gives_up=True),
+    Stage("finalize", State.EXPORTED, "queue_workers.jobs.finalize", lambda t: QUEUE_FINALIZE,
+          JOB_TIMEOUT, gives_up=False),
 )}
-_BY_STATE = {s.state: s.name for s in STAGES.values() if s.state is not None}
+_BY_STATE = {s.state: s.name for s in STAGES.values()}
 
 
 def stage_for(task: Task) -> str | None:

@@ -19,13 +19,14 @@ import re
 import tarfile
 import types
 
-from pink import defaults, image_archive
+from pink import image_archive
+from pink.config import WebConfig
 from pink.errors import ArchiveError, BadRequest
 
 MAX_LAYERS = 128  # layers a recipe may list: overlay2 mounts no more; each task record in etcd lists them
 MAX_TAGS = 100  # repo tags a recipe may carry
 MAX_TAG_CHARS = 512  # characters in one repo tag (Docker: 255 for the name, 128 for the tag)
-MAX_BLOB_BYTES = defaults.MAX_UPLOAD_BYTES  # bytes: largest blob, and largest sum of a recipe's blobs
+MAX_BLOB_BYTES = WebConfig.max_upload_bytes  # bytes: largest blob, and largest sum of a recipe's blobs
 
 HEX64 = re.compile(r"[0-9a-f]{64}")  # a bare sha256 digest, as blobs are named
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
@@ -192,8 +193,8 @@ class Recipe:
 
 def image_blobs(image: dict) -> set[str]:
     """The blobs to keep for a task's image record or an upload session (each
-    holds a recipe): its config and layers; none for an archive recorded
-    before the blob stores."""
+    holds a recipe): its config and layers; none for a record without one
+    (an earlier version's whole-archive task)."""
     recipe = image.get("recipe")
     return {recipe["config"], *recipe["layers"]} if recipe else set()
 

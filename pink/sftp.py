@@ -22,12 +22,12 @@ from typing import BinaryIO, Callable, Iterator
 
 import paramiko
 
-from pink import defaults
 from pink.batched_channel import BatchedChannel
 from pink.errors import Unavailable
 
 _WINDOW = 64 * 2**20  # bytes: a large window keeps pipelined writes flowing
 PARALLEL_MIN = 64 * 2**20  # bytes: smaller files are not worth a second process and login
+CHUNK = 1 << 20  # bytes read from a file at a time when sending it over SFTP, and per log read
 PREFETCH_REQUESTS = 128  # SFTP reads asked for at once while fetching (x 32 KiB: a 4 MiB window)
 _SFTP_PACKETS_PER_WRITE = 8  # SSH packets per SFTP write request (8 x 32 KiB < OpenSSH's 256 KiB limit)
 
@@ -240,7 +240,7 @@ def _write_range(sftp: paramiko.SFTPClient, dst: paramiko.SFTPFile, source: Sour
     header = 4 + 1 + 4 + (4 + len(dst.handle)) + 8 + 4  # length, type, id, handle, offset, data length
     request = max(4096, _SFTP_PACKETS_PER_WRITE * payload - header)
     dst.MAX_REQUEST_SIZE = request  # the instance's own limit, read by SFTPFile._write
-    read = request * max(1, defaults.SFTP_CHUNK // request)
+    read = request * max(1, CHUNK // request)
     sent = 0
     with source() as src:
         if start:
@@ -303,7 +303,7 @@ def _blocks(fh: paramiko.SFTPFile, end: int) -> Iterator[bytes]:
 
 
 def read_from(sftp: paramiko.SFTPClient, remote: str, offset: int,
-              limit: int = defaults.SFTP_CHUNK) -> bytes:
+              limit: int = CHUNK) -> bytes:
     """Up to `limit` bytes `remote` holds past `offset` (b"" when it is gone or unchanged)."""
     try:
         with sftp.open(remote, "rb") as fh:

@@ -10,7 +10,6 @@ appends to the record's history (the audit trail the finalizer archives).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shlex
 import time
@@ -18,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from pink import defaults, gpu_env, recipes
+from pink import gpu_env, recipes
 from pink.errors import BadRequest, Conflict
 from pink.request_input import number
 
@@ -67,6 +66,7 @@ OUTPUTS = ("full", "changes")  # besides an absolute path in the container
 USER_TEXT = ("name", "cmd", "entrypoint", "env")  # the parameters of free size ([limits] record_bytes)
 RECORD_TAGS = 16  # repo tags a task record keeps; only informative, so the rest are dropped, not refused
 RECORD_TAG_CHARS = 256  # a longer tag is dropped (a cut name would name another image)
+DEFAULT_TIMEOUT = 24 * 3600  # seconds a task may run when it names no timeout
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Params:
     entrypoint: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
     gpus: int = 0
-    timeout: int = defaults.DEFAULT_TIMEOUT
+    timeout: int = DEFAULT_TIMEOUT
     output: str = "full"
     compression: str = "zstd"
     priority: int = 0  # higher goes first; only admins may go above 0
@@ -101,7 +101,7 @@ class Params:
         params = cls(name=(get("name") or "")[:200], env=env,
                      cmd=_words(get("cmd"), "cmd"), entrypoint=_words(get("entrypoint"), "entrypoint"),
                      gpus=number(args, "gpus", int, 0, low=0, high=64),
-                     timeout=number(args, "timeout", int, defaults.DEFAULT_TIMEOUT, low=1, high=30 * 86400),
+                     timeout=number(args, "timeout", int, DEFAULT_TIMEOUT, low=1, high=30 * 86400),
                      output=get("output") or "full", compression=get("compression") or "zstd",
                      priority=number(args, "priority", int, 0, low=-10, high=10))
         if params.output not in OUTPUTS and not params.output.startswith("/"):
@@ -132,11 +132,6 @@ def _words(text, name):
         return shlex.split(text)
     except ValueError as exc:
         raise BadRequest(f"{name} is not valid shell words: {exc}", code="bad_param") from None
-
-
-def spool_file(spool_dir: str, task_id: str) -> str:
-    """Where a task's upload lies on its web host (`web_host`) until it is final."""
-    return os.path.join(spool_dir, f"{task_id}.tar")
 
 
 @dataclass

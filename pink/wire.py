@@ -27,6 +27,8 @@ import zstandard
 
 from pink import sftp
 
+SPOOL_INCOMING = "incoming"  # in a runner's spool: blobs the transfer account wrote, not trusted yet
+SPOOL_HELD = "held"  # in a runner's spool: an empty marker per blob the runner verified and keeps
 SUFFIX = ".zst"  # a blob sent compressed: incoming/<digest>.zst
 LEVEL = 1
 SAMPLE_BYTES = 1 << 20  # read from the middle of the blob to decide

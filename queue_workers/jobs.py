@@ -1,4 +1,4 @@
-"""The RQ jobs that move a task: transfer, finalize, and spool cleanup (`pink.pipeline.STAGES`).
+"""The RQ jobs that move a task, transfer and finalize (`pink.pipeline.STAGES`), and the sweep.
 
 Each job is called with (task_id, attempt) and begins by reading the task and
 checking that it is still in the state the job expects for that attempt; if
@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pink import archive, backup, control, defaults, fate, lifecycle, metrics, pipeline, outputs, recipes, sftp, upload_sessions, wire
+from pink import archive, backup, blob_store, control, fate, lifecycle, metrics, pipeline, outputs, recipes, sftp, upload_sessions, wire
 from pink.errors import NotFound, Unavailable
-from pink.tasks import State, Task, spool_file
+from pink.nodes import NodeView
+from pink.tasks import State, Task
 from queue_workers import context
-from queue_workers.queues import enqueue_cleanup, enqueue_next
+from queue_workers.queues import enqueue_next
 
 log = logging.getLogger("pink.jobs")
 
@@ -31,12 +32,12 @@ def _load(task_id: str, attempt: int, stage: str):
     return rec
 
 
-def _node(name: str, epoch: int | None = None) -> dict | None:
-    """The live node record (with its epoch); None if gone or another incarnation."""
+def _node(name: str, epoch: int | None = None) -> NodeView | None:
+    """The live runner; None if gone or another incarnation than `epoch`."""
     rec = context.store().get(context.store().keys.node(name))
     if rec is None or (epoch is not None and rec.create_revision != epoch):
         return None
-    return {**rec.value, "epoch": rec.create_revision, "lease": rec.lease}
+    return NodeView.of(rec)
 
 
 
@@ -65,17 +66,16 @@ def _copy_image(rec) -> str:
     sha = task.image["sha256"]
     started = time.time()
     sent = 0
-    if sha not in node.get("images", []):
+    if sha not in node.images:
         recipe = recipes.Recipe.from_dict(task.image["recipe"]) if "recipe" in task.image else None
-        if recipe is None and not os.path.exists(spool_file(context.config().web.spool_dir, task.id)) or \
-                recipe is not None and _damaged(recipe):
+        if recipe is None or _damaged(recipe):
             why = (f"the image's layers are missing or damaged on web node {context.config().host}, "
                    "where it was uploaded: submit it again")
             if new := lifecycle.apply(store, rec, fate.UploadLost(why)):
                 enqueue_next(context.redis(), new)
             return why
-        with context.sftp().session(node) as conn:
-            sent = _send_blobs(conn, node, recipe) if recipe else _send_archive(conn, node, task)
+        with context.sftp().session(node.record) as conn:
+            sent = _send_blobs(conn, node, recipe)
     elapsed = time.time() - started
     if sent:
         metrics.count(context.redis(), "transfer_bytes", "to_runner", sent)
@@ -83,7 +83,7 @@ def _copy_image(rec) -> str:
     detail = f"copied {sent} bytes in {elapsed:.2f}s" if sent else "runner already holds the image"
     # Transferred and assigned in one transaction: a warm task's transfer job
     # is its only job before the runner.
-    if not lifecycle.apply(store, rec, fate.Transferred(detail, node["lease"], sent, elapsed)):
+    if not lifecycle.apply(store, rec, fate.Transferred(detail, node.lease, sent, elapsed)):
         return "task or runner moved during transfer"
     return f"{detail}; assigned"
 
@@ -97,11 +97,12 @@ def _damaged(recipe: recipes.Recipe) -> bool:
         return True
 
 
-def _send_blobs(conn, node: dict, recipe: recipes.Recipe) -> int:
+def _send_blobs(conn, node: NodeView, recipe: recipes.Recipe) -> int:
     """Send the blobs the runner lacks (neither held nor already in its incoming
     directory, see gpu_runner.images.RunnerBlobs); returns the bytes sent."""
     store, ssh = context.blobs(), context.config().ssh
-    incoming, held = f"{node['ssh_spool']}/{defaults.SPOOL_INCOMING}", f"{node['ssh_spool']}/{defaults.SPOOL_HELD}"
+    spool = node.record["ssh_spool"]
+    incoming, held = f"{spool}/{wire.SPOOL_INCOMING}", f"{spool}/{wire.SPOOL_HELD}"
     sent = 0
     for digest in recipe.blobs:
         store.touch(digest)
@@ -109,17 +110,8 @@ def _send_blobs(conn, node: dict, recipe: recipes.Recipe) -> int:
                 sftp.remote_size(conn, f"{incoming}/{digest}") == recipe.sizes[digest] or \
                 sftp.remote_size(conn, f"{incoming}/{digest}{wire.SUFFIX}") is not None:
             continue
-        sent += wire.send(conn, ssh, node, store.path(digest), f"{incoming}/{digest}", context.link_rates())
+        sent += wire.send(conn, ssh, node.record, store.path(digest), f"{incoming}/{digest}", context.link_rates())
     return sent
-
-
-def _send_archive(conn, node: dict, task: Task) -> int:
-    """A task recorded before blob stores: its uploaded archive, whole."""
-    remote = f"{node['ssh_spool']}/{task.image['sha256']}.tar"
-    if sftp.remote_size(conn, remote) == task.image["size"]:
-        return 0
-    local = spool_file(context.config().web.spool_dir, task.id)
-    return sftp.put_parallel(conn, context.config().ssh, node, sftp.local_file(local), remote)
 
 
 # -- finalize ----------------------------------------------------------------
@@ -201,7 +193,6 @@ def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
             archive.mark_deleted(conn, task_id)
             backup.journal_deletion(config.web.output_dir, gone)
     _forget_on_runner(task)
-    enqueue_cleanup(context.redis(), task)
     return task.result
 
 
@@ -348,21 +339,6 @@ def _forget_on_runner(task: Task) -> None:
         log.warning("could not clean runner outbox for %s: %s", task.id, exc)
 
 
-# -- cleanup -----------------------------------------------------------------
-
-def cleanup(task_id: str, attempt: int) -> str:
-    """Delete a finished task's whole-archive upload from this host's spool
-    (tasks since the blob stores have none: their layers stay for others)."""
-    if context.store().get(context.store().keys.task(task_id)) is not None:
-        return "task still live"
-    # From the id, not the record: the user may have deleted the record already.
-    path = spool_file(context.config().web.spool_dir, task_id)
-    if os.path.exists(path):
-        os.remove(path)
-        return "removed"
-    return "nothing to remove"
-
-
 # -- sweep -------------------------------------------------------------------
 
 def sweep() -> str:
@@ -380,7 +356,7 @@ def sweep() -> str:
     removes no output: every one would look orphaned.
     """
     config = context.config()
-    old = time.time() - defaults.SWEEP_GRACE
+    old = time.time() - blob_store.SWEEP_GRACE
     store = context.store()
     with archive.connection(config.db) as conn:
         expired = archive.expired_files(conn, config.host)
@@ -400,7 +376,7 @@ def sweep() -> str:
     blob_root = config.web.blob_root
     upload_sessions.expire(blob_root)
     keep = _blobs_in_use(store) | upload_sessions.in_use(blob_root)
-    collected = context.blobs().collect(keep, grace=defaults.SWEEP_GRACE)
+    collected = context.blobs().collect(keep, grace=blob_store.SWEEP_GRACE)
     journal_days = backup.prune_journal(config.web.output_dir)
     return (f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed, "
             f"{copied} second copies made, {len(collected)} image blobs collected, "

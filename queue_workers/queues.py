@@ -1,7 +1,7 @@
 """RQ queues and the one way to enqueue a task's stage.
 
 Queues: `pink-transfer.<web host>` (the upload lives on that host, so its
-transfer and spool cleanup run there) and the shared `pink-finalize`; which
+transfer runs there) and the shared `pink-finalize`; which
 stage runs on which is `pink.pipeline.STAGES`.
 Job ids are `<task>-<stage>-<attempt>`, so enqueueing a stage that already
 has a live job does nothing; every job begins with a compare-and-swap on the
@@ -19,7 +19,7 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from pink import defaults, pipeline
+from pink import pipeline
 from pink.pipeline import transfer_queue
 from pink.tasks import Task, job_id
 
@@ -31,12 +31,12 @@ def queues_for(host: str) -> list[str]:
     Finalize comes last: it waits on the database, and a database outage (or
     a few slow archives) must not starve the jobs that start tasks.
     """
-    return [transfer_queue(host), defaults.QUEUE_FINALIZE]
+    return [transfer_queue(host), pipeline.QUEUE_FINALIZE]
 
 
 def transfer_hosts(redis: Redis) -> list[str]:
     """The web hosts that have a transfer queue (each runs workers for it)."""
-    prefix = defaults.QUEUE_TRANSFER_PREFIX
+    prefix = pipeline.QUEUE_TRANSFER_PREFIX
     return [q.name[len(prefix):] for q in Queue.all(connection=redis) if q.name.startswith(prefix)]
 
 
@@ -194,14 +194,6 @@ def enqueue(redis: Redis, task: Task, stage: str) -> bool:
     name, data = _job(task, stage)
     Queue(name, connection=redis).enqueue_many([data])
     return True
-
-
-def enqueue_cleanup(redis: Redis, task: Task) -> None:
-    """The spool cleanup of a final task, if it has a spool file: only a
-    whole-archive upload recorded before the blob stores does (the sweep
-    removes any file no live task owns in any case)."""
-    if "recipe" not in task.image:
-        enqueue(redis, task, "cleanup")
 
 
 def _job(task: Task, stage: str) -> tuple[str, object]:

@@ -17,7 +17,7 @@ from datetime import timezone
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
-from pink import archive, control, fate, idempotency, lifecycle, nodes, outputs, recipes, sftp
+from pink import archive, control, idempotency, nodes, outputs, recipes, sftp
 from pink.compat import fromisoformat
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, TooManyRequests, Unavailable
 from pink.request_input import number
@@ -233,10 +233,8 @@ def _poll_slots() -> log_streams.Slots | None:
 def delete_task(task_id: str):
     """Cancel a live task (202), or delete a finished one with its output and logs (200)."""
     task, rec = _task(task_id)
-    if rec is None or task.final:  # a final record in etcd: left by an older version
+    if rec is None:
         control.delete_archived(res().db(), res().config, task)
-        if rec is not None:
-            lifecycle.apply(res().store, rec, fate.Archived(task.attempt, task.state))
         return jsonify(deleted=task.id)
     return jsonify(task=public_view(control.cancel(res().store, rec))), 202
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from flask import request
 from werkzeug.exceptions import ClientDisconnected
 
-from pink import blob_store, defaults, image_archive, rebuilt_archive, recipes
+from pink import blob_store, image_archive, rebuilt_archive, recipes
 from pink.errors import BadRequest, TooLarge
 
 
@@ -81,7 +81,7 @@ def _spool(stream, path: str, max_bytes: int) -> int:
     size = 0
     with open(path, "wb") as out:
         os.chmod(path, 0o600)
-        while chunk := stream.read(defaults.UPLOAD_CHUNK):
+        while chunk := stream.read(blob_store.COPY_CHUNK):
             size += len(chunk)
             if size > max_bytes:
                 raise TooLarge(f"the archive is over the limit of {max_bytes} bytes")

@@ -40,8 +40,9 @@ import pytest
 import requests
 
 from devcluster import lab as devlab
-from pink import defaults, image_archive
+from pink import image_archive
 from pink_cli.client import Client
+from pink.config import LimitsConfig
 from pink.errors import PinkError
 from pink.tasks import FINAL_NAMES
 from tests import images
@@ -68,7 +69,7 @@ VICTIM = ('COPY secret.txt /secret.txt\n'
 # How many follows a web node serves now (its node slots held), asked on the node itself.
 OPEN_FOLLOWS = ("from pink import config; from web import log_streams; "
                 "print(log_streams.open_streams(config.load('/etc/pink/pink.toml')))")
-REFUSED_AS_PAST_CAP = f"429 log_streams_per_user = {defaults.LOG_STREAMS_PER_USER}"
+REFUSED_AS_PAST_CAP = f"429 log_streams_per_user = {LimitsConfig.log_streams_per_user}"
 
 
 # ---------------------------------------------------------------- users and images
@@ -175,7 +176,7 @@ def _describe(r: requests.Response | str) -> str:
     except ValueError:
         return f"429 {r.text[:100]}"
     limit, message = body.get("error", ""), body.get("message", "")
-    named = f"{limit} = {defaults.LOG_STREAMS_PER_USER}"
+    named = f"{limit} = {LimitsConfig.log_streams_per_user}"
     return f"429 {named}" if named in message else f"429 {limit}: {message[:120]}"
 
 
@@ -188,7 +189,7 @@ class FollowFlood(threading.Thread):
     def __init__(self, lab: Lab, user: User, task_id: str, nodes: list[str]):
         super().__init__(name="follow-flood", daemon=True)
         self.lab, self.user, self.task_id, self.nodes = lab, user, task_id, nodes
-        self.cap = defaults.LOG_STREAMS_PER_USER
+        self.cap = LimitsConfig.log_streams_per_user
         self.answers: Counter[str] = Counter()  # every follow tried before she held her cap
         self.unsettled: list[dict[str, int]] = []  # per wave: open follows left once dropped
         self.held: list[requests.Response] = []
@@ -349,11 +350,11 @@ def _wait_for(client: Client, ids: list[str], states: set[str], timeout: float) 
 
 def _shipped_limits(lab: Lab) -> dict[str, dict]:
     """[limits] as every PINK host of the lab has it, where it differs from the shipped defaults."""
-    shipped = {"log_streams_per_user": defaults.LOG_STREAMS_PER_USER,
-               "log_streams_per_node": defaults.LOG_STREAMS_PER_NODE,
-               "output_bytes_per_task": defaults.OUTPUT_BYTES_PER_TASK,
-               "upload_sessions_per_user": defaults.UPLOAD_SESSIONS_PER_USER,
-               "live_tasks_per_user": defaults.LIVE_TASKS_PER_USER}
+    shipped = {"log_streams_per_user": LimitsConfig.log_streams_per_user,
+               "log_streams_per_node": LimitsConfig.log_streams_per_node,
+               "output_bytes_per_task": LimitsConfig.output_bytes_per_task,
+               "upload_sessions_per_user": LimitsConfig.upload_sessions_per_user,
+               "live_tasks_per_user": LimitsConfig.live_tasks_per_user}
     differs = {}
     for host in (*_web_nodes(lab), "run1", "run2"):
         limits = _config(lab, host)["limits"]
@@ -435,11 +436,11 @@ def test_a_flooding_filling_forging_user_leaves_another_users_tasks_running_to_t
         assert flood.error is None, repr(flood.error)
         allowed = {"200", REFUSED_AS_PAST_CAP}
         assert set(flood.answers) <= allowed, f"follows answered otherwise: {flood.answers}"
-        assert flood.answers["200"] >= DROPPED_WAVES * defaults.LOG_STREAMS_PER_USER, flood.answers
+        assert flood.answers["200"] >= DROPPED_WAVES * LimitsConfig.log_streams_per_user, flood.answers
         assert all(set(wave.values()) == {0} for wave in flood.unsettled), \
             f"dropped follows still held by a web node {SETTLE:.0f}s on: {flood.unsettled}"
-        assert len(flood.held) == len(nodes) * defaults.LOG_STREAMS_PER_USER, flood.answers
-        assert flood.held_per_node == {h: defaults.LOG_STREAMS_PER_USER for h in nodes}, flood.held_per_node
+        assert len(flood.held) == len(nodes) * LimitsConfig.log_streams_per_user, flood.answers
+        assert flood.held_per_node == {h: LimitsConfig.log_streams_per_user for h in nodes}, flood.held_per_node
         assert flood.past_cap == [REFUSED_AS_PAST_CAP] * PAST_CAP, flood.past_cap
         assert (left := _settle(lab, nodes)) == {h: 0 for h in nodes}, f"closed follows still held: {left}"
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pink import defaults
+from pink.config import Config
 from pink.store import Store
 from tests.helpers import wait_requeued
 
@@ -22,8 +22,8 @@ WHOLE_LOG = ["start", "middle", "end"]
 @pytest.fixture
 def shipped_ttl(config_variant) -> str:
     """A config whose runner lease is the shipped one (10 s; the tests' is 3 s)."""
-    assert defaults.NODE_TTL == 10
-    return config_variant("shipped-ttl", node_ttl=defaults.NODE_TTL)
+    assert Config.node_ttl == 10
+    return config_variant("shipped-ttl", node_ttl=Config.node_ttl)
 
 
 def _container(docker_client, task_id: str):

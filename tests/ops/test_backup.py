@@ -462,15 +462,15 @@ def test_the_sweep_keeps_the_outputs_a_restore_needs(pink_config):
     back (from any web node's journal: a second copy's task is journaled on
     the node that finalized it); an output whose row says expired, or that
     nothing names past those days, goes."""
-    from pink import defaults
+    from pink import blob_store
     from queue_workers import context, jobs
 
     config, now = pink_config, time.time()
     out_dir = Path(config.web.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recent, orphan, expired = (_task(f"d0000000000{i}", at=now) for i in (1, 2, 3))
-    ages = {recent.id: defaults.SWEEP_GRACE + 60, orphan.id: backup.JOURNAL_DAYS * 86400 + 60,
-            expired.id: defaults.SWEEP_GRACE + 60}
+    ages = {recent.id: blob_store.SWEEP_GRACE + 60, orphan.id: backup.JOURNAL_DAYS * 86400 + 60,
+            expired.id: blob_store.SWEEP_GRACE + 60}
     files = {t.id: out_dir / f"{t.id}-1.tar.zst" for t in (recent, orphan, expired)}
     for task_id, path in files.items():
         path.write_bytes(b"output")

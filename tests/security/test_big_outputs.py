@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from devcluster.ports import free_port
-from pink import archive, defaults, outputs, redisconn, sftp
+from pink import archive, outputs, redisconn, sftp
 from pink import config as pink_config_module
 from pink.config import LimitsConfig, RetentionConfig
 from pink.store import Store
@@ -44,7 +44,7 @@ def test_a_log_over_the_shipped_cap_is_archived_whatever_the_packet_limit(api, d
     with its last 8 MiB (the shipped `max_log_bytes`) archived and readable,
     on a MariaDB whose max_allowed_packet is no larger than 10.11's default
     (16 MiB, which one INSERT of 8 MiB sent as hex overflows)."""
-    assert api.config.retention.max_log_bytes == defaults.MAX_LOG_BYTES == 8 * MIB
+    assert api.config.retention.max_log_bytes == RetentionConfig.max_log_bytes == 8 * MIB
     with archive.connection(api.config.db) as conn, conn.cursor() as cur:
         cur.execute("SELECT @@global.max_allowed_packet AS packet")
         assert cur.fetchone()["packet"] <= 16 * MIB
@@ -85,7 +85,7 @@ def test_a_finalize_that_can_never_succeed_ends_its_task(pink_processes, pink_co
 def test_the_output_cap_is_shipped_and_documented():
     """Every user's export is capped out of the box: `output_bytes_per_task`
     has a default (100 GiB), and the docs name it."""
-    assert LimitsConfig().output_bytes_per_task == defaults.OUTPUT_BYTES_PER_TASK == 100 * 2**30
+    assert LimitsConfig().output_bytes_per_task == LimitsConfig.output_bytes_per_task == 100 * 2**30
     assert RetentionConfig().max_log_bytes == 8 * MIB
     assert "output_bytes_per_task" in (ROOT / "docs" / "security.md").read_text()
 

@@ -25,7 +25,8 @@ import docker
 import pytest
 
 from gpu_runner import images as runner_images
-from pink import blob_store, defaults, image_archive, possession, rebuilt_archive, recipes, upload_sessions
+from pink import blob_store, image_archive, possession, rebuilt_archive, recipes, upload_sessions
+from pink.config import LimitsConfig
 from pink.errors import NotFound, TooManyRequests
 from tests import images
 from tests.helpers import Api, make_user
@@ -168,7 +169,7 @@ def test_upload_sessions_stop_at_the_shipped_limit(web):
     upload sessions open: the next is refused with 429 naming the limit, other
     users are not affected, and abandoning one makes room."""
     limit = web.limits.upload_sessions_per_user
-    assert limit == defaults.UPLOAD_SESSIONS_PER_USER == 16
+    assert limit == LimitsConfig.upload_sessions_per_user == 16
     hoarder = Api(web, make_user(web, "gina"))
     opened = []
     for n in range(limit + 1):
@@ -190,7 +191,7 @@ def test_open_upload_sessions_count_against_the_upload_bytes_limit(web):
     """A user cannot book more image bytes than `upload_bytes_per_user` (shipped
     default) by opening sessions that have not sent them yet: what open sessions
     will hold counts with the image being begun."""
-    assert web.limits.upload_bytes_per_user == defaults.UPLOAD_BYTES_PER_USER
+    assert web.limits.upload_bytes_per_user == LimitsConfig.upload_bytes_per_user
     per_image = recipes.MAX_BLOB_BYTES - 2**20  # the largest image one session may announce
     fits = web.limits.upload_bytes_per_user // per_image
     assert fits < web.limits.upload_sessions_per_user  # the bytes limit, not the count, must stop it

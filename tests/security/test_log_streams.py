@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from pink import config as pink_config_module
-from pink import defaults
+from pink.config import LimitsConfig
 from pink_cli.client import FollowedLog
 from tests import images
 from tests.helpers import Api, make_user
@@ -80,7 +80,7 @@ def test_dropped_follows_of_a_silent_task_leave_the_node_answering(api, silent_a
     back to 0), and health checks and submits answer all along."""
     task_id = _running(api, silent_archive)
     for _wave in range(10):  # 10 x the per-user cap = the 80 follows of the report
-        follows = [_follow(api, task_id) for _ in range(defaults.LOG_STREAMS_PER_USER)]
+        follows = [_follow(api, task_id) for _ in range(LimitsConfig.log_streams_per_user)]
         assert [r.status_code for r in follows] == [200] * len(follows), [r.text for r in follows]
         assert log_streams.open_streams(api.config) == len(follows)
         time.sleep(2)
@@ -88,7 +88,7 @@ def test_dropped_follows_of_a_silent_task_leave_the_node_answering(api, silent_a
             r.close()
         assert _open_streams_settle(api.config) == 0, "dropped follows still held by the node"
     _health_answers(api)
-    with_follows = [_follow(api, task_id) for _ in range(defaults.LOG_STREAMS_PER_USER)]
+    with_follows = [_follow(api, task_id) for _ in range(LimitsConfig.log_streams_per_user)]
     _health_answers(api)
     submitted = api.submit(writer_archive)
     assert submitted.status_code == 201, submitted.text
@@ -104,8 +104,8 @@ def test_one_user_may_follow_eight_logs_at_once(api, silent_archive):
     do, a read without follow still answers, and another user still follows."""
     bob = Api(api.config, make_user(api.config, "bob"))
     task_id, bobs_task = _running(api, silent_archive), _running(bob, silent_archive)
-    follows = [_follow(api, task_id) for _ in range(defaults.LOG_STREAMS_PER_USER)]
-    assert [r.status_code for r in follows] == [200] * defaults.LOG_STREAMS_PER_USER
+    follows = [_follow(api, task_id) for _ in range(LimitsConfig.log_streams_per_user)]
+    assert [r.status_code for r in follows] == [200] * LimitsConfig.log_streams_per_user
     refused = _follow(api, task_id)
     assert refused.status_code == 429, refused.text
     body = refused.json()
@@ -138,7 +138,7 @@ def test_idle_follows_hold_no_thread(pink_processes, pink_config, writer_archive
     more threads than before, and a health check and a submit still answer
     at once beside them."""
     config = pink_config
-    assert config.limits.log_streams_per_node == defaults.LOG_STREAMS_PER_NODE == 32
+    assert config.limits.log_streams_per_node == LimitsConfig.log_streams_per_node == 32
     web = pink_processes.web()
     pink_processes.worker()
     pink_processes.leader()
@@ -146,7 +146,7 @@ def test_idle_follows_hold_no_thread(pink_processes, pink_config, writer_archive
     tasks = [(user, user.submit(writer_archive).json()["task"]["id"]) for user in users]  # no runner: silent
     _health_answers(users[0])
     before = _worker_threads(pink_processes.cluster.pid(web))
-    follows = [_follow(user, task_id) for user, task_id in tasks for _ in range(defaults.LOG_STREAMS_PER_USER)]
+    follows = [_follow(user, task_id) for user, task_id in tasks for _ in range(LimitsConfig.log_streams_per_user)]
     try:
         assert [r.status_code for r in follows] == [200] * 32
         assert _open_streams_settle(config, 32) == 32
@@ -254,8 +254,8 @@ def test_long_polls_take_the_same_slots_and_never_queue_behind_them(api, silent_
     poll.join(30)
     assert answered and answered[0].status_code == 200
     assert _open_streams_settle(api.config) == 0
-    follows = [_follow(api, task_id) for _ in range(defaults.LOG_STREAMS_PER_USER)]
-    assert [r.status_code for r in follows] == [200] * defaults.LOG_STREAMS_PER_USER
+    follows = [_follow(api, task_id) for _ in range(LimitsConfig.log_streams_per_user)]
+    assert [r.status_code for r in follows] == [200] * LimitsConfig.log_streams_per_user
     r = requests.get(f"{api.url}/api/v1/tasks/{task_id}", params={"wait": 30, **seen}, timeout=(5, 20),
                      headers={"Authorization": f"Bearer {api.token}"}, verify=api.ca)
     assert r.status_code == 200 and r.json()["task"]["state"] == "running"  # at once, not after 30 s
