@@ -39,8 +39,8 @@ from gpu_runner import images, outbox, retry, sizing
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
-from pink import defaults, nodes, recipes
-from pink.errors import PinkError, Unavailable
+from pink import blob_store, nodes, recipes
+from pink.errors import PinkError, Unavailable, outlive_failure
 from pink.store import LeaseGone, Store
 
 log = logging.getLogger("pink.runner")
@@ -50,7 +50,7 @@ SPOOL_REPORT_BYTES = 64 * 2**20  # a change in free spool space worth telling th
 SPOOL_SWEEP_INTERVAL = 30.0  # seconds between sweeps of archives no reservation needs
 GPU_STATS_INTERVAL = 15.0  # seconds between NVML readings published in the node record
 OUTBOX_SWEEP_INTERVAL = 60.0  # seconds between sweeps of outbox files no live task needs
-OUTBOX_GRACE = defaults.SWEEP_GRACE  # seconds an outbox file no task needs may stay (it may be being written)
+OUTBOX_GRACE = blob_store.SWEEP_GRACE  # seconds an outbox file no task needs may stay (it may be being written)
 
 
 class Agent:
@@ -366,7 +366,7 @@ class Agent:
 
     def serve(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            try:
+            with outlive_failure(log, "runner", "trying again", stop):
                 if self.epoch is None or self.lease_lost():
                     self.register()
                     self._settled = False
@@ -381,12 +381,6 @@ class Agent:
                         self._wake.wait(POLL)
                 finally:
                     cancel()
-            except PinkError as exc:
-                log.warning("runner: %s", exc.message)
-                stop.wait(1.0)
-            except Exception:  # noqa: BLE001 - the agent must outlive any one failure
-                log.exception("runner: unexpected error; trying again")
-                stop.wait(1.0)
             if self.lease_lost() and not stop.is_set():
                 log.warning("lease lost: stopping this epoch's containers and registering again")
                 self.stop_containers()

@@ -83,7 +83,7 @@ class Execution:
         return (self.store.keys.node(self.config.name), self.epoch)
 
     def _rules(self) -> fate.Rules:
-        return fate.Rules(max_attempts=self.agent.config.max_attempts)
+        return fate.Rules.of(self.agent.config)
 
     def _lease_lost(self) -> bool:
         return self.lease is None or self.lease.lost.is_set() or self.agent.epoch != self.epoch

@@ -6,7 +6,17 @@ its HTTP status; the CLI prints the message and exits 1.
 Each kind names its code and status in its class line
 (`class NotFound(PinkError, code="not_found", status=404)`), so this module
 reads as the table it is: one line per kind, and what it means below it.
+A daemon's loop (the leader's election, a runner's epoch) logs a PinkError's
+message, or any other failure with its traceback, and goes on
+(`outlive_failure`).
 """
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class PinkError(Exception):
@@ -73,3 +83,19 @@ class TooManyRequests(PinkError, code="user_limit", status=429):
 
 class Unavailable(PinkError, code="unavailable", status=503):
     """A service PINK depends on (etcd, MariaDB, a runner) cannot be reached."""
+
+
+@contextmanager
+def outlive_failure(log: logging.Logger, who: str, then: str, stop: threading.Event) -> Iterator[None]:
+    """Let a daemon's loop outlive any one failure of the round run in the
+    block: a PinkError is logged by its message, anything else with its
+    traceback and what the loop does `then`; either way the loop pauses a
+    second (or until `stop`) before its next round."""
+    try:
+        yield
+    except PinkError as exc:
+        log.warning("%s: %s", who, exc.message)
+        stop.wait(1.0)
+    except Exception:  # noqa: BLE001 - a daemon must outlive any one failure
+        log.exception("%s: unexpected error; %s", who, then)
+        stop.wait(1.0)

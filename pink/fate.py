@@ -17,8 +17,9 @@ record (the leader's batches of placements go through `lifecycle.place`).
     --Reported--> exported --Fetched / ExportLost / FinalizeGaveUp--> final
     --Archived--> the record leaves etcd (the archive holds it)
 
-RunnerLost, OperatorMove, UploadLost, JobGaveUp and Cancel can come at
-any live state; `after_loss` says where a task goes once its runner is gone.
+RunnerLost, OperatorMove, UploadLost, JobGaveUp and Cancel cut the way
+short (`_RULES` says from which states each event may come); `after_loss`
+says where a task goes once its runner is gone.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class Rules:
     """The configured limits decisions follow."""
 
     max_attempts: int = Config.max_attempts  # runner losses a task survives
+
+    @classmethod
+    def of(cls, config: Config) -> "Rules":
+        return cls(max_attempts=config.max_attempts)
 
 
 @dataclass(frozen=True)

@@ -325,7 +325,7 @@ def _after_lost_export(conn, rec, why: str) -> tuple[Task | None, bytes]:
 
 
 def _rules() -> fate.Rules:
-    return fate.Rules(max_attempts=context.config().max_attempts)
+    return fate.Rules.of(context.config())
 
 
 def _forget_on_runner(task: Task) -> None:

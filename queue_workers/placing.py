@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from redis import Redis
 from redis.exceptions import RedisError
 
-from pink import defaults, fate, lifecycle, scheduler
+from pink import fate, lifecycle, scheduler
 from pink.errors import PinkError
 from pink.store import Store
 from pink.tasks import Task
@@ -25,6 +25,7 @@ from queue_workers.queues import enqueue_many
 log = logging.getLogger("pink.leader")
 
 PLACE_THREADS = 16  # runners whose placements commit at once
+PUBLISHED_POSITIONS = 5000  # waiting tasks whose queue position the leader publishes (one etcd value)
 
 
 class Placer:
@@ -104,7 +105,7 @@ class Positions:
         reasons: list[str] = []
         index: dict[str, int] = {}
         entries = {}
-        waiting = [t for t in plan.order if t in plan.waiting][:defaults.PUBLISHED_POSITIONS]
+        waiting = [t for t in plan.order if t in plan.waiting][:PUBLISHED_POSITIONS]
         for position, task_id in enumerate(waiting, start=1):
             reason = plan.waiting[task_id]
             entries[task_id] = [position, index.setdefault(reason, len(reasons))]
