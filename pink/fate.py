@@ -10,7 +10,8 @@ record and the side effects that go with it (a reservation released or its
 GPUs freed, the runner's assignment written or dropped). It is pure: no
 I/O, so each (state, event) pair is a table row in tests/pink/test_fate.py.
 `pink.lifecycle.apply` commits a decision; it is the only writer of a task
-record (the leader's batches of placements go through `lifecycle.place`).
+record once `Store.create_task` made it (the leader's batches of placements
+go through `lifecycle.place`).
 
     queued --Placed--> placed --Transferred--> (transferred) assigned
     --Started--> running --Exited--> running, GPUs freed

@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pink import fate
-from pink.errors import Unavailable
+from pink.errors import Conflict, Unavailable
 from pink.fate import Decision, Event, Refused, Rules
 from pink.store import Record, Store
 from pink.tasks import Task
 
 
 MAX_TXN_COMPARES = 120  # comparisons in one transaction: etcd allows 128 (--max-txn-ops)
-CAS_TRIES = 20  # commits one move tries before it says etcd is too busy
+CAS_TRIES = 50  # commits one move tries before it gives up (etcd too busy, or the task kept changing)
 
 
 def apply(store: Store, rec: Record, event: Event, rules: Rules = Rules(),
@@ -33,9 +33,12 @@ def apply(store: Store, rec: Record, event: Event, rules: Rules = Rules(),
     Returns the record committed (for `Archived`, the one removed; for an
     event already in the record, the record), or None when the task moved
     first or `fence` (key, create_revision) is no longer the same holder.
-    Refused when the event does not apply to `rec`'s state.
+    Refused when the event does not apply to `rec`'s state; Conflict when the
+    task kept changing under an event that follows it, Unavailable when its
+    reservations did.
     """
     decision = fate.decide(rec.value, event, rules)
+    churn = ""  # what changed under the last commit: the task record, or its reservations
     for _ in range(CAS_TRIES):
         if decision.unchanged:
             return rec.value
@@ -49,15 +52,18 @@ def apply(store: Store, rec: Record, event: Event, rules: Rules = Rules(),
             return rec.value if decision.task is None else None
         if any(_fence_gone(store, f) for f in fences):
             return None
+        churn = "reservations"
         if current.mod_revision != rec.mod_revision:
             if not event.follows_record:
                 return None
-            rec = current
+            rec, churn = current, "record"
             try:
                 decision = fate.decide(rec.value, event, rules)
             except Refused:
                 return None
-    raise Unavailable(f"could not move task {rec.value.id}: its records kept changing")
+    if churn == "record":
+        raise Conflict(f"task {rec.value.id} kept changing; try again")
+    raise Unavailable(f"could not move task {rec.value.id}: its reservations kept changing")
 
 
 def _commit(store: Store, rec: Record, d: Decision, fences: list[tuple[str, int]]) -> bool:

@@ -93,6 +93,7 @@ def test_each_state_and_event(kind, state):
     release, free_gpus, unassign, assigns = EFFECTS.get((kind, state), (None, None, None, False))
     assert (decision.release, decision.free_gpus, decision.unassign, decision.assign is not None) == \
         (release, free_gpus, unassign, assigns)
+    assert decision.fence_node == (kind is fate.Transferred), "only an assignment is fenced on the runner's epoch"
     assert task == before, "decide must not change the record it was given"
 
 
@@ -131,6 +132,9 @@ def test_the_transfer_records_both_steps_and_the_assignment_is_fenced_on_the_run
     (fate.Reported(Ending.CANCELLED, exit_code=143, error="cancelled"), "cancelled", "cancelled"),
     (fate.Reported(Ending.BROKEN, error="docker: no such image"), "failed", "docker: no such image"),
     (fate.Reported(Ending.EXITED, exit_code=0, export_error="disk full"), "succeeded", "disk full"),
+    (fate.Reported(Ending.EXITED, exit_code=2, export_error="disk full"), "failed", "container exited with code 2"),
+    (fate.Reported(Ending.BROKEN, exit_code=0, error="over 100 GiB", export_error="over 100 GiB"),
+     "failed", "over 100 GiB"),
 ])
 def test_the_runner_says_how_the_run_ended_and_fate_picks_the_result(report, result, error):
     new = fate.decide(task_in(R), report).task
@@ -164,6 +168,12 @@ def test_a_cancelled_task_is_not_run_again_after_a_loss():
     assert (ended.state, ended.result) == (E, "cancelled")
     upload = fate.decide(task_in(P, cancel_requested=True), fate.UploadLost("upload lost")).task
     assert upload.result == "cancelled"
+
+
+def test_a_runner_that_lost_track_of_a_cancelled_task_ends_it_cancelled():
+    """The runner's report lost the race with the cancel flag: running it again would undo the cancel."""
+    ended = fate.decide(task_in(R, cancel_requested=True), fate.RunnerLost("lost track", counts=False)).task
+    assert (ended.state, ended.result, ended.attempt) == (E, "cancelled", 1)
 
 
 def test_an_operator_moves_only_the_tasks_on_its_node():

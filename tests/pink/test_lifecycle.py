@@ -100,3 +100,17 @@ def test_an_event_that_does_not_fit_the_state_is_refused(store):
     rec, _ = seed(store, State.QUEUED)
     with pytest.raises(fate.Refused):
         lifecycle.apply(store, rec, fate.Started("run1", {}))
+
+
+def test_a_cancel_of_a_task_that_left_etcd_meanwhile_says_so(store):
+    rec, _ = seed(store, State.RUNNING)
+    assert lifecycle.apply(store, rec, fate.JobFailed("transfer"))  # rec is now stale
+    store.delete(rec.key)
+    assert lifecycle.apply(store, rec, fate.Cancel()) is None
+
+
+def test_an_exit_is_decided_again_after_a_cancel_request_landed(store):
+    rec, fence = seed(store, State.RUNNING)
+    assert lifecycle.apply(store, rec, fate.Cancel())  # rec is now stale
+    assert lifecycle.apply(store, rec, fate.Exited(1, 9.0), fence=fence).cancel_requested
+    assert store.get(store.keys.alloc("run1")).value[rec.value.id]["gpus"] == []
