@@ -398,16 +398,3 @@ def test_a_finalize_that_crashed_after_archiving_does_not_archive_twice(control_
     assert api("GET", "/tasks/c0001/logs").content == b"log of c0001"
     assert api.task("c0001")["error"] is None  # the first archive stands
     assert _sql(api.config, "SELECT COUNT(*) AS n FROM task_events WHERE task_id='c0001'") == [{"n": 2}]
-
-
-def test_final_records_an_older_version_left_in_etcd_move_to_the_archive(control_plane):
-    api = control_plane
-    store = Store.from_config(api.config)
-    now = time.time()
-    archived_before = _record("l0001", "alice", "old-archived", "succeeded", now)
-    _archive(api.config, archived_before)
-    store.create(store.keys.task("l0001"), archived_before)
-    store.create(store.keys.task("l0002"), _record("l0002", "alice", "never-archived", "failed", now + 1))
-    _gone_from_etcd(store, "l0001", "l0002")
-    assert [t["id"] for t in api("GET", "/tasks").json()["tasks"]] == ["l0002", "l0001"]
-    assert api.task("l0002")["state"] == "failed"
