@@ -30,84 +30,66 @@ from pink.tasks import Task
 
 
 class Keys:
-    """Every etcd key PINK uses, under one configurable prefix."""
+    """Every etcd key PINK uses, under one configurable prefix.
+
+    Each family of keys is a directory (an attribute: what a range read
+    lists) and a method naming one key in it."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix.rstrip("/")
+        self.tasks = f"{self.prefix}/tasks/"
+        self.nodes = f"{self.prefix}/nodes/"
+        # A node's reservations: {task_id: {"gpus": [...], "attempt": n}}.
+        self.allocs = f"{self.prefix}/alloc/"
+        # A web node's presence: `{host, url, since}`, bound to a lease its pink-web keeps.
+        self.webs = f"{self.prefix}/web/"
+        # An operator's wish for a node (drain, stop); outlives the runner's lease.
+        self.controls = f"{self.prefix}/control/"
+        self.leader = f"{self.prefix}/leader"
+        # The leader's summary of the queue: each waiting task's position and reason.
+        self.queue = f"{self.prefix}/queue"
 
     def task(self, task_id: str) -> str:
-        return f"{self.prefix}/tasks/{task_id}"
-
-    @property
-    def tasks(self) -> str:
-        return f"{self.prefix}/tasks/"
+        return self.tasks + task_id
 
     def node(self, name: str) -> str:
-        return f"{self.prefix}/nodes/{name}"
-
-    @property
-    def nodes(self) -> str:
-        return f"{self.prefix}/nodes/"
+        return self.nodes + name
 
     def alloc(self, node: str) -> str:
-        """The node's reservations: {task_id: {"gpus": [...], "attempt": n}}."""
-        return f"{self.prefix}/alloc/{node}"
-
-    @property
-    def allocs(self) -> str:
-        return f"{self.prefix}/alloc/"
+        return self.allocs + node
 
     def web(self, host: str) -> str:
-        """A web node's presence: `{host, url, since}`, bound to a lease its pink-web keeps."""
-        return f"{self.prefix}/web/{host}"
-
-    @property
-    def webs(self) -> str:
-        return f"{self.prefix}/web/"
+        return self.webs + host
 
     def control(self, node: str) -> str:
-        """An operator's wish for a node (drain, stop); outlives the runner's lease."""
-        return f"{self.prefix}/control/{node}"
-
-    @property
-    def controls(self) -> str:
-        return f"{self.prefix}/control/"
-
-    def assignment(self, node: str, task_id: str) -> str:
-        return f"{self.prefix}/assign/{node}/{task_id}"
+        return self.controls + node
 
     def assignments(self, node: str) -> str:
         return f"{self.prefix}/assign/{node}/"
 
-    @property
-    def leader(self) -> str:
-        return f"{self.prefix}/leader"
-
-    @property
-    def queue(self) -> str:
-        """The leader's summary of the queue: each waiting task's position and reason."""
-        return f"{self.prefix}/queue"
-
-    def owner(self, user: str, task_id: str) -> str:
-        """A user's index entry for one live task (`{"size": image bytes}`): created and
-        removed in the same transactions as the task record, so per-user limits read
-        one user's entries instead of every live task."""
-        return f"{self.prefix}/owners/{user}/{task_id}"
+    def assignment(self, node: str, task_id: str) -> str:
+        return self.assignments(node) + task_id
 
     def owned(self, user: str) -> str:
+        """A user's index of live tasks, one entry each (`{"size": image bytes}`):
+        created and removed in the same transactions as the task record, so
+        per-user limits read one user's entries instead of every live task."""
         return f"{self.prefix}/owners/{user}/"
+
+    def owner(self, user: str, task_id: str) -> str:
+        return self.owned(user) + task_id
 
     def gate(self, user: str) -> str:
         """Rewritten by every task creation of `user` and compared by the next: two
         submits counting the same index cannot both pass a limit."""
         return f"{self.prefix}/gates/{user}"
 
-    def idempotency(self, user: str, digest: str) -> str:
-        """A user's Idempotency-Key (by its digest): `{"task", "fingerprint"}`, leased for a day."""
-        return f"{self.prefix}/idem/{user}/{digest}"
-
     def idempotencies(self, user: str) -> str:
+        """A user's Idempotency-Keys (by their digest): `{"task", "fingerprint"}`, leased for a day."""
         return f"{self.prefix}/idem/{user}/"
+
+    def idempotency(self, user: str, digest: str) -> str:
+        return self.idempotencies(user) + digest
 
 
 @dataclass
