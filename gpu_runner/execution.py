@@ -411,7 +411,7 @@ class Execution:
             lifecycle.apply(self.store, current, result, self._rules(), fence=self._fence())
             return
         timings = {k: fields.pop(k) for k in TIMING_FIELDS if k in fields}
-        event = fate.Reported(result, timings=timings, **fields)
+        event = fate.Reported(result, attempt=self.attempt, timings=timings, **fields)
         if not lifecycle.apply(self.store, current, event, fence=self._fence()):
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
 

@@ -125,14 +125,16 @@ class Ending(str, Enum):
 
 @dataclass(frozen=True)
 class Reported(Event):
-    """The runner is done with the task and left its export (and log) in its outbox."""
+    """The runner is done with `attempt` and left its export (and log) in its outbox."""
 
     ending: Ending
+    attempt: int = field(kw_only=True)
     exit_code: int | None = None
     error: str | None = None
     export: dict | None = None
     export_error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    follows_record = True  # a cancel request landing meanwhile must not lose the result
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,8 @@ RESULT_OF = {Ending.TIMED_OUT: State.TIMED_OUT, Ending.CANCELLED: State.CANCELLE
 
 
 def _reported(task: Task, e: Reported, _: Rules) -> Decision:
+    if task.attempt != e.attempt:
+        raise Refused(f"task {task.id} is at attempt {task.attempt}, not {e.attempt}")
     result = RESULT_OF.get(e.ending) or (State.SUCCEEDED if e.exit_code == 0 else State.FAILED)
     error = e.error or e.export_error
     if e.ending == Ending.EXITED and e.exit_code != 0 and not e.error:

@@ -22,7 +22,7 @@ SAMPLES = {
     fate.Transferred: fate.Transferred("copied 10 bytes", lease=77, sent=10, seconds=0.5),
     fate.Started: fate.Started("run1", {"ssh": {}, "path": "/outbox/t.log"}),
     fate.Exited: fate.Exited(attempt=1, at=1000.0),
-    fate.Reported: fate.Reported(Ending.EXITED, exit_code=0, export={"path": "/outbox/t.tar.zst"}),
+    fate.Reported: fate.Reported(Ending.EXITED, attempt=1, exit_code=0, export={"path": "/outbox/t.tar.zst"}),
     fate.RunnerLost: fate.RunnerLost("runner run1 lost"),
     fate.OperatorMove: fate.OperatorMove("run1"),
     fate.UploadLost: fate.UploadLost("upload lost with web1"),
@@ -126,14 +126,14 @@ def test_the_transfer_records_both_steps_and_the_assignment_is_fenced_on_the_run
 
 
 @pytest.mark.parametrize("report,result,error", [
-    (fate.Reported(Ending.EXITED, exit_code=0), "succeeded", None),
-    (fate.Reported(Ending.EXITED, exit_code=3), "failed", "container exited with code 3"),
-    (fate.Reported(Ending.TIMED_OUT, exit_code=137, error="timed out after 5s"), "timed_out", "timed out after 5s"),
-    (fate.Reported(Ending.CANCELLED, exit_code=143, error="cancelled"), "cancelled", "cancelled"),
-    (fate.Reported(Ending.BROKEN, error="docker: no such image"), "failed", "docker: no such image"),
-    (fate.Reported(Ending.EXITED, exit_code=0, export_error="disk full"), "succeeded", "disk full"),
-    (fate.Reported(Ending.EXITED, exit_code=2, export_error="disk full"), "failed", "container exited with code 2"),
-    (fate.Reported(Ending.BROKEN, exit_code=0, error="over 100 GiB", export_error="over 100 GiB"),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=0), "succeeded", None),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=3), "failed", "container exited with code 3"),
+    (fate.Reported(Ending.TIMED_OUT, attempt=1, exit_code=137, error="timed out after 5s"), "timed_out", "timed out after 5s"),
+    (fate.Reported(Ending.CANCELLED, attempt=1, exit_code=143, error="cancelled"), "cancelled", "cancelled"),
+    (fate.Reported(Ending.BROKEN, attempt=1, error="docker: no such image"), "failed", "docker: no such image"),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=0, export_error="disk full"), "succeeded", "disk full"),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=2, export_error="disk full"), "failed", "container exited with code 2"),
+    (fate.Reported(Ending.BROKEN, attempt=1, exit_code=0, error="over 100 GiB", export_error="over 100 GiB"),
      "failed", "over 100 GiB"),
 ])
 def test_the_runner_says_how_the_run_ended_and_fate_picks_the_result(report, result, error):
@@ -142,7 +142,7 @@ def test_the_runner_says_how_the_run_ended_and_fate_picks_the_result(report, res
 
 
 def test_report_timings_are_kept_and_a_cached_image_counts_zero():
-    report = fate.Reported(Ending.EXITED, exit_code=0,
+    report = fate.Reported(Ending.EXITED, attempt=1, exit_code=0,
                            timings={"image_load_seconds": 0.0, "export_seconds": None, "exited": 5.0})
     timings = fate.decide(task_in(R), report).task.timings
     assert timings["image_load_seconds"] == 0.0 and timings["exited"] == 5.0 and "export_seconds" not in timings

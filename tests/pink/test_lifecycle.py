@@ -36,7 +36,7 @@ def seed(store: Store, state: State, **changes):
 
 def test_a_report_moves_the_task_and_frees_its_reservation_and_assignment_at_once(store):
     rec, fence = seed(store, State.RUNNING)
-    new = lifecycle.apply(store, rec, fate.Reported(fate.Ending.EXITED, exit_code=0), fence=fence)
+    new = lifecycle.apply(store, rec, fate.Reported(fate.Ending.EXITED, attempt=1, exit_code=0), fence=fence)
     assert new.state == State.EXPORTED and new.result == "succeeded"
     assert store.get(rec.key).value.state == State.EXPORTED
     assert store.get(store.keys.alloc("run1")) is None
@@ -53,10 +53,25 @@ def test_an_exit_frees_the_gpus_and_keeps_the_slot(store):
 def test_a_stale_view_writes_nothing(store):
     rec, fence = seed(store, State.RUNNING)
     assert lifecycle.apply(store, rec, fate.Cancel())  # someone else moved it first
-    assert lifecycle.apply(store, rec, fate.Reported(fate.Ending.EXITED, exit_code=0), fence=fence) is None
+    assert lifecycle.apply(store, rec, fate.RunnerLost("runner run1 lost"), fence=fence) is None
     current = store.get(rec.key).value
     assert current.state == State.RUNNING and current.cancel_requested
     assert store.get(store.keys.alloc("run1")) is not None
+
+
+def test_a_report_is_kept_when_a_cancel_request_landed_meanwhile(store):
+    """The run ended before the cancel reached it: its result stands, not a requeue or a loss."""
+    rec, fence = seed(store, State.RUNNING)
+    assert lifecycle.apply(store, rec, fate.Cancel())  # rec is now stale
+    new = lifecycle.apply(store, rec, fate.Reported(fate.Ending.EXITED, attempt=1, exit_code=0), fence=fence)
+    assert (new.state, new.result, new.cancel_requested) == (State.EXPORTED, "succeeded", True)
+    assert store.get(store.keys.alloc("run1")) is None
+
+
+def test_a_report_of_another_attempt_is_refused(store):
+    rec, fence = seed(store, State.RUNNING, attempt=2)
+    with pytest.raises(fate.Refused):
+        lifecycle.apply(store, rec, fate.Reported(fate.Ending.EXITED, attempt=1, exit_code=0), fence=fence)
 
 
 def test_an_event_that_follows_the_record_is_decided_again_on_the_record_as_it_is(store):
@@ -69,7 +84,7 @@ def test_an_event_that_follows_the_record_is_decided_again_on_the_record_as_it_i
 def test_a_lost_fence_writes_nothing(store):
     rec, fence = seed(store, State.RUNNING)
     stale = (fence[0], fence[1] - 1)
-    assert lifecycle.apply(store, rec, fate.Reported(fate.Ending.EXITED, exit_code=0), fence=stale) is None
+    assert lifecycle.apply(store, rec, fate.Reported(fate.Ending.EXITED, attempt=1, exit_code=0), fence=stale) is None
     assert store.get(rec.key).value.state == State.RUNNING
 
 
