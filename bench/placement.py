@@ -45,6 +45,14 @@ TXN_PUTS = 64  # records per etcd transaction when writing (etcd allows 128 oper
 LEASE_TTL = 60  # seconds: the simulated runners' lease, kept alive while the benchmark runs
 
 
+def _snapshot(store: Store) -> scheduler.Snapshot:
+    """Read straight from etcd, as the leader's mirror does once at its start:
+    tasks first, so any epoch a task carries exists when runners are read."""
+    keys = store.keys
+    parts = {prefix: store.list(prefix) for prefix in (keys.tasks, keys.nodes, keys.allocs, keys.controls,
+                                                       keys.webs)}
+    return scheduler.Snapshot.of(keys, parts)
+
 def simulated(runners: int, tasks: int, seed: int = 1) -> tuple[list[NodeView], list[Task]]:
     rng = random.Random(seed)
     nodes = [NodeView(name=f"n{i}", epoch=i + 1, gpus=[f"n{i}-g{j}" for j in range(GPUS_PER_RUNNER)],
@@ -163,7 +171,7 @@ def live(cluster, runners: int, tasks: int, workers: int, seconds: float, log, s
         _runners(store, runners, probe.id)
         r["etcd_mib"] = cluster.etcd_status()["db_size"] / 2**20
         started = time.perf_counter()
-        snap = scheduler.snapshot(store)
+        snap = _snapshot(store)
         r["snapshot_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         r["placeable"] = len(scheduler.plan(config, snap).choices)

@@ -1,9 +1,9 @@
-"""The queue as etcd holds it, run through `placement.plan`.
+"""The queue as etcd holds it, run through `placement.plan` (no I/O here).
 
 etcd holds live tasks only, so a snapshot costs what the queue holds. The
-leader plans from its mirror of etcd on each pass, commits the placements
-in batches and publishes each waiting task's position; the user limits come
-from `[limits]`.
+leader plans from its mirror of etcd (`Mirror.snapshot`) on each pass,
+commits the placements in batches and publishes each waiting task's
+position; the user limits come from `[limits]`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pink import nodes, placement
-from pink.store import Keys, Record, Store
+from pink.store import Keys, Record
 from pink.tasks import State, Task, holds_gpus
 
 
@@ -41,14 +41,6 @@ class Snapshot:
 
 def limits(config) -> placement.Limits:
     return placement.Limits(gpus_per_user=config.limits.gpus_per_user or None)
-
-
-def snapshot(store: Store) -> Snapshot:
-    """Read straight from etcd, tasks first: any epoch a task carries already exists when runners are read."""
-    keys = store.keys
-    parts = {prefix: store.list(prefix) for prefix in (keys.tasks, keys.nodes, keys.allocs, keys.controls,
-                                                       keys.webs)}
-    return Snapshot.of(keys, parts)
 
 
 def gpus_in_use(tasks: list[Task]) -> dict[str, int]:
