@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pink import archive, backup, fate, idempotency, lifecycle, nodes
+from pink import archive, fate, idempotency, journal, lifecycle, nodes
 from pink.config import Config
 from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable
 from pink.store import SMALL_PAGE, Record, Store
@@ -274,7 +274,7 @@ def delete_archived(conn, config: Config, task: Task) -> None:
     if output.get("host") == config.host and path and inside(path, config.web.output_dir):
         Path(path).unlink(missing_ok=True)
     archive.mark_deleted(conn, task.id)
-    backup.journal_deletion(config.web.output_dir, task)
+    journal.add_deletion(config.web.output_dir, task)
 
 
 def inside(path: str, directory: str) -> bool:

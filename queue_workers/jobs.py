@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pink import archive, backup, blob_store, control, fate, lifecycle, metrics, pipeline, outputs, recipes, sftp, upload_sessions, wire
+from pink import (archive, blob_store, control, fate, journal, lifecycle, metrics, outputs, pipeline, recipes, sftp,
+                  upload_sessions, wire)
 from pink.errors import NotFound, Unavailable
 from pink.nodes import NodeView
 from pink.tasks import State, Task
@@ -178,7 +179,7 @@ def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
                 if final is None:
                     return "re-queued"
             expires_at = _expiry(config)
-            backup.journal(config.web.output_dir, final, logs, expires_at, task.delete_requested)
+            journal.add(config.web.output_dir, final, logs, expires_at, task.delete_requested)
             archive.archive_task(conn, final, logs, expires_at=expires_at,
                                  deleted=task.delete_requested)
             metrics.count(context.redis(), "finished", final.state.value)
@@ -191,7 +192,7 @@ def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
             return "task moved first"
         if gone.delete_requested:  # asked for while we archived
             archive.mark_deleted(conn, task_id)
-            backup.journal_deletion(config.web.output_dir, gone)
+            journal.add_deletion(config.web.output_dir, gone)
     _forget_on_runner(task)
     return task.result
 
@@ -377,7 +378,7 @@ def sweep() -> str:
     upload_sessions.expire(blob_root)
     keep = _blobs_in_use(store) | upload_sessions.in_use(blob_root)
     collected = context.blobs().collect(keep, grace=blob_store.SWEEP_GRACE)
-    journal_days = backup.prune_journal(config.web.output_dir)
+    journal_days = journal.prune(config.web.output_dir)
     return (f"{len(expired)} expired outputs and {len(orphans)} orphaned files removed, "
             f"{copied} second copies made, {len(collected)} image blobs collected, "
             f"{journal_days} journal days dropped")
@@ -413,7 +414,7 @@ def _awaits_restore(conn, path: str, task_id: str) -> bool:
     it is younger than the journal's days (a real orphan, from a finalize cut
     short, waits that long too)."""
     try:
-        young = os.stat(path).st_mtime > time.time() - backup.JOURNAL_DAYS * 86400
+        young = os.stat(path).st_mtime > time.time() - journal.KEEP_DAYS * 86400
     except FileNotFoundError:
         return True  # gone already: nothing to remove
     return young and not archive.has_row(conn, task_id)

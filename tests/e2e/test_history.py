@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pink import archive, backup, db
+from pink import archive, db, journal
 from pink.store import Store
 from pink.tasks import Params, Task, new_record
 from tests import images
@@ -247,7 +247,7 @@ def test_expired_outputs_answer_410_and_the_sweep_removes_orphans(lab, writer_ar
         with open(p, "wb") as fh:
             fh.write(b"x")
         if name == "lost.tar.zst":  # no row: kept while a restore could bring one back
-            os.utime(p, (old - backup.JOURNAL_DAYS * 86400, old - backup.JOURNAL_DAYS * 86400))
+            os.utime(p, (old - journal.KEEP_DAYS * 86400, old - journal.KEEP_DAYS * 86400))
         elif name != "fresh.tar.zst":
             os.utime(p, (old, old))
     _sql(c, "UPDATE tasks SET expires_at=%s WHERE id=%s", (time.time() - 1, task_id))
@@ -330,9 +330,9 @@ def test_deleting_an_exported_task_archives_it_as_deleted(lab, pink_processes, w
         assert time.monotonic() < deadline, "the deleted task was never archived as deleted"
         time.sleep(0.3)
     assert etcd_record(store, task_id) is None
-    assert [n for n in os.listdir(lab.config.web.output_dir) if n != backup.JOURNAL] == []
-    entry = next(Path(backup.journal_dir(lab.config.web.output_dir)).glob(f"*/{task_id}-1*"))
-    header, logs = backup.read_entry(str(entry))
+    assert [n for n in os.listdir(lab.config.web.output_dir) if n != journal.DIRNAME] == []
+    entry = next(Path(journal.directory(lab.config.web.output_dir)).glob(f"*/{task_id}-1*"))
+    header, logs = journal.read_entry(str(entry))
     assert header["deleted"] and logs == b""  # a deleted task's log is not kept for a restore
 
 

@@ -22,7 +22,7 @@ import zstandard
 from devcluster.etcd_service import b64
 from devcluster.ports import free_port
 from devcluster.processes import wait_until
-from pink import archive, backup, db
+from pink import archive, backup, db, journal
 from pink.errors import Unavailable
 from pink.store import Store
 from pink.tasks import Params, State, new_record
@@ -358,10 +358,10 @@ def test_recover_brings_back_journaled_tasks_the_dump_lacks_and_says_what_it_can
     for task, logs, deleted_flag in ((kept, b"log 1", False), (gone, b"log 2", False), (deleted, b"", True),
                                      (requeued, b"log 4", False), (pending, b"log 5", False),
                                      (archived, b"log 6", False), (nobody, b"log 7", False)):
-        path = backup.journal(out_dir, task, logs, now + 86400, deleted_flag, now=task.created_at)
+        path = journal.add(out_dir, task, logs, now + 86400, deleted_flag, now=task.created_at)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(backup.journal_dir(out_dir)).st_mode) == 0o700
-    bad = Path(backup.journal_dir(out_dir)) / backup._day(now) / "a00000000008-1.rec.zst"
+    assert stat.S_IMODE(os.stat(journal.directory(out_dir)).st_mode) == 0o700
+    bad = Path(journal.directory(out_dir)) / journal._day(now) / "a00000000008-1.rec.zst"
     bad.write_bytes(b"not zstd")
     make_user(config, "alice")
     with archive.connection(config.db) as conn:
@@ -373,7 +373,7 @@ def test_recover_brings_back_journaled_tasks_the_dump_lacks_and_says_what_it_can
     exported = _task("a00000000005", state="exported", at=now)
     store.create(store.keys.task(pending.id), exported.to_json())
 
-    report = backup.recover(config, since=now - 3600)
+    report = journal.recover(config, since=now - 3600)
     assert sorted(report["recovered"]) == [kept.id, gone.id, deleted.id, pending.id, nobody.id]
     assert report["expired"] == [gone.id]
     assert report["present"] == 1 and report["live"] == 1
@@ -391,28 +391,28 @@ def test_recover_brings_back_journaled_tasks_the_dump_lacks_and_says_what_it_can
     with archive.connection(config.db) as conn:
         assert archive.stored_output(conn, kept.id) == kept.output["path"]  # the sweep keeps the file
 
-    again = backup.recover(config, since=now - 3600)
+    again = journal.recover(config, since=now - 3600)
     assert again["recovered"] == [] and again["present"] == 6 and again["live"] == 1
     store.close()
 
     # Deleted after the dump, through this node: the dump's row (archived) and
     # a recovered one (kept) are deleted again, once; a tombstone older than
     # the dump's window is left alone.
-    backup.journal_deletion(out_dir, archived, now=now - 60)
-    backup.journal_deletion(out_dir, kept, now=now - 30)
-    backup.journal_deletion(out_dir, pending, now=now - 3 * 86400)
-    report = backup.redelete(config, since=now - 3600)
+    journal.add_deletion(out_dir, archived, now=now - 60)
+    journal.add_deletion(out_dir, kept, now=now - 30)
+    journal.add_deletion(out_dir, pending, now=now - 3 * 86400)
+    report = journal.redelete(config, since=now - 3600)
     assert sorted(report["deleted"]) == [kept.id, archived.id] and report["unreadable"] == []
     record, logs, _ = _archived(config, kept.id)
     assert record is None and logs is None
     assert _archived(config, pending.id)[1] == b"log 5"
-    assert backup.redelete(config, since=now - 3600)["deleted"] == []
+    assert journal.redelete(config, since=now - 3600)["deleted"] == []
 
     # A dump older than the journal reaches: said, with the window.
-    old_day = Path(backup.journal_dir(out_dir)) / backup._day(now - 30 * 86400)
+    old_day = Path(journal.directory(out_dir)) / journal._day(now - 30 * 86400)
     old_day.mkdir()
-    assert backup.prune_journal(out_dir, now=now) == 1 and not old_day.exists()
-    report = backup.recover(config, since=now - 20 * 86400)
+    assert journal.prune(out_dir, now=now) == 1 and not old_day.exists()
+    report = journal.recover(config, since=now - 20 * 86400)
     assert "are in neither" in report["not_journaled"], report
 
 
@@ -421,21 +421,21 @@ def test_the_journal_keeps_fourteen_days_and_a_refused_write_never_holds_finaliz
     now = time.time()
     task = _task("b00000000001", at=now)
     for days in (0, 13, 14, 15, 40):
-        backup.journal(out_dir, task, b"x", None, False, now=now - days * 86400)
-    root = Path(backup.journal_dir(out_dir))
-    assert backup.prune_journal(out_dir, now=now) == 2
+        journal.add(out_dir, task, b"x", None, False, now=now - days * 86400)
+    root = Path(journal.directory(out_dir))
+    assert journal.prune(out_dir, now=now) == 2
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == \
-        sorted(backup._day(now - d * 86400) for d in (0, 13, 14))
-    assert (root / backup.PRUNED_MARK).read_text().strip() == backup._day(now - 14 * 86400)
-    assert backup.prune_journal(out_dir, now=now) == 0
+        sorted(journal._day(now - d * 86400) for d in (0, 13, 14))
+    assert (root / journal.PRUNED_MARK).read_text().strip() == journal._day(now - 14 * 86400)
+    assert journal.prune(out_dir, now=now) == 0
 
-    header, logs = backup.read_entry(str(next((root / backup._day(now)).iterdir())))
+    header, logs = journal.read_entry(str(next((root / journal._day(now)).iterdir())))
     assert logs == b"x" and header["record"]["id"] == task.id
 
     blocked = tmp_path / "blocked"
     blocked.mkdir()
-    (blocked / backup.JOURNAL).write_text("a file where the journal goes")
-    assert backup.journal(str(blocked), task, b"x", None, False) == ""  # finalize goes on without it
+    (blocked / journal.DIRNAME).write_text("a file where the journal goes")
+    assert journal.add(str(blocked), task, b"x", None, False) == ""  # finalize goes on without it
 
 
 def test_each_sweep_drops_the_journal_days_past_keeping(pink_config):
@@ -446,11 +446,11 @@ def test_each_sweep_drops_the_journal_days_past_keeping(pink_config):
     now = time.time()
     task = _task("c00000000001", at=now)
     for days in (0, 20):
-        backup.journal(pink_config.web.output_dir, task, b"x", None, False, now=now - days * 86400)
+        journal.add(pink_config.web.output_dir, task, b"x", None, False, now=now - days * 86400)
     context.configure(pink_config.path)
     assert "1 journal days dropped" in jobs.sweep()
-    root = Path(backup.journal_dir(pink_config.web.output_dir))
-    assert [p.name for p in root.iterdir() if p.is_dir()] == [backup._day(now)]
+    root = Path(journal.directory(pink_config.web.output_dir))
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [journal._day(now)]
     assert "0 journal days dropped" in jobs.sweep()
 
 
@@ -469,7 +469,7 @@ def test_the_sweep_keeps_the_outputs_a_restore_needs(pink_config):
     out_dir = Path(config.web.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recent, orphan, expired = (_task(f"d0000000000{i}", at=now) for i in (1, 2, 3))
-    ages = {recent.id: blob_store.SWEEP_GRACE + 60, orphan.id: backup.JOURNAL_DAYS * 86400 + 60,
+    ages = {recent.id: blob_store.SWEEP_GRACE + 60, orphan.id: journal.KEEP_DAYS * 86400 + 60,
             expired.id: blob_store.SWEEP_GRACE + 60}
     files = {t.id: out_dir / f"{t.id}-1.tar.zst" for t in (recent, orphan, expired)}
     for task_id, path in files.items():
@@ -508,8 +508,8 @@ def test_tasks_finalized_after_the_dump_come_back_from_the_journal(api, pink_pro
     after = sorted([ok["id"], failed["id"], bobs["id"]])
     before = {t: _archived(config, t) for t in after + [first["id"]]}
     output = api("GET", f"/tasks/{ok['id']}/output").content
-    journal = Path(backup.journal_dir(config.web.output_dir))
-    assert sorted(p.name for p in journal.rglob("*.rec.zst")) == \
+    entries = Path(journal.directory(config.web.output_dir))
+    assert sorted(p.name for p in entries.rglob("*.rec.zst")) == \
         sorted(f"{t}-1.rec.zst" for t in after + [first["id"]])
 
     for name in [n for n in pink_processes.started if "runner" not in n]:
@@ -595,11 +595,11 @@ def test_a_task_deleted_after_its_archive_leaves_a_tombstone_not_its_log(tmp_pat
     tombstone there for `redelete`."""
     out_dir = str(tmp_path / "outputs")
     task = _task("b00000000002", at=time.time())
-    path = backup.journal(out_dir, task, b"a private log", None, False)
+    path = journal.add(out_dir, task, b"a private log", None, False)
     assert os.path.exists(path)
-    tombstone = backup.journal_deletion(out_dir, task)
-    header, logs = backup.read_entry(path)
+    tombstone = journal.add_deletion(out_dir, task)
+    header, logs = journal.read_entry(path)
     assert header["deleted"] and logs == b"" and b"private" not in zstandard.ZstdDecompressor().decompress(
         Path(path).read_bytes())
-    assert backup._deletions(backup.journal_dir(out_dir), None) == {task.id: tombstone}
-    assert backup.journal_deletion(str(tmp_path / "nothing-here"), task)  # no journal yet: made
+    assert journal._deletions(journal.directory(out_dir), None) == {task.id: tombstone}
+    assert journal.add_deletion(str(tmp_path / "nothing-here"), task)  # no journal yet: made
