@@ -99,7 +99,7 @@ class Execution:
         except Exception as exc:  # noqa: BLE001 - a task must never be left running silently
             log.exception("task %s: unexpected error", self.task_id)
             if rec is not None:
-                self._report_quietly(rec, Ending.BROKEN, {"error": f"runner error: {exc}",
+                self._report_quietly(rec, Ending.BROKEN, {"error": f"runner error: {exc}", "cause": "runner_error",
                                                          **self._export_info()})
         finally:
             self._log_done.set()
@@ -155,7 +155,7 @@ class Execution:
                 log.warning("task %s: could not list this node's images again: %s", self.task_id, docker_exc)
             return fate.RunnerLost(f"{exc}: copying it again"), {}
         except (RuntimeError, DockerException) as exc:
-            return Ending.BROKEN, {"error": _docker_message(exc), **self._export_info()}
+            return Ending.BROKEN, {"error": _docker_message(exc), "cause": "image_load", **self._export_info()}
         follower = threading.Thread(target=self._follow_logs, daemon=True)
         if self._lease_lost():  # a long docker load may outlive our epoch
             raise Abandoned()
@@ -163,7 +163,7 @@ class Execution:
             if self.container.status == "created":
                 self.container.start()
         except APIError as exc:
-            result, fields = Ending.BROKEN, {"error": _docker_message(exc)}
+            result, fields = Ending.BROKEN, {"error": _docker_message(exc), "cause": "start_failed"}
         else:
             follower.start()
             result, fields = self._wait(task)
@@ -179,7 +179,8 @@ class Execution:
             export_fields, over_limit = self._export(task)
             fields.update(export_fields)
             if over_limit:  # the task wrote more than it may keep: it failed, whatever its exit
-                result, fields["error"] = Ending.BROKEN, export_fields["export_error"]
+                result = Ending.BROKEN
+                fields.update(error=export_fields["export_error"], cause="output_too_big")
         fields["image_load_seconds"] = load_seconds
         return result, fields
 
@@ -284,7 +285,19 @@ class Execution:
                 if self._stop(grace):
                     why = f"node {self.config.name} stopped by an operator"
                     return fate.RunnerLost(why, counts=False), {}
-        return Ending.EXITED, {"exit_code": status}
+        return Ending.EXITED, {"exit_code": status, **self._oom_killed(status)}
+
+    def _oom_killed(self, status: int) -> dict:
+        """{"cause": "oom_killed"} when the kernel killed the container for its
+        memory (Docker's State.OOMKilled): the exit code alone (137) reads like
+        any SIGKILL."""
+        if status == 0:
+            return {}
+        try:
+            self.container.reload()
+        except (DockerException, requests.exceptions.RequestException):
+            return {}  # dockerd gone meanwhile: the exit code still says it failed
+        return {"cause": "oom_killed"} if self.container.attrs.get("State", {}).get("OOMKilled") else {}
 
     def _stop(self, grace: float) -> bool:
         """SIGTERM, then SIGKILL after `grace` seconds (Docker's stop does both);

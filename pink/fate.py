@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable
 
+from pink import failures
 from pink.config import Config
 from pink.errors import Conflict
 from pink.tasks import FINAL, NOT_STARTED, ON_RUNNER, State, Task, advance
@@ -133,6 +134,7 @@ class Reported(Event):
     error: str | None = None
     export: dict | None = None
     export_error: str | None = None
+    cause: str | None = None  # why a run failed, when the exit code does not say (`pink.failures`)
     timings: dict[str, float] = field(default_factory=dict)
     follows_record = True  # a cancel request landing meanwhile must not lose the result
 
@@ -256,17 +258,30 @@ def _exited(task: Task, e: Exited, _: Rules) -> Decision:
 RESULT_OF = {Ending.TIMED_OUT: State.TIMED_OUT, Ending.CANCELLED: State.CANCELLED, Ending.BROKEN: State.FAILED}
 
 
-def _reported(task: Task, e: Reported, _: Rules) -> Decision:
+def _reported(task: Task, e: Reported, rules: Rules) -> Decision:
     if task.attempt != e.attempt:
         raise Refused(f"task {task.id} is at attempt {task.attempt}, not {e.attempt}")
     result = RESULT_OF.get(e.ending) or (State.SUCCEEDED if e.exit_code == 0 else State.FAILED)
     error = e.error or e.export_error
     if e.ending == Ending.EXITED and e.exit_code != 0 and not e.error:
         error = f"container exited with code {e.exit_code}"
+    failure = _failure(e, result)
+    if failures.retried(failure):  # after_loss ends a cancelled task cancelled
+        return Decision(after_loss(task, error or failure, rules.max_attempts, failure=failure),
+                        release=task.node, unassign=task.node)
     new = exported(task, result, error or f"exit code {e.exit_code}", exit_code=e.exit_code, error=error,
-                   export=e.export, export_error=e.export_error)
+                   export=e.export, export_error=e.export_error, failure=failure)
     new.timings.update({k: v for k, v in e.timings.items() if v is not None})  # 0: the image was cached
     return Decision(new, release=task.node, unassign=task.node)
+
+
+def _failure(e: Reported, result: State) -> str | None:
+    """The cause of a run that failed: the runner's word, else what the ending says."""
+    if result == State.TIMED_OUT:
+        return "timed_out"
+    if result != State.FAILED:
+        return None
+    return e.cause or ("exit_code" if e.ending == Ending.EXITED else "runner_error")
 
 
 def _runner_lost(task: Task, e: RunnerLost, rules: Rules) -> Decision:
@@ -282,8 +297,10 @@ def _operator_move(task: Task, e: OperatorMove, _: Rules) -> Decision:
 
 
 def _upload_lost(task: Task, e: UploadLost, _: Rules) -> Decision:
-    result = State.CANCELLED if task.cancel_requested else State.FAILED
-    return Decision(exported(task, result, e.why, error=e.why), release=task.node, unassign=task.node)
+    if task.cancel_requested:
+        return Decision(exported(task, State.CANCELLED, e.why, error=e.why), release=task.node, unassign=task.node)
+    return Decision(exported(task, State.FAILED, e.why, error=e.why, failure="upload_lost"),
+                    release=task.node, unassign=task.node)
 
 
 def _job_failed(task: Task, e: JobFailed, _: Rules) -> Decision:
@@ -291,7 +308,8 @@ def _job_failed(task: Task, e: JobFailed, _: Rules) -> Decision:
 
 
 def _job_gave_up(task: Task, e: JobGaveUp, _: Rules) -> Decision:
-    return Decision(exported(task, State.FAILED, e.why, error=e.why), release=task.node, unassign=task.node)
+    return Decision(exported(task, State.FAILED, e.why, error=e.why, failure="transfer_failed"),
+                    release=task.node, unassign=task.node)
 
 
 def _cancel(task: Task, _: Cancel, __: Rules) -> Decision:
@@ -311,7 +329,7 @@ def _fetched(task: Task, e: Fetched, _: Rules) -> Decision:
         return Decision(advance(task, State(task.result), "deleted by its user before it was archived"))
     if e.refused:
         return Decision(advance(task, State.FAILED, e.refused, error=e.refused, export_error=e.refused,
-                                logs_truncated=e.logs_truncated))
+                                logs_truncated=e.logs_truncated, failure="output_too_big"))
     detail = f"exit code {task.exit_code}" if task.exit_code is not None else task.error or task.result
     return Decision(advance(task, State(task.result), detail, output=e.output, logs_truncated=e.logs_truncated))
 
@@ -323,13 +341,14 @@ def _export_lost(task: Task, e: ExportLost, rules: Rules) -> Decision:
         return Decision(advance(task, State(task.result), e.why, export_error=e.why))
     if not task.cancel_requested and retries_left(task, rules.max_attempts):
         return Decision(requeue(task, e.why))
-    result = State.CANCELLED if task.cancel_requested else State.FAILED
-    return Decision(advance(task, result, e.why, error=e.why, export_error=e.why))
+    if task.cancel_requested:
+        return Decision(advance(task, State.CANCELLED, e.why, error=e.why, export_error=e.why))
+    return Decision(advance(task, State.FAILED, e.why, error=e.why, export_error=e.why, failure="export_lost"))
 
 
 def _finalize_gave_up(task: Task, e: FinalizeGaveUp, _: Rules) -> Decision:
     return Decision(advance(task, State.FAILED, e.why, error=e.why, export_error=e.why,
-                            logs_truncated=e.logs_truncated))
+                            logs_truncated=e.logs_truncated, failure="finalize_failed"))
 
 
 def _archived(task: Task, e: Archived, _: Rules) -> Decision:
@@ -361,8 +380,10 @@ EVENTS = tuple(_RULES)
 
 # -- the record after a loss -------------------------------------------------
 
-def after_loss(task: Task, why: str, max_attempts: int, counts: bool = True) -> Task:
-    """The record for a task whose runner is gone.
+def after_loss(task: Task, why: str, max_attempts: int, counts: bool = True,
+               failure: str = "runner_lost") -> Task:
+    """The record for a task that lost its attempt to the infrastructure
+    (`failure`: its runner gone, by default).
 
     A task its user cancelled ends `cancelled`: running it again would undo
     the cancel. Others go back to the queue while attempts are left (`counts`
@@ -373,14 +394,15 @@ def after_loss(task: Task, why: str, max_attempts: int, counts: bool = True) -> 
         return exported(task, State.CANCELLED, f"cancelled; {why}", error="cancelled")
     if not counts or retries_left(task, max_attempts):
         return requeue(task, why, counts=counts)
-    return exported(task, State.FAILED, why, error=f"{why}; gave up after {task.attempt} attempts")
+    return exported(task, State.FAILED, why, error=f"{why}; gave up after {task.attempt} attempts",
+                    failure=failure)
 
 
 def requeue(task: Task, why: str, counts: bool = True) -> Task:
     """The record for another attempt elsewhere; `counts` toward the retry limit."""
     carried = {k: v for k, v in task.timings.items() if k != "exited"}  # the next container has not exited
     return advance(replace(task, timings=carried), State.QUEUED, why, attempt=task.attempt + 1, node=None,
-                   epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None,
+                   epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None, failure=None,
                    logfile=None, job_failures={}, losses=task.losses + (1 if counts else 0))
 
 

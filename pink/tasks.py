@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from pink import gpu_env, recipes
+from pink import failures, gpu_env, recipes
 from pink.errors import BadRequest, Conflict
 from pink.request_input import number
 
@@ -162,6 +162,7 @@ class Task:
     exit_code: int | None = None
     error: str | None = None
     export_error: str | None = None
+    failure: str | None = None  # a failed or timed-out task's cause (`pink.failures`)
     waiting: str | None = None
     export: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
@@ -281,6 +282,7 @@ def public_view(task: Task) -> dict:
     out = {k: getattr(task, k) for k in ("id", "name", "user", "attempt", "node", "exit_code", "error",
                                          "export_error", "waiting", "result", "cancel_requested", "gpus")}
     out["state"] = task.state.value
+    out["failure"] = failures.describe(task.failure)
     out["created_at"] = iso(task.created_at)
     out["updated_at"] = iso(task.updated_at)
     out["image"] = {k: task.image.get(k) for k in ("sha256", "size", "image_id", "repo_tags", "layout")}

@@ -191,6 +191,8 @@ def finish(task: dict) -> None:
             reason += f" (exit code {task['exit_code']})"
         if task.get("error"):
             reason += f": {task['error']}"
+        if failure := task.get("failure"):
+            reason += f"\n{output.failure_line(failure)}. {failure.get('advice') or ''}".rstrip()
         raise PinkError(reason)
 
 

@@ -116,6 +116,8 @@ def task_details(task: dict) -> str:
         ("state", task.get("state")), ("attempt", task.get("attempt")), ("node", task.get("node")),
         ("queue position", task.get("position")), ("waiting for", task.get("waiting")),
         ("exit code", task.get("exit_code")), ("error", task.get("error")),
+        ("failure", failure_line(task.get("failure"))),
+        ("what to do", (task.get("failure") or {}).get("advice")),
         ("created", task.get("created_at")), ("updated", task.get("updated_at")),
         ("image", ", ".join(image.get("repo_tags") or []) or image.get("image_id")),
         ("image size", size(image.get("size"))), ("image sha256", image.get("sha256")),
@@ -134,6 +136,13 @@ def task_details(task: dict) -> str:
     if timings:
         text += "\ntimings:\n" + "\n".join(f"  {k + ':':14}{_cell(v)}" for k, v in timings.items())
     return text
+
+
+def failure_line(failure: dict | None) -> str | None:
+    """Whose failure it was and what happened: `task: it ran past its time limit`."""
+    if not failure:
+        return None
+    return f"{failure.get('class')}: {failure.get('summary')}"
 
 
 def state_line(task: dict) -> str:

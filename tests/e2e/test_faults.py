@@ -146,6 +146,7 @@ def test_a_transfer_that_keeps_failing_fails_its_task(pink_processes, pink_confi
         start(config_path=path)
     task = control_plane.wait(task_id, timeout=60)
     assert task["state"] == "failed" and "transfer failed 2 times" in task["error"], task
+    assert task["failure"]["cause"] == "transfer_failed", task
     store = Store.from_config(c)
     assert store.get(store.keys.alloc("run1")) is None  # its reservation was released
 

@@ -68,14 +68,19 @@ def test_second_task_with_same_image_skips_the_copy(api, docker_client, tmp_path
 def test_nonzero_exit_fails_keeping_logs_and_output(api, writer_archive):
     r = api.submit(writer_archive, cmd="sh -c 'echo oops; echo partial > /partial.txt; exit 3'")
     task = api.wait(r.json()["task"]["id"])
-    assert task["state"] == "failed" and task["exit_code"] == 3
+    assert task["state"] == "failed" and task["exit_code"] == 3 and task["attempt"] == 1
+    assert (task["failure"]["cause"], task["failure"]["class"]) == ("exit_code", "task")
+    shown = api.cli("status", task["id"]).stdout
+    assert "failure:      task: the command exited with an error" in shown
+    assert "what to do:   Read the task's log" in shown
     assert "oops" in api("GET", f"/tasks/{task['id']}/logs").text
     assert files_in_output(api("GET", f"/tasks/{task['id']}/output").content)["partial.txt"] == b"partial\n"
 
 
 def test_missing_command_fails_with_dockers_message(api, writer_archive):
     task = api.wait(api.submit(writer_archive, cmd="/no/such/program").json()["task"]["id"])
-    assert task["state"] == "failed"
+    assert task["state"] == "failed" and task["attempt"] == 1, task  # the task's own failure: not tried again
+    assert (task["failure"]["cause"], task["failure"]["class"]) == ("start_failed", "task")
     assert "no such file" in task["error"].lower() or "not found" in task["error"].lower(), task["error"]
 
 
@@ -117,6 +122,10 @@ def test_timeout_stops_the_container(api, writer_archive):
     task_id = api.submit(writer_archive, cmd="sleep 300", timeout=2).json()["task"]["id"]
     task = api.wait(task_id)
     assert task["state"] == "timed_out"
+    assert (task["failure"]["cause"], task["failure"]["class"]) == ("timed_out", "task")
+    proc = api.cli("submit", "--wait", "--timeout", "1", "--cmd", "sleep 300", str(writer_archive), check=False)
+    assert proc.returncode == 1 and "task: it ran past its time limit. Submit again with a longer --timeout" \
+        in proc.stderr, proc.stderr
 
 
 def test_users_see_only_their_own_tasks(api, writer_archive):

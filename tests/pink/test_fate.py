@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from pink import fate
+from pink import failures, fate
 from pink.fate import Ending
 from pink.tasks import FINAL, State, Params, new_record
 
@@ -125,20 +125,72 @@ def test_the_transfer_records_both_steps_and_the_assignment_is_fenced_on_the_run
     assert [h[1] for h in repaired.task.history[-1:]] == ["assigned"] and "transfer_bytes" not in repaired.task.timings
 
 
-@pytest.mark.parametrize("report,result,error", [
-    (fate.Reported(Ending.EXITED, attempt=1, exit_code=0), "succeeded", None),
-    (fate.Reported(Ending.EXITED, attempt=1, exit_code=3), "failed", "container exited with code 3"),
-    (fate.Reported(Ending.TIMED_OUT, attempt=1, exit_code=137, error="timed out after 5s"), "timed_out", "timed out after 5s"),
-    (fate.Reported(Ending.CANCELLED, attempt=1, exit_code=143, error="cancelled"), "cancelled", "cancelled"),
-    (fate.Reported(Ending.BROKEN, attempt=1, error="docker: no such image"), "failed", "docker: no such image"),
-    (fate.Reported(Ending.EXITED, attempt=1, exit_code=0, export_error="disk full"), "succeeded", "disk full"),
-    (fate.Reported(Ending.EXITED, attempt=1, exit_code=2, export_error="disk full"), "failed", "container exited with code 2"),
-    (fate.Reported(Ending.BROKEN, attempt=1, exit_code=0, error="over 100 GiB", export_error="over 100 GiB"),
-     "failed", "over 100 GiB"),
+@pytest.mark.parametrize("report,result,error,failure", [
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=0), "succeeded", None, None),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=3), "failed", "container exited with code 3", "exit_code"),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=137, cause="oom_killed"), "failed",
+     "container exited with code 137", "oom_killed"),
+    (fate.Reported(Ending.TIMED_OUT, attempt=1, exit_code=137, error="timed out after 5s"), "timed_out",
+     "timed out after 5s", "timed_out"),
+    (fate.Reported(Ending.CANCELLED, attempt=1, exit_code=143, error="cancelled"), "cancelled", "cancelled", None),
+    (fate.Reported(Ending.BROKEN, attempt=1, error="exec: \"train\": not found", cause="start_failed"), "failed",
+     "exec: \"train\": not found", "start_failed"),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=0, export_error="disk full"), "succeeded", "disk full", None),
+    (fate.Reported(Ending.EXITED, attempt=1, exit_code=2, export_error="disk full"), "failed",
+     "container exited with code 2", "exit_code"),
+    (fate.Reported(Ending.BROKEN, attempt=1, exit_code=0, error="over 100 GiB", export_error="over 100 GiB",
+                   cause="output_too_big"), "failed", "over 100 GiB", "output_too_big"),
 ])
-def test_the_runner_says_how_the_run_ended_and_fate_picks_the_result(report, result, error):
+def test_the_runner_says_how_the_run_ended_and_fate_picks_the_result(report, result, error, failure):
     new = fate.decide(task_in(R), report).task
-    assert (new.state, new.result, new.error) == (State.EXPORTED, result, error)
+    assert (new.state, new.result, new.error, new.failure) == (State.EXPORTED, result, error, failure)
+
+
+@pytest.mark.parametrize("cause", ["image_load", "runner_error", None])
+def test_a_run_the_infrastructure_broke_is_tried_again_then_fails_with_its_cause(cause):
+    broken = fate.Reported(Ending.BROKEN, attempt=1, error="docker load: no space left on device", cause=cause)
+    again = fate.decide(task_in(R), broken, fate.Rules(max_attempts=3))
+    assert (again.task.state, again.task.attempt, again.task.losses, again.task.failure) == (Q, 2, 1, None)
+    assert (again.release, again.unassign) == ("run1", "run1")
+    assert "no space left on device" in again.task.history[-1][2]
+    last = fate.decide(task_in(R, losses=2), broken, fate.Rules(max_attempts=3)).task
+    assert (last.state, last.result, last.failure) == (E, "failed", cause or "runner_error")
+    assert "gave up after" in last.error
+
+
+def test_a_cancelled_task_the_infrastructure_broke_ends_cancelled_not_again():
+    broken = fate.Reported(Ending.BROKEN, attempt=1, error="runner error: boom", cause="runner_error")
+    new = fate.decide(task_in(R, cancel_requested=True), broken).task
+    assert (new.state, new.result, new.failure) == (E, "cancelled", None)
+
+
+@pytest.mark.parametrize("state,event,failure", [
+    (R, fate.RunnerLost("runner run1 lost"), "runner_lost"),
+    (Q, fate.UploadLost("upload lost with web1"), "upload_lost"),
+    (P, fate.JobGaveUp("transfer failed 8 times"), "transfer_failed"),
+    (E, fate.FinalizeGaveUp("finalize failed 8 times"), "finalize_failed"),
+    (E, fate.ExportLost("runner run1 no longer has the export"), "export_lost"),
+    (E, fate.Fetched(None, refused="the export is 9 bytes, over the limit"), "output_too_big"),
+])
+def test_every_failure_names_its_cause_and_whose_it_was(state, event, failure):
+    new = fate.decide(task_in(state, losses=9), event, fate.Rules(max_attempts=3)).task
+    assert new.failure == failure
+    assert failures.describe(new.failure)["class"] == failures.CAUSES[failure].blame.value
+
+
+def test_each_cause_has_a_class_a_summary_and_advice():
+    for code, cause in failures.CAUSES.items():
+        shown = failures.describe(code)
+        assert shown["class"] in ("task", "infrastructure") and shown["summary"] and shown["advice"].endswith(".")
+    assert failures.retried("runner_lost") and not failures.retried("exit_code") and not failures.retried(None)
+    assert failures.describe(None) is None
+    assert failures.describe("from_a_newer_pink")["class"] == "unknown"
+
+
+def test_a_requeue_clears_the_failure_of_the_attempt_before():
+    failed = task_in(E, result="failed", failure="export_lost")
+    again = fate.requeue(failed, "again")
+    assert again.failure is None
 
 
 def test_report_timings_are_kept_and_a_cached_image_counts_zero():

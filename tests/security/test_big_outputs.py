@@ -78,6 +78,7 @@ def test_a_finalize_that_can_never_succeed_ends_its_task(pink_processes, pink_co
     assert store.create(store.keys.task(record["id"]), record)
     task = api.wait(record["id"], timeout=60)
     assert task["state"] == "failed" and task["error"].startswith("finalize failed 2 times; last: KeyError"), task
+    assert (task["failure"]["cause"], task["failure"]["class"]) == ("finalize_failed", "infrastructure")
 
 
 # -- (b) an export over the cap ------------------------------------------------------------
@@ -101,6 +102,7 @@ def test_an_export_over_the_cap_fails_its_task_naming_the_limit(pink_processes, 
     task = lab.wait(lab.submit(big).json()["task"]["id"], timeout=180)
     assert task["state"] == "failed", task
     assert "output_bytes_per_task" in task["error"] and str(MIB) in task["error"], task
+    assert (task["failure"]["cause"], task["attempt"]) == ("output_too_big", 1), task  # its own: not again
     assert task["output"] is None
     small = lab.wait(lab.submit(big, cmd="sh -c 'echo small > /small'", output="/small").json()["task"]["id"])
     assert small["state"] == "succeeded", small
@@ -172,6 +174,7 @@ def test_a_full_output_disk_fails_a_finalize_cleanly(pink_processes, pink_config
         huge = lab.submit(image, cmd="sh -c 'head -c 40000000 /dev/urandom > /big'").json()["task"]["id"]
         task = lab.wait(huge, timeout=180)
         assert task["state"] == "failed" and "holds only" in task["error"], task
+        assert task["failure"]["cause"] == "output_too_big", task
         assert [p.name for p in out.iterdir() if p.name.endswith(".part")] == []
 
 

@@ -337,6 +337,7 @@ def _archived(config, task_id: str, user: str, name: str, state: str, ended_ago:
     task.gpus = [f"GPU-{i}" for i in range(gpus)]
     task.exit_code = {"succeeded": 0, "failed": 1}.get(state)
     task.error = {"failed": "the container exited with 1", "timed_out": "stopped after its timeout"}.get(state)
+    task.failure = {"failed": "exit_code", "timed_out": "timed_out"}.get(state)
     task.timings = {"submitted": start - 40, "placed": start - 30, "transferred": start - 20,
                     "assigned": start - 10, "running": start, "exported": end, state: end + 2}
     task.history = [[t, s, ""] for s, t in task.timings.items() if s != "submitted"]
@@ -413,3 +414,12 @@ def test_history_filters_pages_and_usage(web, browse):
     since.fill(time.strftime("%Y-%m-%d", time.localtime(time.time() - 90 * DAY)))
     page.click("#usage-form button[type=submit]")
     expect(usage).to_contain_text("3")  # old-run counts now
+
+    page.goto("/tasks/a00000000003")  # bert-small, timed out: its own failure, and what to do
+    failure = page.locator("#task-failure")
+    expect(failure).to_contain_text("The task failed by itself: it ran past its time limit.")
+    expect(failure).to_contain_text("Submit again with a longer --timeout")
+    expect(page.locator("#summary")).to_contain_text("task: it ran past its time limit")
+    page.goto("/tasks/a00000000000")  # succeeded: no failure shown
+    expect(page.locator("#summary")).to_contain_text("Attempt")
+    expect(failure).to_be_hidden()

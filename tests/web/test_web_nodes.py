@@ -53,6 +53,7 @@ def test_an_upload_on_a_web_node_that_is_gone_fails_its_task(web1, pink_processe
     pink_processes.stop(web9_process)
     task = web1.wait(task_id, timeout=60)
     assert task["state"] == "failed" and task["error"] == "upload lost with web9; submit again", task
+    assert (task["failure"]["cause"], task["failure"]["class"]) == ("upload_lost", "infrastructure")
 
 
 def test_an_output_is_fetched_only_from_a_web_node_that_is_up(web1):

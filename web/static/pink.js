@@ -561,6 +561,12 @@
     ['Storing the output', ['exported'], 'final'],
   ];
 
+  // Whose failure it was (pink/failures.py): the task's own are not tried again.
+  const FAILED_BY = {
+    task: 'The task failed by itself: ',
+    infrastructure: 'PINK failed this task, not its code: ',
+  };
+
   function taskPage() {
     const id = document.body.dataset.taskId;
     const path = '/tasks/' + encodeURIComponent(id);
@@ -588,6 +594,12 @@
       const problems = [t.error, t.export_error && `export: ${t.export_error}`].filter(Boolean);
       errorBox.hidden = !problems.length;
       errorBox.textContent = problems.join(' — ');
+      const failure = $('#task-failure');
+      failure.hidden = !t.failure;
+      if (t.failure) {
+        const whose = FAILED_BY[t.failure.class] || 'It failed: ';
+        failure.replaceChildren(h('strong', null, whose), `${t.failure.summary}. `, t.failure.advice || '');
+      }
 
       $('#task-actions').hidden = false;
       const download = $('#download');
@@ -617,6 +629,7 @@
         ['GPUs', t.gpus && t.gpus.length ? codeList(t.gpus) : null],
         ['Exit code', t.exit_code === null || t.exit_code === undefined ? null : String(t.exit_code)],
         ['Error', t.error],
+        ['Failure', t.failure ? `${t.failure.class}: ${t.failure.summary}` : null],
         ['Output', out],
         ['Output expires', t.output && t.expires_at ? timeEl(t.expires_at) : null],
         ['Log', t.logs_truncated ? `the archive keeps its end: ${size(t.logs_truncated)} of the start left out` : null],
