@@ -32,7 +32,7 @@ from docker.errors import APIError, DockerException, NotFound
 
 from gpu_runner import export, images, outbox, retry, sizing, tasklog
 from pink import fate, lifecycle
-from pink.errors import Unavailable
+from pink.errors import Conflict, Unavailable
 from pink.fate import Ending
 from pink.store import Record
 from pink.tasks import State, Task, now
@@ -154,6 +154,8 @@ class Execution:
             except DockerException as docker_exc:
                 log.warning("task %s: could not list this node's images again: %s", self.task_id, docker_exc)
             return fate.RunnerLost(f"{exc}: copying it again"), {}
+        except images.ImageRefused as exc:
+            return Ending.BROKEN, {"error": str(exc), "cause": "image_refused", **self._export_info()}
         except (RuntimeError, DockerException) as exc:
             return Ending.BROKEN, {"error": _docker_message(exc), "cause": "image_load", **self._export_info()}
         follower = threading.Thread(target=self._follow_logs, daemon=True)
@@ -425,7 +427,11 @@ class Execution:
             return
         timings = {k: fields.pop(k) for k in TIMING_FIELDS if k in fields}
         event = fate.Reported(result, attempt=self.attempt, timings=timings, **fields)
-        if not lifecycle.apply(self.store, current, event, fence=self._fence()):
+        try:
+            reported = lifecycle.apply(self.store, current, event, self._rules(), fence=self._fence())
+        except Conflict as exc:  # the record kept changing: a result must never be dropped for that
+            raise Unavailable(str(exc)) from None
+        if not reported:
             log.warning("task %s moved while it ran; discarding its result", self.task_id)
 
     def _reported(self, task: Task, fields: dict) -> bool:

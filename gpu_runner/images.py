@@ -30,6 +30,11 @@ CACHE_REPO = image_archive.RESERVED_REPO
 log = logging.getLogger("pink.runner")
 
 
+class ImageRefused(RuntimeError):
+    """The image itself cannot run, here or on any runner: its task fails as
+    its own (`pink.failures`), not tried again elsewhere."""
+
+
 def cached(client: docker.DockerClient) -> list[str]:
     """Archive digests whose images are loaded here."""
     tags = [t for image in client.images.list(name=CACHE_REPO) for t in image.tags]
@@ -56,7 +61,7 @@ def ensure_loaded(client: docker.DockerClient, image: dict, held: "RunnerBlobs")
         return False
     names = [t for t in image.get("repo_tags") or [] if not _has(client, t)]
     if "recipe" not in image:
-        raise RuntimeError("the task was recorded by an earlier PINK without its image's layers: submit it again")
+        raise ImageRefused("the task was recorded by an earlier PINK without its image's layers: submit it again")
     try:
         recipe = recipes.Recipe.from_dict(image["recipe"])
         held.adopt(recipe)
@@ -66,7 +71,7 @@ def ensure_loaded(client: docker.DockerClient, image: dict, held: "RunnerBlobs")
     try:
         loaded = client.images.get(image["image_id"])
     except ImageNotFound:
-        raise RuntimeError(f"docker load did not produce image {image['image_id']}") from None
+        raise ImageRefused(f"docker load did not produce image {image['image_id']}") from None
     loaded.tag(CACHE_REPO, sha)
     for name in names:  # the load named it: only the cache's tag stays, so eviction frees its disk
         try:
@@ -103,12 +108,12 @@ def verified_diff_ids(store: blob_store.BlobStore, recipe: recipes.Recipe) -> li
     id Docker holds: a config naming another user's diff_ids over harmless
     layers would run on that user's files. A plain layer costs nothing here
     (its digest, checked on arrival, is its diff_id); a compressed one is
-    hashed once per store. RuntimeError fails the task, saying why.
+    hashed once per store. ImageRefused fails the task, saying why.
     """
     try:
         return blob_store.verified_diff_ids(store, recipe)
     except PinkError as exc:
-        raise RuntimeError(f"image {recipe.image_id} refused: {exc.message}") from None
+        raise ImageRefused(f"image {recipe.image_id} refused: {exc.message}") from None
 
 
 def layers_docker_holds(client: docker.DockerClient, recipe: recipes.Recipe,

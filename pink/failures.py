@@ -35,9 +35,12 @@ _TASK = (
     Cause("oom_killed", Blame.TASK, "the container ran out of memory and was killed",
           "Use less memory (smaller batches or inputs), then submit again."),
     Cause("timed_out", Blame.TASK, "it ran past its time limit",
-          "Submit again with a longer --timeout, or have it save checkpoints."),
+          "Submit again with a longer --timeout (up to the GPU servers' cap: the error says what it was "
+          "allowed), or have it save checkpoints."),
     Cause("output_too_big", Blame.TASK, "it wrote more than a task may keep",
           "Write less, or keep one directory with --output PATH."),
+    Cause("image_refused", Blame.TASK, "the GPU server refused the image as it is",
+          "Read the error, save the image again (docker save, or pink submit IMAGE) and submit it."),
     Cause("start_failed", Blame.TASK, "the container could not start",
           "Check the image's command and entrypoint (docker run it on your machine), then submit again."),
 )

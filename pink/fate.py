@@ -267,7 +267,7 @@ def _reported(task: Task, e: Reported, rules: Rules) -> Decision:
         error = f"container exited with code {e.exit_code}"
     failure = _failure(e, result)
     if failures.retried(failure):  # after_loss ends a cancelled task cancelled
-        return Decision(after_loss(task, error or failure, rules.max_attempts, failure=failure),
+        return Decision(after_loss(task, error or failure, rules.max_attempts, failure=failure, export=e.export),
                         release=task.node, unassign=task.node)
     new = exported(task, result, error or f"exit code {e.exit_code}", exit_code=e.exit_code, error=error,
                    export=e.export, export_error=e.export_error, failure=failure)
@@ -337,7 +337,7 @@ def _fetched(task: Task, e: Fetched, _: Rules) -> Decision:
 def _export_lost(task: Task, e: ExportLost, rules: Rules) -> Decision:
     """A cancelled or timed-out task is not run again for its output: it ends
     as it was going to, without one. Others run again while attempts are left."""
-    if task.result in (State.CANCELLED, State.TIMED_OUT):
+    if task.result in (State.CANCELLED, State.TIMED_OUT) or (task.failure and not failures.retried(task.failure)):
         return Decision(advance(task, State(task.result), e.why, export_error=e.why))
     if not task.cancel_requested and retries_left(task, rules.max_attempts):
         return Decision(requeue(task, e.why))
@@ -381,9 +381,10 @@ EVENTS = tuple(_RULES)
 # -- the record after a loss -------------------------------------------------
 
 def after_loss(task: Task, why: str, max_attempts: int, counts: bool = True,
-               failure: str = "runner_lost") -> Task:
+               failure: str = "runner_lost", export: dict | None = None) -> Task:
     """The record for a task that lost its attempt to the infrastructure
-    (`failure`: its runner gone, by default).
+    (`failure`: its runner gone, by default; `export`: what the runner left
+    of the attempt, when it could still say).
 
     A task its user cancelled ends `cancelled`: running it again would undo
     the cancel. Others go back to the queue while attempts are left (`counts`
@@ -391,11 +392,11 @@ def after_loss(task: Task, why: str, max_attempts: int, counts: bool = True,
     then end `failed`.
     """
     if task.cancel_requested:
-        return exported(task, State.CANCELLED, f"cancelled; {why}", error="cancelled")
+        return exported(task, State.CANCELLED, f"cancelled; {why}", error="cancelled", export=export)
     if not counts or retries_left(task, max_attempts):
         return requeue(task, why, counts=counts)
     return exported(task, State.FAILED, why, error=f"{why}; gave up after {task.attempt} attempts",
-                    failure=failure)
+                    failure=failure, export=export)
 
 
 def requeue(task: Task, why: str, counts: bool = True) -> Task:
@@ -403,7 +404,8 @@ def requeue(task: Task, why: str, counts: bool = True) -> Task:
     carried = {k: v for k, v in task.timings.items() if k != "exited"}  # the next container has not exited
     return advance(replace(task, timings=carried), State.QUEUED, why, attempt=task.attempt + 1, node=None,
                    epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None, failure=None,
-                   logfile=None, job_failures={}, losses=task.losses + (1 if counts else 0))
+                   result=None, export=None, export_error=None, logs_truncated=0, logfile=None, job_failures={},
+                   losses=task.losses + (1 if counts else 0))
 
 
 def retries_left(task: Task, max_attempts: int) -> bool:

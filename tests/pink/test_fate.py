@@ -187,10 +187,32 @@ def test_each_cause_has_a_class_a_summary_and_advice():
     assert failures.describe("from_a_newer_pink")["class"] == "unknown"
 
 
-def test_a_requeue_clears_the_failure_of_the_attempt_before():
-    failed = task_in(E, result="failed", failure="export_lost")
+def test_a_requeue_clears_what_the_attempt_before_left():
+    failed = task_in(E, result="failed", failure="exit_code", exit_code=1, error="container exited with code 1",
+                     export={"path": "/outbox/t.tar.zst"}, export_error="disk full", logs_truncated=9)
     again = fate.requeue(failed, "again")
-    assert again.failure is None
+    assert (again.failure, again.result, again.export, again.export_error, again.logs_truncated) == \
+        (None, None, None, None, 0)
+
+
+def test_a_task_that_failed_by_itself_is_not_run_again_for_a_lost_export():
+    failed = task_in(E, result="failed", failure="oom_killed", exit_code=137)
+    new = fate.decide(failed, fate.ExportLost("runner run1 no longer has the export")).task
+    assert (new.state, new.failure, new.exit_code, new.attempt) == (State.FAILED, "oom_killed", 137, 1)
+    assert new.export_error == "runner run1 no longer has the export"
+
+
+def test_the_last_attempt_the_infrastructure_broke_keeps_its_log_for_the_archive():
+    broken = fate.Reported(Ending.BROKEN, attempt=1, error="runner error: boom", cause="runner_error",
+                           export={"log": "/outbox/t.log"})
+    last = fate.decide(task_in(R, losses=2), broken, fate.Rules(max_attempts=3)).task
+    assert (last.failure, last.export) == ("runner_error", {"log": "/outbox/t.log"})
+
+
+def test_an_image_the_runner_refuses_is_the_tasks_own_failure():
+    refused = fate.Reported(Ending.BROKEN, attempt=1, error="image sha256:ab refused: diff_ids", cause="image_refused")
+    new = fate.decide(task_in(R), refused).task
+    assert (new.state, new.result, new.failure) == (E, "failed", "image_refused")
 
 
 def test_report_timings_are_kept_and_a_cached_image_counts_zero():
