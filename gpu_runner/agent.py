@@ -39,7 +39,7 @@ from gpu_runner import images, outbox, retry, sizing
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
-from pink import blob_store, nodes, recipes
+from pink import blob_store, nodes, platforms, recipes
 from pink.errors import PinkError, Unavailable, outlive_failure
 from pink.store import LeaseGone, Store
 
@@ -64,8 +64,10 @@ class Agent:
         self._take_over()  # first: the last process's lease lasts one TTL, the setup below takes seconds
         self.docker = docker.DockerClient(base_url=config.runner.docker_url) if config.runner.docker_url \
             else docker.from_env()
-        self.gpus = GPUs(config.runner.gpus)
-        self.docker_cpus = self.docker.info()["NCPU"]  # the cores the daemon sees (it refuses limits above)
+        self.gpus = GPUs(config.runner.gpus, config.runner.cuda)
+        info = self.docker.info()
+        self.docker_cpus = info["NCPU"]  # the cores the daemon sees (it refuses limits above)
+        self.platform = platforms.platform_of(info["OSType"], info["Architecture"])  # what images it runs
         self.cpu_cap: float | None = None  # the CPU limit last capped to (see Execution._cpus)
         r = config.runner
         self.blobs = images.RunnerBlobs(r.spool_dir, r.blob_root, r.blob_budget_bytes)
@@ -98,7 +100,7 @@ class Agent:
     def _record_now(self) -> dict:
         r = self.config.runner
         return {**self.ssh_endpoint(), "ssh_spool": r.ssh_spool, "ssh_outbox": r.ssh_outbox,
-                "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode,
+                "gpus": self.gpus.uuids, "gpu_mode": self.gpus.mode, "platform": self.platform, **self.gpus.driver,
                 "gpu_inventory": self.gpus.inventory, "max_containers": self._slots(),
                 "max_spool_images": r.max_spool_images, **self._spool(),
                 "images": images.cached(self.docker), "disk_limits": self.disk_limits,

@@ -72,12 +72,31 @@ def nvml_readings() -> dict[str, dict]:
         pynvml.nvmlShutdown()
 
 
+def nvml_driver() -> dict:
+    """The driver's version and the newest CUDA it supports; {} without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver or no library: nothing to report
+        return {}
+    try:
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()  # 12040 for 12.4
+        return {"driver": _text(pynvml.nvmlSystemGetDriverVersion()), "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}"}
+    except Exception as exc:  # noqa: BLE001 - an old driver without the call: nothing said, nothing refused
+        log.warning("NVML did not report the driver's CUDA version: %s", exc)
+        return {}
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 class GPUs:
-    def __init__(self, declared: list[str]):
+    def __init__(self, declared: list[str], declared_cuda: str = ""):
+        self.driver = {"cuda": declared_cuda} if declared and declared_cuda else {}
         if declared:
             self.mode = "declared"
             self.inventory = [{"index": i, "uuid": u, "model": "declared", "memory": None}
@@ -86,6 +105,7 @@ class GPUs:
         else:
             self.inventory = nvml_inventory()
             self.mode = "nvml" if self.inventory else "none"
+            self.driver = nvml_driver() if self.inventory else {}
             log.info("GPU mode %s: %d GPUs", self.mode, len(self.inventory))
 
     def readings(self) -> dict[str, dict]:

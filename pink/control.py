@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pink import archive, fate, idempotency, journal, lifecycle, nodes
+from pink import archive, fate, idempotency, journal, lifecycle, nodes, platforms
 from pink.config import Config
 from pink.errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unavailable
 from pink.store import SMALL_PAGE, Record, Store
@@ -58,15 +58,19 @@ def check_submit(store: Store, config: Config, user: str, gpus: int, size: int) 
     _check_user_limits(store, config, user, size)
 
 
-def check_satisfiable(store: Store, gpus: int) -> None:
-    """Like Slurm, refuse at once what no registered runner has room for.
+def check_satisfiable(store: Store, gpus: int, needs: platforms.Needs = platforms.Needs()) -> None:
+    """Like Slurm, refuse at once what no registered runner has room for, or
+    can run at all (another platform, too old a CUDA driver: `pink.platforms`).
 
     With no runner registered at all, the task is accepted and waits (a
     lab's runners may all be restarting).
     """
-    largest = max((len(n.gpus) for n in nodes.view(store)), default=None)
+    runners = nodes.view(store)
+    largest = max((len(n.gpus) for n in runners), default=None)
     if largest is not None and gpus > largest:
         raise BadRequest(f"no runner has {gpus} GPUs; the largest has {largest}", code="unsatisfiable")
+    if why := platforms.refusal(needs, gpus, [n.record for n in runners]):
+        raise BadRequest(why, code="unsatisfiable")
 
 
 @dataclass

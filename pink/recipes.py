@@ -25,6 +25,7 @@ from pink.errors import ArchiveError, BadRequest
 
 MAX_LAYERS = 128  # layers a recipe may list: overlay2 mounts no more; each task record in etcd lists them
 MAX_TAGS = 100  # repo tags a recipe may carry
+MAX_CONFIG_BYTES = 16 * 2**20  # an image config (they are kilobytes)
 MAX_TAG_CHARS = 512  # characters in one repo tag (Docker: 255 for the name, 128 for the tag)
 MAX_BLOB_BYTES = WebConfig.max_upload_bytes  # bytes: largest blob, and largest sum of a recipe's blobs
 

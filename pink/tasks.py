@@ -285,7 +285,8 @@ def public_view(task: Task) -> dict:
     out["failure"] = failures.describe(task.failure)
     out["created_at"] = iso(task.created_at)
     out["updated_at"] = iso(task.updated_at)
-    out["image"] = {k: task.image.get(k) for k in ("sha256", "size", "image_id", "repo_tags", "layout")}
+    out["image"] = {k: task.image.get(k) for k in ("sha256", "size", "image_id", "repo_tags", "layout",
+                                                    "platform", "cuda")}
     out["params"] = asdict(task.params)
     output = task.output
     out["output"] = ({"size": output["size"], "compression": task.params.compression,

@@ -121,6 +121,7 @@ def task_details(task: dict) -> str:
         ("created", task.get("created_at")), ("updated", task.get("updated_at")),
         ("image", ", ".join(image.get("repo_tags") or []) or image.get("image_id")),
         ("image size", size(image.get("size"))), ("image sha256", image.get("sha256")),
+        ("platform", image.get("platform")), ("needs CUDA", image.get("cuda")),
         ("cmd", _words(params.get("cmd"))), ("entrypoint", _words(params.get("entrypoint"))),
         ("env", " ".join(f"{k}={v}" for k, v in sorted((params.get("env") or {}).items()))),
         ("gpus", params.get("gpus")), ("timeout", f"{params['timeout']}s" if params.get("timeout") else None),

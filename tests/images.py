@@ -180,6 +180,29 @@ def fresh_archive(client, name: str, path, dockerfile_text: str = "") -> str:
     return archive
 
 
+def retarget_archive(src, dest, architecture: str) -> str:
+    """A copy of the `docker save` archive `src` whose config says another
+    architecture (renamed by its new digest, as Docker names configs): an
+    image "built for" a platform this machine cannot build for."""
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    files = {m.name: data for m, data in members}
+    manifest = json.loads(files["manifest.json"])
+    old = manifest[0]["Config"]
+    config = json.loads(files[old])
+    config["architecture"] = architecture
+    data = json.dumps(config).encode()
+    manifest[0]["Config"] = new = hashlib.sha256(data).hexdigest() + ".json"
+    replaced = {old: (new, data), "manifest.json": ("manifest.json", json.dumps(manifest).encode())}
+    with tarfile.open(dest, "w") as out:
+        for member, body in members:
+            if member.name in replaced:
+                member.name, body = replaced[member.name]
+                member.size = len(body)
+            out.addfile(member, io.BytesIO(body) if body is not None else None)
+    return str(dest)
+
+
 # ---------------------------------------------------------------- what was made here, and its removal
 
 # What Docker held before this process first made an image: {tag: image id}

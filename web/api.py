@@ -8,6 +8,7 @@ Another user's task answers 404, exactly like a task that does not exist.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -17,7 +18,7 @@ from datetime import timezone
 import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
-from pink import archive, control, idempotency, nodes, outputs, recipes, sftp
+from pink import archive, control, idempotency, nodes, outputs, platforms, recipes, sftp
 from pink.compat import fromisoformat
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, TooManyRequests, Unavailable
 from pink.request_input import number
@@ -70,13 +71,26 @@ def create_task(user, task_id: str, params: Params, image: dict, received: int,
     or 200 with the first task when `claim`'s key already made one."""
     _check_priority(user, params)
     config, store = res().config, res().store
+    needs = _needs(image)
+    image = {**image, **needs.to_json()}
     record = new_record(task_id, user.name, params, image, config.host)
     record.timings["upload_bytes"] = received
-    control.check_satisfiable(store, params.gpus)
+    control.check_satisfiable(store, params.gpus, needs)
     made, created = control.create(store, config, record, claim)  # the user's limits, atomically
     if not created:
         return first_task(made)
     return jsonify(task=public_view(record)), 201
+
+
+def _needs(image: dict) -> platforms.Needs:
+    """What the image's config (in this node's blob store) asks of a runner."""
+    recipe = image.get("recipe") or {}
+    try:
+        with open(res().blobs.path(recipe.get("config") or ""), "rb") as fh:
+            config = json.loads(fh.read(recipes.MAX_CONFIG_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return platforms.Needs()  # an image without a readable config states no needs
+    return platforms.of_config(config) if isinstance(config, dict) else platforms.Needs()
 
 
 def first_task(task_id: str):
@@ -432,7 +446,7 @@ NODE_FIELDS = ("name", "state", "epoch", "gpus", "max_containers", "tasks")
 
 def _node_public(node: nodes.NodeView) -> dict:
     registered = {k: node.record.get(k) for k in ("gpu_mode", "gpu_inventory", "gpu_stats", "started_at",
-                                                  "spool_free", "spool_images")}
+                                                  "spool_free", "spool_images", "platform", "driver", "cuda")}
     return {**{k: getattr(node, k) for k in NODE_FIELDS}, **registered, "host": node.record["ssh_host"],
             "images": len(node.images)}
 

@@ -36,7 +36,8 @@ import json
 from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
-from pink import blob_store, control, idempotency, possession, rebuilt_archive, recipes, upload_sessions
+from pink import (blob_store, control, idempotency, platforms, possession, rebuilt_archive, recipes,
+                  upload_sessions)
 from pink.errors import BadRequest, Conflict, NotFound, PinkError, TooLarge
 from pink.request_input import field, json_body, number
 from pink.tasks import Params, new_id
@@ -48,7 +49,6 @@ from web.uploads import image_record
 bp = Blueprint("blob_uploads", __name__, url_prefix="/api/v1/uploads")
 
 LAYOUTS = ("docker", "oci")
-MAX_CONFIG_BYTES = 16 * 2**20
 
 
 @bp.post("")
@@ -66,6 +66,7 @@ def begin():
     recipe = recipes.Recipe(config=config_digest, layers=[x.get("digest") for x in layers],
                             repo_tags=body.get("repo_tags") or [], sizes=sizes)
     _check_diff_id_count(recipe, parsed)
+    control.check_satisfiable(res().store, 0, platforms.of_config(parsed))  # before its layers travel
     web, limits = res().config.web, res().config.limits
     archive_bytes = rebuilt_archive.archive_size(recipe)
     if archive_bytes > web.max_upload_bytes:
@@ -87,8 +88,9 @@ def _config(text) -> tuple[bytes, dict]:
         data = base64.b64decode(text, validate=True) if isinstance(text, str) else None
     except (binascii.Error, ValueError):
         data = None
-    if not data or len(data) > MAX_CONFIG_BYTES:
-        raise BadRequest(f"config is the image config's bytes in base64 (at most {MAX_CONFIG_BYTES} bytes)",
+    if not data or len(data) > recipes.MAX_CONFIG_BYTES:
+        raise BadRequest("config is the image config's bytes in base64 "
+                         f"(at most {recipes.MAX_CONFIG_BYTES} bytes)",
                          code="bad_manifest")
     try:
         parsed = json.loads(data)
@@ -187,8 +189,13 @@ def commit(upload_id: str):
         store.touch(digest)
     received = session.recipe.sizes[session.recipe.config] + sum(
         session.recipe.sizes[d] for d in dict.fromkeys(session.recipe.layers) if session.done(d))
-    answer = create_task(user, new_id(), params, image_record(session.recipe, session.layout), received,
-                         claim)
+    try:
+        answer = create_task(user, new_id(), params, image_record(session.recipe, session.layout), received,
+                             claim)
+    except BadRequest as exc:
+        if exc.code == "unsatisfiable":  # no runner can run it so: its layers stay collectable
+            session.close()
+        raise
     session.close()
     return answer
 

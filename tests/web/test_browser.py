@@ -18,6 +18,7 @@ from pink import archive, users
 from pink import config as pink_config_module
 from pink.store import Store
 from pink.tasks import Params, State, Task, new_record
+from tests import images
 from tests.helpers import Api, files_in_output, make_user
 
 expect = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' (playwright)").expect
@@ -202,6 +203,27 @@ def test_a_dropped_archive_is_chosen_and_the_api_error_shown_as_written(web, bro
                     headers={"Content-Type": "application/x-tar"}).json()["message"]
     expect(page.locator("#upload-status")).to_have_text(expected)
     assert user("GET", "/tasks").json()["tasks"] == []
+
+
+def test_an_image_no_runner_can_run_is_refused_on_the_submit_page(web, browse, docker_client, tmp_path):
+    """An arm64 image while the only runner runs linux/amd64 (its registration
+    written as a runner writes it): the page says why at once, in the API's words."""
+    _, password = _person(web, "gil")
+    store = Store.from_config(web)
+    lease = store.lease(120)
+    assert store.create(store.keys.node("run9"), {"name": "run9", "platform": "linux/amd64", "gpus": [],
+                                                  "ssh_host": "127.0.0.1"}, lease.id)
+    busybox = images.save_image(docker_client, images.ensure_busybox_image(docker_client), tmp_path / "b.tar")
+    arm = images.retarget_archive(busybox, tmp_path / "arm.tar", "arm64")
+    page = browse.login(web, "gil", password, "/submit")
+    page.set_input_files("#archive", arm)
+    page.fill("#cmd", "true")
+    page.click("#upload")
+    status = page.locator("#upload-status")
+    expect(status).to_contain_text("the image is built for linux/arm64; the GPU servers run linux/amd64")
+    expect(status).to_contain_text("docker buildx build --platform linux/amd64")
+    browse.shot(page, "submit-refused")
+    lease.revoke()
 
 
 def test_nodes_show_gpu_readings_and_the_spool(web, browse):

@@ -642,6 +642,8 @@
         ['Archive digest', image.sha256 ? h('code', {class: 'digest'}, `sha256:${image.sha256}`) : null],
         ['Archive size', size(image.size)],
         ['Layout', image.layout],
+        ['Platform', image.platform],
+        ['Needs CUDA', image.cuda ? `${image.cuda} or newer (its driver's)` : null],
       ]);
       const p = t.params || {};
       const env = Object.entries(p.env || {});
