@@ -20,6 +20,7 @@ account could have replaced.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tarfile
@@ -178,11 +179,15 @@ class Execution:
                 self._log_done.set()
                 log.warning("task %s: its log did not drain in %ds; the rest is cut", self.task_id, LOG_DRAIN)
         if isinstance(result, Ending):
-            export_fields, over_limit = self._export(task)
+            export_fields, cause = self._export(task)
             fields.update(export_fields)
-            if over_limit:  # the task wrote more than it may keep: it failed, whatever its exit
+            if cause == "output_too_big":  # the task wrote more than it may keep: it failed, whatever its exit
                 result = Ending.BROKEN
-                fields.update(error=export_fields["export_error"], cause="output_too_big")
+                fields.update(error=export_fields["export_error"], cause=cause)
+            elif cause == "disk_full" and result == Ending.EXITED and fields.get("exit_code") == 0:
+                # a run that went well, its output lost to this server's disk: run it again elsewhere
+                result = Ending.BROKEN
+                fields.update(error=f"saving its output failed: {export_fields['export_error']}", cause=cause)
         fields["image_load_seconds"] = load_seconds
         return result, fields
 
@@ -363,20 +368,23 @@ class Execution:
         return {"export": {"ssh": self.agent.ssh_endpoint(), "path": None, "log": self._remote(".log"),
                            "size": None}}
 
-    def _export(self, task: Task) -> tuple[dict, bool]:
-        """The export's fields to record, and whether it passed `output_bytes_per_task`."""
+    def _export(self, task: Task) -> tuple[dict, str | None]:
+        """The export's fields to record, and the failure cause when it failed
+        for the task's size (`output_too_big`) or this server's disk (`disk_full`)."""
         fields = self._export_info()
         info = fields["export"]
         if self.container is None:
-            return fields, False
+            return fields, None
         suffix = ".tar.gz" if task.params.compression == "gzip" else ".tar.zst"
         started = time.time()
         try:
             size = self._export_through_restarts(task, self._local(suffix))
         except (ValueError, OSError, DockerException, tarfile.TarError, zstandard.ZstdError) as exc:
-            return {**fields, "export_error": str(exc)}, isinstance(exc, export.TooBig)
+            cause = "output_too_big" if isinstance(exc, export.TooBig) else \
+                "disk_full" if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+            return {**fields, "export_error": str(exc)}, cause
         info.update(path=self._remote(suffix), size=size)
-        return {**fields, "export_seconds": round(time.time() - started, 3)}, False
+        return {**fields, "export_seconds": round(time.time() - started, 3)}, None
 
     def _export_through_restarts(self, task: Task, path: str) -> int:
         """export.export, made again (EXPORT_TRIES in all) when a dockerd

@@ -52,6 +52,8 @@ _INFRASTRUCTURE = (
           "and tell an admin."),
     Cause("runner_error", Blame.INFRASTRUCTURE, "the GPU server's runner failed while running it",
           "Nothing to fix in the task: submit it again, and tell an admin if it happens again."),
+    Cause("disk_full", Blame.INFRASTRUCTURE, "the GPU server's disk filled up while it saved the output",
+          "Nothing to fix in the task unless its output is huge: submit it again, and tell an admin."),
     Cause("upload_lost", Blame.INFRASTRUCTURE, "the web node holding its upload went away before a GPU "
           "server had the image", "Submit the image again."),
     Cause("transfer_failed", Blame.INFRASTRUCTURE, "its image could not be copied to a GPU server",

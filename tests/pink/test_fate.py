@@ -146,7 +146,7 @@ def test_the_runner_says_how_the_run_ended_and_fate_picks_the_result(report, res
     assert (new.state, new.result, new.error, new.failure) == (State.EXPORTED, result, error, failure)
 
 
-@pytest.mark.parametrize("cause", ["image_load", "runner_error", None])
+@pytest.mark.parametrize("cause", ["image_load", "runner_error", "disk_full", None])
 def test_a_run_the_infrastructure_broke_is_tried_again_then_fails_with_its_cause(cause):
     broken = fate.Reported(Ending.BROKEN, attempt=1, error="docker load: no space left on device", cause=cause)
     again = fate.decide(task_in(R), broken, fate.Rules(max_attempts=3))
