@@ -82,8 +82,8 @@ def limits_table(limits: dict[str, dict]) -> str:
 
 def nodes_table(nodes: list[dict]) -> str:
     rows = [[n.get("name"), n.get("host"), n.get("state"), len(n.get("gpus") or []),
-             len(n.get("tasks") or []), n.get("epoch")] for n in nodes]
-    return table(["NAME", "HOST", "STATE", "GPUS", "TASKS", "EPOCH"], rows)
+             len(n.get("tasks") or []), n.get("platform"), n.get("cuda"), n.get("epoch")] for n in nodes]
+    return table(["NAME", "HOST", "STATE", "GPUS", "TASKS", "PLATFORM", "CUDA", "EPOCH"], rows)
 
 
 def tokens_table(tokens: list[dict], now: datetime | None = None) -> str:

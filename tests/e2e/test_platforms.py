@@ -32,6 +32,8 @@ def test_what_no_runner_can_run_is_refused_at_submit_naming_both_sides(pink_proc
     api = _lab(pink_processes, pink_config, config_variant)
     node = api("GET", "/nodes").json()["nodes"][0]
     assert (node["platform"], node["cuda"]) == ("linux/amd64", "12.2"), node
+    listed = api.cli("nodes").stdout
+    assert "PLATFORM" in listed and "linux/amd64" in listed and "12.2" in listed, listed
 
     cuda = images.build_archive(docker_client, "pink/test-cuda124:1", CUDA_12_4, tmp_path / "cuda.tar")
     r = api.submit(cuda, gpus=1)

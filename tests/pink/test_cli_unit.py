@@ -419,13 +419,14 @@ def test_tasks_table():
 
 def test_empty_tables_have_headers():
     assert output.tasks_table([]).split() == ["ID", "NAME", "STATE", "NODE", "ATTEMPT", "AGE", "EXIT"]
-    assert output.nodes_table([]).split() == ["NAME", "HOST", "STATE", "GPUS", "TASKS", "EPOCH"]
+    assert output.nodes_table([]).split() == ["NAME", "HOST", "STATE", "GPUS", "TASKS", "PLATFORM", "CUDA", "EPOCH"]
 
 
 def test_nodes_table():
     nodes = [{"name": "gpu1", "host": "10.0.0.5", "gpus": ["GPU-a", "GPU-b"], "tasks": ["abc"],
-              "state": "up", "epoch": 7}]
-    assert output.nodes_table(nodes).splitlines()[1].split() == ["gpu1", "10.0.0.5", "up", "2", "1", "7"]
+              "state": "up", "epoch": 7, "platform": "linux/amd64", "cuda": "12.4"}]
+    assert output.nodes_table(nodes).splitlines()[1].split() == ["gpu1", "10.0.0.5", "up", "2", "1", "linux/amd64",
+                                                                "12.4", "7"]
 
 
 def test_task_details():

@@ -890,6 +890,10 @@
           h('dd', null, tasks.length
             ? h('ul', {class: 'plain'}, tasks.map(id => h('li', null, h('a', {href: taskUrl(id)}, h('code', null, id)))))
             : h('span', {class: 'muted'}, 'none')),
+          h('dt', null, 'Runs'),
+          h('dd', null, [node.platform || 'platform not reported',
+                         node.cuda ? `CUDA ${node.cuda}${node.driver ? ` (driver ${node.driver})` : ''}` : null]
+            .filter(Boolean).join(', ')),
           h('dt', null, 'Cached images'),
           h('dd', null, String(node.images ?? 0)),
           h('dt', null, 'Spool'),
