@@ -67,7 +67,7 @@ class Agent:
         self.gpus = GPUs(config.runner.gpus, config.runner.cuda)
         info = self.docker.info()
         self.docker_cpus = info["NCPU"]  # the cores the daemon sees (it refuses limits above)
-        self.platform = platforms.platform_of(info["OSType"], info["Architecture"])  # what images it runs
+        self.platform = platforms.platform_of(info.get("OSType"), info.get("Architecture"))  # what images it runs
         self.cpu_cap: float | None = None  # the CPU limit last capped to (see Execution._cpus)
         r = config.runner
         self.blobs = images.RunnerBlobs(r.spool_dir, r.blob_root, r.blob_budget_bytes)

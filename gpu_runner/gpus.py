@@ -15,7 +15,7 @@ import logging
 
 from docker.types import DeviceRequest
 
-from pink import gpu_env
+from pink import gpu_env, platforms
 
 log = logging.getLogger("pink.runner")
 
@@ -96,7 +96,8 @@ def _text(value) -> str:
 
 class GPUs:
     def __init__(self, declared: list[str], declared_cuda: str = ""):
-        self.driver = {"cuda": declared_cuda} if declared and declared_cuda else {}
+        cuda = platforms.numbers(str(declared_cuda))  # a TOML number (12.2) is taken as written too
+        self.driver = {"cuda": ".".join(map(str, cuda))} if declared and cuda else {}
         if declared:
             self.mode = "declared"
             self.inventory = [{"index": i, "uuid": u, "model": "declared", "memory": None}

@@ -85,7 +85,7 @@ class RunnerConfig:
     ssh_outbox: str = "/outbox"
     docker_url: str = ""  # empty: the environment's Docker (DOCKER_HOST or the socket)
     gpus: list[str] = field(default_factory=list)  # declared GPU UUIDs
-    cuda: str = ""  # declared GPUs: the newest CUDA their driver supports, e.g. "12.2" (NVML reports the real one)
+    cuda: str = ""  # declared GPUs: the newest CUDA their driver supports, e.g. "12.2" (NVML reports it)
     network: str = "none"
     # Each container's share of the host; the auto values are derived at start
     # (gpu_runner/sizing.py): one slot per GPU (4 without GPUs), the memory

@@ -66,11 +66,11 @@ def check_satisfiable(store: Store, gpus: int, needs: platforms.Needs = platform
     lab's runners may all be restarting).
     """
     runners = nodes.view(store)
-    largest = max((len(n.gpus) for n in runners), default=None)
-    if largest is not None and gpus > largest:
-        raise BadRequest(f"no runner has {gpus} GPUs; the largest has {largest}", code="unsatisfiable")
     if why := platforms.refusal(needs, gpus, [n.record for n in runners]):
         raise BadRequest(why, code="unsatisfiable")
+    largest = max((len(n.gpus) for n in runners if platforms.same_platform(needs, n.record)), default=None)
+    if largest is not None and gpus > largest:
+        raise BadRequest(f"no runner has {gpus} GPUs; the largest has {largest}", code="unsatisfiable")
 
 
 @dataclass

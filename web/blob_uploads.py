@@ -189,14 +189,9 @@ def commit(upload_id: str):
         store.touch(digest)
     received = session.recipe.sizes[session.recipe.config] + sum(
         session.recipe.sizes[d] for d in dict.fromkeys(session.recipe.layers) if session.done(d))
-    try:
-        answer = create_task(user, new_id(), params, image_record(session.recipe, session.layout), received,
-                             claim)
-    except BadRequest as exc:
-        if exc.code == "unsatisfiable":  # no runner can run it so: its layers stay collectable
-            session.close()
-        raise
-    session.close()
+    answer = create_task(user, new_id(), params, image_record(session.recipe, session.layout), received,
+                         claim)
+    session.close()  # a refusal keeps it open: the same upload may commit with other parameters
     return answer
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import time
 
-from pink import upload_sessions
 from tests import images
 from tests.helpers import Api, make_user
 
-CUDA_12_4 = 'ENV NVIDIA_REQUIRE_CUDA="cuda>=12.4 brand=tesla,driver>=470,driver<471"\nCMD ["true"]\n'
+CUDA_12_4 = 'ENV NVIDIA_REQUIRE_CUDA="cuda>=12.4"\nCMD ["true"]\n'
 
 
 def _lab(pink_processes, pink_config, config_variant) -> Api:
@@ -56,4 +55,3 @@ def test_what_no_runner_can_run_is_refused_at_submit_naming_both_sides(pink_proc
     proc = api.cli("submit", "--cmd", "true", str(arm), check=False)
     assert proc.returncode != 0 and "built for linux/arm64" in proc.stderr, proc.stderr
     assert [t["id"] for t in api("GET", "/tasks").json()["tasks"]] == [ran["id"]]  # nothing refused was kept
-    assert upload_sessions.check_room(pink_config.web.blob_root, "alice", 0) == 0  # no session left open
