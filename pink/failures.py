@@ -29,41 +29,37 @@ class Cause:
     advice: str  # what to do, as a sentence
 
 
-_TASK = (
-    Cause("exit_code", Blame.TASK, "the command exited with an error",
-          "Read the task's log, fix the command or the image, and submit again."),
-    Cause("oom_killed", Blame.TASK, "the container ran out of memory and was killed",
-          "Use less memory (smaller batches or inputs), then submit again."),
-    Cause("timed_out", Blame.TASK, "it ran past its time limit",
-          "Submit again with a longer --timeout (up to the GPU servers' cap: the error says what it was "
-          "allowed), or have it save checkpoints."),
-    Cause("output_too_big", Blame.TASK, "it wrote more than a task may keep",
-          "Write less, or keep one directory with --output PATH."),
-    Cause("image_refused", Blame.TASK, "the GPU server refused the image as it is",
-          "Read the error, save the image again (docker save, or pink submit IMAGE) and submit it."),
-    Cause("start_failed", Blame.TASK, "the container could not start",
-          "Check the image's command and entrypoint (docker run it on your machine), then submit again."),
-)
-_INFRASTRUCTURE = (
-    Cause("runner_lost", Blame.INFRASTRUCTURE, "the GPU server running it was lost on every attempt",
-          "Nothing to fix in the task: submit it again, and tell an admin if it happens again."),
-    Cause("image_load", Blame.INFRASTRUCTURE, "no GPU server could load the image",
-          "Submit again; if it fails the same way, check that `docker load` takes the image, "
-          "and tell an admin."),
-    Cause("runner_error", Blame.INFRASTRUCTURE, "the GPU server's runner failed while running it",
-          "Nothing to fix in the task: submit it again, and tell an admin if it happens again."),
-    Cause("disk_full", Blame.INFRASTRUCTURE, "the GPU server's disk filled up while it saved the output",
-          "Nothing to fix in the task unless its output is huge: submit it again, and tell an admin."),
-    Cause("upload_lost", Blame.INFRASTRUCTURE, "the web node holding its upload went away before a GPU "
-          "server had the image", "Submit the image again."),
-    Cause("transfer_failed", Blame.INFRASTRUCTURE, "its image could not be copied to a GPU server",
-          "Submit again; tell an admin if it happens again."),
-    Cause("export_lost", Blame.INFRASTRUCTURE, "its output was lost on the GPU server on every attempt",
-          "Nothing to fix in the task: submit it again, and tell an admin."),
-    Cause("finalize_failed", Blame.INFRASTRUCTURE, "its output could not be collected from the GPU server",
-          "Nothing to fix in the task: submit it again, and tell an admin."),
-)
-CAUSES = {cause.code: cause for cause in _TASK + _INFRASTRUCTURE}
+_AGAIN = "Nothing to fix in the task: submit it again, and tell an admin if it happens again."
+# code: (whose, what happened, what to do); `pink.fate` sets the codes
+_TABLE = {
+    "exit_code": (Blame.TASK, "the command exited with an error",
+                  "Read the task's log, fix the command or the image, and submit again."),
+    "runner_lost": (Blame.INFRASTRUCTURE, "the GPU server running it was lost on every attempt", _AGAIN),
+    "oom_killed": (Blame.TASK, "the container ran out of memory and was killed",
+                   "Use less memory (smaller batches or inputs), then submit again."),
+    "timed_out": (Blame.TASK, "it ran past its time limit",
+                  "Submit again with a longer --timeout (up to the GPU servers' cap: the error says what it "
+                  "was allowed), or have it save checkpoints."),
+    "runner_error": (Blame.INFRASTRUCTURE, "the GPU server's runner failed while running it", _AGAIN),
+    "output_too_big": (Blame.TASK, "it wrote more than a task may keep",
+                       "Write less, or keep one directory with --output PATH."),
+    "transfer_failed": (Blame.INFRASTRUCTURE, "its image could not be copied to a GPU server", _AGAIN),
+    "image_refused": (Blame.TASK, "the GPU server refused the image as it is",
+                      "Read the error, save the image again (docker save, or pink submit IMAGE) and submit it."),
+    "export_lost": (Blame.INFRASTRUCTURE, "its output was lost on the GPU server on every attempt", _AGAIN),
+    "start_failed": (Blame.TASK, "the container could not start",
+                     "Check the image's command and entrypoint (docker run it on your machine), then submit "
+                     "again."),
+    "finalize_failed": (Blame.INFRASTRUCTURE, "its output could not be collected from the GPU server", _AGAIN),
+    "image_load": (Blame.INFRASTRUCTURE, "no GPU server could load the image",
+                   "Submit again; if it fails the same way, check that `docker load` takes the image, and "
+                   "tell an admin."),
+    "disk_full": (Blame.INFRASTRUCTURE, "the GPU server's disk filled up while it saved the output",
+                  "Nothing to fix in the task unless its output is huge: submit it again, and tell an admin."),
+    "upload_lost": (Blame.INFRASTRUCTURE, "the web node holding its upload went away before a GPU server had "
+                    "the image", "Submit the image again."),
+}
+CAUSES = {code: Cause(code, *row) for code, row in _TABLE.items()}
 
 
 def retried(code: str | None) -> bool:
