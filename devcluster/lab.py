@@ -158,6 +158,11 @@ HOSTS = (
 )
 GROUPS = ("router", "web", "processing", "db", "etcd", "redis")
 GPUS_PER_RUNNER = 2
+# Containers each lab runner runs at once. The auto value gives one slot per
+# GPU (2 here), but the fault matrix's stream keeps about 7 tasks in flight
+# (a 20 s task every 4 s, 2 s tasks in between): with 4 slots in all, the
+# queue grows whatever the fault, and a row's recovery measures the queue.
+SLOTS_PER_RUNNER = 4
 
 
 def every_host() -> tuple[LabHost, ...]:
@@ -495,6 +500,7 @@ def write_inventory(known_hosts: Path, key: Path) -> Path:
         "pink_db_tls_dir": str(LAB_DIR / "ssl_db"),
         # The image holds PINK's dependencies: a deploy fetches nothing.
         "common_pip_extra_args": f"--no-index --find-links {WHEELHOUSE}",
+        "common_runner_max_containers": SLOTS_PER_RUNNER,
     }
     (LAB_DIR / "group_vars").mkdir(exist_ok=True)
     (LAB_DIR / "group_vars" / "pinklab.yml").write_text(

@@ -228,9 +228,20 @@ class Stream:
         self._thread.start()
         return self
 
+    @staticmethod
+    def mix(i: int) -> tuple[int, int]:
+        """The `i`th task's (run seconds, GPUs): every fourth runs 20 s, every other asks for a GPU."""
+        return (20 if i % 4 == 0 else 2), (1 if i % 2 else 0)
+
+    def in_flight(self, overhead: float = 0.5) -> float:
+        """Tasks the stream keeps running at once, each taking its run plus
+        `overhead` seconds of the pipeline around it (Little's law)."""
+        busy = sum(self.mix(i)[0] + overhead for i in range(self.total))
+        return busy / (self.total * self.interval)
+
     def _run(self) -> None:
         for i in range(self.total):
-            seconds, gpus = (20 if i % 4 == 0 else 2), (1 if i % 2 else 0)
+            seconds, gpus = self.mix(i)
             while True:
                 try:
                     task = self.lab.client.submit(self.archive, name=f"stream-{i}",
