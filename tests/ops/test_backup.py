@@ -34,7 +34,7 @@ T0 = 1_700_000_000.0
 
 
 def pink_backup(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pink.backup", *map(str, args)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pink.backup_command", *map(str, args)], capture_output=True,
                           text=True, timeout=300)
     if check:
         assert proc.returncode == 0, f"pink-backup {' '.join(map(str, args))}:\n{proc.stdout}\n{proc.stderr}"
@@ -569,7 +569,7 @@ def test_the_backup_units_run_pink_backup_as_root_once_per_timer():
                                                        backup_mariadb_password="s3cret-from-a-vault")
     tasks = (ROLE / "tasks" / "main.yml").read_text()
     assert re.search(r'dest: "\{\{ backup_mariadb_options_file \}\}"\n(.*\n){2}    mode: "0600"', tasks)
-    assert (REPO / "setup.cfg").read_text().count("pink-backup = pink.backup:main") == 1
+    assert (REPO / "setup.cfg").read_text().count("pink-backup = pink.backup_command:main") == 1
 
 
 def test_the_mariadb_dump_is_consistent_and_complete():
