@@ -39,9 +39,9 @@ def history_page(store: Store, conn, query: archive.Query) -> tuple[list[Task], 
     id) and filtered alike, so a page is one consistent slice whichever
     store each task is in; a task in both for a moment (archived, not yet
     removed from etcd) shows once, as etcd has it. The archive answers from
-    an index; the live tasks are the queue, not the history.
+    an index; a user's live tasks come from their own index (`_live_of`).
     """
-    live = [r.value for r in store.list(store.keys.tasks)]
+    live = _live_of(store, query.user)
     live_ids = {t.id for t in live}
     archived = [t for t in archive.page(conn, query) if t.id not in live_ids]
     matching = [t for t in live if query.matches(t)]
@@ -49,6 +49,16 @@ def history_page(store: Store, conn, query: archive.Query) -> tuple[list[Task], 
     page = ordered[:query.limit]
     more = len(ordered) > query.limit
     return page, archive.Cursor(page[-1].created_at, page[-1].id).encode() if more else None
+
+
+def _live_of(store: Store, user: str | None) -> list[Task]:
+    """The live tasks a page of `user`'s may show: their own, through their index
+    (a read per task of theirs, none of anyone else's, however long the queue);
+    for an admin's listing of every user (`user` None), the whole queue. Tasks
+    recorded before the index existed have no entry: they drain as they end."""
+    if user is None:
+        return [r.value for r in store.list(store.keys.tasks)]
+    return _tasks_of(store, Holdings(None, store.list(store.keys.owned(user), SMALL_PAGE)))
 
 
 def check_submit(store: Store, config: Config, user: str, gpus: int, size: int) -> None:

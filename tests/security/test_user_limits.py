@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pink import control, image_archive, lifecycle, recipes
+from pink import archive, control, db, image_archive, lifecycle, recipes
 from pink.config import LimitsConfig
 from pink.errors import BadRequest, TooManyRequests
 from pink.fate import Archived
@@ -164,3 +164,26 @@ def test_a_page_of_the_biggest_records_reads_back(pink_config):
 def _archived(store, rec):
     """Remove the record as finalize does once the archive row is written."""
     return lifecycle.apply(store, rec, Archived(rec.value.attempt, rec.value.state))
+
+
+def test_a_users_task_list_reads_only_their_own_live_tasks(pink_config):
+    """`GET /tasks` does not cost more as other users' queues grow: a user's
+    page reads their index and their own records, never the other live tasks;
+    an admin's listing of everyone still shows the whole queue."""
+    store = Store.from_config(pink_config)
+    for n in range(200):
+        control.create(store, pink_config, _record(f"crowd{n % 20}"), None)
+    mine = [_record("fay") for _ in range(3)]
+    for record in mine:
+        control.create(store, pink_config, record, None)
+    conn = db.connect(pink_config.db)
+    try:
+        db.migrate(conn)  # the archive's tables (pink-web makes them as it starts)
+        store.keys_read = 0
+        page, _ = control.history_page(store, conn, archive.Query(user="fay"))
+        assert store.keys_read <= 2 * 3, store.keys_read  # her 3 index entries and her 3 records, of 203
+        assert sorted(t.id for t in page) == sorted(r.id for r in mine)
+        everyone, _ = control.history_page(store, conn, archive.Query(user=None, limit=500))
+        assert {r.id for r in mine} <= {t.id for t in everyone} and len(everyone) >= 203
+    finally:
+        conn.close()
