@@ -122,3 +122,11 @@ def begin_upload(api: Api, archive) -> dict:
                                       "repo_tags": list(recipe.repo_tags)})
     assert r.status_code == 201, r.text
     return {**r.json(), "layers": list(recipe.layers)}
+
+
+def wait_for(check, timeout: float = 30) -> None:
+    """Until `check()` is true; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pink.store import Store
-from tests.gpu_runner.test_nodes import cluster_api, wait_for  # noqa: F401 - the fixture
+from tests.helpers import wait_for
 
 
 def test_a_runner_gone_for_good_is_forgotten_and_an_up_one_never(cluster_api, pink_processes, slow_archive):
