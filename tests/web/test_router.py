@@ -54,7 +54,7 @@ def _site(directory: Path, https_port: int, upstreams: list[str]) -> str:
         nginx_upload_nodes={f"web{n}": upstream for n, upstream in enumerate(upstreams, 1)},
         nginx_https_port=https_port, nginx_server_name="_", nginx_conf_dir=str(directory),
         nginx_upstream_ssl_name="localhost", nginx_proxy_timeout=3600, nginx_proxy_connect_timeout=3,
-        nginx_max_body_size=2**30, pink_router_fail_timeout=10,
+        nginx_max_body_size=2**30, nginx_fail_timeout=10,
         nginx_access_log=str(directory / "access.log"))
     # This machine may have no IPv6; the role listens on both.
     return "\n".join(line for line in text.splitlines() if "listen [::]" not in line) + "\n"
