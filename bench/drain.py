@@ -11,6 +11,7 @@ whose throughput is being measured.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import uuid
 
@@ -22,14 +23,19 @@ STALL_TIMEOUT = 180.0  # seconds without a task finishing before the batch is de
 POLL = 1.0  # seconds between two reads of the archive
 
 
-def batch(api, config, archive, count: int, log, etcd_status=None) -> dict:
-    """Submit `count` tasks back to back; time them to the last one archived (also 5.'s PINK side)."""
+def batch(api, config, archive, count: int, log, etcd_status=None, threads: int = 1) -> dict:
+    """Submit `count` tasks back to back (from `threads` threads at once: a burst);
+    time them to the last one archived (also 5.'s and the Slurm comparison's PINK side)."""
     name = f"bench-drain-{uuid.uuid4().hex[:8]}"  # every task of the batch, for the archive query
-    started = time.time()
-    for _ in range(count):
+
+    def submit(_: int) -> None:
         r = api.submit(archive, name=name)
         if r.status_code != 201:
             raise RuntimeError(f"submit answered {r.status_code}: {r.text}")
+
+    started = time.time()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(submit, range(count)))
     submitted = time.time()
     log(f"  {count} tasks submitted in {submitted - started:.1f}s")
     conn = db.connect(config.db)
