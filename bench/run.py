@@ -16,6 +16,11 @@
    bytes received by the web node and sent to the runner x the new layer.
 10. changes: `--output changes` x `full` for a task writing 1 MiB into a
    512 MiB image: output bytes and time.
+11. sweep: one sweep of 200 indexes (20 with --quick) vs as many separate
+   warm tasks: the submit's answer time and the time to finish.
+12. slurm: the same trivial task through a one-node Slurm on this machine
+   (`sbatch --wrap 'docker run ...'`, bench/slurm.py), warm and a burst of
+   200 (48 with --quick) from 8 threads, at PINK's slots and at Slurm's default.
 And etcd's database size at each step, then once its history is compacted.
 
 Starts its own cluster under /var/lib/pink-bench (devcluster.local) and
@@ -38,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 import docker  # noqa: E402
 
-from bench import drain, etcdsize, layers, loaded, measure, placement, throughput  # noqa: E402
+from bench import drain, etcdsize, layers, loaded, measure, placement, slurm, sweep, throughput  # noqa: E402
 from bench.hosts import RunnerHost  # noqa: E402
 from pink import config as pink_config, users  # noqa: E402
 from devcluster.cluster import Cluster  # noqa: E402
@@ -49,7 +54,7 @@ from tests.helpers import Api  # noqa: E402
 BASE = Path("/var/lib/pink-bench")  # not /tmp: sshd's chroot needs root-owned parents
 RUNNERS = ("run1", "run2")  # the throughput figure needs two; the others use whichever is placed
 NAMES = ["latency", "transfer", "memory", "placement", "throughput", "loaded", "drain", "placement-live",
-         "compaction", "layers", "changes"]
+         "compaction", "layers", "changes", "sweep", "slurm"]
 TARGETS = {"latency": 1.3, "transfer": 1.0, "memory": 100}  # x docker run; x scp; MiB
 
 
@@ -75,7 +80,8 @@ def main(argv=None) -> int:
                         help="run only this measurement (repeatable)")
     parser.add_argument("--skip", action="append", choices=NAMES, default=[],
                         help="leave this measurement out (repeatable)")
-    parser.add_argument("--repeats", type=int, help="repeats per figure (default 10, quick 3; transfer and throughput rounds 3, quick 1)")
+    parser.add_argument("--repeats", type=int,
+                        help="repeats per figure (default 10, quick 3; transfer and throughput rounds 3, quick 1)")
     parser.add_argument("--archived", type=int, help="loaded: archived tasks (default 10000, quick 1000)")
     parser.add_argument("--waiting", type=int, help="loaded: waiting tasks (default 1000, quick 100)")
     parser.add_argument("--drain-tasks", type=int,
@@ -89,6 +95,7 @@ def main(argv=None) -> int:
                         help="placement-live: longest wait for the placements (default 60, quick 20)")
     parser.add_argument("--placement-workers", type=int, default=2,
                         help="placement-live: queue workers (default %(default)s, as the cluster runs)")
+    parser.add_argument("--sweep-indexes", type=int, help="sweep: indexes and separate tasks (default 200, quick 20)")
     parser.add_argument("--base", default=str(BASE), help="cluster directory (default %(default)s)")
     parser.add_argument("--markdown", metavar="PATH",
                         help="also write the results as a Markdown section to PATH")
@@ -109,7 +116,8 @@ def main(argv=None) -> int:
              "drain_baseline": args.drain_baseline or (20 if quick else 50),
              "placement_runners": args.placement_runners or (100 if quick else 1000),
              "placement_tasks": args.placement_tasks or (1000 if quick else 10000),
-             "placement_seconds": args.placement_seconds or (20 if quick else 60)}
+             "placement_seconds": args.placement_seconds or (20 if quick else 60),
+             "sweep_indexes": args.sweep_indexes or (20 if quick else 200)}
     results = {"machine": machine(), "command": " ".join(["bench/run.py", *(argv or sys.argv[1:])]),
                "date": time.strftime("%Y-%m-%d %H:%M %Z"), "quick": quick, "sizes": sizes}
     cluster = Cluster(args.base, ssl_dir=Path(args.base) / "ssl", ssl_db_dir=Path(args.base) / "ssl_db")
@@ -152,6 +160,12 @@ def main(argv=None) -> int:
             measured("throughput", "throughput", lambda: throughput.measure(
                 api, client, work, config, 12 if quick else 48, slots, rounds, log))
             checkpoint("after 5. throughput")
+        if "slurm" in only:
+            log("12. Slurm beside PINK")
+            slots = len(RUNNERS) * (config.runner.max_containers or sizing.NO_GPU_SLOTS)
+            measured("slurm", "slurm", lambda: slurm.compare(
+                api, client, work, config, slots, repeats, 48 if quick else 200, log))
+            checkpoint("after 12. slurm")
         if "loaded" in only:
             log("6. warm task on a loaded cluster")
             measured("loaded", "loaded", lambda: loaded.measure(
@@ -163,6 +177,10 @@ def main(argv=None) -> int:
                 api, client, work, config, sizes["drain_tasks"], sizes["drain_baseline"], log,
                 cluster.etcd_status))
             checkpoint("after 7. drain")
+        if "sweep" in only:
+            log("11. sweep")
+            measured("sweep", "sweep", lambda: sweep.measure(api, client, work, config, sizes["sweep_indexes"], log))
+            checkpoint("after 11. sweep")
         base_mib = 64 if quick else 512
         if "layers" in only:
             log("9. layers")
@@ -303,7 +321,7 @@ def _changes_rows(ch: dict) -> list[Row]:
 _FIGURES = (("latency", _latency_rows), ("transfer", _transfer_rows), ("memory", _memory_rows),
             ("placement", _placement_rows), ("throughput", _throughput_rows), ("loaded", _loaded_rows),
             ("drain", _drain_rows), ("placement_live", _placement_live_rows), ("layers", _layers_rows),
-            ("changes", _changes_rows))
+            ("changes", _changes_rows), ("sweep", sweep.rows), ("slurm", slurm.rows))
 
 
 def summary(r: dict) -> list[str]:
@@ -382,6 +400,10 @@ def report(r: dict) -> str:
         out += placement.report_live(r["placement_live"])
     if "layers" in r or "changes" in r:
         out += layers.report(r.get("layers"), r.get("changes"))
+    if "sweep" in r:
+        out += sweep.report(r["sweep"])
+    if "slurm" in r:
+        out += slurm.report(r["slurm"])
     if len(r.get("etcd", [])) > 2:
         out += etcdsize.report(r["etcd"], r.get("etcd_settled"))
     if r.get("failed"):

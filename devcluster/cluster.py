@@ -55,6 +55,7 @@ class Cluster(PinkProcesses, DockerdService):
         if with_pink:
             self.start_web()
             self.start_worker(1)
+            self.start_notify_worker()
             self.start_leader()
             for runner in runners:
                 cfg = config if runner == runners[0] else self.write_config(

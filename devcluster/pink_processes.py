@@ -69,6 +69,13 @@ class PinkProcesses(PinkConfig):
             return self._popen.get(name)
         return self.start_pink(name, "pink-worker", config)
 
+    def start_notify_worker(self, config: Path | str | None = None,
+                            name: str = "notify-worker") -> subprocess.Popen:
+        """A worker of notifications only (`pink-worker --queues notify`), as each web host runs."""
+        if self._reuse(name, lambda: True):
+            return self._popen.get(name)
+        return self.start_pink(name, "pink-worker", config, ("--queues", "notify"))
+
     def start_leader(self, config: Path | str | None = None, name: str = "leader") -> subprocess.Popen:
         if self._reuse(name, lambda: True):
             return self._popen.get(name)

@@ -35,7 +35,7 @@ import docker
 import requests
 from docker.errors import APIError, DockerException
 
-from gpu_runner import images, outbox, retry, sizing
+from gpu_runner import images, outbox, retry, sizing, usage
 from gpu_runner.execution import Execution
 from gpu_runner.gpus import GPUs
 from pink import config as pink_config
@@ -65,6 +65,7 @@ class Agent:
         self.docker = docker.DockerClient(base_url=config.runner.docker_url) if config.runner.docker_url \
             else docker.from_env()
         self.gpus = GPUs(config.runner.gpus, config.runner.cuda)
+        self.sampler = usage.Sampler.of(config.runner, self.gpus.mode, self.gpus.uuids)  # its tasks' GPU usage
         info = self.docker.info()
         self.docker_cpus = info["NCPU"]  # the cores the daemon sees (it refuses limits above)
         self.platform = platforms.platform_of(info.get("OSType"), info.get("Architecture"))  # what images it runs
@@ -367,6 +368,7 @@ class Agent:
             self.images_in_use.pop(task_id, None)
 
     def serve(self, stop: threading.Event) -> None:
+        self.sampler.start(stop)
         while not stop.is_set():
             with outlive_failure(log, "runner", "trying again", stop):
                 if self.epoch is None or self.lease_lost():

@@ -31,7 +31,7 @@ import requests
 import zstandard
 from docker.errors import APIError, DockerException, NotFound
 
-from gpu_runner import export, images, outbox, retry, sizing, tasklog
+from gpu_runner import export, images, outbox, retry, sizing, tasklog, usage
 from pink import fate, lifecycle
 from pink.errors import Conflict, Unavailable
 from pink.fate import Ending
@@ -104,6 +104,7 @@ class Execution:
                                                          **self._export_info()})
         finally:
             self._log_done.set()
+            self.agent.sampler.finish(self.task_id)  # tracked no more, whatever ended the run
             self._remove_container()
             if self._log is not None:
                 self._log.close()
@@ -172,6 +173,7 @@ class Execution:
             result, fields = self._wait(task)
             if isinstance(result, Ending):
                 fields["exited"] = now()
+                fields["gpu_usage"] = self.agent.sampler.finish(self.task_id)
                 if task.gpus:
                     self._free_gpus(fields["exited"])
             follower.join(timeout=LOG_DRAIN)
@@ -271,6 +273,9 @@ class Execution:
     def _wait(self, task: Task) -> tuple[Outcome, dict]:
         """Wait for the exit; SIGTERM at deadline - grace, SIGKILL at the deadline."""
         allowed, grace, deadline = self._limits(task)
+        # None: its GPUs are not measured. The counters go beside the attempt's outbox files, so a
+        # restarted runner adopting the container counts on (the outbox sweep removes leftovers).
+        gpu_use = self.agent.sampler.watch(self.task_id, task.gpus, self._local(".gpu-usage.json"))
         while True:
             status = self._exit_status()
             if status is not None:
@@ -292,7 +297,24 @@ class Execution:
                 if self._stop(grace):
                     why = f"node {self.config.name} stopped by an operator"
                     return fate.RunnerLost(why, counts=False), {}
+            elif self._idle_too_long(gpu_use):
+                if self._stop(grace):
+                    why = self.agent.sampler.policy.reason()
+                    return Ending.BROKEN, {"exit_code": self._exit_status(), "error": why, "cause": "gpu_idle"}
         return Ending.EXITED, {"exit_code": status, **self._oom_killed(status)}
+
+    def _idle_too_long(self, gpu_use: usage.Tracker | None) -> bool:
+        """The idle policy's word (`gpu_runner.usage`): a warning goes into the task's log as it
+        comes; True once the task is to be stopped."""
+        action = gpu_use.take() if gpu_use is not None else None
+        if action is usage.Action.WARN:
+            try:
+                self._log.write(self.agent.sampler.policy.warning().encode())
+            except OSError as exc:  # a full outbox disk must not fail the task; unwarned, it is not stopped
+                log.warning("task %s: could not write the idle warning to its log: %s", self.task_id, exc)
+            else:
+                gpu_use.delivered()  # in the log: the stop may follow after the grace
+        return action is usage.Action.STOP
 
     def _oom_killed(self, status: int) -> dict:
         """{"cause": "oom_killed"} when the kernel killed the container for its

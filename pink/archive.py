@@ -162,6 +162,16 @@ def get_record(conn, task_id: str) -> Task | None:
     return _with_columns(row) if row else None
 
 
+def by_sweep(conn, sweep_id: str, limit: int = 10000) -> list[Task]:
+    """A sweep's archived indexes, through the `by_sweep` index (never a scan of the history)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, record, expires_at, expired_at FROM tasks WHERE sweep_id=%s AND deleted_at IS NULL "
+                    "LIMIT %s", (sweep_id, limit))
+        rows = cur.fetchall()
+    conn.commit()
+    return _readable(rows)
+
+
 def get_logs(conn, task_id: str) -> bytes | None:
     """The archived log, its pieces joined in order; None when it has none (deleted, expired)."""
     with conn.cursor() as cur:
@@ -282,7 +292,12 @@ def usage(conn, since: float | None, until: float | None, user: str | None) -> l
     Wall time is the time a task's container ran (running to exited; to
     exported for tasks archived before runners stamped `exited`, whose GPUs
     were held through the export, and for tasks that never ran); a task's
-    GPU-hours are that time multiplied by its GPUs.
+    GPU-hours are that time multiplied by its GPUs. Of the tasks whose GPU use
+    was measured (`pink.gpu_usage`), `gpu_hours_used` weighs their GPU-hours by
+    their mean utilisation and `gpu_hours_idle` counts their idle minutes on
+    all their GPUs, both out of `gpu_hours_measured` (those tasks' GPU-hours:
+    unmeasured tasks' hours are in neither, so used + idle never read against
+    all `gpu_hours`); all three are None ("not measured") for a user with no such task.
     """
     where, args = ["1=1"], []
     if since is not None:
@@ -298,7 +313,11 @@ def usage(conn, since: float | None, until: float | None, user: str | None) -> l
     sql = ("SELECT user_name AS user, COUNT(*) AS tasks, "
            "SUM(state='succeeded') AS succeeded, SUM(state='failed') AS failed, "
            "SUM(state='timed_out') AS timed_out, SUM(state='cancelled') AS cancelled, "
-           f"SUM(gpu_count * {run}) / 3600 AS gpu_hours, SUM({run}) / 3600 AS wall_hours "
+           f"SUM(gpu_count * {run}) / 3600 AS gpu_hours, SUM({run}) / 3600 AS wall_hours, "
+           f"SUM(gpu_count * {run} * gpu_mean_percent / 100) / 3600 AS gpu_hours_used, "
+           f"SUM(gpu_count * LEAST(gpu_idle_minutes * 60, {run})) / 3600 AS gpu_hours_idle, "
+           f"SUM(IF(gpu_mean_percent IS NULL, NULL, gpu_count * {run})) / 3600 AS gpu_hours_measured, "
+           "COUNT(gpu_mean_percent) AS measured_tasks "
            f"FROM tasks WHERE {' AND '.join(where)} GROUP BY user_name ORDER BY gpu_hours DESC, user_name")
     with conn.cursor() as cur:
         cur.execute(sql, args)
@@ -307,7 +326,15 @@ def usage(conn, since: float | None, until: float | None, user: str | None) -> l
     return [{"user": r["user"], "tasks": int(r["tasks"]), "succeeded": int(r["succeeded"] or 0),
              "failed": int(r["failed"] or 0), "timed_out": int(r["timed_out"] or 0),
              "cancelled": int(r["cancelled"] or 0), "gpu_hours": round(float(r["gpu_hours"] or 0), 4),
-             "wall_hours": round(float(r["wall_hours"] or 0), 4)} for r in rows]
+             "wall_hours": round(float(r["wall_hours"] or 0), 4), "measured_tasks": int(r["measured_tasks"] or 0),
+             "gpu_hours_used": _hours(r["gpu_hours_used"]), "gpu_hours_idle": _hours(r["gpu_hours_idle"]),
+             "gpu_hours_measured": _hours(r["gpu_hours_measured"])}
+            for r in rows]
+
+
+def _hours(value) -> float | None:
+    """A sum of hours as shown; None stays None (nothing measured), never 0."""
+    return None if value is None else round(float(value), 4)
 
 
 # -- retention -------------------------------------------------------------------

@@ -103,6 +103,35 @@ class RunnerConfig:
     container_disk: str = ""  # e.g. "20g": writable layer size, where the storage driver allows
     blob_dir: str = ""  # verified image blobs, outside the SFTP chroot; "" means `blobs` beside it
     blob_budget_bytes: int = 200 * 2**30  # bytes of verified image blobs a runner keeps (reserved ones stay)
+    # GPU usage (gpu_runner/usage.py): real GPUs are sampled through NVML; declared GPUs are not measured.
+    gpu_sample_seconds: float = 5.0  # seconds between two readings of every GPU (one thread per runner)
+    idle_gpu_percent: float = 5.0  # a GPU under this utilisation is idle (idle minutes, the idle policy)
+    idle_minutes: float = 0.0  # the idle policy: warn a task whose GPUs all stay idle this long; 0: off
+    idle_grace_minutes: float = 10.0  # then stop it (failure `gpu_idle`, output kept) if they stay idle this long
+    gpu_samples_file: str = ""  # test hook: replay readings from this file (JSON lines) instead of NVML
+
+    def __post_init__(self):
+        """The GPU-usage settings, refused when the config is read: a zero period would sample in a
+        tight loop, and an idle limit shorter than two readings stops a task on one idle reading."""
+        for name in ("gpu_sample_seconds", "idle_gpu_percent", "idle_minutes", "idle_grace_minutes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ConfigError(f"[runner] {name} must be a number, got {value!r}")
+        period = self.gpu_sample_seconds / 60  # in minutes, as the idle settings are
+        if not self.gpu_sample_seconds > 0:
+            raise ConfigError(f"[runner] gpu_sample_seconds must be above 0, got {self.gpu_sample_seconds!r}")
+        if not 0 < self.idle_gpu_percent <= 100:
+            raise ConfigError(f"[runner] idle_gpu_percent must be above 0 and at most 100, "
+                              f"got {self.idle_gpu_percent!r}")
+        if self.idle_minutes and self.idle_minutes < 2 * period:
+            raise ConfigError(f"[runner] idle_minutes must be 0 (off) or at least two gpu_sample_seconds "
+                              f"({2 * period:g} minutes), got {self.idle_minutes!r}")
+        if self.idle_minutes and self.idle_grace_minutes < period:
+            raise ConfigError(f"[runner] idle_grace_minutes must be at least one gpu_sample_seconds "
+                              f"({period:g} minutes) while idle_minutes is on, got {self.idle_grace_minutes!r}")
+        if self.gpu_samples_file and not self.gpus:
+            # the test hook stands in for NVML on declared GPUs; on real ones it would hide their readings
+            raise ConfigError("[runner] gpu_samples_file is a test hook for declared GPUs: set [runner] gpus too")
 
     @property
     def blob_root(self) -> str:
@@ -131,6 +160,13 @@ class LimitsConfig:
     log_streams_per_node: int = 32  # followed logs one web node serves at once (half its threads)
     log_follow_seconds: int = 3600  # seconds one follow of a log lasts; the CLI and page then resume it
     record_bytes: int = 64 * 2**10  # bytes of a task's parameters (name, env, command, entrypoint) as stored
+    sweep_indexes: int = 500  # indexes (tasks) one sweep may have; each counts in live_tasks_per_user
+
+    def __post_init__(self):
+        if isinstance(self.sweep_indexes, bool) or not isinstance(self.sweep_indexes, int) \
+                or self.sweep_indexes < 1:
+            raise ConfigError(f"[limits] sweep_indexes must be a whole number, 1 or more, "
+                              f"got {self.sweep_indexes!r}")
 
 
 @dataclass
@@ -141,6 +177,44 @@ class RetentionConfig:
     max_output_bytes_per_user: int = 500 * 2**30  # bytes of one user's stored outputs; beyond, their oldest expire
     max_log_bytes: int = 8 * 2**20  # bytes of a log archived (its end); MariaDB's max_allowed_packet is 16 MiB
     sweep_interval: float = 60.0  # seconds between the leader's retention sweeps
+
+
+@dataclass
+class NotificationsConfig:
+    """Webhooks and e-mail when a task ends or starts (`pink.notifications`); every limit has a default."""
+
+    give_up_after: float = 86400.0  # seconds after its first try a delivery is given up
+    first_retry: float = 30.0  # seconds before the first retry; each next waits twice as long
+    max_retry_interval: float = 3600.0  # seconds: the longest wait between two tries
+    max_attempts: int = 40  # tries of one delivery at most, whatever give_up_after leaves
+    connect_timeout: float = 5.0  # seconds to connect to a receiver (or the SMTP relay)
+    read_timeout: float = 10.0  # seconds a receiver (or the relay) has, once connected, to answer in all
+    max_response_bytes: int = 64 * 2**10  # bytes of a receiver's answer read (the rest is dropped)
+    allow_private: list[str] = field(default_factory=list)  # networks (CIDR) receivers may be in though private
+    keep_days: float = 14.0  # days a delivery's record is kept (as [retention] output_days keeps logs)
+    public_url: str = ""  # where people open PINK (the router), for task links; "": [web] url
+    smtp_host: str = ""  # the relay e-mail goes through; "": no e-mail
+    smtp_port: int = 587
+    smtp_from: str = ""  # the sender's address; "": pink@<this host>
+    smtp_starttls: bool = True  # STARTTLS before anything is sent (the relay must offer it)
+    smtp_user: str = ""  # log in as this user ("": no login)
+    smtp_password_file: str = ""  # a file holding the login's password (not the password itself)
+
+    def __post_init__(self):
+        """A zero or negative wait, timeout or count would retry in a tight loop, never
+        connect, or prune at once: refused when the config is read, naming the setting."""
+        for name in ("give_up_after", "first_retry", "max_retry_interval", "connect_timeout", "read_timeout",
+                     "keep_days", "max_attempts", "max_response_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"[notifications] {name} must be a number above 0, got {value!r}")
+        if isinstance(self.smtp_port, bool) or not isinstance(self.smtp_port, int) or not 0 < self.smtp_port < 65536:
+            raise ConfigError(f"[notifications] smtp_port must be from 1 to 65535, got {self.smtp_port!r}")
+        if self.max_retry_interval < self.first_retry:
+            raise ConfigError("[notifications] max_retry_interval must be at least first_retry")
+        if self.keep_days * 86400 < self.give_up_after:
+            raise ConfigError("[notifications] keep_days must outlast give_up_after (a pending delivery "
+                              "would be pruned before it is given up)")
 
 
 @dataclass
@@ -161,12 +235,13 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     path: str = ""
 
 
 _SECTIONS = {"etcd": EtcdConfig, "db": DatabaseConfig, "web": WebConfig,
              "ssh": SSHConfig, "runner": RunnerConfig, "limits": LimitsConfig,
-             "retention": RetentionConfig}
+             "retention": RetentionConfig, "notifications": NotificationsConfig}
 
 
 def _build(cls, data: dict, where: str):

@@ -132,23 +132,25 @@ def _tasks_of(store: Store, held: Holdings) -> list[Task]:
     return [r.value for r in store.get_many([store.keys.task(i) for i in held.task_ids()])]
 
 
-def _check_user_limits(store: Store, config: Config, user: str, size: int) -> Holdings:
-    """Refuse a new task over the user's live-task, queued-task or image-bytes
-    limit; the holdings counted, for the creation's compare.
+def _check_user_limits(store: Store, config: Config, user: str, size: int, count: int = 1) -> Holdings:
+    """Refuse `count` new tasks (a sweep's indexes; their image counts once) over
+    the user's live-task, queued-task or image-bytes limit; the holdings
+    counted, for the creation's compare.
 
     Costs what the user's own tasks cost: their index (and, with
     queued_per_user set, their records), never the other users' tasks.
     """
     limits = config.limits
     held = holdings(store, user)
-    if limits.live_tasks_per_user and held.live >= limits.live_tasks_per_user:
+    if limits.live_tasks_per_user and held.live + count > limits.live_tasks_per_user:
         held = _without_stale(store, held)
-    if limits.live_tasks_per_user and held.live >= limits.live_tasks_per_user:
-        raise TooManyRequests(f"user limit: {held.live} live tasks (live_tasks_per_user = "
+    if limits.live_tasks_per_user and held.live + count > limits.live_tasks_per_user:
+        adding = f" and this submit adds {count}" if count > 1 else ""
+        raise TooManyRequests(f"user limit: {held.live} live tasks{adding} (live_tasks_per_user = "
                               f"{limits.live_tasks_per_user}); wait for some to finish or cancel some")
     if limits.queued_per_user:
         queued = sum(1 for t in _tasks_of(store, held) if t.state == State.QUEUED)
-        if queued >= limits.queued_per_user:
+        if queued + count > limits.queued_per_user:
             raise TooManyRequests(f"user limit: {queued} tasks queued (limit {limits.queued_per_user}: "
                                   f"queued_per_user = {limits.queued_per_user}); wait for some to start")
     if limits.upload_bytes_per_user and held.image_bytes + size > limits.upload_bytes_per_user:

@@ -122,18 +122,92 @@ SCHEMA_V4 = [
         WHERE output_path IS NOT NULL""",
 ]
 
-MIGRATIONS = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4]  # MIGRATIONS[n - 1] brings a database to version n
+# Version 5: notifications (pink.notifications). A user's webhook, e-mail
+# and signing secret; one row per delivery (task, event, attempt, channel:
+# unique, so a job run twice delivers once) with its state; one row per try
+# of it, with the receiver's HTTP status or the error.
+SCHEMA_V5 = [
+    """CREATE TABLE IF NOT EXISTS notification_settings (
+        user_id INT PRIMARY KEY,
+        webhook_url TEXT,
+        email VARCHAR(254),
+        on_running BOOLEAN NOT NULL DEFAULT FALSE,
+        secret VARCHAR(128) NOT NULL,
+        updated_at DOUBLE NOT NULL,
+        FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE
+    ) ENGINE=InnoDB""",
+    """CREATE TABLE IF NOT EXISTS notifications (
+        id BIGINT AUTO_INCREMENT PRIMARY KEY,
+        delivery CHAR(32) NOT NULL,
+        task_id VARCHAR(32) NOT NULL,
+        user_name VARCHAR(64) NOT NULL,
+        event VARCHAR(16) NOT NULL,
+        task_attempt INT NOT NULL,
+        channel VARCHAR(16) NOT NULL,
+        target TEXT NOT NULL,
+        payload MEDIUMTEXT NOT NULL,
+        state VARCHAR(16) NOT NULL,
+        attempts INT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        created_at DOUBLE NOT NULL,
+        updated_at DOUBLE NOT NULL,
+        UNIQUE KEY one_delivery (task_id, event, task_attempt, channel),
+        INDEX by_created (created_at),
+        INDEX by_state_updated (state, updated_at),
+        INDEX by_state_created (state, created_at)
+    ) ENGINE=InnoDB""",
+    """CREATE TABLE IF NOT EXISTS notification_attempts (
+        notification_id BIGINT NOT NULL,
+        attempt INT NOT NULL,
+        at DOUBLE NOT NULL,
+        status INT,
+        error TEXT,
+        PRIMARY KEY (notification_id, attempt),
+        FOREIGN KEY (notification_id) REFERENCES notifications(id) ON DELETE CASCADE
+    ) ENGINE=InnoDB""",
+]
+
+# Version 6: sweeps (pink.sweeps). A task's sweep id, computed by MariaDB from
+# the archived record (no writer changes), indexed so a sweep's view reads
+# its own rows, never the whole history. VIRTUAL, not PERSISTENT: added in
+# place, where a stored column would rebuild the tasks table (the history) at
+# the upgrade; MariaDB indexes a virtual column (the index alone is built).
+SCHEMA_V6 = [
+    """ALTER TABLE tasks
+        ADD COLUMN IF NOT EXISTS sweep_id VARCHAR(32) AS (JSON_VALUE(record, '$.sweep.id')) VIRTUAL,
+        ADD INDEX IF NOT EXISTS by_sweep (sweep_id)""",
+]
+
+# Version 7: GPU usage (pink.gpu_usage). A task's mean utilisation and idle
+# minutes, computed by MariaDB from the archived record (NULL: not measured),
+# so `pink usage` sums GPU-hours used and idle from the rows its finish-time
+# index selects. VIRTUAL, not PERSISTENT: a virtual column is added in place,
+# where a stored one would rebuild the whole tasks table (the history) at the
+# upgrade; they are computed only for the rows `pink usage` sums.
+SCHEMA_V7 = [
+    """ALTER TABLE tasks
+        ADD COLUMN IF NOT EXISTS gpu_mean_percent DOUBLE
+            AS (JSON_VALUE(record, '$.gpu_usage.mean_percent')) VIRTUAL,
+        ADD COLUMN IF NOT EXISTS gpu_idle_minutes DOUBLE
+            AS (JSON_VALUE(record, '$.gpu_usage.idle_minutes')) VIRTUAL""",
+]
+
+MIGRATIONS = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5,
+              SCHEMA_V6, SCHEMA_V7]  # MIGRATIONS[n - 1] brings a database to version n
 VERSION = len(MIGRATIONS)
 
 
-def connect(db_config, retries: int = 0, delay: float = 1.0):
-    """Open a connection; retry `retries` times before raising Unavailable."""
+def connect(db_config, retries: int = 0, delay: float = 1.0, connect_timeout: float = 5,
+            read_timeout: float | None = None):
+    """Open a connection; retry `retries` times before raising Unavailable.
+    `read_timeout` bounds each reply (None: wait as long as MariaDB takes)."""
     ssl = {"ca": db_config.ca} if db_config.ca else None
     for attempt in range(retries + 1):
         try:
             return pymysql.connect(host=db_config.host, port=db_config.port, user=db_config.user,
                                    password=db_config.password, database=db_config.database,
-                                   ssl=ssl, autocommit=False, connect_timeout=5,
+                                   ssl=ssl, autocommit=False, connect_timeout=connect_timeout,
+                                   read_timeout=read_timeout,
                                    cursorclass=pymysql.cursors.DictCursor, charset="utf8mb4")
         except pymysql.err.OperationalError as exc:
             if attempt == retries:

@@ -56,6 +56,8 @@ _TABLE = {
                    "tell an admin."),
     "disk_full": (Blame.INFRASTRUCTURE, "the GPU server's disk filled up while it saved the output",
                   "Nothing to fix in the task unless its output is huge: submit it again, and tell an admin."),
+    "gpu_idle": (Blame.TASK, "its GPUs stayed idle past the GPU servers' limit and it was stopped, its output kept",
+                 "Make the task use its GPUs (check that it runs on CUDA), or submit it with --gpus 0."),
     "upload_lost": (Blame.INFRASTRUCTURE, "the web node holding its upload went away before a GPU server had "
                     "the image", "Submit the image again."),
 }

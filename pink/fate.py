@@ -32,6 +32,7 @@ from typing import Any, Callable
 from pink import failures
 from pink.config import Config
 from pink.errors import Conflict
+from pink.gpu_usage import GpuUsage
 from pink.tasks import FINAL, NOT_STARTED, ON_RUNNER, State, Task, advance
 
 
@@ -136,6 +137,7 @@ class Reported(Event):
     export_error: str | None = None
     cause: str | None = None  # why a run failed, when the exit code does not say (`pink.failures`)
     timings: dict[str, float] = field(default_factory=dict)
+    gpu_usage: GpuUsage | None = None  # what the run did with its GPUs; None: not measured
     follows_record = True  # a cancel request landing meanwhile must not lose the result
 
 
@@ -267,10 +269,10 @@ def _reported(task: Task, e: Reported, rules: Rules) -> Decision:
         error = f"container exited with code {e.exit_code}"
     failure = _failure(e, result)
     if failures.retried(failure):  # after_loss ends a cancelled task cancelled
-        return Decision(after_loss(task, error or failure, rules.max_attempts, failure=failure, export=e.export),
-                        release=task.node, unassign=task.node)
+        return Decision(after_loss(task, error or failure, rules.max_attempts, failure=failure, export=e.export,
+                                   gpu_usage=e.gpu_usage), release=task.node, unassign=task.node)
     new = exported(task, result, error or f"exit code {e.exit_code}", exit_code=e.exit_code, error=error,
-                   export=e.export, export_error=e.export_error, failure=failure)
+                   export=e.export, export_error=e.export_error, failure=failure, gpu_usage=e.gpu_usage)
     new.timings.update({k: v for k, v in e.timings.items() if v is not None})  # 0: the image was cached
     return Decision(new, release=task.node, unassign=task.node)
 
@@ -381,10 +383,12 @@ EVENTS = tuple(_RULES)
 # -- the record after a loss -------------------------------------------------
 
 def after_loss(task: Task, why: str, max_attempts: int, counts: bool = True,
-               failure: str = "runner_lost", export: dict | None = None) -> Task:
+               failure: str = "runner_lost", export: dict | None = None,
+               gpu_usage: GpuUsage | None = None) -> Task:
     """The record for a task that lost its attempt to the infrastructure
     (`failure`: its runner gone, by default; `export`: what the runner left
-    of the attempt, when it could still say).
+    of the attempt, when it could still say; `gpu_usage`: what the attempt
+    measured, kept when the task ends here as `_reported` keeps it).
 
     A task its user cancelled ends `cancelled`: running it again would undo
     the cancel. Others go back to the queue while attempts are left (`counts`
@@ -392,11 +396,12 @@ def after_loss(task: Task, why: str, max_attempts: int, counts: bool = True,
     then end `failed`.
     """
     if task.cancel_requested:
-        return exported(task, State.CANCELLED, f"cancelled; {why}", error="cancelled", export=export)
+        return exported(task, State.CANCELLED, f"cancelled; {why}", error="cancelled", export=export,
+                        gpu_usage=gpu_usage)
     if not counts or retries_left(task, max_attempts):
         return requeue(task, why, counts=counts)
     return exported(task, State.FAILED, why, error=f"{why}; gave up after {task.attempt} attempts",
-                    failure=failure, export=export)
+                    failure=failure, export=export, gpu_usage=gpu_usage)
 
 
 def requeue(task: Task, why: str, counts: bool = True) -> Task:
@@ -405,7 +410,7 @@ def requeue(task: Task, why: str, counts: bool = True) -> Task:
     return advance(replace(task, timings=carried), State.QUEUED, why, attempt=task.attempt + 1, node=None,
                    epoch=None, gpus=[], waiting=None, output=None, exit_code=None, error=None, failure=None,
                    result=None, export=None, export_error=None, logs_truncated=0, logfile=None, job_failures={},
-                   losses=task.losses + (1 if counts else 0))
+                   gpu_usage=None, losses=task.losses + (1 if counts else 0))
 
 
 def retries_left(task: Task, max_attempts: int) -> bool:

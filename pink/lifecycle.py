@@ -73,6 +73,8 @@ def _commit(store: Store, rec: Record, d: Decision, fences: list[tuple[str, int]
         txn.fence(key, revision)
     if d.task is None:
         txn.delete(rec.key).delete(keys.owner(task.user, task.id))  # its index entry goes with it
+        if isinstance(sweep := task.extra.get("sweep"), dict) and sweep.get("id"):
+            txn.delete(keys.sweep_member(sweep["id"], task.id))  # and its sweep's
     else:
         txn.put(rec.key, d.task)
     if d.release or d.free_gpus:

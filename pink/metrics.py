@@ -78,6 +78,7 @@ class ClusterCollector:
         yield from self._nodes()
         yield from self._leader()
         yield from self._counters()
+        yield from self._notifications()
 
     def _tasks(self):
         live = [rec.value for rec in self.store.list(self.store.keys.tasks)]
@@ -160,6 +161,22 @@ class ClusterCollector:
                 family.add_metric([value], total)
             yield family
         yield _histogram(start_wait)
+
+    def _notifications(self):
+        """Notification tries by channel and outcome (`queue_workers.notify` counts them as
+        "<channel>/<outcome>": delivered, failed (retried), given_up, refused)."""
+        try:
+            raw = {k.decode(): float(v) for k, v in self.redis.hgetall(KEY + "notifications").items()}
+        except RedisError as exc:
+            log.warning("/metrics: Redis unreachable, notification counters left out: %s", exc)
+            return
+        family = CounterMetricFamily("pink_notification_deliveries",
+                                     "Notification tries by channel (webhook, email) and outcome",
+                                     labels=["channel", "outcome"])
+        for label, total in sorted(raw.items()):
+            channel, _, outcome = label.partition("/")
+            family.add_metric([channel, outcome], total)
+        yield family
 
 
 def _histogram(raw: dict[str, float]) -> HistogramMetricFamily:

@@ -15,10 +15,11 @@ by load, and a choice looks at one heap top per GPU count.
 from __future__ import annotations
 
 import heapq
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pink import sweeps
 from pink.nodes import READY, NodeView
 from pink.tasks import Task
 
@@ -237,16 +238,18 @@ def queue_key(task: Task) -> tuple:
 
 
 def plan(queued: list[Task], nodes: list[NodeView], allocs: dict[str, dict], in_use: dict[str, int],
-         limits: Limits = Limits()) -> Plan:
+         limits: Limits = Limits(), sweep_slots: Counter | None = None) -> Plan:
     """Serve the queue as one scheduler would, without side effects.
 
     Each user's tasks stay in FIFO order within a priority; across users the
     next placement goes to the highest priority, then to the user holding the
     fewest GPUs now (fair share). A task that does not fit is passed over
-    (others may backfill) with the reason recorded.
+    (others may backfill) with the reason recorded. `sweep_slots`: each
+    sweep's indexes holding a slot (`sweeps.slots_held`), for its cap.
     """
     capacity = Capacity(nodes, allocs)
     in_use = dict(in_use)
+    sweep_slots = Counter(sweep_slots or {})
     queues: dict[str, list[Task]] = defaultdict(list)
     for task in sorted(queued, key=queue_key, reverse=True):
         queues[task.user].append(task)  # reversed: pop() takes the head
@@ -267,6 +270,8 @@ def plan(queued: list[Task], nodes: list[NodeView], allocs: dict[str, dict], in_
         limit = limits.gpus_per_user
         if want and limit is not None and in_use.get(user, 0) + want > limit:
             result.waiting[task.id] = f"user limit: {in_use.get(user, 0)} GPUs in use (limit {limit})"
+        elif capped := sweeps.capped(task, sweep_slots):
+            result.waiting[task.id] = capped
         elif (choice := capacity.choose(task)) is None:
             why = (want, task.image["sha256"], task.image["size"])  # all a reason depends on
             if why not in reasons:
@@ -276,6 +281,8 @@ def plan(queued: list[Task], nodes: list[NodeView], allocs: dict[str, dict], in_
             result.choices[task.id] = choice
             capacity.take(choice, task)
             in_use[user] = in_use.get(user, 0) + want
+            if mark := sweeps.of(task):
+                sweep_slots[mark["id"]] += 1
         if queues[user]:
             heapq.heappush(turns, (turn(user), user))
     return result

@@ -60,6 +60,21 @@ def number(args: Mapping, name: str, kind: type = int, default: Any = REQUIRED, 
     return min(value, cap) if cap is not None else value
 
 
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def flag(args: Mapping, name: str, default: Any = None):
+    """`args[name]` as a query flag: 1/true/yes or 0/false/no (any case); `default`
+    when absent or empty. Anything else is refused, never read as false."""
+    text = args.get(name)
+    if text is None or text == "":
+        return default
+    value = _FLAGS.get(str(text).lower())
+    if value is None:
+        raise BadRequest(f"{name} must be 1 or 0 (true or false), got {_shown(text)}", code="bad_param")
+    return value
+
+
 def json_body(request, expect: str, *, required: bool = True) -> dict:
     """The request's body as a JSON object; `expect` shows what to send
     (`{"username", "password"}`). With `required=False` no body reads as {}.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from pink import nodes, placement
+from pink import nodes, placement, sweeps
 from pink.store import Keys, Record
 from pink.tasks import State, Task, holds_gpus
 
@@ -56,4 +56,4 @@ def plan(config, snap: Snapshot) -> placement.Plan:
     tasks = [r.value for r in snap.tasks]
     queued = [t for t in tasks if t.state == State.QUEUED and (snap.webs is None or t.web_host in snap.webs)]
     return placement.plan(queued, snap.live, {n: r.value for n, r in snap.allocs.items()}, gpus_in_use(tasks),
-                          limits(config))
+                          limits(config), sweeps.slots_held(tasks))

@@ -48,6 +48,8 @@ class Keys:
         self.leader = f"{self.prefix}/leader"
         # The leader's summary of the queue: each waiting task's position and reason.
         self.queue = f"{self.prefix}/queue"
+        # Each sweep's live indexes: `sweeps/<sweep>/<task>` (see `sweep`).
+        self.sweeps = f"{self.prefix}/sweeps/"
 
     def task(self, task_id: str) -> str:
         return self.tasks + task_id
@@ -90,6 +92,14 @@ class Keys:
 
     def idempotency(self, user: str, digest: str) -> str:
         return self.idempotencies(user) + digest
+
+    def sweep(self, sweep_id: str) -> str:
+        """A sweep's index of live tasks, one entry each (`{"index": n}`): created and
+        removed with the task record, like `owned`, so a sweep is read without scanning."""
+        return f"{self.sweeps}{sweep_id}/"
+
+    def sweep_member(self, sweep_id: str, task_id: str) -> str:
+        return self.sweep(sweep_id) + task_id
 
 
 @dataclass
@@ -202,6 +212,11 @@ class Txn:
         else:
             key, rev = record_or_key, mod_revision or 0
         self._compare.append(t.mod(key) == rev)
+        return self
+
+    def expect_value(self, key: str, value: Any) -> "Txn":
+        """Succeed only if the key holds `value` (as `encode` writes it)."""
+        self._compare.append(self._store._client.transactions.value(key) == encode(value))
         return self
 
     def fence(self, key: str, create_revision: int) -> "Txn":
@@ -418,6 +433,21 @@ class Store:
                 return out, revision
             start = resp.kvs[-1].key + b"\0"
 
+    @_guard_read
+    def keys_under(self, prefix: str, page: int = SMALL_PAGE) -> list[str]:
+        """The keys under `prefix` without their values (cheap: an index's entries), in pages."""
+        end = _prefix_end(prefix)
+        start, revision, out = prefix, None, []
+        while True:
+            resp = self._client.get_range_response(start, end, sort_order="ascend", sort_target="key",
+                                                   limit=page, revision=revision, keys_only=True)
+            revision = revision or resp.header.revision
+            self.keys_read += len(resp.kvs)
+            out.extend(kv.key.decode() for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return out
+            start = resp.kvs[-1].key + b"\0"
+
     @_guard
     def ping(self) -> None:
         self._client.status()
@@ -474,6 +504,32 @@ class Store:
             txn.expect(key, 0).put(key, value, lease)
         for key in evict:
             txn.delete(key)
+        return txn.commit()
+
+    def create_sweep_tasks(self, tasks: list[Task], gate: Record | None, after: str | None = None,
+                           idempotency: tuple[str, dict, int] | None = None) -> bool:
+        """Record some indexes of one sweep (at most ~40: etcd allows 128 operations
+        a transaction), each with its owner's and its sweep's index entries. The
+        gate is compared and rewritten: as read (`gate`; None: absent) for the
+        first chunk, else (`after`) as the previous chunk left it, naming that
+        chunk's last task: a creation by the same user in between fails the
+        chunk. The image's bytes count once for the user (on the first index
+        written), as its blobs are kept once."""
+        keys, user = self.keys, tasks[0].user
+        txn = self.txn()
+        if after is not None:
+            txn.expect_value(keys.gate(user), {"last": after})
+        else:
+            txn.expect(gate) if gate else txn.expect(keys.gate(user), 0)
+        for task in tasks:
+            mark = task.extra["sweep"]
+            txn.expect(keys.task(task.id), 0).put(keys.task(task.id), task)
+            txn.put(keys.owner(user, task.id), {"size": task.image["size"] if mark["index"] == 0 else 0})
+            txn.put(keys.sweep_member(mark["id"], task.id), {"index": mark["index"]})
+        txn.put(keys.gate(user), {"last": tasks[-1].id})
+        if idempotency:
+            key, value, lease = idempotency
+            txn.expect(key, 0).put(key, value, lease)
         return txn.commit()
 
     # -- watching --------------------------------------------------------

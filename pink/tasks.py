@@ -19,6 +19,7 @@ from typing import Any
 
 from pink import failures, gpu_env, recipes
 from pink.errors import BadRequest, Conflict
+from pink.gpu_usage import GpuUsage
 from pink.request_input import number
 
 
@@ -93,11 +94,7 @@ class Params:
             if not sep or not key:
                 raise BadRequest(f"env must be KEY=VALUE, got {item!r}", code="bad_param")
             env[key] = value
-        # The variables PINK sets from the assignment (gpu_env.ASSIGNED) are
-        # accepted and overridden at run time; these others could only widen it.
-        if refused := gpu_env.widening(env):
-            raise BadRequest(f"env {', '.join(refused)} not allowed: it would give the task GPU "
-                             "devices or controls beyond the GPUs PINK assigns it", code="bad_param")
+        check_env(env)
         params = cls(name=(get("name") or "")[:200], env=env,
                      cmd=_words(get("cmd"), "cmd"), entrypoint=_words(get("entrypoint"), "entrypoint"),
                      gpus=number(args, "gpus", int, 0, low=0, high=64),
@@ -123,6 +120,18 @@ class Params:
             raise BadRequest(f"the task's name, env, cmd and entrypoint take {size} bytes; the limit is "
                              f"{record_bytes} (record_bytes = {record_bytes}): pass large inputs inside "
                              "the image instead", code="params_too_large")
+
+
+def check_env(env: dict[str, str], where: str = "env", code: str = "bad_param") -> None:
+    """Refuse env names PINK cannot pass (empty, with '=') and those that would widen
+    the task's GPUs. The variables PINK sets from the assignment (gpu_env.ASSIGNED)
+    are accepted and overridden at run time; these others could only widen it."""
+    for key in env:
+        if not key or "=" in key:
+            raise BadRequest(f"{where} must be KEY=VALUE with a name without '=', got {key!r}", code=code)
+    if refused := gpu_env.widening(env):
+        raise BadRequest(f"{where} {', '.join(refused)} not allowed: it would give the task GPU "
+                         "devices or controls beyond the GPUs PINK assigns it", code=code)
 
 
 def _words(text, name):
@@ -176,6 +185,7 @@ class Task:
     history: list[list] = field(default_factory=list)
     expires_at: float | None = None  # archived tasks: when the output and logs go
     expired_at: float | None = None  # archived tasks: when they went
+    gpu_usage: GpuUsage | None = None  # what the run did with its GPUs (None: not measured)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -192,6 +202,7 @@ class Task:
         for key in ("job_failures", "timings"):
             values[key] = values.get(key) or {}
         values["gpus"] = values.get("gpus") or []
+        values["gpu_usage"] = GpuUsage.from_json(values.get("gpu_usage"))
         extra = {k: v for k, v in data.items() if k not in _TASK_FIELDS}
         unknown_params = {k: v for k, v in params.items() if k not in _PARAM_FIELDS}
         if unknown_params:
@@ -203,6 +214,7 @@ class Task:
         out = {f: getattr(self, f) for f in _TASK_FIELDS}
         out["state"] = self.state.value
         out["params"] = {**extra.pop(_EXTRA_PARAMS, {}), **asdict(self.params)}
+        out["gpu_usage"] = self.gpu_usage.to_json() if self.gpu_usage else None
         return {**extra, **out}
 
     @property
@@ -296,6 +308,8 @@ def public_view(task: Task) -> dict:
     out["expires_at"] = iso(task.expires_at)
     out["expired_at"] = iso(task.expired_at)
     out["logs_truncated"] = task.logs_truncated or 0
+    out["sweep"] = task.extra.get("sweep")  # {id, index, size, max_parallel} for a sweep's index (pink.sweeps)
+    out["gpu_usage"] = task.gpu_usage.to_json() if task.gpu_usage else None  # null: not measured
     out["history"] = [{"at": iso(at), "state": state, "detail": detail} for at, state, detail in task.history]
     return out
 

@@ -2,7 +2,8 @@
 
 `main` is the click group: it takes the connection options once and hands
 subcommands a `CliContext`. The commands live in `pink_cli.commands` (the
-REST API, through `pink_cli.client.Client`), `pink_cli.accounts` (tokens) and
+REST API, through `pink_cli.client.Client`), `pink_cli.accounts` (tokens),
+`pink_cli.notify` (notifications) and
 `pink_cli.admin` (users, through the API or on a server machine); settings
 in `pink_cli.settings`.
 """
@@ -15,6 +16,8 @@ from pink_cli.accounts import password, token
 from pink_cli.admin import admin
 from pink_cli.commands import COMMANDS
 from pink_cli.context import CliContext, PinkGroup, connection_options
+from pink_cli.notify import notify
+from pink_cli.sweeps import sweep
 from pink.version import version
 
 
@@ -36,3 +39,5 @@ for _command in COMMANDS:
 main.add_command(token)
 main.add_command(password)
 main.add_command(admin)
+main.add_command(sweep)
+main.add_command(notify)

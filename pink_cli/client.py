@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import json
 import os
 import random
 import re
@@ -290,6 +291,20 @@ class Client:
     def revoke_token(self, token_id: int) -> None:
         self._request("DELETE", f"/tokens/{int(token_id)}").close()
 
+    def notifications(self) -> dict:
+        """Your notification settings: webhook, email, on_running, secret, email_enabled."""
+        return self._json("GET", "/me/notifications", "notifications")
+
+    def set_notifications(self, **changes) -> dict:
+        """Set the fields given (webhook, email: None clears one; on_running); the others are kept."""
+        return self._json("PUT", "/me/notifications", "notifications", json=changes)
+
+    def clear_notifications(self) -> None:
+        self._request("DELETE", "/me/notifications").close()
+
+    def rotate_notification_secret(self) -> dict:
+        return self._json("POST", "/me/notifications/secret", "notifications")
+
     def users(self) -> Iterator[dict]:
         """Every user (admins), page by page."""
         after = ""
@@ -311,8 +326,10 @@ class Client:
                env: dict[str, str] | list[str] | None = None, gpus: int | None = None,
                timeout: int | None = None, output: str | None = None,
                compression: str | None = None, progress: Progress | None = None,
-               on_plan: Callable[[int, int, int], None] | None = None) -> dict:
-        """Create a task from a `docker save` archive on disk; returns the task.
+               on_plan: Callable[[int, int, int], None] | None = None,
+               notify: str | None = None, notify_running: bool | None = None, sweep: dict | None = None) -> dict:
+        """Create a task from a `docker save` archive on disk; returns the task (with
+        `sweep`, a spec as `pink.sweeps.parse` reads it: index 0 of the sweep made).
 
         Only the layers the server lacks are sent (`pink_cli.layer_upload`;
         `on_plan` hears how many); a server without layer uploads gets the
@@ -320,12 +337,15 @@ class Client:
         splits them).
         """
         params = submit_params(name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,
-                               timeout=timeout, output=output, compression=compression)
+                               timeout=timeout, output=output, compression=compression, notify=notify,
+                               notify_running=notify_running)
         key = str(uuid.uuid4())  # one per submit: every retry of it names the same task
         try:
-            return layer_upload.submit(self, archive, params, progress, on_plan, idempotency_key=key)
+            return layer_upload.submit(self, archive, params, progress, on_plan, idempotency_key=key, sweep=sweep)
         except layer_upload.NoLayerUploads:
             pass
+        if sweep:  # the body is the archive: the sweep goes in the query (small ones only)
+            params.append(("sweep", json.dumps(sweep, separators=(",", ":"))))
         with ProgressFile(archive, progress) as body:
             return self._json("POST", "/tasks", "task", params=params, data=body,
                               headers={"Content-Type": "application/x-tar", IDEMPOTENCY_KEY: key},
@@ -459,11 +479,13 @@ class Client:
 
 
 def submit_params(*, name=None, cmd=None, entrypoint=None, env=None, gpus=None, timeout=None,
-                  output=None, compression=None) -> list[tuple[str, str]]:
+                  output=None, compression=None, notify=None, notify_running=None) -> list[tuple[str, str]]:
     """The query string of `POST /tasks`: only what the user set, `env` repeated."""
+    running = None if notify_running is None else int(bool(notify_running))
     params = [(key, str(value)) for key, value in
               (("name", name), ("cmd", cmd), ("entrypoint", entrypoint), ("gpus", gpus),
-               ("timeout", timeout), ("output", output), ("compression", compression))
+               ("timeout", timeout), ("output", output), ("compression", compression),
+               ("notify", notify), ("notify_running", running))
               if value not in (None, "")]
     items = env.items() if isinstance(env, dict) else (item.partition("=")[::2] for item in env or ())
     params += [("env", f"{key}={value}") for key, value in items]

@@ -16,7 +16,7 @@ import click
 from pink import units
 from pink.errors import PinkError
 from pink.tasks import OUTPUTS, State
-from pink_cli import images, output
+from pink_cli import images, output, sweeps
 from pink_cli import settings as settings_mod
 from pink_cli.client import Client, normalize_url
 from pink_cli.context import CliContext, connection_options, pass_cli
@@ -133,15 +133,26 @@ def login(cli: CliContext, url, token, ca, username, password):
 @click.option("--wait", is_flag=True, help="Wait for the task to finish; exit 1 unless it succeeded.")
 @click.option("--download", type=click.Path(file_okay=False), metavar="DIR",
               help="Wait, then download the output into DIR (implies --wait).")
+@click.option("--notify", metavar="URL", help="Send this task's signed webhook here instead of to yours "
+              "(`pink notify`).")
+@click.option("--notify-running/--no-notify-running", default=None,
+              help="Also notify when the task starts running.  [default: your setting]")
+@click.option("--sweep", "axes", multiple=True, metavar="NAME=V1,V2,...",
+              help="Run one task per value (repeatable: every combination); prints the sweep id.")
+@click.option("--sweep-file", type=click.Path(exists=True, dir_okay=False),
+              help="Run one task per env set in this file (a JSON list of objects, or JSON lines).")
+@click.option("--max-parallel", type=click.IntRange(min=1), metavar="N",
+              help="At most N indexes of the sweep running at once (Slurm's %N).")
 @click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
 @pass_cli
 def submit(cli: CliContext, source, name, gpus, timeout, env, cmd, entrypoint, output_path,
-           gzip, wait, download, as_json):
+           gzip, wait, download, notify, notify_running, axes, sweep_file, max_parallel, as_json):
     """Run a `docker save` archive, or a local Docker image, on the GPU servers.
 
     Prints the task id (or the task as JSON with --json) on stdout.
     """
     client = cli.client()
+    sweep = sweeps.spec_from_options(axes, sweep_file, max_parallel)
 
     def saving(image, size):
         _err(f"no file {source}: saving local Docker image {image} ({units.size(size)}) "
@@ -156,7 +167,10 @@ def submit(cli: CliContext, source, name, gpus, timeout, env, cmd, entrypoint, o
         with output.ProgressBar("uploading") as bar:
             task = client.submit(path, name=name, cmd=cmd, entrypoint=entrypoint, env=env, gpus=gpus,
                                  timeout=timeout, output=output_path,
-                                 compression="gzip" if gzip else None, progress=bar, on_plan=plan)
+                                 compression="gzip" if gzip else None, progress=bar, on_plan=plan,
+                                 notify=notify, notify_running=notify_running, sweep=sweep)
+    if task.get("sweep"):
+        return sweeps.after_submit(client, task, wait, download, as_json)
     if not as_json:
         click.echo(task["id"])
     if not (wait or download):

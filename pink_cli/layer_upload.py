@@ -58,7 +58,8 @@ def _reader(path, offset: int):
 
 
 def submit(client, archive, params: list[tuple[str, str]], progress: Progress | None = None,
-           on_plan: Callable[[int, int, int], None] | None = None, idempotency_key: str | None = None) -> dict:
+           on_plan: Callable[[int, int, int], None] | None = None, idempotency_key: str | None = None,
+           sweep: dict | None = None) -> dict:
     """Create a task from `archive`, uploading only what the server lacks; returns the task.
 
     `on_plan(layers to send, layers in all, bytes to send)` is told the plan
@@ -98,7 +99,8 @@ def submit(client, archive, params: list[tuple[str, str]], progress: Progress | 
         if challenge:
             proofs[digest] = possession.proof(_reader(archive, where[digest][0]), challenge)
     key = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    return client._json("POST", f"/uploads/{upload}/commit", "task", params=params, json={"proofs": proofs},
+    body = {"proofs": proofs, **({"sweep": sweep} if sweep else {})}  # a sweep's spec (web.sweeps)
+    return client._json("POST", f"/uploads/{upload}/commit", "task", params=params, json=body,
                         headers=key, expect=(200, 201))
 
 

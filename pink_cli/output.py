@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 import click
 
 from pink.compat import fromisoformat
+from pink.gpu_usage import NOT_MEASURED
+from pink.tasks import FINAL_NAMES
 from pink.units import limit_value, size
 
 PROGRESS_EVERY = 0.1  # seconds between two redraws of a progress bar
@@ -68,9 +70,18 @@ def tasks_table(tasks: list[dict], now: datetime | None = None) -> str:
 
 def usage_table(rows: list[dict]) -> str:
     body = [[r["user"], r["tasks"], r["succeeded"], r["failed"], r["timed_out"], r["cancelled"],
-             f"{r['gpu_hours']:.2f}", f"{r['wall_hours']:.2f}"] for r in rows]
+             f"{r['gpu_hours']:.2f}", _measured(r.get("gpu_hours_used"), r.get("gpu_hours_measured")),
+             _measured(r.get("gpu_hours_idle"), r.get("gpu_hours_measured")), f"{r['wall_hours']:.2f}"] for r in rows]
     return table(["USER", "TASKS", "SUCCEEDED", "FAILED", "TIMED OUT", "CANCELLED", "GPU-HOURS",
-                  "WALL-HOURS"], body)
+                  "GPU-HOURS USED", "GPU-HOURS IDLE", "WALL-HOURS"], body)
+
+
+def _measured(hours: float | None, of: float | None) -> str:
+    """GPU-hours from measured tasks only, out of those tasks' GPU-hours (`of`: unmeasured
+    tasks' hours are in neither used nor idle); a user with none has `not measured`, never 0."""
+    if hours is None:
+        return NOT_MEASURED
+    return f"{hours:.2f}" if of is None else f"{hours:.2f} of {of:.2f} measured GPU-h"
 
 
 def limits_table(limits: dict[str, dict]) -> str:
@@ -131,12 +142,24 @@ def task_details(task: dict) -> str:
         ("expired", task.get("expired_at")),
         ("log", f"truncated: the first {task['logs_truncated']} bytes were dropped"
          if task.get("logs_truncated") else None),
+        ("gpu usage", gpu_usage_line(task)),
     ]
     text = "\n".join(f"{k + ':':14}{_cell(v)}" for k, v in lines)
     timings = task.get("timings") or {}
     if timings:
         text += "\ntimings:\n" + "\n".join(f"  {k + ':':14}{_cell(v)}" for k, v in timings.items())
     return text
+
+
+def gpu_usage_line(task: dict) -> str | None:
+    """What the run did with its GPUs, once the runner reported it (exported or final):
+    `not measured` where nothing was (no NVML, no GPUs), never zeros."""
+    usage = task.get("gpu_usage")
+    if usage is None:
+        return NOT_MEASURED if task.get("state") in FINAL_NAMES | {"exported"} else None
+    return (f"mean {usage['mean_percent']:g}%, peak {usage['peak_percent']:g}%, peak memory "
+            f"{size(usage['peak_memory_bytes'])}, idle {usage['idle_minutes']:g} min ({usage['samples']} samples "
+            f"over {usage.get('measured_seconds', 0) / 60:.1f} min)")  # less than the run: a runner restart
 
 
 def failure_line(failure: dict | None) -> str | None:

@@ -17,9 +17,10 @@ from pathlib import Path
 from pink import (archive, blob_store, control, fate, journal, lifecycle, metrics, outputs, pipeline, recipes, sftp,
                   upload_sessions, wire)
 from pink.errors import NotFound, Unavailable
+from pink.notifications import Notice
 from pink.nodes import NodeView
 from pink.tasks import State, Task
-from queue_workers import context
+from queue_workers import context, notify
 from queue_workers.queues import enqueue_next
 
 log = logging.getLogger("pink.jobs")
@@ -163,6 +164,16 @@ def _last_try(task_id: str, attempt: int) -> bool:
         rec.value.job_failures.get("finalize", 0) + 1 >= context.config().max_job_failures
 
 
+def _notify_archived(conn, config, task: Task) -> None:
+    """Enqueue the final notification of the archived record (read only when the
+    live record's `notify` asks); its job id makes this a no-op when it was enqueued."""
+    if Notice.of(task) is None:
+        return
+    archived = archive.get_record(conn, task.id)
+    if archived is not None and archived.final:
+        notify.enqueue(context.redis(), config, archived, archived.state.value)  # never raises
+
+
 def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
     rec = _load(task_id, attempt, "finalize")
     if rec is None:
@@ -184,9 +195,12 @@ def _finalize(task_id: str, attempt: int, gave_up: str | None = None) -> str:
                                  deleted=task.delete_requested)
             metrics.count(context.redis(), "finished", final.state.value)
             metrics.observe_start(context.redis(), final)
+            notify.enqueue(context.redis(), config, final, final.state.value)  # never raises
         elif archived != attempt:
             log.warning("task %s: attempt %d is archived, not %d; keeping the archived one",
                         task_id, archived, attempt)
+        else:  # a finalize that died after its commit: its notification may not be enqueued yet
+            _notify_archived(conn, config, task)
         gone = lifecycle.apply(context.store(), rec, fate.Archived(task.attempt, State.EXPORTED))
         if gone is None:
             return "task moved first"

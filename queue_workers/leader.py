@@ -32,6 +32,7 @@ from pink import redisconn, scheduler
 from pink import config as pink_config
 from pink.errors import PinkError, outlive_failure
 from pink.store import Store
+from queue_workers import notify
 from queue_workers.losses import Losses
 from queue_workers.placing import Placer, Positions
 from queue_workers.repair import Repair
@@ -138,6 +139,7 @@ class Leader:
                      len(plan.order), planned - started, committed - planned, time.monotonic() - committed)
         self.repair.run(snap, lease)
         self.retention.sweep_if_due()
+        notify.Notices.of(self).run(snap)  # `running` told (an enqueue per task told, never raises)
 
 
 @click.command()

@@ -2,7 +2,8 @@
 
 Queues: `pink-transfer.<web host>` (the upload lives on that host, so its
 transfer runs there) and the shared `pink-finalize`; which
-stage runs on which is `pink.pipeline.STAGES`.
+stage runs on which is `pink.pipeline.STAGES`. Notifications have their own
+queue (`queue_workers.notify`) and their own workers (`notify_queues`).
 Job ids are `<task>-<stage>-<attempt>`, so enqueueing a stage that already
 has a live job does nothing; every job begins with a compare-and-swap on the
 task, so a job that does run twice does nothing the second time. Called by
@@ -22,16 +23,25 @@ from rq.job import Job, JobStatus
 from pink import pipeline
 from pink.pipeline import transfer_queue
 from pink.tasks import Task, job_id
+from queue_workers.notify import QUEUE as NOTIFY_QUEUE
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
 def queues_for(host: str) -> list[str]:
     """What a worker on web node `host` listens to, most urgent first.
 
-    Finalize comes last: it waits on the database, and a database outage (or
-    a few slow archives) must not starve the jobs that start tasks.
+    Finalize comes after transfers: it waits on the database, and a database
+    outage (or a few slow archives) must not starve the jobs that start
+    tasks. Notifications are not here (`notify_queues`).
     """
     return [transfer_queue(host), pipeline.QUEUE_FINALIZE]
+
+
+def notify_queues() -> list[str]:
+    """What a notify worker (`pink-worker --queues notify`) listens to: only
+    `pink-notify`, so that a receiver answering slowly holds a notify worker
+    at most, never one that transfers or finalizes a task."""
+    return [NOTIFY_QUEUE]
 
 
 def transfer_hosts(redis: Redis) -> list[str]:

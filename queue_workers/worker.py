@@ -1,7 +1,9 @@
 """`pink-worker`: an RQ worker serving this web node's queues.
 
 It listens to the shared finalize and run queues and to this host's own
-transfer queue (uploads live on this host). Jobs run in the worker process
+transfer queue (uploads live on this host); with `--queues notify`, to
+notifications alone (`NotifyWorker`: separate processes and systemd units,
+so a slow webhook receiver never occupies a pipeline worker). Jobs run in the worker process
 itself (RQ's SimpleWorker): no fork per job keeps a trivial task's latency
 low, and the etcd client is opened once, after start, never across a fork.
 
@@ -42,8 +44,8 @@ from rq.job_lifecycle import record_job_failure
 from rq.utils import now, utcparse
 
 from pink import redisconn
-from queue_workers import context
-from queue_workers.queues import queues_for
+from queue_workers import context, notify
+from queue_workers.queues import notify_queues, queues_for
 
 log = logging.getLogger("pink.worker")
 
@@ -213,6 +215,22 @@ class PinkWorker(SimpleWorker):
         return job.id
 
 
+class NotifyWorker(PinkWorker):
+    """A PinkWorker of `pink-notify` that also moves its queue's due tries into it
+    (`notify.Mover`, a thread beside the jobs), so no other process must."""
+
+    def register_birth(self) -> None:
+        super().register_birth()
+        self._mover = notify.Mover(context.redis)
+        self._mover.start()
+
+    def register_death(self) -> None:
+        mover = getattr(self, "_mover", None)
+        if mover is not None:
+            mover.stop()
+        super().register_death()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -228,14 +246,18 @@ def _pid_alive(pid: int) -> bool:
               type=click.Path(exists=True, dir_okay=False), help="PINK config file.")
 @click.option("--burst", is_flag=True, help="Stop when the queues are empty.")
 @click.option("--name", default=None, help="Worker name shown in rq-dashboard.")
-def main(config_path: str, burst: bool, name: str | None) -> None:
+@click.option("--queues", "which", type=click.Choice(["pipeline", "notify"]), default="pipeline",
+              show_default=True, help="pipeline: this host's transfers and finalize; notify: notifications only.")
+def main(config_path: str, burst: bool, name: str | None, which: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     context.configure(config_path)
     config = context.config()
     redis = redisconn.connect(config, blocking=True)
-    queues = [Queue(q, connection=redis) for q in queues_for(config.host)]
+    names, worker_class = (notify_queues(), NotifyWorker) if which == "notify" else (queues_for(config.host),
+                                                                                      PinkWorker)
+    queues = [Queue(q, connection=redis) for q in names]
     # The runner's lease: a dead worker is noticed as soon as a dead runner is.
-    worker = PinkWorker(queues, connection=redis, name=name, lease_ttl=config.node_ttl)
+    worker = worker_class(queues, connection=redis, name=name, lease_ttl=config.node_ttl)
     worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
 
 

@@ -186,6 +186,12 @@ class PinkProcesses:
         self.cluster.start_worker(n, config_path or self.config.path, name=name)
         return name
 
+    def notify_worker(self, config_path: str | None = None) -> str:
+        """A worker of the `pink-notify` queue alone (the pipeline's workers never serve it)."""
+        name = self._name("notify-worker")
+        self.cluster.start_notify_worker(config_path or self.config.path, name=name)
+        return name
+
     def leader(self, config_path: str | None = None, role: str = "leader") -> str:
         name = self._name(role)
         self.cluster.start_leader(config_path or self.config.path, name=name)

@@ -15,6 +15,7 @@ from flask import Blueprint, jsonify, request
 from pink import users
 from pink.errors import Forbidden
 from pink.request_input import field, json_body, number
+from web import notification_settings
 from web.auth import check_password, current_token, forget, require_admin, require_user, start_session
 from web.resources import res
 
@@ -41,6 +42,33 @@ def change_password():
     if current_token() is None:
         start_session(changed)
     return jsonify(user=users.user_view(changed))
+
+
+@bp.get("/me/notifications")
+def notifications_view():
+    """Your webhook, e-mail, on-running flag and signing secret (`pink.notifications`)."""
+    return jsonify(notifications=notification_settings.view(require_user()))
+
+
+@bp.put("/me/notifications")
+def notifications_set():
+    """{"webhook": URL or null, "email": address or null, "on_running": bool}: the fields sent are set."""
+    user = require_user()
+    body = json_body(request, '{"webhook": URL or null, "email": address or null, "on_running": true or false}')
+    return jsonify(notifications=notification_settings.update(user, body))
+
+
+@bp.delete("/me/notifications")
+def notifications_clear():
+    """Forget your webhook, e-mail and secret; tasks already submitted are not notified."""
+    notification_settings.clear(require_user())
+    return jsonify(notifications=None)
+
+
+@bp.post("/me/notifications/secret")
+def notifications_rotate():
+    """A new signing secret; the old one stops signing at once."""
+    return jsonify(notifications=notification_settings.rotate(require_user()))
 
 
 @bp.get("/tokens")

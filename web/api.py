@@ -15,17 +15,19 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timezone
 
-import requests
 from flask import Blueprint, Response, jsonify, request, send_file, stream_with_context
 
 from pink import archive, control, idempotency, nodes, outputs, platforms, recipes, sftp
 from pink.compat import fromisoformat
 from pink.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, TooManyRequests, Unavailable
-from pink.request_input import number
+from pink.notifications import Notice
+from pink.request_input import flag, number
 from pink.store import Record
 from pink.tasks import Params, State, Task, iso, new_id, new_record, public_view
 from pink.version import version
-from web import log_streams, uploads
+from web import log_streams, notification_settings, uploads
+from web import sweeps as sweep_api
+from web.peers import PEER_HOP, output_from  # PEER_HOP: api.PEER_HOP, as before
 from web.auth import can_see, require_admin, require_user
 from web.resources import res
 
@@ -36,8 +38,6 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 LOG_ATTEMPT_HEADER = "X-Pink-Log-Attempt"  # a followed log's response: the attempt it starts in
 WAIT_POLL = 0.05  # seconds between reads of a task someone long-polls
 MAX_WAIT = 30.0  # seconds a long poll of a task may last
-PEER_HOP = "X-Pink-Peer-Hop"  # on a request one web node passes to another: never passed on again
-PEER_TIMEOUT = (3.0, 30.0)  # seconds to connect to a peer (a silent one is dead), and between bytes
 
 
 @bp.post("/tasks")
@@ -50,14 +50,17 @@ def submit():
     _check_priority(user, params)
     config = res().config
     store = res().store
-    claim = idempotency.claim(request.headers.get(idempotency.HEADER), "submit", params=asdict(params))
+    notify = notification_settings.Requested.of(request.args)  # a bad notify is refused before the upload
+    claim = idempotency.claim(request.headers.get(idempotency.HEADER), "submit", params=asdict(params),
+                              **notify.fingerprint(), **sweep_api.fingerprint())
     if first := control.replay(store, user.name, claim):
         return first_task(first)
     control.check_params(config, params)
+    sweep_api.requested()  # a bad sweep is refused before the archive is read
     control.check_submit(store, config, user.name, params.gpus, request.content_length or 0)
     task_id = new_id()
     upload = uploads.receive(config.web.spool_dir, res().blobs, task_id, config.web.max_upload_bytes)
-    return create_task(user, task_id, params, upload.image(), upload.received, claim)
+    return create_task(user, task_id, params, upload.image(), upload.received, claim, notify)
 
 
 def _check_priority(user, params: Params) -> None:
@@ -66,16 +69,24 @@ def _check_priority(user, params: Params) -> None:
 
 
 def create_task(user, task_id: str, params: Params, image: dict, received: int,
-                claim: idempotency.Claim | None = None):
+                claim: idempotency.Claim | None = None,
+                notify: notification_settings.Requested | None = None, kept_notice: Notice | None = None):
     """Record a new task whose image's blobs are in this node's store; answers 201,
-    or 200 with the first task when `claim`'s key already made one."""
+    or 200 with the first task when `claim`'s key already made one. `notify`: the
+    request's notification parameters (read from it when not given); `kept_notice`:
+    a rerun's original notice."""
     _check_priority(user, params)
     config, store = res().config, res().store
     needs = _needs(image)
     image = {**image, **needs.to_json()}
     record = new_record(task_id, user.name, params, image, config.host)
     record.timings["upload_bytes"] = received
+    notify = notify or notification_settings.Requested.of(request.args)
+    if notice := notification_settings.notice_for(user, notify, kept_notice):
+        record.extra["notify"] = notice
     control.check_satisfiable(store, params.gpus, needs)
+    if (spec := sweep_api.requested()) is not None:  # N tasks of one upload (web.sweeps)
+        return sweep_api.submit(record, spec, claim)
     made, created = control.create(store, config, record, claim)  # the user's limits, atomically
     if not created:
         return first_task(made)
@@ -105,16 +116,18 @@ def rerun(task_id: str):
     layers; with the query's parameters (those of POST /tasks) or, given none, the task's."""
     user = require_user()
     task, _ = _task(task_id)
-    params = Params.parse(request.args) if request.args else task.params
+    own = [k for k in request.args if k not in notification_settings.PARAMETERS]
+    params = Params.parse(request.args) if own else task.params  # notify parameters alone keep the task's
+    notify = notification_settings.Requested.of(request.args)
     claim = idempotency.claim(request.headers.get(idempotency.HEADER), "rerun", task=task_id,
-                              params=asdict(params))
+                              params=asdict(params), **notify.fingerprint())
     if first := control.replay(res().store, user.name, claim):
         return first_task(first)
     recipe = task.image.get("recipe")
     if not recipe or res().blobs.missing(recipes.Recipe.from_dict(recipe).blobs):
         raise Gone(f"the image of task {task_id} is no longer kept on web node {res().config.host}: "
                    "submit its archive again", code="image_gone")
-    return create_task(user, new_id(), params, dict(task.image), 0, claim)
+    return create_task(user, new_id(), params, dict(task.image), 0, claim, notify, Notice.of(task))
 
 
 def _views(tasks: list[Task]) -> list[dict]:
@@ -232,7 +245,7 @@ def get_task(task_id: str):
     finally:
         if slots:
             slots.release()
-    return jsonify(task=_views([task])[0])
+    return jsonify(task={**_views([task])[0], "notifications": notification_settings.of_task(task)})
 
 
 def _poll_slots() -> log_streams.Slots | None:
@@ -282,40 +295,19 @@ def output(task_id: str):
 
 def _from_peers(hosts: list[str]) -> Response:
     """Stream an output from the first live web node holding a copy, passing
-    Range through.
-
-    Peers' addresses come from their presence keys in etcd, never from the
-    task record: a record cannot send a user's credentials elsewhere.
-    """
-    urls = nodes.web_urls(res().store)
-    problems = []
-    for host in hosts:
-        if host not in urls:
-            problems.append(f"{host} is down")
-            continue
-        try:
-            upstream = _get_from(urls[host])
-        except requests.RequestException as exc:
-            problems.append(f"{host} is unreachable ({type(exc).__name__})")
-            continue
-        if upstream.status_code == 404 or upstream.status_code >= 500:  # lost its copy, or failing
-            problems.append(f"{host} answered {upstream.status_code}")
-            upstream.close()
-            continue
-        passed = {k: v for k, v in upstream.headers.items()
-                  if k in ("Content-Length", "Content-Range", "Content-Disposition", "Accept-Ranges",
-                           "Content-Type", "ETag")}
-        return Response(upstream.iter_content(1 << 20), status=upstream.status_code, headers=passed)
-    raise Unavailable(f"no web node holding this output answers ({'; '.join(problems)}); "
-                      "try again once one is back")
-
-
-def _get_from(base: str) -> requests.Response:
-    """The same request, the user's credentials and Range included, to a peer."""
-    url = base.rstrip("/") + request.full_path
+    Range through (web.peers.output_from)."""
+    problems: list[str] = []
     headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Range", "Cookie")}
-    headers[PEER_HOP] = "1"
-    return requests.get(url, headers=headers, stream=True, timeout=PEER_TIMEOUT, verify=res().config.web.ca or True)
+    upstream = output_from(hosts, request.full_path, headers, problems)
+    if upstream is None:
+        raise Unavailable(f"no web node holding this output answers ({'; '.join(problems)}); "
+                          "try again once one is back")
+    passed = {k: v for k, v in upstream.headers.items()
+              if k in ("Content-Length", "Content-Range", "Content-Disposition", "Accept-Ranges",
+                       "Content-Type", "ETag")}
+    response = Response(upstream.iter_content(1 << 20), status=upstream.status_code, headers=passed)
+    response.call_on_close(upstream.close)
+    return response
 
 
 @bp.get("/tasks/<task_id>/logs")
@@ -330,7 +322,7 @@ def logs(task_id: str):
     """
     task, _ = _task(task_id)
     _gone_if_expired(task, "log")
-    follow = request.args.get("follow") in ("1", "true", "yes")
+    follow = flag(request.args, "follow", False)
     if not follow:
         return Response(stream_with_context(_logs_now(task)), mimetype="text/plain")
     start = _follow_start(task)
@@ -469,7 +461,7 @@ def control_node(name: str, action: str):
     live = {n.name: n for n in nodes.view(store)}
     if name not in live and store.get(store.keys.control(name)) is None:
         raise NotFound(f"no node {name}", code="unknown_node")
-    now = request.args.get("now") in ("1", "true", "yes")
+    now = flag(request.args, "now", False)
     moved = nodes.set_state(store, name, states[action], by=user.name, now=now)
     node = {n.name: n for n in nodes.view(store)}.get(name)
     return jsonify(node=_node_public(node) if node else {"name": name, "state": states[action]},

@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from pink import config as pink_config
 from pink.errors import PinkError
-from web import accounts, api, auth, blob_uploads, metrics, pages, peers
+from web import accounts, api, auth, blob_uploads, metrics, pages, peers, sweep_pages, sweeps
 from web.resources import Resources
 
 
@@ -35,6 +35,8 @@ def create_app(config: pink_config.Config | str | None = None) -> Flask:
     app.register_blueprint(metrics.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(peers.bp)
+    app.register_blueprint(sweeps.bp)
+    app.register_blueprint(sweep_pages.bp)
     if config.web.dashboard:
         _mount_dashboard(app, config)
     app.before_request(_limit_body)
@@ -56,7 +58,8 @@ def _mount_dashboard(app: Flask, config: pink_config.Config) -> None:
 
 SMALL_BODY = 64 * 2**10  # bytes: forms and JSON bodies (login, tokens, users, commits)
 STREAMED = {"api.submit", "blob_uploads.put_blob", "peers.put_output"}  # bodies streamed to disk, capped there
-BODY_LIMITS = {"blob_uploads.begin": 24 * 2**20}  # an image config (16 MiB) in base64
+BODY_LIMITS = {"blob_uploads.begin": 24 * 2**20,  # an image config (16 MiB) in base64
+               "blob_uploads.commit": 4 * 2**20}  # a sweep's env sets (web.sweeps)
 
 
 def _limit_body() -> None:

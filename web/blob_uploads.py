@@ -44,6 +44,7 @@ from pink.tasks import Params, new_id
 from web.api import create_task, first_task
 from web.auth import require_user
 from web.resources import res
+from web import sweeps as sweep_api
 from web.uploads import image_record
 
 bp = Blueprint("blob_uploads", __name__, url_prefix="/api/v1/uploads")
@@ -168,7 +169,7 @@ def commit(upload_id: str):
     user = require_user()
     params = Params.parse(request.args)
     claim = idempotency.claim(request.headers.get(idempotency.HEADER), "commit", upload=upload_id,
-                              params=dataclasses.asdict(params))
+                              params=dataclasses.asdict(params), **sweep_api.fingerprint())
     if first := control.replay(res().store, user.name, claim):  # before the session: the first closed it
         return first_task(first)
     session = _session(upload_id)

@@ -11,6 +11,7 @@ from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pink.metrics import ClusterCollector
+from pink.sweep_metrics import SweepCollector
 from web.auth import require_metrics_reader
 from web.resources import res
 
@@ -22,4 +23,5 @@ def metrics():
     require_metrics_reader()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ClusterCollector(res().store, res().redis))
+    registry.register(SweepCollector(res().store, res().redis))
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -135,10 +135,12 @@ def test_no_default_passwords():
 def test_units_run_pink_with_the_config_file():
     units = {p.name: p.read_text() for p in ANSIBLE.rglob("*.service.j2")
              if "backup" not in p.parts}  # the backup role's oneshot units run as root
-    assert set(units) == {"pink-web.service.j2", "pink-worker@.service.j2",
+    assert set(units) == {"pink-web.service.j2", "pink-worker@.service.j2", "pink-notify@.service.j2",
                           "pink-leader.service.j2", "pink-runner.service.j2"}
+    assert "--queues notify" in units["pink-notify@.service.j2"]
     for name, text in units.items():
-        program = name.split(".")[0].rstrip("@")
+        unit = name.split(".")[0].rstrip("@")
+        program = "pink-worker" if unit == "pink-notify" else unit  # its notify-only instances
         assert re.search(rf"ExecStart={{{{ pink_venv }}}}/bin/{program} --config "
                          r"{{ pink_config_file }}", text), name
         assert "Restart=always" in text and "NoNewPrivileges=yes" in text, name

@@ -38,6 +38,12 @@ def _archive(config, *records: dict, expires_at: float | None = None) -> None:
                                         expires_at=expires_at)
 
 
+def _live(store: Store, rec: dict) -> None:
+    """A live task as a submit leaves it: its record and its user's index entry."""
+    assert store.create(store.keys.task(rec["id"]), rec)
+    assert store.create(store.keys.owner(rec["user"], rec["id"]), {"size": 0})
+
+
 def _sql(config, statement: str, args=()) -> list[dict]:
     conn = db.connect(config.db)
     try:
@@ -71,9 +77,9 @@ def test_pages_merge_live_and_archived_tasks_newest_first(web):
     _archive(web, *[_record(f"b{i:04d}", "bob", f"bob-{i}", "succeeded", T0 + i) for i in range(5)])
     store = Store.from_config(web)
     live = _record("z0001", "alice", "live-one", "queued", T0 + 500)
-    store.create(store.keys.task("z0001"), live)
+    _live(store, live)
     # A task archived but not yet removed from etcd shows once, as etcd has it.
-    store.create(store.keys.task("a0119"), {**_record("a0119", "alice", "job-119", "exported", T0 + 119)})
+    _live(store, _record("a0119", "alice", "job-119", "exported", T0 + 119))
 
     pages = _pages(alice, limit=50)
     assert [len(p) for p in pages] == [50, 50, 21]
@@ -143,7 +149,8 @@ def test_usage_sums_the_archive_per_user(web):
              _record("u4", "bob", "d", "succeeded", T0 + 10 * 86400, gpus=4, ran=3600))
     mine = alice("GET", "/usage").json()["usage"]
     assert mine == [{"user": "alice", "tasks": 2, "succeeded": 1, "failed": 1, "timed_out": 0,
-                     "cancelled": 0, "gpu_hours": 2.5, "wall_hours": 1.5}]
+                     "cancelled": 0, "gpu_hours": 2.5, "wall_hours": 1.5, "measured_tasks": 0,
+                     "gpu_hours_measured": None, "gpu_hours_used": None, "gpu_hours_idle": None}]
     assert alice("GET", "/usage", params={"user": "bob"}).status_code == 403
     everyone = {r["user"]: r for r in admin("GET", "/usage", params={"until": T0 + 86400}).json()["usage"]}
     assert everyone["bob"]["tasks"] == 1 and everyone["bob"]["gpu_hours"] == 1.0

@@ -590,6 +590,12 @@
       const stateBox = $('#task-state');
       stateBox.replaceChildren(badge(t.state), ' ', h('span', {class: 'muted elapsed'}, stateTime(t)));
       if (t.cancel_requested && !final) stateBox.append(h('span', {class: 'muted'}, ' · cancelling…'));
+      const sweepLink = $('#task-sweep');  // an index of a sweep links to it (web/templates/sweep.html)
+      if (sweepLink && t.sweep) {
+        sweepLink.replaceChildren(`Index ${t.sweep.index} of ${t.sweep.size} in sweep `,
+                                  h('a', {href: `/sweeps/${encodeURIComponent(t.sweep.id)}`}, t.sweep.id));
+        sweepLink.hidden = false;
+      }
 
       const problems = [t.error, t.export_error && `export: ${t.export_error}`].filter(Boolean);
       errorBox.hidden = !problems.length;
@@ -633,6 +639,7 @@
         ['Output', out],
         ['Output expires', t.output && t.expires_at ? timeEl(t.expires_at) : null],
         ['Log', t.logs_truncated ? `the archive keeps its end: ${size(t.logs_truncated)} of the start left out` : null],
+        ['GPU usage', gpuUsageText(t, final)],
       ]);
 
       const image = t.image || {};
@@ -793,6 +800,32 @@
 
     // Long polls: the server answers as soon as the state or attempt changes (or after `wait`).
     let polling = null;
+    // Deliveries of the task's notifications; asked for again while one is pending
+    // (a retry may come minutes after the task ended).
+    function renderNotifications(list) {
+      const section = $('#notifications-section');
+      section.hidden = !list || !list.length;
+      if (section.hidden) return;
+      $('#notifications tbody').replaceChildren(...list.map(n => h('tr', {'data-state': n.state},
+        h('td', {'data-label': 'Event'}, n.event),
+        h('td', {'data-label': 'Channel'}, n.channel),
+        h('td', {'data-label': 'To'}, h('code', null, n.target)),
+        h('td', {'data-label': 'State', class: 'notify-state'}, n.state),
+        h('td', {'data-label': 'Tries'}, String(n.attempts)),
+        h('td', {'data-label': 'Last failure', class: 'notify-error'}, n.last_error || '—'))));
+    }
+    const refreshNotifications = every(5000, async () => {
+      if (!task || !FINAL.has(task.state)) return;
+      const pending = !task.notifications || task.notifications.some(n => n.state === 'pending');
+      const recent = Date.now() - parseTime(task.updated_at) < 120000;
+      if (!pending && !(recent && !task.notifications.length)) return;
+      try {
+        const {task: t} = await api(path);
+        task = t;
+        renderNotifications(t.notifications);
+      } catch (e) { /* the next refresh tries again */ }
+    });
+
     async function poll(wait = 10) {
       const mine = polling = {};
       for (let tries = 0; polling === mine;) {
@@ -807,10 +840,11 @@
           if (polling !== mine) return;
           task = t;
           render(t);
+          renderNotifications(t.notifications);
           followLogs(t);
           tries = 0;
           wait = 10;
-          if (FINAL.has(t.state)) return;
+          if (FINAL.has(t.state)) { refreshNotifications(); return; }
         } catch (e) {
           if (polling !== mine) return;
           errorBox.hidden = false;
@@ -954,6 +988,15 @@
     every(5000, load)();
   }
 
+  // What a run did with its GPUs (the runner's NVML samples), once reported: "not measured"
+  // where nothing was (declared GPUs, no GPUs), never zeros.
+  function gpuUsageText(t, final) {
+    const u = t.gpu_usage;
+    if (!u) return final || t.state === 'exported' ? 'not measured' : null;
+    return `mean ${u.mean_percent}%, peak ${u.peak_percent}%, peak memory ${size(u.peak_memory_bytes)}, ` +
+           `idle ${u.idle_minutes} min (${u.samples} samples over ${(u.measured_seconds / 60).toFixed(1)} min)`;
+  }
+
   // ------------------------------------------------------------------ usage page
 
   const dateInput = d => `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')}`;
@@ -979,6 +1022,15 @@
         svg('text', {x: labelWidth + w + 6, y: y + barHeight / 2, 'dominant-baseline': 'central', class: 'bar-value'}, shown)));
     });
     return chart;
+  }
+
+  // GPU-hours used and idle, from the tasks whose GPUs were measured: "not measured" for none, never 0.
+  // Each says out of how many measured GPU-hours, as unmeasured tasks' hours are in neither.
+  function measuredCells(r) {
+    const none = v => v === null || v === undefined;
+    const of = none(r.gpu_hours_measured) ? '' : ` of ${hours(r.gpu_hours_measured)} measured GPU-h`;
+    return [['gpu_hours_used', 'GPU-hours used'], ['gpu_hours_idle', 'GPU-hours idle']].map(([key, label]) =>
+      h('td', {class: 'num', 'data-label': label}, none(r[key]) ? 'not measured' : hours(r[key]) + of));
   }
 
   function usagePage() {
@@ -1027,7 +1079,7 @@
       const labels = ['Tasks', 'Succeeded', 'Failed', 'Timed out', 'Cancelled'];
       const labelled = r => cells(r).map((td, i) => { td.setAttribute('data-label', labels[i]); return td; });
       tbody.replaceChildren(...rows.map(r => h('tr', null, h('th', {scope: 'row', 'data-label': 'User'}, r.user), labelled(r),
-        h('td', {class: 'num', 'data-label': 'GPU-hours'}, hours(r.gpu_hours)),
+        h('td', {class: 'num', 'data-label': 'GPU-hours'}, hours(r.gpu_hours)), measuredCells(r),
         h('td', {class: 'num', 'data-label': 'Wall-hours'}, hours(r.wall_hours)))));
       const foot = $('#usage tfoot');
       foot.replaceChildren();
@@ -1035,8 +1087,11 @@
         const sum = key => rows.reduce((n, r) => n + Number(r[key] || 0), 0);
         const total = {tasks: sum('tasks'), succeeded: sum('succeeded'), failed: sum('failed'),
                        timed_out: sum('timed_out'), cancelled: sum('cancelled')};
+        const measured = key => rows.some(r => r[key] !== null && r[key] !== undefined) ? sum(key) : null;
+        const usedIdle = {gpu_hours_used: measured('gpu_hours_used'), gpu_hours_idle: measured('gpu_hours_idle'),
+                          gpu_hours_measured: measured('gpu_hours_measured')};
         foot.append(h('tr', {class: 'total'}, h('th', {scope: 'row', 'data-label': 'User'}, 'All users'), labelled(total),
-          h('td', {class: 'num', 'data-label': 'GPU-hours'}, hours(sum('gpu_hours'))),
+          h('td', {class: 'num', 'data-label': 'GPU-hours'}, hours(sum('gpu_hours'))), measuredCells(usedIdle),
           h('td', {class: 'num', 'data-label': 'Wall-hours'}, hours(sum('wall_hours')))));
       }
       $('#usage-empty').hidden = rows.length > 0;
@@ -1113,8 +1168,56 @@
       loadTokens();
     });
     loadTokens();
+    notificationsForm();
     passwordForm();
     if (isAdmin && $('#users')) usersSection();
+  }
+
+  // Your webhook, e-mail and on-running flag, and the secret that signs the webhooks.
+  function notificationsForm() {
+    const form = $('#notify-form');
+    const status = $('#notify-status');
+
+    function show(n) {
+      form.webhook.value = (n && n.webhook) || '';
+      form.email.value = (n && n.email) || '';
+      form.on_running.checked = Boolean(n && n.on_running);
+      const mail = !n || n.email_enabled;
+      form.email.disabled = !mail && !form.email.value;
+      $('#notify-email-hint').hidden = mail;
+      $('#notify-secret').hidden = !(n && n.secret);
+      $('#notify-secret-value').value = (n && n.secret) || '';
+    }
+
+    async function send(path, method, json, done) {
+      try {
+        const {notifications} = await api(path, {method, json});
+        show(notifications);
+        say(status, done);
+      } catch (err) {
+        say(status, err.message, 'error');
+      }
+    }
+
+    form.addEventListener('submit', e => {
+      e.preventDefault();
+      const json = {webhook: form.webhook.value.trim() || null, on_running: form.on_running.checked};
+      if (!form.email.disabled) json.email = form.email.value.trim() || null;
+      send('/me/notifications', 'PUT', json, 'Notifications saved: tasks you submit from now on are notified.');
+    });
+    $('#notify-clear').addEventListener('click', async () => {
+      const ok = await confirmAction({title: 'Clear notifications?', ok: 'Clear',
+                                      text: 'Your webhook, e-mail and signing secret are forgotten.'});
+      if (ok) send('/me/notifications', 'DELETE', undefined, 'Notifications cleared.');
+    });
+    $('#notify-rotate').addEventListener('click', async () => {
+      const ok = await confirmAction({title: 'Rotate the signing secret?', ok: 'Rotate',
+                                      text: 'Deliveries are signed with the new secret from now on: '
+                                        + 'update your receivers.'});
+      if (ok) send('/me/notifications/secret', 'POST', undefined, 'A new signing secret was made.');
+    });
+    api('/me/notifications').then(({notifications}) => show(notifications))
+      .catch(err => say(status, err.message, 'error'));
   }
 
   function passwordForm() {
