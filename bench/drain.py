@@ -38,6 +38,25 @@ def batch(api, config, archive, count: int, log, etcd_status=None, threads: int 
         list(pool.map(submit, range(count)))
     submitted = time.time()
     log(f"  {count} tasks submitted in {submitted - started:.1f}s")
+    rows, samples = wait_archived(config, "name", name, count, log, etcd_status)
+    states = {row["state"]: row["n"] for row in rows}
+    if set(states) != {"succeeded"}:
+        raise RuntimeError(f"tasks ended {states}; errors: {_errors(config, name)}")
+    finished = max(row["last"] for row in rows)
+    seconds = finished - started
+    log(f"  {count} tasks: {seconds:.1f}s, {count / seconds:.2f} tasks/s")
+    return {"tasks": count, "submit_seconds": submitted - started, "seconds": seconds,
+            "rate": count / seconds, "etcd": _quarters(samples, count)}
+
+
+WHERE = {"name": "name = %s", "sweep_id": "sweep_id = %s"}  # the archive columns a batch is found by
+
+
+def wait_archived(config, column: str, value: str, count: int, log, etcd_status=None) -> tuple[list[dict], list]:
+    """Wait until `count` tasks whose `column` is `value` are archived; their
+    (state, n, last finish) rows, and etcd's status once a second (with
+    `etcd_status`). Read from MariaDB, one query a second, so as not to load
+    the web node being measured; raises when none finishes for STALL_TIMEOUT."""
     conn = db.connect(config.db)
     samples = []  # (tasks finished, etcd's status) once a second
     try:
@@ -46,7 +65,7 @@ def batch(api, config, archive, count: int, log, etcd_status=None, threads: int 
             conn.rollback()  # a fresh snapshot: InnoDB's repeatable read would keep the old one
             with conn.cursor() as cur:
                 cur.execute("SELECT state, COUNT(*) AS n, MAX(finished_at) AS last FROM tasks "
-                            "WHERE name = %s GROUP BY state", (name,))
+                            f"WHERE {WHERE[column]} GROUP BY state", (value,))
                 rows = cur.fetchall()
             total = sum(row["n"] for row in rows)
             if total > done:
@@ -54,7 +73,7 @@ def batch(api, config, archive, count: int, log, etcd_status=None, threads: int 
             if etcd_status:
                 samples.append((done, etcd_status()))
             if done >= count:
-                break
+                return list(rows), samples
             if time.monotonic() - progress_at > STALL_TIMEOUT:
                 raise RuntimeError(f"{count - done} of {count} tasks not finished and none "
                                    f"finished for {STALL_TIMEOUT:.0f}s")
@@ -64,14 +83,6 @@ def batch(api, config, archive, count: int, log, etcd_status=None, threads: int 
             time.sleep(POLL)
     finally:
         conn.close()
-    states = {row["state"]: row["n"] for row in rows}
-    if set(states) != {"succeeded"}:
-        raise RuntimeError(f"tasks ended {states}; errors: {_errors(config, name)}")
-    finished = max(row["last"] for row in rows)
-    seconds = finished - started
-    log(f"  {count} tasks: {seconds:.1f}s, {count / seconds:.2f} tasks/s")
-    return {"tasks": count, "submit_seconds": submitted - started, "seconds": seconds,
-            "rate": count / seconds, "etcd": _quarters(samples, count)}
 
 
 def _quarters(samples: list, count: int) -> list[dict]:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import time
 
-from bench.drain import POLL, STALL_TIMEOUT, batch
+from bench.drain import batch, wait_archived
 from bench.measure import forget_image, hello_image, pink_once
-from pink import db
 
 TARGET_SUBMIT = 2.0  # seconds for the sweep's submit to answer, at most
 TARGET_RATIO = 1.1  # the sweep's time to finish as a multiple of N separate tasks', at most
@@ -32,33 +31,15 @@ def run_sweep(api, config, archive, count: int, log) -> dict:
         raise RuntimeError(f"the sweep's submit answered {r.status_code}: {r.text}")
     sweep_id = r.json()["sweep"]["id"]
     log(f"  sweep of {count} submitted in {submitted - started:.2f}s")
-    finished = _wait_archived(config, sweep_id, count)
+    finished = _wait_archived(config, sweep_id, count, log)
     seconds = finished - started
     log(f"  sweep of {count}: {seconds:.1f}s")
     return {"tasks": count, "submit_seconds": submitted - started, "seconds": seconds}
 
 
-def _wait_archived(config, sweep_id: str, count: int) -> float:
+def _wait_archived(config, sweep_id: str, count: int, log) -> float:
     """When the sweep's last index was archived; raises if one did not succeed or none moves."""
-    conn = db.connect(config.db)
-    try:
-        done, progress_at = 0, time.monotonic()
-        while True:
-            conn.rollback()  # a fresh snapshot
-            with conn.cursor() as cur:
-                cur.execute("SELECT state, COUNT(*) AS n, MAX(finished_at) AS last FROM tasks "
-                            "WHERE sweep_id = %s GROUP BY state", (sweep_id,))
-                rows = cur.fetchall()
-            total = sum(row["n"] for row in rows)
-            if total > done:
-                done, progress_at = total, time.monotonic()
-            if done >= count:
-                break
-            if time.monotonic() - progress_at > STALL_TIMEOUT:
-                raise RuntimeError(f"{count - done} of {count} indexes not finished for {STALL_TIMEOUT:.0f}s")
-            time.sleep(POLL)
-    finally:
-        conn.close()
+    rows = wait_archived(config, "sweep_id", sweep_id, count, log)[0]
     states = {row["state"]: row["n"] for row in rows}
     if set(states) != {"succeeded"}:
         raise RuntimeError(f"the sweep's indexes ended {states}")
