@@ -57,6 +57,7 @@ class Leader:
         self.losses = Losses(config, self.store)
         self.repair = Repair(config, self.store, self.redis, self.losses)
         self.retention = Retention(config, self.store, self.redis)
+        self.notices = notify.Notices(config, self.redis)
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -139,7 +140,7 @@ class Leader:
                      len(plan.order), planned - started, committed - planned, time.monotonic() - committed)
         self.repair.run(snap, lease)
         self.retention.sweep_if_due()
-        notify.Notices.of(self).run(snap)  # `running` told (an enqueue per task told, never raises)
+        self.notices.run(snap)  # `running` told (an enqueue per task told, never raises)
 
 
 @click.command()

@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 import uuid
-import weakref
 from datetime import timedelta
 
 from redis import Redis
@@ -340,19 +339,10 @@ class Notices:
     """What the leader's pass does for notifications, from its mirror only: tell
     `running` once per attempt (an enqueue per task that asked). Never raises."""
 
-    _of: "weakref.WeakKeyDictionary[object, Notices]" = weakref.WeakKeyDictionary()
-
     def __init__(self, config, redis: Redis):
         self.config = config
         self.redis = redis
         self._told: set[tuple[str, int]] = set()
-
-    @classmethod
-    def of(cls, leader) -> "Notices":
-        """The leader's own (one per leader: its memory of what it told)."""
-        if leader not in cls._of:
-            cls._of[leader] = cls(leader.config, leader.redis)
-        return cls._of[leader]
 
     def run(self, snap) -> None:
         try:
